@@ -1,0 +1,8 @@
+"""cxrscreen: DICOM-aware batch screening of chest radiographs.
+
+The library API is what the CLI calls; see :mod:`cxrscreen.pipeline` for the
+stages and :mod:`cxrscreen.normalise` for the one preprocessing path that
+training and screening share.
+"""
+
+__version__ = "0.1.0"

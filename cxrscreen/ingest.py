@@ -1,0 +1,401 @@
+"""Find input files, recognise them by content, read headers and select what to score.
+
+Stages (each a function):
+
+* :func:`discover` walks folders and yields every regular file, sorted, minus
+  hidden and temporary ones (dot-files, ``*.part``, ``*~``, ``*.tmp``).
+* :func:`sniff` recognises DICOM (Part-10 ``DICM`` preamble, or a raw data set
+  without one that parses), JPEG and PNG by their bytes, never their name.
+* :func:`read_record` reads the header (no pixels) into a :class:`Radiograph`
+  and applies the selection rules (:data:`SELECTION_RULES`): only frontal chest
+  projection radiographs are scored.
+* :func:`scan` combines them: every file ends as a Radiograph or a FileOutcome.
+* :func:`group_studies` groups by StudyInstanceUID.
+
+Nothing is ever written next to the inputs, and inputs are opened read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax
+from .records import FileKind, FileOutcome, Radiograph, Status, Study
+
+IGNORED_SUFFIXES = (".part", ".partial", ".tmp", ".temp", "~", ".swp", ".crdownload")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+MAX_DIMENSION = 16384        # pixels per side; CR/DX detectors are under 5000
+MIN_DIMENSION = 64
+MAX_PIXELS = 100_000_000     # per frame: beyond this a file is a decompression bomb, not a radiograph
+
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG", "OT", "DR"})
+CHEST_BODY_PARTS = frozenset({"", "CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", "CHEST_LAT", "PORT CHEST"})
+FRONTAL_VIEWS = frozenset({"", "PA", "AP"})
+_LATERAL_WORDS = re.compile(r"\b(LAT|LATERAL|LL|RL)\b")
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- discovery
+
+def is_ignored(name: str) -> bool:
+    """Hidden or temporary files, which a transfer in progress leaves behind."""
+    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
+
+
+def discover(inputs: Iterable[Path | str]) -> Iterator[Path]:
+    """Yield every candidate file under ``inputs`` (files or folders), recursively and sorted.
+
+    Symbolic links to files are followed; links to folders are not (no cycles).
+    Hidden and temporary files and folders are ignored (see :func:`is_ignored`).
+    """
+    for item in inputs:
+        root = Path(item)
+        if root.is_file() or not root.is_dir():
+            yield root
+            continue
+        for folder, dirs, files in os.walk(root, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not is_ignored(name):
+                    yield Path(folder) / name
+
+
+def _read_head(path: Path, size: int = 512) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except PermissionError as exc:
+        raise InputError(f"permission denied ({exc.strerror})", path=path, step="read") from None
+    except IsADirectoryError:
+        raise InputError("is a directory", path=path, step="read") from None
+    except OSError as exc:
+        raise InputError(f"cannot open: {exc.strerror or exc}", path=path, step="read") from None
+
+
+def _looks_like_raw_dataset(head: bytes) -> bool:
+    """A data set written without the Part-10 header starts with a group 0x0008 (or 0x0002) tag."""
+    if len(head) < 8:
+        return False
+    group_le = int.from_bytes(head[0:2], "little")
+    group_be = int.from_bytes(head[0:2], "big")
+    return group_le in (0x0002, 0x0008) or group_be in (0x0002, 0x0008)
+
+
+def sniff(path: Path, head: bytes | None = None) -> FileKind | None:
+    """Recognise a file by its content; None when it is none of DICOM, JPEG, PNG."""
+    head = _read_head(path) if head is None else head
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return FileKind.DICOM
+    if head.startswith(_JPEG_MAGIC):
+        return FileKind.JPEG
+    if head.startswith(_PNG_MAGIC):
+        return FileKind.PNG
+    if _looks_like_raw_dataset(head):
+        try:
+            ds = _dcmread(path, stop_before_pixels=True, force=True)
+        except InputError:
+            return None
+        if "SOPClassUID" in ds or "StudyInstanceUID" in ds or "Modality" in ds:
+            return FileKind.DICOM
+    return None
+
+
+# --------------------------------------------------------------------------- reading
+
+def _dcmread(path: Path, *, stop_before_pixels: bool, force: bool = False, defer_size: int | None = None):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=force,
+                                  defer_size=defer_size)
+    except PermissionError as exc:
+        raise InputError(f"permission denied ({exc.strerror})", path=path, step="read") from None
+    except InvalidDicomError as exc:
+        raise InputError(f"not a valid DICOM file: {exc}", path=path, step="read") from None
+    except EOFError as exc:
+        raise InputError(f"file is truncated: {exc or 'unexpected end of file'}", path=path, step="read") from None
+    except Exception as exc:  # pydicom raises many types on malformed data
+        raise InputError(f"cannot parse the data set: {type(exc).__name__}: {exc}",
+                         path=path, step="read") from None
+
+
+def read_dicom(path: Path | str):
+    """Read a whole DICOM file (pixels included), with the file's errors as InputError."""
+    return _dcmread(Path(path), stop_before_pixels=False, force=True)
+
+
+def read_display_image(path: Path | str) -> np.ndarray:
+    """Decode a JPEG or PNG as stored (8 or 16 bits, grey or BGR), checking its size first."""
+    import cv2
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+    except PermissionError as exc:
+        raise InputError(f"permission denied ({exc.strerror})", path=path, step="read") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InvalidImageError(f"absurd image size: {exc}", path=path, step="validate") from None
+    except Exception as exc:
+        raise InputError(f"cannot read the image header: {exc}", path=path, step="read") from None
+    _check_dimensions(height, width, path, tag="")
+    data = np.fromfile(path, dtype=np.uint8)
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise InputError("the image data cannot be decoded (corrupt or truncated)", path=path, step="decode")
+    return arr
+
+
+def _check_dimensions(rows: int, columns: int, path: Path, tag: str = "(0028,0010) Rows") -> None:
+    if not (MIN_DIMENSION <= rows <= MAX_DIMENSION and MIN_DIMENSION <= columns <= MAX_DIMENSION) \
+            or rows * columns > MAX_PIXELS:
+        raise InvalidImageError(
+            f"absurd image dimensions {rows} x {columns} (accepted: {MIN_DIMENSION}-{MAX_DIMENSION} "
+            f"pixels a side, at most {MAX_PIXELS:,} pixels)", path=path, step="validate", tag=tag)
+
+
+def _text(ds, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if keyword == "PatientName":
+        return str(value).strip()
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+        value = value[0] if len(value) else ""
+    return str(value).strip()
+
+
+def _file_uid(path: Path) -> str:
+    """A stable pseudo-StudyInstanceUID for a JPEG/PNG (each such file is its own study)."""
+    digest = hashlib.sha1(str(path.resolve()).encode("utf-8")).hexdigest()
+    return f"file-{digest[:20]}"
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """A rule that skips an image: a field of the Radiograph, a test on its value, a reason.
+
+    ``override`` names the option that lifts the rule (``include_lateral``,
+    ``any_body_part``), or is empty when nothing lifts it.
+    """
+
+    field: str
+    tag: str
+    rejects: Callable[[str], bool]
+    reason: str
+    override: str = ""
+
+
+SELECTION_RULES: tuple[SelectionRule, ...] = (
+    SelectionRule("modality", "(0008,0060) Modality",
+                  lambda v: v.upper() not in RADIOGRAPH_MODALITIES,
+                  "modality {value!r} is not a projection radiograph (scored: CR, DX, RG, OT)"),
+    SelectionRule("body_part", "(0018,0015) BodyPartExamined",
+                  lambda v: v.upper() not in CHEST_BODY_PARTS,
+                  "body part {value!r} is not chest", override="any_body_part"),
+    SelectionRule("view_position", "(0018,5101) ViewPosition",
+                  lambda v: v.upper() not in FRONTAL_VIEWS,
+                  "view {value!r} is not frontal (PA/AP)", override="include_lateral"),
+)
+
+
+def select(record: Radiograph, *, include_lateral: bool = False, any_body_part: bool = False) -> FileOutcome | None:
+    """Apply :data:`SELECTION_RULES`; a SKIPPED outcome for the first rule that rejects, else None."""
+    overrides = {"include_lateral": include_lateral, "any_body_part": any_body_part}
+    for rule in SELECTION_RULES:
+        if rule.override and overrides[rule.override]:
+            continue
+        value = getattr(record, rule.field)
+        if rule.rejects(value):
+            return FileOutcome(record.path, Status.SKIPPED, rule.reason.format(value=value),
+                               step="select", tag=rule.tag, study_uid=record.study_uid)
+    return None
+
+
+def _view_position(ds) -> str:
+    """ViewPosition, or 'LATERAL' when only the protocol or series text says so."""
+    view = _text(ds, "ViewPosition").upper()
+    if view:
+        return view
+    words = " ".join(_text(ds, k) for k in ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription"))
+    if _LATERAL_WORDS.search(words.upper()):
+        return "LATERAL"
+    return ""
+
+
+def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
+    if ds.get("DirectoryRecordSequence") is not None or str(ds.get("SOPClassUID", "")) == "1.2.840.10008.1.3.10":
+        raise _Skip("DICOMDIR (media storage directory index), not an image", "(0004,1220) DirectoryRecordSequence")
+    study_uid = _text(ds, "StudyInstanceUID") or f"nostudy-{_file_uid(path)}"
+    ts = ""
+    if getattr(ds, "file_meta", None) is not None and "TransferSyntaxUID" in ds.file_meta:
+        ts = str(ds.file_meta.TransferSyntaxUID)
+    return Radiograph(
+        path=path, kind=FileKind.DICOM, study_uid=study_uid,
+        sop_uid=_text(ds, "SOPInstanceUID"), series_uid=_text(ds, "SeriesInstanceUID"),
+        patient_id=_text(ds, "PatientID"), patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"), patient_sex=_text(ds, "PatientSex"),
+        accession=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
+        study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality").upper(),
+        body_part=_text(ds, "BodyPartExamined").upper(), view_position=_view_position(ds),
+        laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
+        rows=int(ds.get("Rows", 0) or 0), columns=int(ds.get("Columns", 0) or 0),
+        photometric=_text(ds, "PhotometricInterpretation"), transfer_syntax=ts,
+        size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
+    )
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, tag: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.tag = reason, tag
+
+
+def read_record(path: Path | str, *, include_lateral: bool = False,
+                any_body_part: bool = False) -> Radiograph | FileOutcome:
+    """Read one file's header and decide: a Radiograph to score, or a SKIPPED/FAILED outcome."""
+    path = Path(path)
+    try:
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise InputError(f"cannot stat: {exc.strerror or exc}", path=path, step="read") from None
+        if stat.st_size == 0:
+            raise InputError("empty file (0 bytes): the transfer failed or is still in progress",
+                             path=path, step="read")
+        head = _read_head(path)
+        kind = sniff(path, head)
+        if kind is None:
+            if path.suffix.lower() in DICOM_SUFFIXES:
+                preview = head[:16]
+                raise InputError(f"named {path.suffix} but is not DICOM: no 'DICM' preamble and no parseable "
+                                 f"data set (starts with {preview!r})", path=path, step="discover")
+            return FileOutcome(path, Status.SKIPPED, "not a DICOM, JPEG or PNG file", step="discover")
+        if kind is not FileKind.DICOM:
+            return Radiograph(path=path, kind=kind, study_uid=_file_uid(path),
+                              size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        # Large values (the pixel data) are deferred: the header is read, the pixels are not.
+        ds = _dcmread(path, stop_before_pixels=False, force=True, defer_size=4096)
+        try:
+            record = _dicom_record(path, ds, stat)
+        except _Skip as skip:
+            return FileOutcome(path, Status.SKIPPED, skip.reason, step="select", tag=skip.tag)
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            sop = str(ds.get("SOPClassUID", "")) or "unknown"
+            name = getattr(ds.get("SOPClassUID", None), "name", "") or sop
+            return FileOutcome(path, Status.SKIPPED, f"no pixel data ({name}, modality "
+                               f"{record.modality or 'unknown'})", step="select",
+                               tag="(7FE0,0010) PixelData", study_uid=record.study_uid)
+        skipped = select(record, include_lateral=include_lateral, any_body_part=any_body_part)
+        if skipped is not None:
+            return skipped
+        _check_dimensions(record.rows, record.columns, path)
+        return record
+    except CxrError as exc:
+        exc.with_path(path)
+        return FileOutcome.from_error(exc)
+
+
+def scan(inputs: Iterable[Path | str], *, include_lateral: bool = False,
+         any_body_part: bool = False) -> Iterator[Radiograph | FileOutcome]:
+    """Discover and read the header of every input file; each ends as a Radiograph or FileOutcome."""
+    for path in discover(inputs):
+        if not path.exists() and not path.is_symlink():
+            yield FileOutcome(path, Status.FAILED, "no such file or folder", step="discover")
+            continue
+        yield read_record(path, include_lateral=include_lateral, any_body_part=any_body_part)
+
+
+def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study], list[FileOutcome]]:
+    """Group scanned items into studies (by StudyInstanceUID, in order of first appearance).
+
+    Returns the studies (those with at least one image to score, plus the skipped
+    files that belong to them) and the outcomes that belong to no scored study.
+    Duplicate SOP Instance UIDs (the same image twice) are kept once, the copy
+    listed as skipped.
+    """
+    images: "OrderedDict[str, list[Radiograph]]" = OrderedDict()
+    skipped: dict[str, list[FileOutcome]] = {}
+    loose: list[FileOutcome] = []
+    seen_sops: dict[str, Path] = {}
+    for item in items:
+        if isinstance(item, Radiograph):
+            if item.sop_uid and item.sop_uid in seen_sops:
+                loose_item = FileOutcome(item.path, Status.SKIPPED,
+                                         f"duplicate of {seen_sops[item.sop_uid]} (same SOPInstanceUID)",
+                                         step="select", tag="(0008,0018) SOPInstanceUID", study_uid=item.study_uid)
+                skipped.setdefault(item.study_uid, []).append(loose_item)
+                continue
+            if item.sop_uid:
+                seen_sops[item.sop_uid] = item.path
+            images.setdefault(item.study_uid, []).append(item)
+        elif item.study_uid:
+            skipped.setdefault(item.study_uid, []).append(item)
+        else:
+            loose.append(item)
+    studies = [Study(uid, tuple(imgs), tuple(skipped.pop(uid, ()))) for uid, imgs in images.items()]
+    for outcomes in skipped.values():
+        loose.extend(outcomes)
+    return studies, loose
+
+
+# --------------------------------------------------------------------------- decoding
+
+def decode_first_frame(ds) -> np.ndarray:
+    """Decode the pixel data of the first frame, naming the transfer syntax when it fails."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    ts_text = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+    if "PixelData" not in ds:
+        raise InputError("no pixel data", step="decode", tag="(7FE0,0010) PixelData")
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_dimensions(rows, columns, Path(getattr(ds, "filename", "") or "."))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            if frames > 1:
+                from pydicom.pixels import pixel_array
+
+                arr = pixel_array(ds, index=0)
+            else:
+                arr = ds.pixel_array
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntax(f"no installed decoder handles {ts_text}: {exc}",
+                                        step="decode", tag="(0002,0010) TransferSyntaxUID") from None
+    except RuntimeError as exc:
+        msg = str(exc)
+        if "plugin" in msg.lower() or "decoder" in msg.lower() and "available" in msg.lower():
+            raise UnsupportedTransferSyntax(f"no installed decoder handles {ts_text}: {msg}",
+                                            step="decode", tag="(0002,0010) TransferSyntaxUID") from None
+        raise InputError(f"pixel data cannot be decoded ({ts_text}): {msg}", step="decode",
+                         tag="(7FE0,0010) PixelData") from None
+    except Exception as exc:
+        raise InputError(f"pixel data cannot be decoded ({ts_text}): {type(exc).__name__}: {exc}",
+                         step="decode", tag="(7FE0,0010) PixelData") from None
+    if arr.shape[:2] != (rows, columns):
+        raise InvalidImageError(f"decoded shape {arr.shape} does not match Rows x Columns {rows} x {columns}",
+                                step="decode", tag="(0028,0010) Rows")
+    return arr
+
+
+def with_file_stat(record: Radiograph) -> Radiograph:
+    """The record with its file's current size and mtime (for change detection)."""
+    stat = record.path.stat()
+    return replace(record, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)

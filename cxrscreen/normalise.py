@@ -1,0 +1,402 @@
+"""From stored pixel values to the model's input: the one path training also uses.
+
+The contract (:func:`normalise_pixels`, :func:`load_unit_image`): a float32
+2-D image in [0, 1] where **higher means more attenuating** (bone bright, air
+dark), whatever the file: DICOM of any photometric interpretation, bit depth
+and VOI, or an exported JPEG/PNG. :func:`to_model_input` then resizes it to the
+model's input size as the model card's :class:`PreprocessSpec` says.
+
+DICOM pixel transformations follow PS3.3 in this order:
+
+1. Stored values (Bits Stored < Bits Allocated masked, two's complement when
+   Pixel Representation is 1).
+2. Modality LUT (C.11.1): Modality LUT Sequence, else Rescale Slope/Intercept.
+3. VOI LUT (C.11.2): VOI LUT Sequence, else the first Window Center/Width pair
+   with VOI LUT Function LINEAR (default), LINEAR_EXACT or SIGMOID (C.11.2.1.2-3).
+   With no VOI in the header: images of 8 bits or fewer use their full stored
+   range (they are display-ready), deeper ones a robust percentile window
+   (0.5th-99.5th percentile of the modality values).
+4. Inversion (C.7.6.3.1.2, C.11.6): MONOCHROME1, or Presentation LUT Shape
+   (2050,0020) INVERSE. In DX/CR the two express the same inversion, so it is
+   applied once.
+5. Colour (RGB, YBR_*, PALETTE COLOR) secondary captures: converted to RGB by
+   pydicom, then to luma (ITU-R BT.601 weights); no VOI applies to colour.
+
+Exported JPEG/PNG images are display values already: 8-bit ones map linearly
+to [0, 1]; 16-bit PNG gets the percentile window. Colour ones go to luma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, InvalidImageError, ModelError
+from .records import FileKind
+
+PERCENTILE_WINDOW = (0.5, 99.5)
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, for R, G, B
+
+_TAG_PHOTOMETRIC = "(0028,0004) PhotometricInterpretation"
+_TAG_WIDTH = "(0028,1051) WindowWidth"
+_TAG_VOI_FUNCTION = "(0028,1056) VOILUTFunction"
+_TAG_LUT_DESCRIPTOR = "(0028,3002) LUTDescriptor"
+_TAG_SLOPE = "(0028,1053) RescaleSlope"
+
+
+@dataclass(frozen=True)
+class LUT:
+    """A DICOM lookup table (Modality or VOI LUT Sequence item), PS3.3 C.11.1.1 / C.11.2.1.1.
+
+    ``first_mapped`` is the first input value mapped; inputs below it map to the
+    first entry, inputs above the last mapped value to the last entry.
+    """
+
+    first_mapped: int
+    bits: int
+    data: np.ndarray = field(repr=False)
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        index = np.clip(np.rint(values).astype(np.int64) - self.first_mapped, 0, len(self.data) - 1)
+        return self.data[index].astype(np.float64)
+
+    @property
+    def output_max(self) -> float:
+        """The largest output value the LUT can produce, per its descriptor.
+
+        Some writers declare 16-bit entries while using only 12 bits (pydicom
+        documents the same quirk); then 4095 is the real maximum.
+        """
+        declared = float(2 ** self.bits - 1)
+        if self.bits == 16 and self.data.size and self.data.max() < 4096:
+            return 4095.0
+        return declared
+
+
+@dataclass(frozen=True)
+class PixelParams:
+    """The header fields the pixel transformations need, validated on entry.
+
+    Build it with :meth:`from_dataset`; tests build it directly.
+    """
+
+    photometric: str = "MONOCHROME2"
+    bits_stored: int = 16
+    signed: bool = False
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    modality_lut: LUT | None = None
+    voi_lut: LUT | None = None
+    window_center: float | None = None
+    window_width: float | None = None
+    voi_function: str = "LINEAR"
+    presentation_shape: str = ""
+
+    def __post_init__(self) -> None:
+        if self.voi_function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+            raise InvalidImageError(f"unsupported value {self.voi_function!r} (expected LINEAR, "
+                                    "LINEAR_EXACT or SIGMOID)", step="normalise", tag=_TAG_VOI_FUNCTION)
+        if self.window_width is not None:
+            minimum = 1.0 if self.voi_function == "LINEAR" else 0.0
+            if not self.window_width >= minimum or (self.voi_function != "LINEAR" and self.window_width == 0):
+                raise InvalidImageError(f"window width {self.window_width} is invalid for "
+                                        f"{self.voi_function} (PS3.3 C.11.2.1.2)", step="normalise", tag=_TAG_WIDTH)
+        if self.rescale_slope == 0 or not np.isfinite(self.rescale_slope):
+            raise InvalidImageError(f"rescale slope {self.rescale_slope} is not usable",
+                                    step="normalise", tag=_TAG_SLOPE)
+
+    @property
+    def is_colour(self) -> bool:
+        return not self.photometric.startswith("MONOCHROME")
+
+    @property
+    def inverted(self) -> bool:
+        return self.photometric == "MONOCHROME1" or self.presentation_shape == "INVERSE"
+
+    @classmethod
+    def from_dataset(cls, ds) -> "PixelParams":
+        """Read and check the relevant attributes of a pydicom Dataset."""
+        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+        if not photometric:
+            raise InvalidImageError("missing; cannot tell how to display the pixels",
+                                    step="normalise", tag=_TAG_PHOTOMETRIC)
+        known = ("MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422",
+                 "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
+        if photometric not in known:
+            raise InvalidImageError(f"unsupported value {photometric!r}", step="normalise", tag=_TAG_PHOTOMETRIC)
+        bits_stored = int(ds.get("BitsStored", None) or ds.get("BitsAllocated", None) or 8)
+
+        modality_lut = None
+        if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
+            modality_lut = _read_lut(ds.ModalityLUTSequence[0], "(0028,3000) ModalityLUTSequence")
+        voi_lut = None
+        if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+            voi_lut = _read_lut(ds.VOILUTSequence[0], "(0028,3010) VOILUTSequence")
+
+        center = _first_number(ds.get("WindowCenter", None), "(0028,1050) WindowCenter")
+        width = _first_number(ds.get("WindowWidth", None), _TAG_WIDTH)
+        if (center is None) != (width is None):
+            center = width = None  # half a window is no window (PS3.3 C.11.2: both are type 1C)
+        function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+        shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+        return cls(
+            photometric=photometric,
+            bits_stored=bits_stored,
+            signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
+            rescale_slope=float(_first_number(ds.get("RescaleSlope", None), _TAG_SLOPE) or 1.0),
+            rescale_intercept=float(_first_number(ds.get("RescaleIntercept", None),
+                                                  "(0028,1052) RescaleIntercept") or 0.0),
+            modality_lut=modality_lut,
+            voi_lut=voi_lut,
+            window_center=center,
+            window_width=width,
+            voi_function=function,
+            presentation_shape=shape,
+        )
+
+
+def _first_number(value, tag: str) -> float | None:
+    """The first value of a (possibly multi-valued) DS/IS element, or None when absent."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidImageError(f"value {value!r} is not a number", step="normalise", tag=tag) from None
+    if not np.isfinite(number):
+        raise InvalidImageError(f"value {value!r} is not finite", step="normalise", tag=tag)
+    return number
+
+
+def _read_lut(item, tag: str) -> LUT:
+    try:
+        n, first, bits = (int(v) for v in item.LUTDescriptor)
+        raw = item.LUTData
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InvalidImageError(f"unreadable LUT item ({exc})", step="normalise", tag=tag) from None
+    n = n or 65536  # PS3.3 C.11.1.1.1: 0 entries means 2^16
+    if isinstance(raw, (bytes, bytearray)):
+        data = np.frombuffer(raw, dtype="<u2" if bits > 8 else "u1")
+    else:
+        data = np.asarray(raw if hasattr(raw, "__len__") else [raw])
+    data = data.astype(np.float64)[:n]
+    if data.size == 0:
+        raise InvalidImageError("LUT Data is empty", step="normalise", tag=tag)
+    if bits not in range(8, 17):
+        raise InvalidImageError(f"LUT entry size {bits} bits is not 8-16", step="normalise", tag=_TAG_LUT_DESCRIPTOR)
+    return LUT(first_mapped=first, bits=bits, data=data)
+
+
+def stored_values(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """Keep the low ``bits_stored`` bits and sign-extend them when ``signed``.
+
+    Idempotent: pydicom already does this for native data, but arrays from other
+    decoders or built by hand may carry garbage in the unused high bits.
+    """
+    if arr.dtype.kind not in "iu" or bits_stored >= arr.dtype.itemsize * 8:
+        return arr.astype(np.float64)
+    values = arr.astype(np.int64) & ((1 << bits_stored) - 1)
+    if signed:
+        sign = 1 << (bits_stored - 1)
+        values = (values ^ sign) - sign
+    return values.astype(np.float64)
+
+
+def apply_modality(values: np.ndarray, params: PixelParams) -> np.ndarray:
+    """Modality LUT (PS3.3 C.11.1): LUT Sequence if present, else rescale slope/intercept."""
+    if params.modality_lut is not None:
+        return params.modality_lut.apply(values)
+    return values * params.rescale_slope + params.rescale_intercept
+
+
+def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Window a modality-value image to [0, 1] (PS3.3 C.11.2.1.2 and C.11.2.1.3).
+
+    LINEAR: ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clipped; LINEAR_EXACT:
+    ``(x - c) / w + 0.5`` clipped; SIGMOID: ``1 / (1 + exp(-4 (x - c) / w))``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if width == 1:
+        return (values > center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def percentile_window(values: np.ndarray, low: float = PERCENTILE_WINDOW[0],
+                      high: float = PERCENTILE_WINDOW[1]) -> np.ndarray:
+    """A robust window when the header gives none: map the [low, high] percentiles to [0, 1]."""
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        raise InvalidImageError(f"image has no contrast: every pixel is {lo:g}", step="normalise")
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def apply_voi(values: np.ndarray, params: PixelParams) -> np.ndarray:
+    """VOI transformation to [0, 1] (PS3.3 C.11.2), with the fallbacks described in the module doc."""
+    if params.voi_lut is not None:
+        return np.clip(params.voi_lut.apply(values) / params.voi_lut.output_max, 0.0, 1.0)
+    if params.window_center is not None and params.window_width is not None:
+        return apply_window(values, params.window_center, params.window_width, params.voi_function)
+    if params.bits_stored <= 8 and params.modality_lut is None and params.rescale_slope == 1 \
+            and params.rescale_intercept == 0 and not params.signed:
+        return np.clip(values / float(2 ** params.bits_stored - 1), 0.0, 1.0)
+    return percentile_window(values)
+
+
+def to_luma(rgb: np.ndarray, max_value: float) -> np.ndarray:
+    """RGB (last axis) to luma in [0, 1] with ITU-R BT.601 weights."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    luma = rgb[..., 0] * LUMA_WEIGHTS[0] + rgb[..., 1] * LUMA_WEIGHTS[1] + rgb[..., 2] * LUMA_WEIGHTS[2]
+    return np.clip(luma / max_value, 0.0, 1.0)
+
+
+def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
+    """Stored pixel values of one frame to a float32 unit image (the contract in the module doc).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        One frame as decoded: (rows, columns) for monochrome, (rows, columns, 3)
+        RGB for colour (pydicom converts YBR and applies palettes first).
+    params : PixelParams
+        The header fields, see :meth:`PixelParams.from_dataset`.
+    """
+    if params.is_colour:
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise InvalidImageError(f"colour image decoded to shape {arr.shape}, expected (rows, columns, 3)",
+                                    step="normalise", tag=_TAG_PHOTOMETRIC)
+        max_value = 255.0 if arr.dtype == np.uint8 else float(2 ** params.bits_stored - 1)
+        unit = to_luma(arr, max_value)
+    else:
+        if arr.ndim != 2:
+            raise InvalidImageError(f"monochrome frame decoded to shape {arr.shape}, expected (rows, columns)",
+                                    step="normalise", tag=_TAG_PHOTOMETRIC)
+        values = apply_modality(stored_values(arr, params.bits_stored, params.signed), params)
+        unit = apply_voi(values, params)
+        if params.inverted:
+            unit = 1.0 - unit
+    return unit.astype(np.float32)
+
+
+def normalise_dataset(ds) -> np.ndarray:
+    """Decode the first frame of a pydicom Dataset and normalise it (see module doc)."""
+    from .ingest import decode_first_frame
+
+    params = PixelParams.from_dataset(ds)
+    frame = decode_first_frame(ds)
+    if params.photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        frame = apply_color_lut(frame, ds)
+        if frame.dtype != np.uint8:
+            frame = frame / 257.0  # palette entries are 16-bit
+            return to_luma(frame, 255.0).astype(np.float32)
+    return normalise_pixels(frame, params)
+
+
+def normalise_display_image(arr: np.ndarray) -> np.ndarray:
+    """An exported JPEG/PNG (already windowed for display) to the same unit-image contract.
+
+    8-bit: linear to [0, 1]. 16-bit: percentile window. Colour (OpenCV's BGR or
+    BGRA channel order): luma.
+    """
+    if arr.ndim == 3:
+        if arr.shape[-1] == 4:
+            arr = arr[..., :3]
+        if arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        else:
+            arr = arr[..., ::-1]  # BGR -> RGB
+    if arr.ndim == 3:
+        if arr.dtype == np.uint8:
+            return to_luma(arr, 255.0).astype(np.float32)
+        return percentile_window(to_luma(arr, 1.0)).astype(np.float32)
+    if arr.dtype == np.uint8:
+        return (arr.astype(np.float32) / 255.0)
+    return percentile_window(arr.astype(np.float64)).astype(np.float32)
+
+
+def load_unit_image(path: Path | str, kind: FileKind | None = None) -> np.ndarray:
+    """Read any supported file and return its unit image at native resolution.
+
+    Raises :class:`cxrscreen.errors.InputError` (with path, step and tag) on failure.
+    """
+    from .ingest import read_dicom, read_display_image, sniff
+
+    path = Path(path)
+    kind = kind or sniff(path)
+    if kind is None:
+        raise InputError("not a DICOM, JPEG or PNG file", path=path, step="discover")
+    try:
+        if kind is FileKind.DICOM:
+            return normalise_dataset(read_dicom(path))
+        return normalise_display_image(read_display_image(path))
+    except InputError as exc:
+        raise exc.with_path(path)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a unit image becomes the model's input; stored in the model card.
+
+    ``resize`` is ``stretch`` (the training images are square exports whose
+    aspect ratio was not kept, so screening must not letterbox either) with
+    OpenCV's area interpolation for downsampling.
+    """
+
+    input_size: tuple[int, int] = (224, 224)   # (height, width)
+    resize: str = "stretch"
+    interpolation: str = "area"
+    contract: str = "unit-gray-v1"             # normalise.py's output contract
+
+    def to_json(self) -> dict:
+        return {"input_size": list(self.input_size), "resize": self.resize,
+                "interpolation": self.interpolation, "contract": self.contract}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PreprocessSpec":
+        try:
+            spec = cls(input_size=tuple(int(v) for v in data["input_size"]),
+                       resize=str(data.get("resize", "stretch")),
+                       interpolation=str(data.get("interpolation", "area")),
+                       contract=str(data.get("contract", "unit-gray-v1")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model card preprocessing is malformed: {exc}", step="load-model") from None
+        if spec.contract != "unit-gray-v1" or spec.resize != "stretch":
+            raise ModelError(f"model card asks for preprocessing {spec.contract}/{spec.resize}, which this "
+                             "version of cxrscreen does not implement", step="load-model")
+        if len(spec.input_size) != 2 or min(spec.input_size) < 16:
+            raise ModelError(f"model card input size {spec.input_size} is not usable", step="load-model")
+        return spec
+
+
+_INTERPOLATION = {"area": 3, "linear": 1, "cubic": 2}  # cv2.INTER_* values
+
+
+def to_model_input(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Resize a unit image to the model's input: float32 (height, width, 1) in [0, 1]."""
+    import cv2
+
+    height, width = spec.input_size
+    interpolation = _INTERPOLATION[spec.interpolation]
+    if unit.shape[0] < height or unit.shape[1] < width:
+        interpolation = cv2.INTER_LINEAR  # area interpolation is for shrinking
+    resized = cv2.resize(np.ascontiguousarray(unit, dtype=np.float32), (width, height),
+                         interpolation=interpolation)
+    return np.clip(resized, 0.0, 1.0)[..., None]
+
+
+def load_model_input(path: Path | str, spec: PreprocessSpec, kind: FileKind | None = None) -> np.ndarray:
+    """The one function training and screening both call: file -> model input."""
+    return to_model_input(load_unit_image(path, kind), spec)

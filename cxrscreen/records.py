@@ -1,0 +1,113 @@
+"""Typed records passed between the stages of the data flow.
+
+Every stage takes and returns these frozen dataclasses; no dictionaries of
+DICOM tags travel through the code.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class FileKind(str, enum.Enum):
+    """What a file is, recognised by its content, never by its extension."""
+
+    DICOM = "dicom"
+    JPEG = "jpeg"
+    PNG = "png"
+
+
+class Status(str, enum.Enum):
+    """What happened to an input file or a study."""
+
+    SCORED = "scored"
+    SKIPPED = "skipped"   # deliberately not scored, with a reason (lateral view, not chest...)
+    FAILED = "failed"     # could not be read, decoded or scored: needs a human
+
+
+@dataclass(frozen=True)
+class Radiograph:
+    """One image file selected for scoring, with the metadata a report needs.
+
+    For JPEG/PNG inputs the DICOM fields are empty and ``study_uid`` is derived
+    from the file (each such file is its own study).
+    """
+
+    path: Path
+    kind: FileKind
+    study_uid: str
+    sop_uid: str = ""
+    series_uid: str = ""
+    patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    accession: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    modality: str = ""
+    body_part: str = ""
+    view_position: str = ""
+    laterality: str = ""
+    rows: int = 0
+    columns: int = 0
+    photometric: str = ""
+    transfer_syntax: str = ""
+    size_bytes: int = 0
+    mtime_ns: int = 0
+
+    @property
+    def view(self) -> str:
+        """A short label for the view, for reports: ``PA``, ``AP`` or ``unknown``."""
+        return self.view_position or "unknown"
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """The fate of one input file that will not be (or could not be) scored.
+
+    ``step`` is the stage that decided (``discover``, ``read``, ``select``,
+    ``validate``, ``decode``, ``normalise``, ``predict``...), ``tag`` the DICOM
+    tag involved, if any.
+    """
+
+    path: Path
+    status: Status
+    reason: str
+    step: str = ""
+    tag: str = ""
+    study_uid: str = ""
+
+    @classmethod
+    def from_error(cls, error, *, study_uid: str = "") -> "FileOutcome":
+        """Build a FAILED outcome from a :class:`cxrscreen.errors.CxrError`."""
+        return cls(path=error.path, status=Status.FAILED, reason=error.cause,
+                   step=error.step or "", tag=error.tag or "", study_uid=study_uid)
+
+
+@dataclass(frozen=True)
+class Study:
+    """Images grouped by StudyInstanceUID, with the files of the study that were skipped."""
+
+    study_uid: str
+    images: tuple[Radiograph, ...]
+    skipped: tuple[FileOutcome, ...] = ()
+
+    @property
+    def first(self) -> Radiograph | None:
+        return self.images[0] if self.images else None
+
+    @property
+    def source_files(self) -> tuple[Path, ...]:
+        return tuple(r.path for r in self.images) + tuple(o.path for o in self.skipped)
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """The model's output for one radiograph, with its Grad-CAM heatmap when computed."""
+
+    image: Radiograph
+    score: float
+    heatmap: object | None = field(default=None, compare=False, repr=False)

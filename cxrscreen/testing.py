@@ -1,0 +1,137 @@
+"""Build realistic DICOM radiographs from arrays: for tests, samples and benchmarks.
+
+Nothing in the screening path imports this module. The data sets it builds
+carry synthetic identities and valid UIDs (``2.25.<uuid>`` derived from a
+seed, so the same call gives the same UIDs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"          # Computed Radiography Image Storage
+DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"        # Digital X-Ray Image Storage - For Presentation
+SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"          # Secondary Capture Image Storage
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"     # Basic Text SR Storage
+
+
+def uid_from(seed: str) -> str:
+    """A valid, deterministic UID under the 2.25 root (PS3.5 B.2) from any string."""
+    return "2.25." + str(int(hashlib.sha256(seed.encode("utf-8")).hexdigest()[:32], 16))
+
+
+def make_dicom(pixels: np.ndarray | None, *, seed: str = "x", modality: str = "DX",
+               photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+               signed: bool = False, transfer_syntax: str = "1.2.840.10008.1.2.1",
+               study_seed: str | None = None, patient_id: str = "SYNTH-0001",
+               patient_name: str = "SYNTHETIC^PATIENT", body_part: str = "CHEST",
+               view_position: str = "PA", sop_class: str | None = None, **attributes):
+    """Return a pydicom FileDataset holding ``pixels`` (or none, for non-image objects).
+
+    ``attributes`` are set as DICOM keywords (``WindowCenter=...``). Compressed
+    transfer syntaxes are encoded with pydicom's encoders (RLE, JPEG-LS, JPEG
+    2000), except JPEG baseline which is encoded with Pillow.
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import UID
+
+    sop_class = sop_class or (CR_SOP_CLASS if modality == "CR" else DX_SOP_CLASS)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = uid_from(seed + "/sop")
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    meta.ImplementationClassUID = uid_from("cxrscreen-testing")
+    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = uid_from((study_seed or seed) + "/study")
+    ds.SeriesInstanceUID = uid_from(seed + "/series")
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.PatientBirthDate = "20200101"
+    ds.PatientSex = "O"
+    ds.AccessionNumber = "ACC" + hashlib.sha1((study_seed or seed).encode()).hexdigest()[:8].upper()
+    ds.StudyDate = "20261101"
+    ds.StudyTime = "101500"
+    ds.StudyDescription = "CHEST 1 VIEW" if modality != "SR" else "REPORT"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Modality = modality
+    if body_part:
+        ds.BodyPartExamined = body_part
+    if view_position:
+        ds.ViewPosition = view_position
+    if pixels is not None:
+        pixels = np.asarray(pixels)
+        colour = pixels.ndim == 3
+        ds.SamplesPerPixel = 3 if colour else 1
+        if colour:
+            ds.PlanarConfiguration = 0
+        ds.PhotometricInterpretation = photometric
+        ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+        ds.BitsAllocated = pixels.dtype.itemsize * 8
+        ds.BitsStored = bits_stored or ds.BitsAllocated
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = 1 if signed else 0
+        ds.PixelData = pixels.tobytes()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ts = UID(transfer_syntax)
+    if pixels is not None and ts.is_compressed:
+        if ts == "1.2.840.10008.1.2.4.50":
+            _encode_jpeg_baseline(ds, pixels)
+        else:
+            ds.compress(ts, encoding_plugin=_plugin_for(ts))
+    elif ts != "1.2.840.10008.1.2.1":
+        ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
+def _plugin_for(ts) -> str:
+    if ts in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"):
+        return "pyjpegls"
+    if ts == "1.2.840.10008.1.2.5":
+        return ""  # pydicom picks an available RLE encoder
+    return "pylibjpeg"
+
+
+def _encode_jpeg_baseline(ds, pixels: np.ndarray, quality: int = 92) -> None:
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+
+    if pixels.dtype != np.uint8:
+        raise ValueError("JPEG baseline holds 8-bit samples only")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.LossyImageCompression = "01"
+    if pixels.ndim == 3:
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+
+
+def make_text_sr(*, seed: str, study_seed: str | None = None, patient_id: str = "SYNTH-0001"):
+    """A Basic Text SR (no pixel data) in the given study: a non-image object PACS exports carry."""
+    ds = make_dicom(None, seed=seed, study_seed=study_seed, modality="SR", sop_class=BASIC_TEXT_SR,
+                    patient_id=patient_id, body_part="", view_position="")
+    ds.ContentDate = ds.StudyDate
+    ds.ContentTime = "101600"
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.ValueType = "CONTAINER"
+    return ds
+
+
+def save(ds, path: Path | str) -> Path:
+    """Write a data set as a Part-10 file (creating folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -1,0 +1,208 @@
+"""Windowing against hand-computed values (PS3.3 C.11), through the public functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from cxrscreen.errors import InvalidImageError, ModelError
+from cxrscreen.normalise import (
+    LUT,
+    PixelParams,
+    PreprocessSpec,
+    apply_window,
+    load_model_input,
+    load_unit_image,
+    normalise_pixels,
+    to_model_input,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def row(*values, dtype=np.uint16):
+    return np.array([values], dtype=dtype)
+
+
+# Each case: stored values, parameters, expected unit values (worked out by hand in the comment).
+CASES = {
+    # modality: [0,100,200,300]*2-100 = [-100,100,300,500]; LINEAR c=200 w=401: (x-199.5)/400+0.5
+    "rescale+window": (row(0, 100, 200, 300),
+                       PixelParams(bits_stored=12, rescale_slope=2, rescale_intercept=-100,
+                                   window_center=200, window_width=401),
+                       [0.0, 0.25125, 0.75125, 1.0]),
+    # LINEAR_EXACT c=100 w=50: (x-100)/50+0.5
+    "linear-exact": (row(50, 75, 90, 100, 125, 150),
+                     PixelParams(window_center=100, window_width=50, voi_function="LINEAR_EXACT"),
+                     [0.0, 0.0, 0.3, 0.5, 1.0, 1.0]),
+    # SIGMOID c=100 w=50: 1/(1+exp(-4(x-100)/50))
+    "sigmoid": (row(50, 100, 150),
+                PixelParams(window_center=100, window_width=50, voi_function="SIGMOID"),
+                [1 / (1 + np.exp(4.0)), 0.5, 1 / (1 + np.exp(-4.0))]),
+    # VOI LUT: first mapped 10, 8-bit entries [0,50,100,255]; below 10 -> entry 0, above 13 -> last
+    "voi-lut-sequence": (row(5, 10, 11, 12, 13, 20),
+                         PixelParams(bits_stored=8, voi_lut=LUT(10, 8, np.array([0, 50, 100, 255.0])),
+                                     window_center=1000, window_width=10),
+                         [0.0, 0.0, 50 / 255, 100 / 255, 1.0, 1.0]),
+    # Modality LUT sequence [100, 200, 300, 400] from 0, then window c=250.5 w=301: (x-250)/300+0.5
+    "modality-lut-sequence": (row(0, 1, 2, 3),
+                              PixelParams(modality_lut=LUT(0, 16, np.array([100, 200, 300, 400.0])),
+                                          window_center=250.5, window_width=301),
+                              [0.0, 1 / 3, 2 / 3, 1.0]),
+    # MONOCHROME1 c=50.5 w=101: x/100, then inverted
+    "monochrome1": (row(0, 25, 100), PixelParams(photometric="MONOCHROME1", window_center=50.5,
+                                                 window_width=101),
+                    [1.0, 0.75, 0.0]),
+    # Presentation LUT Shape INVERSE on MONOCHROME2 inverts the same way
+    "presentation-inverse": (row(0, 25, 100), PixelParams(window_center=50.5, window_width=101,
+                                                          presentation_shape="INVERSE"),
+                             [1.0, 0.75, 0.0]),
+    # MONOCHROME1 + INVERSE (the DX convention) is one inversion, not two
+    "monochrome1+inverse": (row(0, 25, 100), PixelParams(photometric="MONOCHROME1", window_center=50.5,
+                                                         window_width=101, presentation_shape="INVERSE"),
+                            [1.0, 0.75, 0.0]),
+    # signed 16-bit: c=0.5 w=2001 -> x/2000+0.5
+    "signed-16": (row(-1000, 0, 1000, dtype=np.int16),
+                  PixelParams(bits_stored=16, signed=True, window_center=0.5, window_width=2001),
+                  [0.0, 0.5, 1.0]),
+    # Bits Stored 12 of 16 with garbage in the high bits: 0xF064 -> 100, 0x1FFF -> 4095; c=2048.5 w=4097 -> x/4096
+    "bits-stored-12-of-16": (row(0xF064, 0x1FFF, 0x0800),
+                             PixelParams(bits_stored=12, window_center=2048.5, window_width=4097),
+                             [100 / 4096, 4095 / 4096, 0.5]),
+    # signed 12 of 16: 0x0FFF is -1, 0x0800 is -2048, 0x07FF is 2047; c=0.5 w=4097 -> x/4096+0.5
+    "signed-12-of-16": (row(0x0FFF, 0x0800, 0x07FF),
+                        PixelParams(bits_stored=12, signed=True, window_center=0.5, window_width=4097),
+                        [0.5 - 1 / 4096, 0.0, 0.5 + 2047 / 4096]),
+    # no VOI, 8-bit: full stored range
+    "no-voi-8-bit": (row(0, 51, 255, dtype=np.uint8), PixelParams(bits_stored=8), [0.0, 0.2, 1.0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_windowing_matches_hand_computed(name):
+    stored, params, expected = CASES[name]
+    out = normalise_pixels(stored, params)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[0], expected, atol=1e-6)
+
+
+def test_no_voi_percentile_fallback():
+    # values 0..1000: the 0.5th and 99.5th percentiles are 5 and 995
+    values = np.arange(1001, dtype=np.uint16).reshape(7, 143)
+    out = normalise_pixels(values, PixelParams(bits_stored=16))
+    flat = out.ravel()
+    np.testing.assert_allclose(flat[[0, 5, 500, 995, 1000]], [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+
+
+def test_window_width_one_is_a_threshold():
+    np.testing.assert_array_equal(apply_window(np.array([9.0, 10.0, 11.0]), 10, 1), [0, 1, 1])
+
+
+def test_rgb_secondary_capture_goes_to_luma():
+    rgb = np.zeros((1, 3, 3), dtype=np.uint8)
+    rgb[0, 0] = (255, 0, 0)
+    rgb[0, 1] = (0, 255, 0)
+    rgb[0, 2] = (255, 255, 255)
+    out = normalise_pixels(rgb, PixelParams(photometric="RGB", bits_stored=8))
+    np.testing.assert_allclose(out[0], [0.299, 0.587, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, tag", [
+    ({"window_center": 10, "window_width": 0.5}, "(0028,1051)"),
+    ({"window_center": 10, "window_width": 0, "voi_function": "SIGMOID"}, "(0028,1051)"),
+    ({"voi_function": "GAMMA"}, "(0028,1056)"),
+    ({"rescale_slope": 0}, "(0028,1053)"),
+])
+def test_invalid_parameters_name_the_tag(kwargs, tag):
+    with pytest.raises(InvalidImageError) as info:
+        PixelParams(**kwargs)
+    assert tag in str(info.value)
+
+
+def test_params_from_dataset_take_first_of_multi_valued_window():
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsStored = 12
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = [200, 1000]
+    ds.WindowWidth = [401, 10]
+    ds.RescaleSlope = "2"
+    ds.RescaleIntercept = "-100"
+    params = PixelParams.from_dataset(ds)
+    assert (params.window_center, params.window_width) == (200, 401)
+    np.testing.assert_allclose(normalise_pixels(row(0, 100, 200, 300), params)[0],
+                               [0.0, 0.25125, 0.75125, 1.0], atol=1e-6)
+
+
+def test_params_from_dataset_read_voi_lut_sequence():
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.BitsStored = 8
+    item = Dataset()
+    item.LUTDescriptor = [4, 10, 8]
+    item.LUTData = [0, 50, 100, 255]
+    ds.VOILUTSequence = [item]
+    ds.VOILUTFunction = "SIGMOID"  # ignored: the LUT sequence wins
+    params = PixelParams.from_dataset(ds)
+    np.testing.assert_allclose(normalise_pixels(row(10, 11, 13), params)[0], [1.0, 1 - 50 / 255, 0.0], atol=1e-6)
+
+
+def test_missing_photometric_is_an_error_naming_the_tag():
+    with pytest.raises(InvalidImageError, match=r"\(0028,0004\)"):
+        PixelParams.from_dataset(Dataset())
+
+
+@pytest.mark.parametrize("kw", [
+    {},  # MONOCHROME2 12-bit with rescale + window through a written file
+    {"photometric": "MONOCHROME1"},
+])
+def test_dicom_file_round_trip_through_load_unit_image(write_dicom, chest_pixels, kw):
+    path = write_dicom(chest_pixels, bits_stored=12, WindowCenter=2048, WindowWidth=4096, **kw)
+    unit = load_unit_image(path)
+    assert unit.shape == chest_pixels.shape and unit.dtype == np.float32
+    expected = np.clip((chest_pixels - 2047.5) / 4095 + 0.5, 0, 1)
+    if kw:
+        expected = 1 - expected
+    np.testing.assert_allclose(unit, expected, atol=1e-6)
+
+
+def test_jpeg_and_a_dicom_made_from_it_give_the_same_model_input(write_dicom):
+    """The model is trained on exported JPEGs and screens DICOM: the two must agree.
+
+    The bundled full-resolution JPEG becomes a MONOCHROME1 12-bit CR with the
+    window a viewer would use (its 1st-99th percentiles); both go to the model input.
+    """
+    import cv2
+
+    jpeg = ROOT / "samples" / "study6_plain_jpeg" / "chest_export.jpg"
+    display = cv2.imread(str(jpeg), cv2.IMREAD_GRAYSCALE)
+    assert display is not None and max(display.shape) >= 1000
+    stored = (4095 - np.rint(display / 255.0 * 4095)).astype(np.uint16)
+    lo, hi = np.percentile(4095 - stored.astype(float), [1, 99])
+    path = write_dicom(stored, modality="CR", photometric="MONOCHROME1", bits_stored=12,
+                       WindowCenter=round((lo + hi) / 2), WindowWidth=round(hi - lo))
+    spec = PreprocessSpec()
+    a = load_model_input(jpeg, spec)[..., 0]
+    b = load_model_input(path, spec)[..., 0]
+    assert a.shape == b.shape == (224, 224)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+    # and bone stays bright in both: the mediastinum (centre) is brighter than the lungs
+    for img in (a, b):
+        assert img[60:160, 100:124].mean() > img[60:160, 40:80].mean()
+
+
+def test_model_input_shape_and_range():
+    unit = np.random.default_rng(0).random((300, 500), dtype=np.float32)
+    out = to_model_input(unit, PreprocessSpec(input_size=(128, 96)))
+    assert out.shape == (128, 96, 1) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_preprocess_spec_round_trips_and_refuses_unknown_contract():
+    spec = PreprocessSpec(input_size=(256, 256))
+    assert PreprocessSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ModelError):
+        PreprocessSpec.from_json({"input_size": [224, 224], "contract": "imagenet-rgb"})
