@@ -118,10 +118,10 @@ def _dcmread(path: Path, *, stop_before_pixels: bool, force: bool = False, defer
     from pydicom.errors import InvalidDicomError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=force,
-                                  defer_size=defer_size)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=force,
+                                 defer_size=defer_size)
     except PermissionError as exc:
         raise InputError(f"permission denied ({exc.strerror})", path=path, step="read") from None
     except InvalidDicomError as exc:
@@ -131,6 +131,29 @@ def _dcmread(path: Path, *, stop_before_pixels: bool, force: bool = False, defer
     except Exception as exc:  # pydicom raises many types on malformed data
         raise InputError(f"cannot parse the data set: {type(exc).__name__}: {exc}",
                          path=path, step="read") from None
+    for warning in caught:
+        text = str(warning.message)
+        if "End of file" in text or "truncated" in text.lower():
+            raise InputError(f"file is truncated: {text}", path=path, step="read")
+    if len(ds) == 0:
+        raise InputError("no DICOM data elements could be parsed", path=path, step="read")
+    _infer_transfer_syntax(ds)
+    return ds
+
+
+def _infer_transfer_syntax(ds) -> None:
+    """A raw data set (no Part-10 header) gets the syntax it was parsed with, in memory only."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def read_dicom(path: Path | str):
@@ -163,11 +186,12 @@ def read_display_image(path: Path | str) -> np.ndarray:
     return arr
 
 
-def _check_dimensions(rows: int, columns: int, path: Path, tag: str = "(0028,0010) Rows") -> None:
-    if not (MIN_DIMENSION <= rows <= MAX_DIMENSION and MIN_DIMENSION <= columns <= MAX_DIMENSION) \
+def _check_dimensions(rows: int, columns: int, path: Path, tag: str = "(0028,0010) Rows",
+                      minimum: int = MIN_DIMENSION) -> None:
+    if not (minimum <= rows <= MAX_DIMENSION and minimum <= columns <= MAX_DIMENSION) \
             or rows * columns > MAX_PIXELS:
         raise InvalidImageError(
-            f"absurd image dimensions {rows} x {columns} (accepted: {MIN_DIMENSION}-{MAX_DIMENSION} "
+            f"absurd image dimensions {rows} x {columns} (accepted: {minimum}-{MAX_DIMENSION} "
             f"pixels a side, at most {MAX_PIXELS:,} pixels)", path=path, step="validate", tag=tag)
 
 
@@ -365,7 +389,8 @@ def decode_first_frame(ds) -> np.ndarray:
     if "PixelData" not in ds:
         raise InputError("no pixel data", step="decode", tag="(7FE0,0010) PixelData")
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    _check_dimensions(rows, columns, Path(getattr(ds, "filename", "") or "."))
+    # Guard memory before decoding; the lower bound is a selection rule (read_record), not a decoder limit.
+    _check_dimensions(rows, columns, Path(getattr(ds, "filename", "") or "."), minimum=1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

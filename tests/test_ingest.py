@@ -1,0 +1,330 @@
+"""Discovery, decoding of every transfer syntax, selection rules and bad inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from cxrscreen import ingest
+from cxrscreen.errors import InputError, UnsupportedTransferSyntax
+from cxrscreen.ingest import discover, group_studies, read_record, scan
+from cxrscreen.normalise import load_unit_image
+from cxrscreen.records import FileKind, FileOutcome, Radiograph, Status
+from cxrscreen.testing import make_dicom, save
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_file(name: str) -> Path:
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} needs the pydicom-data test extra")
+    return Path(path)
+
+
+def decode(path) -> np.ndarray:
+    return ingest.decode_first_frame(ingest.read_dicom(path))
+
+
+# ---------------------------------------------------------------- transfer syntaxes
+
+ROUND_TRIP = [
+    ("1.2.840.10008.1.2", "implicit VR little endian"),
+    ("1.2.840.10008.1.2.1", "explicit VR little endian"),
+    ("1.2.840.10008.1.2.1.99", "deflated explicit VR little endian"),
+    ("1.2.840.10008.1.2.5", "RLE lossless"),
+    ("1.2.840.10008.1.2.4.80", "JPEG-LS lossless"),
+    ("1.2.840.10008.1.2.4.90", "JPEG 2000 lossless"),
+]
+
+
+@pytest.mark.parametrize("ts, label", ROUND_TRIP, ids=[r[1] for r in ROUND_TRIP])
+def test_lossless_syntaxes_round_trip(tmp_path, chest_pixels, ts, label):
+    path = save(make_dicom(chest_pixels, bits_stored=12, transfer_syntax=ts, seed=label), tmp_path / "x.dcm")
+    ds = ingest.read_dicom(path)
+    assert ds.file_meta.TransferSyntaxUID == ts
+    np.testing.assert_array_equal(decode(path), chest_pixels)
+
+
+def test_jpeg_baseline_encodes_and_decodes_close(tmp_path, chest_pixels):
+    eight = (chest_pixels >> 4).astype(np.uint8)
+    path = save(make_dicom(eight, transfer_syntax="1.2.840.10008.1.2.4.50"), tmp_path / "b.dcm")
+    assert np.abs(decode(path).astype(int) - eight).mean() < 2.0
+
+
+def test_jpeg_2000_lossy_encodes_and_decodes_close(tmp_path, chest_pixels):
+    ds = make_dicom(chest_pixels, bits_stored=12)
+    ds.compress("1.2.840.10008.1.2.4.91", j2k_cr=[20], encoding_plugin="pylibjpeg")
+    path = save(ds, tmp_path / "j2k.dcm")
+    error = np.abs(decode(path).astype(float) - chest_pixels)
+    assert 0 < error.mean() < 100  # of 4095: lossy, yet close
+
+
+# Reference files shipped with pydicom / pydicom-data, and the uncompressed twin they must match.
+REFERENCE = [
+    ("emri_small_big_endian.dcm", "emri_small.dcm", 0),            # explicit VR big endian
+    ("image_dfl.dcm", None, 0),                                    # deflated
+    ("SC_rgb_jpeg_dcmtk.dcm", "SC_rgb.dcm", 12),                   # JPEG baseline, YBR -> RGB
+    ("JPGExtended.dcm", None, 0),                                  # JPEG extended (process 2/4), 12-bit
+    ("JPEG-LL.dcm", None, 0),                                      # JPEG lossless process 14 SV1
+    ("JPGLosslessP14SV1_1s_1f_8b.dcm", None, 0),                   # JPEG lossless SV1, 8-bit
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm", 0),          # JPEG-LS lossless
+    ("JPEGLSNearLossless_16.dcm", None, 0),                        # JPEG-LS near-lossless
+    ("MR_small_jp2klossless.dcm", "MR_small.dcm", 0),              # JPEG 2000 lossless
+    ("JPEG2000.dcm", "JPEG2000_UNC.dcm", 2000),                    # JPEG 2000 lossy (absolute 16-bit)
+    ("MR_small_RLE.dcm", "MR_small.dcm", 0),                       # RLE
+    ("emri_small_RLE.dcm", "emri_small.dcm", 0),
+]
+
+
+@pytest.mark.parametrize("name, twin, tolerance", REFERENCE, ids=[r[0] for r in REFERENCE])
+def test_reference_files_decode(name, twin, tolerance):
+    arr = decode(reference_file(name))
+    assert arr.size > 0
+    if twin:
+        expected = decode(reference_file(twin))
+        assert arr.shape == expected.shape
+        assert np.abs(arr.astype(np.int64) - expected.astype(np.int64)).max() <= tolerance
+
+
+def test_an_undecodable_syntax_is_a_failure_naming_it():
+    # pydicom's JPEG-lossy.dcm is a non-conformant 12-bit extended JPEG no decoder accepts.
+    with pytest.raises(UnsupportedTransferSyntax) as info:
+        decode(reference_file("JPEG-lossy.dcm"))
+    assert "JPEG Extended" in str(info.value) and "1.2.840.10008.1.2.4.51" in str(info.value)
+
+
+def test_unknown_transfer_syntax_is_a_per_file_failure(tmp_path, chest_pixels):
+    ds = make_dicom(chest_pixels)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"
+    path = tmp_path / "odd.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    with pytest.raises(InputError) as info:
+        load_unit_image(path)
+    assert "1.2.3.4.5.6.7" in str(info.value) and str(path) in str(info.value)
+
+
+# ---------------------------------------------------------------- the real CR chest radiograph
+
+def test_real_cr_chest_uncompressed_and_j2k_lossless_agree():
+    unc = load_unit_image(reference_file("RG1_UNCR.dcm"))
+    j2k = load_unit_image(reference_file("RG1_J2KR.dcm"))
+    np.testing.assert_array_equal(unc, j2k)
+    rows, cols = unc.shape
+    mediastinum = unc[int(rows * 0.3):int(rows * 0.6), int(cols * 0.46):int(cols * 0.54)].mean()
+    left_lung = unc[int(rows * 0.3):int(rows * 0.6), int(cols * 0.2):int(cols * 0.35)].mean()
+    right_lung = unc[int(rows * 0.3):int(rows * 0.6), int(cols * 0.65):int(cols * 0.8)].mean()
+    # MONOCHROME1 was inverted: lungs (air) dark, mediastinum and spine bright
+    assert mediastinum > left_lung + 0.1 and mediastinum > right_lung + 0.1
+
+
+def test_real_cr_is_selected_and_extremity_skipped():
+    chest = read_record(reference_file("RG1_UNCR.dcm"))
+    assert isinstance(chest, Radiograph) and chest.body_part == "CHEST" and chest.view_position == "PA"
+    for name in ("RG3_UNCR.dcm", "RG3_J2KR.dcm"):
+        out = read_record(reference_file(name))
+        assert isinstance(out, FileOutcome) and out.status is Status.SKIPPED
+        assert "EXTREMITY" in out.reason and "(0018,0015)" in out.tag
+    assert isinstance(read_record(reference_file("RG3_UNCR.dcm"), any_body_part=True), Radiograph)
+
+
+# ---------------------------------------------------------------- discovery
+
+def test_discovery_by_content_in_a_pacs_tree(tmp_path, chest_pixels):
+    import cv2
+
+    tree = tmp_path / "export"
+    save(make_dicom(chest_pixels, seed="a"), tree / "DICOM" / "ST0" / "SE0" / "IM0")       # no extension
+    save(make_dicom(chest_pixels, seed="b"), tree / "weird.jpg")                            # DICOM named .jpg
+    raw = make_dicom(chest_pixels, seed="c")
+    raw.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    raw.preamble = None
+    del raw.file_meta
+    raw.save_as(tree / "raw_no_preamble.bin", implicit_vr=True, little_endian=True)        # no DICM preamble
+    cv2.imwrite(str(tree / "scan.png"), (chest_pixels >> 4).astype(np.uint8))
+    (tree / "notes.txt").write_text("referral letter")
+    (tree / ".hidden.dcm").write_bytes(b"x")
+    (tree / "incoming.dcm.part").write_bytes(b"x")
+    (tree / "backup.dcm~").write_bytes(b"x")
+    (tree / ".cache").mkdir()
+    (tree / ".cache" / "IM9").write_bytes(b"x")
+
+    found = {p.relative_to(tree).as_posix() for p in discover([tree])}
+    assert found == {"DICOM/ST0/SE0/IM0", "weird.jpg", "raw_no_preamble.bin", "scan.png", "notes.txt"}
+    items = {p.path.relative_to(tree).as_posix(): p for p in scan([tree])}
+    assert items["DICOM/ST0/SE0/IM0"].kind is FileKind.DICOM
+    assert items["weird.jpg"].kind is FileKind.DICOM
+    assert items["raw_no_preamble.bin"].kind is FileKind.DICOM
+    assert items["scan.png"].kind is FileKind.PNG
+    assert items["notes.txt"].status is Status.SKIPPED and "not a DICOM, JPEG or PNG" in items["notes.txt"].reason
+    # and every one of them decodes to a unit image
+    for key in ("DICOM/ST0/SE0/IM0", "weird.jpg", "raw_no_preamble.bin", "scan.png"):
+        assert load_unit_image(tree / key).shape == chest_pixels.shape
+
+
+def test_dicomdir_file_is_skipped_with_reason(tmp_path):
+    from pydicom.dataset import Dataset
+
+    ds = make_dicom(None, seed="dir", sop_class="1.2.840.10008.1.3.10", modality="", body_part="",
+                    view_position="")
+    ds.DirectoryRecordSequence = [Dataset()]
+    out = read_record(save(ds, tmp_path / "DICOMDIR"))
+    assert out.status is Status.SKIPPED and "DICOMDIR" in out.reason
+
+
+# ---------------------------------------------------------------- selection
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"view_position": "LL"}, "view 'LL' is not frontal"),
+    ({"view_position": "", "SeriesDescription": "CHEST LAT"}, "view 'LATERAL' is not frontal"),
+    ({"body_part": "EXTREMITY"}, "body part 'EXTREMITY' is not chest"),
+    ({"modality": "CT"}, "modality 'CT' is not a projection radiograph"),
+    ({"modality": "MR"}, "modality 'MR' is not a projection radiograph"),
+])
+def test_non_frontal_non_chest_non_radiograph_are_skipped(write_dicom, chest_pixels, kwargs, reason):
+    out = read_record(write_dicom(chest_pixels, **kwargs))
+    assert isinstance(out, FileOutcome) and out.status is Status.SKIPPED and reason in out.reason
+
+
+def test_overrides_lift_the_view_and_body_part_rules(write_dicom, chest_pixels):
+    lateral = write_dicom(chest_pixels, name="lat.dcm", view_position="LL")
+    hand = write_dicom(chest_pixels, name="hand.dcm", body_part="HAND")
+    assert isinstance(read_record(lateral, include_lateral=True), Radiograph)
+    assert isinstance(read_record(hand, any_body_part=True), Radiograph)
+    ct = write_dicom(chest_pixels, name="ct.dcm", modality="CT")
+    assert isinstance(read_record(ct, include_lateral=True, any_body_part=True), FileOutcome)
+
+
+def test_records_keep_report_metadata(write_dicom, chest_pixels):
+    rec = read_record(write_dicom(chest_pixels, patient_id="P-42", patient_name="DOE^JANE",
+                                  AccessionNumber="A1", ImageLaterality="", StudyDescription="CXR PA"))
+    assert (rec.patient_id, rec.patient_name, rec.accession, rec.study_description) == ("P-42", "DOE^JANE", "A1",
+                                                                                       "CXR PA")
+    assert rec.sop_uid.startswith("2.25.") and rec.series_uid.startswith("2.25.")
+    assert rec.study_date == "20261101" and rec.modality == "DX" and rec.view_position == "PA"
+
+
+def test_studies_are_grouped_by_uid_and_jpegs_stand_alone(tmp_path, chest_pixels):
+    import cv2
+
+    save(make_dicom(chest_pixels, seed="pa", study_seed="S"), tmp_path / "a.dcm")
+    save(make_dicom(chest_pixels, seed="ap", study_seed="S", view_position="AP"), tmp_path / "b.dcm")
+    save(make_dicom(chest_pixels, seed="lat", study_seed="S", view_position="LL"), tmp_path / "c.dcm")
+    save(make_dicom(chest_pixels, seed="pa", study_seed="S"), tmp_path / "copy_of_a.dcm")
+    save(make_dicom(chest_pixels, seed="other", study_seed="T"), tmp_path / "d.dcm")
+    cv2.imwrite(str(tmp_path / "e.jpg"), (chest_pixels >> 4).astype(np.uint8))
+    cv2.imwrite(str(tmp_path / "f.jpg"), (chest_pixels >> 4).astype(np.uint8))
+    studies, loose = group_studies(scan([tmp_path]))
+    assert len(studies) == 4 and loose == []
+    first = studies[0]
+    assert [r.path.name for r in first.images] == ["a.dcm", "b.dcm"]
+    assert {o.path.name for o in first.skipped} == {"c.dcm", "copy_of_a.dcm"}
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def _outcome(path) -> FileOutcome:
+    out = read_record(path)
+    if isinstance(out, Radiograph):  # header fine: the failure comes at decode time
+        with pytest.raises(InputError) as info:
+            load_unit_image(path, out.kind)
+        return FileOutcome.from_error(info.value)
+    return out
+
+
+def test_zero_byte_file(tmp_path):
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    out = _outcome(tmp_path / "empty.dcm")
+    assert out.status is Status.FAILED and "0 bytes" in out.reason and out.step == "read"
+
+
+def test_truncated_dicom(tmp_path, chest_pixels):
+    whole = save(make_dicom(chest_pixels), tmp_path / "whole.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole[: len(whole) - 3000])
+    out = _outcome(cut)
+    assert out.status is Status.FAILED and out.path == cut
+    assert out.step in ("read", "decode") and ("truncated" in out.reason or "decoded" in out.reason)
+
+
+def test_truncated_compressed_dicom(tmp_path, chest_pixels):
+    whole = save(make_dicom(chest_pixels, transfer_syntax="1.2.840.10008.1.2.4.90"), tmp_path / "w.dcm").read_bytes()
+    cut = tmp_path / "cut_j2k.dcm"
+    cut.write_bytes(whole[: len(whole) // 2])
+    out = _outcome(cut)
+    assert out.status is Status.FAILED and out.path == cut
+
+
+def test_text_file_named_dcm(tmp_path):
+    (tmp_path / "x.dcm").write_text("this is not an image\n" * 10)
+    out = _outcome(tmp_path / "x.dcm")
+    assert out.status is Status.FAILED and "not DICOM" in out.reason and out.step == "discover"
+
+
+def test_dicom_without_pixel_data(tmp_path):
+    from cxrscreen.testing import make_text_sr
+
+    out = read_record(save(make_text_sr(seed="sr"), tmp_path / "sr.dcm"))
+    assert out.status is Status.SKIPPED and "no pixel data" in out.reason and "(7FE0,0010)" in out.tag
+    assert "Basic Text SR" in out.reason
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_permissions(tmp_path, chest_pixels):
+    path = save(make_dicom(chest_pixels), tmp_path / "locked.dcm")
+    path.chmod(0)
+    try:
+        out = _outcome(path)
+    finally:
+        path.chmod(0o644)
+    assert out.status is Status.FAILED and "permission denied" in out.reason
+
+
+def test_unreadable_file_reported_when_open_is_refused(tmp_path, chest_pixels, monkeypatch):
+    """As root chmod cannot refuse a read; make open() refuse it as the OS would for another user."""
+    path = save(make_dicom(chest_pixels), tmp_path / "locked.dcm")
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    out = read_record(path)
+    assert out.status is Status.FAILED and "permission denied" in out.reason and out.step == "read"
+
+
+@pytest.mark.parametrize("rows, columns", [(60000, 60000), (10, 4000)])
+def test_absurd_dimensions(tmp_path, rows, columns):
+    ds = make_dicom(np.zeros((64, 64), np.uint16))
+    ds.Rows, ds.Columns = rows, columns
+    out = read_record(save(ds, tmp_path / "huge.dcm"))
+    assert out.status is Status.FAILED and "absurd image dimensions" in out.reason
+    assert out.step == "validate" and "(0028,0010)" in out.tag
+
+
+def test_a_walk_over_bad_files_continues_and_writes_nothing(tmp_path, chest_pixels):
+    save(make_dicom(chest_pixels, seed="good"), tmp_path / "good.dcm")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / "x.dcm").write_text("hello")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    items = list(scan([tmp_path]))
+    assert len(items) == 3
+    assert sum(isinstance(i, Radiograph) for i in items) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_bundled_samples_scan_as_documented():
+    items = {p.path.relative_to(ROOT / "samples").as_posix(): p for p in scan([ROOT / "samples"])}
+    scored = sorted(k for k, v in items.items() if isinstance(v, Radiograph))
+    assert len(scored) == 6
+    assert items["study3_pa_and_lateral/IM0002.dcm"].status is Status.SKIPPED
+    assert items["study7_not_chest_deflated/IM0001.dcm"].status is Status.SKIPPED
+    assert items["study2_dx_rescale_rle/SR0001.dcm"].status is Status.SKIPPED
+    syntaxes = {v.transfer_syntax for v in items.values() if isinstance(v, Radiograph)}
+    assert {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80"} <= syntaxes
