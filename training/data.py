@@ -1,0 +1,153 @@
+"""Labeled data for training: listing, patient-level split, streaming batches with augmentation.
+
+Every image goes through :func:`cxrscreen.normalise.load_model_input`, the same
+function screening uses, so the model sees the same intensities in both.
+
+Augmentation (training batches only) covers what differs between sites and
+exports: small rotations (+-7 deg), shifts (+-6 %), zoom (0.9-1.1), brightness
+(+-0.08), contrast (0.8-1.25) and gamma (0.75-1.33). **No horizontal flips**:
+a chest radiograph is not left-right symmetric (heart, aortic knob, gastric
+bubble, side markers), and a flipped film is an anatomy the model will never
+be shown in practice.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxrscreen.ingest import discover, sniff
+from cxrscreen.normalise import PreprocessSpec, load_model_input
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+_PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^(NORMAL2-IM-\d+)"), re.compile(r"^(IM-\d+)"))
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    label: int            # 1 = PNEUMONIA
+    patient: str
+
+
+def patient_id(path: Path | str) -> str:
+    """Patient id from a Kermany file name (``person123_bacteria_4.jpeg`` -> ``person123``)."""
+    name = Path(path).name
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return match.group(1)
+    return Path(name).stem
+
+
+def list_examples(source: Path | str) -> list[Example]:
+    """Examples from ``DIR/{NORMAL,PNEUMONIA}/**`` (JPEG/PNG/DICOM, any depth) or a CSV of ``path,label``."""
+    source = Path(source)
+    out = []
+    if source.is_file() and source.suffix.lower() == ".csv":
+        with open(source, newline="") as handle:
+            for row in csv.DictReader(handle):
+                label = str(row["label"]).strip().upper()
+                value = 1 if label in ("1", "PNEUMONIA", "POSITIVE") else 0
+                path = (source.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
+                out.append(Example(path, value, row.get("patient") or patient_id(path)))
+        return out
+    for value, name in enumerate(CLASSES):
+        folder = source / name
+        if not folder.is_dir():
+            raise SystemExit(f"{folder} not found: expected {source}/NORMAL and {source}/PNEUMONIA")
+        for path in discover([folder]):
+            if sniff(path) is not None:
+                out.append(Example(path, value, patient_id(path)))
+    return out
+
+
+def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int = 1337):
+    """Split by patient (no patient on both sides), stratified by class, seeded."""
+    by_patient: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_patient.setdefault(ex.patient, []).append(ex)
+    patients = sorted(by_patient)
+    random.Random(seed).shuffle(patients)
+    totals = [sum(1 for e in examples if e.label == c) for c in (0, 1)]
+    taken = [0, 0]
+    val_patients = set()
+    for patient in patients:
+        label = max(e.label for e in by_patient[patient])
+        if taken[label] < val_fraction * totals[label]:
+            val_patients.add(patient)
+            taken[label] += len(by_patient[patient])
+    train = [e for e in examples if e.patient not in val_patients]
+    val = [e for e in examples if e.patient in val_patients]
+    return train, val
+
+
+def write_split(path: Path, **splits: list[Example]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["split", "path", "label", "patient"])
+        for name, items in splits.items():
+            for ex in items:
+                writer.writerow([name, str(ex.path), CLASSES[ex.label], ex.patient])
+
+
+def class_weights(examples: list[Example]) -> dict[int, float]:
+    """Inverse-frequency weights (balanced): n / (2 * n_class)."""
+    counts = np.bincount([e.label for e in examples], minlength=2)
+    return {c: float(len(examples) / (2.0 * counts[c])) for c in (0, 1) if counts[c]}
+
+
+def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random geometric and photometric changes of one (H, W, 1) model input in [0, 1]."""
+    import cv2
+
+    h, w = img.shape[:2]
+    angle = rng.uniform(-7, 7)
+    zoom = rng.uniform(0.9, 1.1)
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, zoom)
+    matrix[:, 2] += rng.uniform(-0.06, 0.06, size=2) * (w, h)
+    out = cv2.warpAffine(img[..., 0], matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    out = np.clip(out, 0, 1) ** rng.uniform(0.75, 1.33)
+    mean = out.mean()
+    out = (out - mean) * rng.uniform(0.8, 1.25) + mean + rng.uniform(-0.08, 0.08)
+    return np.clip(out, 0, 1).astype(np.float32)[..., None]
+
+
+def make_sequence(examples: list[Example], spec: PreprocessSpec, *, batch_size: int, train: bool,
+                  seed: int = 1337, workers: int = 2):
+    """A keras PyDataset that streams batches from disk (never the whole set in memory)."""
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
+            self.examples = list(examples)
+            self.epoch = 0
+            self.order = np.arange(len(self.examples))
+            if train:
+                np.random.default_rng(seed).shuffle(self.order)
+
+        def __len__(self):
+            return int(np.ceil(len(self.examples) / batch_size))
+
+        def __getitem__(self, index):
+            rng = np.random.default_rng((seed, self.epoch, index))
+            picked = self.order[index * batch_size:(index + 1) * batch_size]
+            images = []
+            for i in picked:
+                img = load_model_input(self.examples[i].path, spec)
+                images.append(augment(img, rng) if train else img)
+            labels = np.array([self.examples[i].label for i in picked], dtype=np.float32)
+            return np.stack(images), labels
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            if train:
+                np.random.default_rng((seed, self.epoch)).shuffle(self.order)
+
+    return Batches()

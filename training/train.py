@@ -1,0 +1,269 @@
+"""Two-phase transfer learning, threshold choice on validation, and the model card.
+
+Phase 1 trains the head on a frozen backbone; phase 2 unfreezes the top of the
+backbone (BatchNorm kept frozen) with a 10x lower learning rate. Both phases
+keep the weights of the epoch with the best validation ROC AUC. The threshold
+is the highest one reaching the target sensitivity **on validation**; the test
+split, when given, is only scored at the end, with that threshold.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxrscreen import __version__
+from cxrscreen.calibrate import operating_point, threshold_for_sensitivity
+from cxrscreen.infer import CARD_FORMAT, card_path, sha256_file
+from cxrscreen.normalise import PreprocessSpec
+
+from . import data as D
+from .backbones import BACKBONES, build_classifier, set_trainable
+
+
+@dataclass
+class FitConfig:
+    backbone: str = "efficientnet_lite0"
+    input_size: int = 224
+    batch_size: int = 32
+    head_epochs: int = 3
+    finetune_epochs: int = 8
+    head_lr: float = 1e-3
+    finetune_lr: float = 1e-4
+    top_fraction: float | None = None     # default: the backbone's own
+    dropout: float = 0.3
+    label_smoothing: float = 0.05
+    val_fraction: float = 0.15
+    target_sensitivity: float = 0.95
+    patience: int = 3
+    seed: int = 1337
+    weights: str | None = "imagenet"
+    max_examples: int | None = None       # smoke runs
+    workers: int = 2
+    extra: dict = field(default_factory=dict)
+
+
+def device_description() -> str:
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            devices = [str(d.device_kind) for d in jax.devices()]
+        else:
+            import tensorflow as tf
+
+            devices = [d.name for d in tf.config.list_physical_devices("GPU")]
+    except Exception:
+        devices = []
+    gpu = [d for d in devices if "cpu" not in d.lower()]
+    cpu = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return f"keras {keras.__version__} on {backend}: " + (", ".join(gpu) if gpu else cpu)
+
+
+def has_gpu() -> bool:
+    return "CPU (" not in device_description()
+
+
+def seed_everything(seed: int) -> None:
+    import keras
+
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+
+
+def predict_examples(model, examples, spec: PreprocessSpec, batch_size: int, workers: int = 2) -> np.ndarray:
+    seq = D.make_sequence(examples, spec, batch_size=batch_size, train=False, workers=workers)
+    return np.asarray(model.predict(seq, verbose=0), dtype=np.float64).reshape(-1)
+
+
+def _compile(model, lr: float, smoothing: float):
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.BinaryCrossentropy(label_smoothing=smoothing),
+                  metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
+
+
+def fit(data_dir: Path | str, out: Path | str, config: FitConfig, test_dir: Path | str | None = None) -> dict:
+    """Train, choose the threshold on validation, evaluate on test, write model + card + plots."""
+    import keras
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    if has_gpu():
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        config.batch_size = max(config.batch_size, 64)
+    spec = PreprocessSpec(input_size=(config.input_size, config.input_size))
+    data_dir = Path(data_dir)
+    train_source = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
+    examples = D.list_examples(train_source)
+    if config.max_examples:
+        rng = random.Random(config.seed)
+        rng.shuffle(examples)
+        examples = examples[: config.max_examples]
+    train, val = D.patient_split(examples, config.val_fraction, config.seed)
+    if not val or not train:
+        raise SystemExit("not enough patients to split train/validation")
+    stem = out.with_suffix("")
+    split_file = Path(f"{stem}.split.csv")
+    D.write_split(split_file, train=train, validation=val)
+
+    model, backbone_layers = build_classifier(config.backbone, spec.input_size, weights=config.weights,
+                                              dropout=config.dropout, seed=config.seed)
+    weights = D.class_weights(train)
+    train_seq = D.make_sequence(train, spec, batch_size=config.batch_size, train=True, seed=config.seed,
+                                workers=config.workers)
+    val_seq = D.make_sequence(val, spec, batch_size=config.batch_size, train=False, workers=config.workers)
+    history: dict[str, list[float]] = {}
+    started = time.time()
+
+    def run_phase(epochs: int, lr: float, top_fraction: float) -> None:
+        if epochs <= 0:
+            return
+        set_trainable(model, backbone_layers, top_fraction)
+        _compile(model, lr, config.label_smoothing)
+        checkpoint = Path(f"{stem}.best.weights.h5")
+        callbacks = [
+            keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_auc", mode="max", save_best_only=True,
+                                            save_weights_only=True),
+            keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience,
+                                          restore_best_weights=True),
+        ]
+        h = model.fit(train_seq, validation_data=val_seq, epochs=epochs, class_weight=weights,
+                      callbacks=callbacks, verbose=2)
+        for key, values in h.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        if checkpoint.exists():
+            model.load_weights(checkpoint)
+            checkpoint.unlink()
+
+    run_phase(config.head_epochs, config.head_lr, 0.0)
+    top = config.top_fraction if config.top_fraction is not None else BACKBONES[config.backbone].top_fraction
+    run_phase(config.finetune_epochs, config.finetune_lr, top)
+    train_seconds = time.time() - started
+
+    val_scores = predict_examples(model, val, spec, config.batch_size, config.workers)
+    val_labels = np.array([e.label for e in val])
+    threshold = threshold_for_sensitivity(val_scores, val_labels, config.target_sensitivity)
+    val_point = operating_point(val_scores, val_labels, threshold)
+    test_point, test_counts = None, None
+    if test_dir is None and (data_dir / "test").is_dir():
+        test_dir = data_dir / "test"
+    if test_dir is not None:
+        test = D.list_examples(test_dir)
+        test_scores = predict_examples(model, test, spec, config.batch_size, config.workers)
+        test_labels = np.array([e.label for e in test])
+        test_point = operating_point(test_scores, test_labels, threshold)
+        test_counts = _counts(test)
+        _plot_roc(out.parent / f"{out.stem}.roc.png", val_scores, val_labels, test_scores, test_labels, threshold)
+    else:
+        _plot_roc(out.parent / f"{out.stem}.roc.png", val_scores, val_labels, None, None, threshold)
+    _plot_curves(out.parent / f"{out.stem}.training_curves.png", history)
+
+    model.save(out)
+    card = {
+        "format": CARD_FORMAT,
+        "name": out.stem,
+        "backbone": config.backbone,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__,
+        "device": device_description(),
+        "train_seconds": round(train_seconds, 1),
+        "model_sha256": sha256_file(out),
+        "preprocessing": spec.to_json(),
+        "output": {"activation": "sigmoid", "positive_class": "PNEUMONIA"},
+        "gradcam_layer": _last_conv_layer(model),
+        "threshold": {"value": threshold, "target_sensitivity": config.target_sensitivity,
+                      "chosen_on": "validation", "validation": val_point.to_json()},
+        "data": {"source": str(data_dir), "split": "patient-level, seeded, stratified by class; test split "
+                 "never used for training, selection or threshold", "split_file": split_file.name,
+                 "train": _counts(train), "validation": _counts(val), "test": test_counts,
+                 "horizontal_flips": False},
+        "training": {**asdict(config), "class_weights": weights, "history": history},
+        "metrics": {"validation": val_point.to_json(), "test": test_point.to_json() if test_point else None},
+    }
+    card_path(out).write_text(json.dumps(card, indent=2, default=str))
+    return card
+
+
+def _counts(examples) -> dict:
+    labels = [e.label for e in examples]
+    return {"NORMAL": labels.count(0), "PNEUMONIA": labels.count(1),
+            "patients": len({e.patient for e in examples})}
+
+
+def _last_conv_layer(model) -> str:
+    from cxrscreen.explain import find_gradcam_layer
+
+    return find_gradcam_layer(model)
+
+
+def _plot_curves(path: Path, history: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax in (("loss", axes[0]), ("auc", axes[1])):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if prefix + key in history:
+                ax.plot(range(1, len(history[prefix + key]) + 1), history[prefix + key], style,
+                        label=("validation " if prefix else "train ") + key)
+        ax.set_xlabel("epoch (head phase, then fine-tuning)")
+        ax.set_title(key)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_roc(path: Path, val_scores, val_labels, test_scores, test_labels, threshold: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, scores, labels in (("validation", val_scores, val_labels), ("test", test_scores, test_labels)):
+        if scores is None:
+            continue
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(labels, scores):.3f})")
+        point = operating_point(scores, labels, threshold)
+        ax.plot(1 - point.specificity, point.sensitivity, "o")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"ROC; dots: threshold {threshold:.3f} (chosen on validation)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32) -> dict:
+    """Score a labeled folder with a saved model at its card's threshold."""
+    from cxrscreen.infer import load_model
+
+    loaded = load_model(model_path)
+    examples = D.list_examples(data_dir)
+    scores = predict_examples(loaded.keras_model, examples, loaded.card.preprocessing, batch_size)
+    labels = np.array([e.label for e in examples])
+    point = operating_point(scores, labels, loaded.card.threshold)
+    return {"model": str(model_path), "data": str(data_dir), **point.to_json(),
+            "scores": scores.tolist(), "labels": labels.tolist()}
