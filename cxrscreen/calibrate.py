@@ -63,24 +63,16 @@ def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def roc_auc(scores, labels) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties counted half)."""
+    """Area under the ROC curve (Mann-Whitney U with average ranks: ties count half)."""
+    from scipy.stats import rankdata
+
     scores, labels = _check(scores, labels)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    values = np.concatenate([pos, neg])[order]
-    # average ranks for ties
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1
-        i = j + 1
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
-    return float(u / (len(pos) * len(neg)))
+    ranks = rankdata(scores)
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
 
 
 def threshold_for_sensitivity(scores, labels, target: float) -> float:
@@ -106,3 +98,255 @@ def operating_point(scores, labels, threshold: float) -> OperatingPoint:
                           tp=int((pred & labels).sum()), fp=int((pred & ~labels).sum()),
                           tn=int((~pred & ~labels).sum()), fn=int((~pred & labels).sum()),
                           auc=roc_auc(scores, labels))
+
+
+# --------------------------------------------------------------------------- site calibration
+
+CALIBRATION_FORMAT = "cxrscreen-calibration/1"
+MIN_PER_CLASS = 20
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """PPV and NPV at a prevalence (Bayes), from sensitivity and specificity."""
+    tp = sensitivity * prevalence
+    fp = (1 - specificity) * (1 - prevalence)
+    tn = specificity * (1 - prevalence)
+    fn = (1 - sensitivity) * prevalence
+    ppv = tp / (tp + fp) if tp + fp else float("nan")
+    npv = tn / (tn + fn) if tn + fn else float("nan")
+    return ppv, npv
+
+
+def bootstrap_intervals(scores, labels, threshold: float, n_boot: int = 2000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of AUC, sensitivity and specificity at a fixed threshold.
+
+    Resampling is stratified by class (the class counts of the data are kept).
+    """
+    scores, labels = _check(scores, labels)
+    rng = np.random.default_rng(seed)
+    pos, neg = scores[labels], scores[~labels]
+    sens, spec, aucs = [], [], []
+    for _ in range(n_boot):
+        p = rng.choice(pos, len(pos))
+        q = rng.choice(neg, len(neg))
+        sens.append(float((p >= threshold).mean()))
+        spec.append(float((q < threshold).mean()))
+        aucs.append(roc_auc(np.concatenate([p, q]), np.r_[np.ones(len(p), bool), np.zeros(len(q), bool)]))
+    tail = (1 - level) / 2 * 100
+    bounds = [tail, 100 - tail]
+    return {"sensitivity": tuple(float(v) for v in np.percentile(sens, bounds)),
+            "specificity": tuple(float(v) for v in np.percentile(spec, bounds)),
+            "auc": tuple(float(v) for v in np.percentile(aucs, bounds))}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A site calibration file: the threshold for a target sensitivity on the site's labeled data."""
+
+    path: "object"
+    threshold: float
+    target_sensitivity: float
+    model_sha256: str
+    created: str
+    figures: dict
+
+    @property
+    def operating_point(self) -> dict:
+        f = self.figures
+        return {"sensitivity": f["sensitivity"], "specificity": f["specificity"],
+                "source": f"site calibration of {self.created[:10]} on {f['n']['NORMAL']} normal and "
+                          f"{f['n']['PNEUMONIA']} pneumonia cases ({getattr(self.path, 'name', self.path)})"}
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        import json
+        from pathlib import Path
+
+        from .errors import UsageError
+
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != CALIBRATION_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            return cls(path=path, threshold=float(data["threshold"]),
+                       target_sensitivity=float(data["target_sensitivity"]),
+                       model_sha256=str(data["model_sha256"]), created=str(data["created"]), figures=data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{path}: not a usable calibration file ({exc})", step="calibration") from None
+
+
+def calibration_files(model_path) -> list:
+    """Calibration files stored beside a model: ``<stem>.calibration.*.json``."""
+    from pathlib import Path
+
+    model_path = Path(model_path)
+    return sorted(model_path.parent.glob(f"{model_path.stem}.calibration.*.json"))
+
+
+def select_calibration(model_path, model_sha256: str, explicit=None) -> "Calibration | None":
+    """The calibration to use: ``explicit`` (refused unless made for this model), else the newest
+    file beside the model whose model hash matches, else None (the card's threshold applies)."""
+    from .errors import UsageError
+
+    if explicit is not None:
+        cal = Calibration.load(explicit)
+        if cal.model_sha256 != model_sha256:
+            raise UsageError(f"{explicit} was made for another model (sha256 {cal.model_sha256[:12]}..., this "
+                             f"model is {model_sha256[:12]}...): re-run `cxrscreen calibrate` for this model",
+                             step="calibration")
+        return cal
+    matching = []
+    for path in calibration_files(model_path):
+        try:
+            cal = Calibration.load(path)
+        except Exception:
+            continue
+        if cal.model_sha256 == model_sha256:
+            matching.append(cal)
+    return max(matching, key=lambda c: c.created) if matching else None
+
+
+def _labeled_studies(data, include_lateral: bool = False):
+    """Studies with labels from ``DATA/{NORMAL,PNEUMONIA}/**`` or a CSV ``path,label``.
+
+    Returns ``(studies, labels {uid: 0/1}, excluded FileOutcomes, inputs digest)``.
+    """
+    import csv
+    import hashlib
+    from pathlib import Path
+
+    from .errors import UsageError
+    from .ingest import group_studies, scan
+    from .records import FileOutcome, Radiograph, Status
+
+    data = Path(data)
+    if not data.exists():
+        raise UsageError(f"{data} does not exist", step="calibration")
+    sources: list[tuple[Path, int]] = []
+    if data.is_file():
+        with open(data, newline="") as handle:
+            for row in csv.DictReader(handle):
+                path = Path(row["path"])
+                label = str(row["label"]).strip().upper()
+                sources.append((path if path.is_absolute() else data.parent / path,
+                                1 if label in ("1", "PNEUMONIA", "POSITIVE") else 0))
+    else:
+        folders = {p.name.upper(): p for p in data.iterdir() if p.is_dir()}
+        if "NORMAL" not in folders or "PNEUMONIA" not in folders:
+            raise UsageError(f"{data} must hold NORMAL/ and PNEUMONIA/ folders (or pass a CSV path,label)",
+                             step="calibration")
+        sources = [(folders["NORMAL"], 0), (folders["PNEUMONIA"], 1)]
+    items, label_of = [], {}
+    for path, label in sources:
+        for item in scan([path], include_lateral=include_lateral):
+            items.append(item)
+            label_of[item.path] = label
+    studies, excluded = group_studies(items)
+    labels, kept = {}, []
+    for study in studies:
+        values = {label_of[r.path] for r in study.images}
+        if len(values) > 1:
+            excluded.extend(FileOutcome(r.path, Status.SKIPPED, "its study has images labelled both NORMAL and "
+                                        "PNEUMONIA", step="calibration", study_uid=study.study_uid)
+                            for r in study.images)
+            continue
+        labels[study.study_uid] = values.pop()
+        kept.append(study)
+    digest = hashlib.sha256()
+    for path, label in sorted((str(r.path), labels[s.study_uid]) for s in kept for r in s.images):
+        digest.update(f"{path}\t{label}\n".encode())
+    return kept, labels, excluded, digest.hexdigest()
+
+
+def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_boot: int = 2000,
+                    prevalence: float | None = None, batch_size: int = 16, workers: int = 2, model=None) -> dict:
+    """Score a labeled set as ``batch`` would, choose the threshold, write the calibration file and plot.
+
+    Raises :class:`cxrscreen.errors.UsageError` (exit code 2) for every refusal.
+    """
+    import datetime as _dt
+    import json
+    from pathlib import Path
+
+    from . import __version__
+    from .errors import UsageError
+    from .infer import load_model
+    from .pipeline import score_studies
+    from .report import atomic_write
+
+    if not 0 < target <= 1:
+        raise UsageError(f"--target-sensitivity {target} is outside (0, 1]", step="calibration")
+    if prevalence is not None and not 0 < prevalence < 1:
+        raise UsageError(f"--prevalence {prevalence} is outside (0, 1)", step="calibration")
+    model = model or load_model(model_path)
+    studies, labels, excluded, digest = _labeled_studies(data)
+    scores, failed = score_studies(studies, model, batch_size=batch_size, workers=workers)
+    excluded = list(excluded) + failed
+    uids = [s.study_uid for s in studies if s.study_uid in scores]
+    y = np.array([labels[u] for u in uids], dtype=bool)
+    s = np.array([scores[u] for u in uids])
+    counts = {"NORMAL": int((~y).sum()), "PNEUMONIA": int(y.sum())}
+    excluded_note = f" ({len(excluded)} files excluded: unreadable, failed or not scorable)" if excluded else ""
+    if counts["NORMAL"] == 0 or counts["PNEUMONIA"] == 0:
+        raise UsageError(f"only one class present: {counts}{excluded_note}", step="calibration")
+    small = [k for k, v in counts.items() if v < MIN_PER_CLASS]
+    if small:
+        raise UsageError(f"fewer than {MIN_PER_CLASS} studies of {', '.join(small)}: {counts}{excluded_note}; "
+                         "a threshold set on so few cases cannot be trusted", step="calibration")
+    threshold = threshold_for_sensitivity(s, y, target)
+    point = operating_point(s, y, threshold)
+    ci = bootstrap_intervals(s, y, threshold, n_boot)
+    prev = prevalence if prevalence is not None else counts["PNEUMONIA"] / len(y)
+    ppv, npv = predictive_values(point.sensitivity, point.specificity, prev)
+    lower = ci["sensitivity"][0]
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    result = {
+        "format": CALIBRATION_FORMAT, "created": created, "tool_version": __version__,
+        "model": model.path.name, "model_sha256": model.sha256, "data": str(data),
+        "inputs_sha256": digest, "n": counts, "excluded": [{"path": str(o.path), "reason": o.reason}
+                                                            for o in excluded],
+        "target_sensitivity": target, "threshold": threshold, "auc": point.auc, "auc_ci95": ci["auc"],
+        "sensitivity": point.sensitivity, "sensitivity_ci95": ci["sensitivity"],
+        "specificity": point.specificity, "specificity_ci95": ci["specificity"],
+        "prevalence": prev, "ppv": ppv, "npv": npv, "bootstrap": n_boot,
+        "sensitivity_lower_bound_below_target": bool(lower < target),
+        "confusion_matrix": point.to_json()["confusion_matrix"],
+    }
+    stamp = created.replace(":", "").replace("-", "")[:15]
+    out = Path(out) if out else model.path.parent / f"{model.path.stem}.calibration.{stamp}.json"
+    with atomic_write(out, "w") as handle:
+        json.dump(result, handle, indent=2)
+    plot = out.with_suffix(".png")
+    _plot_calibration(plot, s, y, point)
+    result["file"], result["plot"] = str(out), str(plot)
+    return result
+
+
+def _plot_calibration(path, scores, labels, point: OperatingPoint) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, (roc, hist) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fpr, tpr, _ = roc_curve(labels, scores)
+    roc.plot(fpr, tpr, label=f"ROC (AUC {point.auc:.3f})")
+    roc.plot([1 - point.specificity], [point.sensitivity], "o", color="#b00020",
+             label=f"threshold {point.threshold:.3f}: sens {point.sensitivity:.3f}, spec {point.specificity:.3f}")
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    roc.set_xlabel("1 - specificity")
+    roc.set_ylabel("sensitivity")
+    roc.legend(loc="lower right", fontsize=8)
+    bins = np.linspace(0, 1, 41)
+    hist.hist(scores[~labels], bins=bins, alpha=0.6, label="NORMAL")
+    hist.hist(scores[labels], bins=bins, alpha=0.6, label="PNEUMONIA")
+    hist.axvline(point.threshold, color="#b00020", linestyle="--", label="threshold")
+    hist.set_xlabel("study score")
+    hist.set_ylabel("studies")
+    hist.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -39,7 +39,9 @@ def main() -> None:
               help="Folder for the reports, summary.csv/json and worklist.pdf.")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
               help="A .keras model with its .json card (default: the bundled model).")
-@click.option("--threshold", type=float, help="Override the card's calibrated threshold.")
+@click.option("--threshold", type=float, help="Override the calibrated threshold.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="A calibration file (default: the newest one beside the model made for it, else the card's).")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Decoding threads.")
 @click.option("--gradcam", type=click.Choice(["all", "flagged", "none"]), default="all", show_default=True)
@@ -48,13 +50,14 @@ def main() -> None:
 @click.option("--any-body-part", is_flag=True, help="Also score images whose BodyPartExamined is not chest.")
 @click.option("--quiet", is_flag=True, help="No progress and no per-run log lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable summary on stdout.")
-def batch(inputs, out, model_path, threshold, batch_size, workers, gradcam, force, include_lateral, any_body_part,
+def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, gradcam, force, include_lateral, any_body_part,
           quiet, as_json):
     """Screen every radiograph under INPUT... and write one PDF report per study into --out."""
     from .pipeline import BatchOptions, run_batch
 
     try:
-        options = BatchOptions(out=out, model_path=model_path, threshold=threshold, batch_size=batch_size,
+        options = BatchOptions(out=out, model_path=model_path, threshold=threshold, calibration=calibration,
+                               batch_size=batch_size,
                                workers=workers, gradcam=gradcam, force=force, include_lateral=include_lateral,
                                any_body_part=any_body_part)
         bar = None
@@ -85,6 +88,48 @@ def batch(inputs, out, model_path, threshold, batch_size, workers, gradcam, forc
             if row["kind"] == "file" and row["status"] == "failed":
                 click.echo(f"  FAILED {row['path']} [{row['step']}] {row['tag']}: {row['reason']}", err=True)
     sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--target-sensitivity", default=0.95, show_default=True, type=float)
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibration file (default: MODEL.calibration.<time>.json beside the model).")
+@click.option("--bootstrap", "n_boot", default=2000, show_default=True)
+@click.option("--prevalence", type=float, help="Prevalence for PPV/NPV (default: that of DATA).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, batch_size, as_json):
+    """Set the threshold for a target sensitivity on labeled DATA (NORMAL/ and PNEUMONIA/ folders, or a CSV)."""
+    from .calibrate import run_calibration
+
+    try:
+        result = run_calibration(data, target=target_sensitivity, model_path=model_path, out=out, n_boot=n_boot,
+                                 prevalence=prevalence, batch_size=batch_size)
+    except CxrError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        def ci(key):
+            lo, hi = result[key + "_ci95"]
+            return f"{result[key]:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+
+        n = result["n"]
+        excluded = f", {len(result['excluded'])} files excluded" if result["excluded"] else ""
+        click.echo(f"{n['NORMAL']} NORMAL and {n['PNEUMONIA']} PNEUMONIA studies{excluded}")
+        click.echo(f"ROC AUC {ci('auc')}")
+        click.echo(f"threshold {result['threshold']:.4f} for target sensitivity {result['target_sensitivity']}")
+        click.echo(f"sensitivity {ci('sensitivity')}; specificity {ci('specificity')}")
+        click.echo(f"at prevalence {result['prevalence']:.3f}: PPV {result['ppv']:.3f}, NPV {result['npv']:.3f}")
+        click.echo(f"wrote {result['file']} and {result['plot']}")
+        for item in result["excluded"]:
+            click.echo(f"  excluded {item['path']}: {item['reason']}", err=True)
+    if result["sensitivity_lower_bound_below_target"]:
+        click.echo(f"WARNING: the lower 95% bound of sensitivity ({result['sensitivity_ci95'][0]:.3f}) is under the "
+                   f"target {result['target_sensitivity']}: this data cannot support the claim that the threshold "
+                   "reaches the target. Calibrate on more positive cases.", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,6 +43,7 @@ class BatchOptions:
     batch_size: int = 16
     workers: int = 2
     gradcam: str = "all"               # all | flagged | none
+    calibration: Path | None = None    # default: the newest calibration file made for this model
     force: bool = False
     include_lateral: bool = False
     any_body_part: bool = False
@@ -144,11 +145,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     model = model or load_model(options.model_path)
-    threshold = options.threshold if options.threshold is not None else model.card.threshold
-    operating = dict(model.card.operating_point)
-    operating.setdefault("source", "the model's validation split")
-    if options.threshold is not None:
-        operating = {"source": "threshold set by the user (--threshold): operating point unknown"}
+    threshold, operating, calibration = _threshold(model, options)
     spec = model.card.preprocessing
 
     studies, loose = group_studies(scan(inputs, include_lateral=options.include_lateral,
@@ -238,12 +235,27 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     summary.failed_files = sum(r["status"] == "failed" for r in file_rows)
     summary.seconds = time.time() - started
     summary.meta = {"tool_version": __version__, "model": str(model.path), "model_sha256": model.sha256,
-                    "threshold": threshold, "operating_point": operating, "inputs": [str(p) for p in inputs]}
+                    "threshold": threshold, "operating_point": operating, "calibration": calibration,
+                    "inputs": [str(p) for p in inputs]}
     write_summary(out, summary.rows, {k: v for k, v in summary.to_json().items() if k != "rows"})
     write_worklist(out / "worklist.pdf", summary.rows, summary.meta)
     with atomic_write(out / STATE_FILE, "w") as handle:
         json.dump(new_state, handle, indent=1, default=str)
     return summary
+
+
+def _threshold(model: LoadedModel, options: BatchOptions) -> tuple[float, dict, str]:
+    """(threshold, operating point, calibration file or "") from --threshold, a calibration, or the card."""
+    from .calibrate import select_calibration
+
+    if options.threshold is not None:
+        return options.threshold, {"source": "threshold set by the user (--threshold): operating point unknown"}, ""
+    calibration = select_calibration(model.path, model.sha256, options.calibration)
+    if calibration is not None:
+        return calibration.threshold, calibration.operating_point, str(calibration.path)
+    operating = dict(model.card.operating_point)
+    operating["source"] = "the model's validation split (model card)"
+    return model.card.threshold, operating, ""
 
 
 def _study_row(result: StudyResult, threshold: float, out: Path) -> dict:
@@ -276,3 +288,30 @@ def _file_rows(studies: list[Study], loose: list[FileOutcome], results: dict[str
              "study_uid": o.study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
              "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason}
             for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]
+
+
+def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int = 16,
+                  workers: int = 2) -> tuple[dict[str, float], list[FileOutcome]]:
+    """Study scores exactly as :func:`run_batch` computes them (same decoding, maximum over images),
+    without reports or Grad-CAM. Returns ``({study_uid: score}, failed files)``."""
+    spec = model.card.preprocessing
+    images = [image for study in studies for image in study.images]
+    scores: dict[str, float] = {}
+    failed: list[FileOutcome] = []
+    batch: list[tuple[Radiograph, np.ndarray]] = []
+
+    def flush() -> None:
+        if batch:
+            for (image, _), score in zip(batch, model.predict(np.stack([b[1] for b in batch]))):
+                scores[image.study_uid] = max(scores.get(image.study_uid, 0.0), float(score))
+            batch.clear()
+
+    for image, prepared in _decoded_stream(images, spec, workers, 2 * batch_size):
+        if isinstance(prepared, CxrError):
+            failed.append(FileOutcome.from_error(prepared, study_uid=image.study_uid))
+            continue
+        batch.append((image, prepared[0]))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return scores, failed

@@ -1,0 +1,120 @@
+"""Site calibration: bootstrap intervals, the calibration file, its use by batch, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cxrscreen.calibrate import (Calibration, bootstrap_intervals, operating_point, predictive_values,
+                                 select_calibration)
+from cxrscreen.cli import main
+from cxrscreen.infer import card_path, default_model_path, load_model
+from cxrscreen.pipeline import BatchOptions, run_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory):
+    """The bundled model copied to a temporary folder, so calibration files land there."""
+    folder = tmp_path_factory.mktemp("model")
+    src = default_model_path()
+    shutil.copy(src, folder / src.name)
+    shutil.copy(card_path(src), folder / card_path(src).name)
+    return load_model(folder / src.name)
+
+
+def make_labeled(root: Path, normal: int, pneumonia: int) -> Path:
+    import cv2
+
+    rng = np.random.default_rng(5)
+    for label, n in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
+        folder = root / label / "nested"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = (rng.random((128, 128)) * 255).astype(np.uint8)
+            img = cv2.GaussianBlur(img, (0, 0), 3 + 4 * rng.random())
+            cv2.imwrite(str(folder / f"{label}_{i}.png"), img)
+    return root
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_n():
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        labels = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+        scores = np.r_[rng.normal(1.0, 1.0, n), rng.normal(-1.0, 1.0, n)]
+        return scores, labels
+
+    widths = []
+    for n in (40, 1000):
+        scores, labels = sample(n)
+        point = operating_point(scores, labels, 0.0)
+        ci = bootstrap_intervals(scores, labels, 0.0, n_boot=400)
+        for key in ("sensitivity", "specificity", "auc"):
+            lo, hi = ci[key]
+            assert lo <= getattr(point, key) <= hi
+        widths.append(ci["sensitivity"][1] - ci["sensitivity"][0])
+    assert widths[1] < widths[0] / 2
+
+
+def test_predictive_values_by_bayes():
+    ppv, npv = predictive_values(0.9, 0.8, 0.1)
+    assert ppv == pytest.approx(0.09 / (0.09 + 0.18))
+    assert npv == pytest.approx(0.72 / (0.72 + 0.01))
+
+
+def test_calibrate_writes_a_file_that_batch_uses(tmp_path, model_copy):
+    data = make_labeled(tmp_path / "site", 22, 24)
+    (data / "PNEUMONIA" / "broken.dcm").write_text("not dicom")
+    result = CliRunner().invoke(main, ["calibrate", str(data), "--model", str(model_copy.path),
+                                       "--target-sensitivity", "0.9", "--bootstrap", "200", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["n"] == {"NORMAL": 22, "PNEUMONIA": 24}
+    assert [Path(e["path"]).name for e in out["excluded"]] == ["broken.dcm"]
+    assert out["model_sha256"] == model_copy.sha256 and len(out["inputs_sha256"]) == 64
+    assert out["sensitivity"] >= 0.9 and out["sensitivity_ci95"][0] <= out["sensitivity"] <= out["sensitivity_ci95"][1]
+    assert Path(out["file"]).parent == model_copy.path.parent and Path(out["plot"]).is_file()
+
+    chosen = select_calibration(model_copy.path, model_copy.sha256)
+    assert chosen is not None and chosen.threshold == out["threshold"]
+    summary = run_batch([ROOT / "samples" / "study6_plain_jpeg"], BatchOptions(out=tmp_path / "r", gradcam="none"),
+                        model=model_copy)
+    assert summary.meta["threshold"] == out["threshold"] and summary.meta["calibration"] == out["file"]
+    assert "site calibration" in summary.meta["operating_point"]["source"]
+
+
+def test_a_calibration_for_another_model_is_refused(tmp_path, model_copy):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"format": "cxrscreen-calibration/1", "threshold": 0.1, "target_sensitivity": 0.95,
+                                   "model_sha256": "0" * 64, "created": "2026-01-01T00:00:00+00:00"}))
+    result = CliRunner().invoke(main, ["batch", str(ROOT / "samples" / "study6_plain_jpeg"), "--out",
+                                       str(tmp_path / "o"), "--model", str(model_copy.path),
+                                       "--calibration", str(foreign)])
+    assert result.exit_code == 2 and "another model" in result.output
+    # and one lying beside the model is ignored, not used
+    shutil.copy(foreign, model_copy.path.parent / f"{model_copy.path.stem}.calibration.99999999T999999.json")
+    chosen = select_calibration(model_copy.path, model_copy.sha256)
+    assert chosen is None or chosen.model_sha256 == model_copy.sha256
+    assert isinstance(Calibration.load(foreign), Calibration)
+
+
+@pytest.mark.parametrize("normal, pneumonia, args, message", [
+    (0, 25, [], "only one class"),
+    (25, 10, [], "fewer than 20"),
+    (25, 25, ["--target-sensitivity", "1.5"], "outside (0, 1]"),
+    (25, 25, ["--target-sensitivity", "0"], "outside (0, 1]"),
+])
+def test_refusals_exit_2(tmp_path, model_copy, normal, pneumonia, args, message):
+    data = make_labeled(tmp_path / "d", normal, pneumonia)
+    (data / "NORMAL").mkdir(exist_ok=True)
+    result = CliRunner().invoke(main, ["calibrate", str(data), "--model", str(model_copy.path),
+                                       "--bootstrap", "50", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
