@@ -155,12 +155,17 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     results: dict[str, StudyResult] = {}
     to_score: list[Radiograph] = []
     reused_rows: list[dict] = []
+    reused_failures: list[FileOutcome] = []
     for study in studies:
         key = _study_key(study, model, threshold, options.gradcam)
         previous = state.get(study.study_uid)
         if previous and previous.get("key") == key and (out / previous["row"].get("report", "")).is_file():
             reused_rows.append({**previous["row"], "reused": True})
             new_state[study.study_uid] = previous
+            # files of the study that failed last time still failed: they must not vanish from the summary
+            reused_failures.extend(FileOutcome(Path(f["path"]), Status.FAILED, f["reason"], step=f["step"],
+                                               tag=f["tag"], study_uid=study.study_uid)
+                                   for f in previous.get("failed", []))
             continue
         results[study.study_uid] = StudyResult(study)
         to_score.extend(study.images)
@@ -176,7 +181,9 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
         if result.images:
             write_study_report(out / row["report"], result, threshold=threshold, operating_point=operating,
                                model_name=model.path.name, model_sha256=model.sha256)
-            new_state[uid] = {"key": _study_key(result.study, model, threshold, options.gradcam), "row": row}
+            new_state[uid] = {"key": _study_key(result.study, model, threshold, options.gradcam), "row": row,
+                              "failed": [{"path": str(o.path), "reason": o.reason, "step": o.step, "tag": o.tag}
+                                         for o in result.failed]}
         rows.append(row)
         for item in result.images:   # release pixels as soon as the report is out
             item.thumbnail = item.overlay = None
@@ -225,7 +232,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     flush(batch)
 
     rows = _rank(rows + reused_rows)
-    file_rows = _file_rows(studies, loose, results)
+    file_rows = _file_rows(studies, loose + reused_failures, results)
     summary = BatchSummary(rows=rows + file_rows)
     summary.studies = len(rows)
     summary.flagged = sum(r["flag"] == "yes" for r in rows)

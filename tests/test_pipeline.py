@@ -154,3 +154,17 @@ def test_report_filename_is_unique_per_study():
         return Study(uid, (Radiograph(Path("a"), FileKind.DICOM, uid, patient_id="P", study_date="20260101"),))
 
     assert report_filename(study("1.2.3")) != report_filename(study("1.2.4"))
+
+
+def test_a_failed_image_of_a_reused_study_stays_in_the_summary(tmp_path, model):
+    pixels = (np.random.default_rng(2).random((128, 128)) * 4000).astype(np.uint16)
+    box = tmp_path / "in"
+    save(make_dicom(pixels, seed="good", study_seed="S", bits_stored=12), box / "good.dcm")
+    bad = make_dicom(pixels, seed="bad", study_seed="S", bits_stored=12, view_position="AP")
+    bad.PixelData = bad.PixelData[:1000]          # header fine, pixel data too short: fails at decode
+    save(bad, box / "bad.dcm")
+    for attempt in range(2):
+        summary = run_batch([box], BatchOptions(out=tmp_path / "out", gradcam="none"), model=model)
+        failed = [r for r in summary.rows if r["status"] == "failed"]
+        assert [Path(r["path"]).name for r in failed] == ["bad.dcm"] and failed[0]["step"] == "decode"
+        assert summary.exit_code == 1 and summary.reused == attempt
