@@ -207,7 +207,8 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
                         heatmaps[i] = c
         for (image, _, thumb), score, heat in zip(batch, scores, heatmaps):
             results[image.study_uid].images.append(
-                ImageResult(image, float(score), thumb, overlay(thumb, heat) if heat is not None else None))
+                ImageResult(image, float(score), thumb, overlay(thumb, heat) if heat is not None else None,
+                            heat_empty=heat is not None and float(heat.max()) == 0.0))
             _one_done(image.study_uid)
         done += len(batch)
         if progress:

@@ -35,6 +35,7 @@ class ImageResult:
     score: float
     thumbnail: np.ndarray            # unit image, downscaled
     overlay: np.ndarray | None = None
+    heat_empty: bool = False          # Grad-CAM found no region that raised the score
 
 
 @dataclass
@@ -155,8 +156,11 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
         cells.append(Image(_png(item.overlay), width=width, height=h) if item.overlay is not None
                      else Paragraph("Grad-CAM not computed for this image", styles["BodyText"]))
         story.append(Table([cells], colWidths=[88 * mm, 88 * mm]))
-        story.append(Paragraph("Left: the image as normalised for the model. Right: Grad-CAM, the regions that "
-                               "raised the score most (brighter = more).", styles["Italic"]))
+        caption = ("Left: the image as normalised for the model. Right: Grad-CAM, the regions that raised the "
+                   "score most (brighter = more).")
+        if item.heat_empty:
+            caption += " Here no region raised the score, so the overlay shows no colour."
+        story.append(Paragraph(caption, styles["Italic"]))
     others = list(study.skipped) + list(result.failed)
     if others:
         story.append(Paragraph("Files of this study not scored", styles["Heading3"]))

@@ -138,12 +138,20 @@ def test_safe_name_rules():
 def test_gradcam_shape_and_not_constant(model):
     layer = find_gradcam_layer(model.keras_model)
     assert layer == model.card.gradcam_layer
-    image = load_model_input(SAMPLES / "study6_plain_jpeg" / "chest_export.jpg", model.card.preprocessing)
-    scores, cams = GradCam(model.keras_model)(image[None])
-    assert cams.shape[0] == 1 and cams.ndim == 3 and cams.shape[1] >= 7
-    assert cams.min() >= 0 and cams.max() <= 1 and cams.std() > 0.01
-    np.testing.assert_allclose(scores, model.predict(image[None]), atol=1e-4)
-    picture = overlay(image[..., 0], cams[0])
+    paths = [SAMPLES / "study1_cr_mono1_j2k" / "IM0001.dcm", SAMPLES / "study3_pa_and_lateral" / "IM0001.dcm",
+             SAMPLES / "study5_cr_jpeg_baseline" / "IM0001.dcm", SAMPLES / "study6_plain_jpeg" / "chest_export.jpg"]
+    images = np.stack([load_model_input(p, model.card.preprocessing) for p in paths])
+    scores, cams = GradCam(model.keras_model)(images)
+    assert cams.shape[0] == 4 and cams.ndim == 3 and cams.shape[1] >= 7
+    assert cams.min() >= 0 and cams.max() <= 1
+    np.testing.assert_allclose(scores, model.predict(images), atol=1e-4)
+    # the image the model finds most suspicious has a heatmap that points somewhere
+    top = int(np.argmax(scores))
+    assert cams[top].std() > 0.01 and cams[top].max() == pytest.approx(1.0)
+    # a heatmap is zero where no region raised the score, never negative or NaN
+    assert np.isfinite(cams).all()
+    image = images[top]
+    picture = overlay(image[..., 0], cams[top])
     assert picture.shape == (224, 224, 3) and picture.dtype == np.uint8
 
 

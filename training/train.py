@@ -173,7 +173,7 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig, test_dir: Path
         _plot_roc(out.parent / f"{out.stem}.roc.png", val_scores, val_labels, None, None, threshold)
     _plot_curves(out.parent / f"{out.stem}.training_curves.png", history)
 
-    model.save(out)
+    save_for_inference(model, out)
     card = {
         "format": CARD_FORMAT,
         "name": out.stem,
@@ -197,6 +197,15 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig, test_dir: Path
     }
     card_path(out).write_text(json.dumps(card, indent=2, default=str))
     return card
+
+
+def save_for_inference(model, out: Path) -> None:
+    """Save the model without optimizer state (a third of the size; screening never trains)."""
+    import keras
+
+    fresh = keras.models.clone_model(model)
+    fresh.set_weights(model.get_weights())
+    fresh.save(out)
 
 
 def _counts(examples) -> dict:
