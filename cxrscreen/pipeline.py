@@ -175,18 +175,30 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     rows: list[dict] = []
     done = 0
 
+    # Reports are written by one background thread: reportlab is Python-bound while inference runs in
+    # TensorFlow's threads with the GIL released, so the two overlap. At most 2 batches of reports wait.
+    reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report")
+    report_jobs: deque = deque()
+
+    def write_report(result: StudyResult, path: Path) -> None:
+        try:
+            write_study_report(path, result, threshold=threshold, operating_point=operating,
+                               model_name=model.path.name, model_sha256=model.sha256)
+        finally:
+            for item in result.images:   # release pixels as soon as the report is out
+                item.thumbnail = item.overlay = None
+
     def finish(uid: str) -> None:
         result = results[uid]
         row = _study_row(result, threshold, out)
         if result.images:
-            write_study_report(out / row["report"], result, threshold=threshold, operating_point=operating,
-                               model_name=model.path.name, model_sha256=model.sha256)
+            report_jobs.append(reporter.submit(write_report, result, out / row["report"]))
+            while len(report_jobs) > 2 * options.batch_size:
+                report_jobs.popleft().result()
             new_state[uid] = {"key": _study_key(result.study, model, threshold, options.gradcam), "row": row,
                               "failed": [{"path": str(o.path), "reason": o.reason, "step": o.step, "tag": o.tag}
                                          for o in result.failed]}
         rows.append(row)
-        for item in result.images:   # release pixels as soon as the report is out
-            item.thumbnail = item.overlay = None
 
     def flush(batch: list[tuple[Radiograph, np.ndarray, np.ndarray]]) -> None:
         nonlocal done
@@ -231,6 +243,11 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
         if len(batch) >= options.batch_size:
             flush(batch)
     flush(batch)
+    try:
+        while report_jobs:
+            report_jobs.popleft().result()   # a report that cannot be written is a tool error: raise it
+    finally:
+        reporter.shutdown(wait=True)
 
     rows = _rank(rows + reused_rows)
     file_rows = _file_rows(studies, loose + reused_failures, results)

@@ -89,13 +89,14 @@ def report_filename(study: Study) -> str:
     return "_".join(p for p in parts if p) + ".pdf"
 
 
-def _png(arr: np.ndarray) -> io.BytesIO:
+def _jpeg(arr: np.ndarray) -> io.BytesIO:
+    """JPEG bytes of a picture: reportlab embeds JPEG as is, where PNG costs a decode and re-compression."""
     from PIL import Image
 
     buffer = io.BytesIO()
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0, 1) * 255).astype(np.uint8)
-    Image.fromarray(arr).save(buffer, format="PNG")
+    Image.fromarray(arr).save(buffer, format="JPEG", quality=90)
     buffer.seek(0)
     return buffer
 
@@ -152,8 +153,8 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
         story.append(Paragraph(label, styles["Heading4"]))
         width = 85 * mm
         h = width * item.thumbnail.shape[0] / item.thumbnail.shape[1]
-        cells = [Image(_png(item.thumbnail), width=width, height=h)]
-        cells.append(Image(_png(item.overlay), width=width, height=h) if item.overlay is not None
+        cells = [Image(_jpeg(item.thumbnail), width=width, height=h)]
+        cells.append(Image(_jpeg(item.overlay), width=width, height=h) if item.overlay is not None
                      else Paragraph("Grad-CAM not computed for this image", styles["BodyText"]))
         story.append(Table([cells], colWidths=[88 * mm, 88 * mm]))
         caption = ("Left: the image as normalised for the model. Right: Grad-CAM, the regions that raised the "
