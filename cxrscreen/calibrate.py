@@ -219,7 +219,7 @@ def _labeled_studies(data, include_lateral: bool = False):
 
     from .errors import UsageError
     from .ingest import group_studies, scan
-    from .records import FileOutcome, Radiograph, Status
+    from .records import FileOutcome, Status
 
     data = Path(data)
     if not data.exists():

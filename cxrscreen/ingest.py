@@ -22,7 +22,7 @@ import os
 import re
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -38,7 +38,7 @@ MIN_DIMENSION = 64
 MAX_PIXELS = 100_000_000     # per frame: beyond this a file is a decompression bomb, not a radiograph
 
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG", "OT", "DR"})
-CHEST_BODY_PARTS = frozenset({"", "CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", "CHEST_LAT", "PORT CHEST"})
+CHEST_BODY_PARTS = frozenset({"", "CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", "PORT CHEST"})
 FRONTAL_VIEWS = frozenset({"", "PA", "AP"})
 _LATERAL_WORDS = re.compile(r"\b(LAT|LATERAL|LL|RL)\b")
 
@@ -418,9 +418,3 @@ def decode_first_frame(ds) -> np.ndarray:
         raise InvalidImageError(f"decoded shape {arr.shape} does not match Rows x Columns {rows} x {columns}",
                                 step="decode", tag="(0028,0010) Rows")
     return arr
-
-
-def with_file_stat(record: Radiograph) -> Radiograph:
-    """The record with its file's current size and mtime (for change detection)."""
-    stat = record.path.stat()
-    return replace(record, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)

@@ -7,7 +7,7 @@ DICOM tags travel through the code.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -102,12 +102,3 @@ class Study:
     @property
     def source_files(self) -> tuple[Path, ...]:
         return tuple(r.path for r in self.images) + tuple(o.path for o in self.skipped)
-
-
-@dataclass(frozen=True)
-class ImageScore:
-    """The model's output for one radiograph, with its Grad-CAM heatmap when computed."""
-
-    image: Radiograph
-    score: float
-    heatmap: object | None = field(default=None, compare=False, repr=False)
