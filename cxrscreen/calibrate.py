@@ -208,12 +208,33 @@ def select_calibration(model_path, model_sha256: str, explicit=None) -> "Calibra
     return max(matching, key=lambda c: c.created) if matching else None
 
 
+POSITIVE_LABELS = ("1", "PNEUMONIA", "POSITIVE")
+
+
+def read_labeled_csv(path) -> list[tuple["object", int, str]]:
+    """Rows of a ``path,label[,patient]`` CSV as ``(path, 1 for PNEUMONIA else 0, patient or "")``.
+
+    Relative paths are taken from the CSV's folder. Shared by calibration and training.
+    """
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            item = Path(row["path"])
+            label = str(row["label"]).strip().upper()
+            rows.append((item if item.is_absolute() else (path.parent / item).resolve(),
+                         1 if label in POSITIVE_LABELS else 0, str(row.get("patient") or "")))
+    return rows
+
+
 def _labeled_studies(data, include_lateral: bool = False):
     """Studies with labels from ``DATA/{NORMAL,PNEUMONIA}/**`` or a CSV ``path,label``.
 
     Returns ``(studies, labels {uid: 0/1}, excluded FileOutcomes, inputs digest)``.
     """
-    import csv
     import hashlib
     from pathlib import Path
 
@@ -226,12 +247,7 @@ def _labeled_studies(data, include_lateral: bool = False):
         raise UsageError(f"{data} does not exist", step="calibration")
     sources: list[tuple[Path, int]] = []
     if data.is_file():
-        with open(data, newline="") as handle:
-            for row in csv.DictReader(handle):
-                path = Path(row["path"])
-                label = str(row["label"]).strip().upper()
-                sources.append((path if path.is_absolute() else data.parent / path,
-                                1 if label in ("1", "PNEUMONIA", "POSITIVE") else 0))
+        sources = [(path, label) for path, label, _ in read_labeled_csv(data)]
     else:
         folders = {p.name.upper(): p for p in data.iterdir() if p.is_dir()}
         if "NORMAL" not in folders or "PNEUMONIA" not in folders:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrscreen.calibrate import read_labeled_csv
 from cxrscreen.ingest import discover, sniff
 from cxrscreen.normalise import PreprocessSpec, load_model_input
 
@@ -50,13 +51,7 @@ def list_examples(source: Path | str) -> list[Example]:
     source = Path(source)
     out = []
     if source.is_file() and source.suffix.lower() == ".csv":
-        with open(source, newline="") as handle:
-            for row in csv.DictReader(handle):
-                label = str(row["label"]).strip().upper()
-                value = 1 if label in ("1", "PNEUMONIA", "POSITIVE") else 0
-                path = (source.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
-                out.append(Example(path, value, row.get("patient") or patient_id(path)))
-        return out
+        return [Example(path, label, patient or patient_id(path)) for path, label, patient in read_labeled_csv(source)]
     for value, name in enumerate(CLASSES):
         folder = source / name
         if not folder.is_dir():
