@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -135,6 +135,80 @@ def _decoded_stream(images: list[Radiograph], spec, workers: int, ahead: int):
             yield image, future.result()
 
 
+class Screener:
+    """The model, threshold and Grad-CAM, set up once: turns studies into scored :class:`StudyResult` s.
+
+    Batches mix images of different studies; :meth:`screen` yields each study as soon as its
+    last image is scored (or has failed), so a caller can report it and release its pixels.
+    Used by ``batch``, ``watch`` and ``calibrate`` alike, so all three score identically.
+    """
+
+    def __init__(self, model: LoadedModel, threshold: float = 0.5, *, gradcam: str = "all", batch_size: int = 16,
+                 workers: int = 2, thumbnails: bool = True) -> None:
+        self.model, self.threshold, self.gradcam = model, threshold, gradcam
+        self.batch_size, self.workers, self.thumbnails = batch_size, workers, thumbnails
+        self.cam = GradCam(model.keras_model, model.card.gradcam_layer or None) if gradcam != "none" else None
+
+    def screen(self, studies: list[Study], *,
+               progress: Callable[[int, int], None] | None = None) -> Iterator[StudyResult]:
+        results = {study.study_uid: StudyResult(study) for study in studies}
+        remaining = {uid: len(r.study.images) for uid, r in results.items()}
+        images = [image for study in studies for image in study.images]
+        finished: deque[StudyResult] = deque(r for uid, r in results.items() if remaining[uid] == 0)
+        done = 0
+
+        def one_done(uid: str) -> None:
+            remaining[uid] -= 1
+            if remaining[uid] == 0:
+                finished.append(results[uid])
+
+        def flush(batch: list[tuple[Radiograph, np.ndarray, np.ndarray]]) -> None:
+            nonlocal done
+            if not batch:
+                return
+            inputs = np.stack([b[1] for b in batch])
+            heatmaps = [None] * len(batch)
+            if self.gradcam == "all":
+                scores, cams = self.cam(inputs)
+                heatmaps = list(cams)
+            else:
+                scores = self.model.predict(inputs)
+                hot = [i for i, s in enumerate(scores) if s >= self.threshold] if self.gradcam == "flagged" else []
+                if hot:
+                    _, cams = self.cam(inputs[hot])
+                    for i, c in zip(hot, cams):
+                        heatmaps[i] = c
+            for (image, _, thumb), score, heat in zip(batch, scores, heatmaps):
+                results[image.study_uid].images.append(
+                    ImageResult(image, float(score), thumb if self.thumbnails else None,
+                                overlay(thumb, heat) if heat is not None else None,
+                                heat_empty=heat is not None and float(heat.max()) == 0.0))
+                one_done(image.study_uid)
+            done += len(batch)
+            if progress:
+                progress(done, len(images))
+            batch.clear()
+
+        batch: list = []
+        while finished:
+            yield finished.popleft()
+        for image, prepared in _decoded_stream(images, self.model.card.preprocessing, self.workers,
+                                               2 * self.batch_size):
+            if isinstance(prepared, CxrError):
+                results[image.study_uid].failed.append(FileOutcome.from_error(prepared, study_uid=image.study_uid))
+                done += 1
+                one_done(image.study_uid)
+            else:
+                batch.append((image, prepared[0], prepared[1]))
+                if len(batch) >= self.batch_size:
+                    flush(batch)
+            while finished:
+                yield finished.popleft()
+        flush(batch)
+        while finished:
+            yield finished.popleft()
+
+
 def run_batch(inputs: list[Path], options: BatchOptions, *,
               progress: Callable[[int, int], None] | None = None, model: LoadedModel | None = None) -> BatchSummary:
     """Screen every input; write reports, summary.csv/json and worklist.pdf into ``options.out``."""
@@ -146,14 +220,12 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     out.mkdir(parents=True, exist_ok=True)
     model = model or load_model(options.model_path)
     threshold, operating, calibration = _threshold(model, options)
-    spec = model.card.preprocessing
 
     studies, loose = group_studies(scan(inputs, include_lateral=options.include_lateral,
                                         any_body_part=options.any_body_part))
     state = {} if options.force else _load_state(out)
     new_state: dict = {}
-    results: dict[str, StudyResult] = {}
-    to_score: list[Radiograph] = []
+    to_score: list[Study] = []
     reused_rows: list[dict] = []
     reused_failures: list[FileOutcome] = []
     for study in studies:
@@ -167,13 +239,12 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
                                                tag=f["tag"], study_uid=study.study_uid)
                                    for f in previous.get("failed", []))
             continue
-        results[study.study_uid] = StudyResult(study)
-        to_score.extend(study.images)
-    remaining = {uid: len(r.study.images) for uid, r in results.items()}
+        to_score.append(study)
 
-    cam = GradCam(model.keras_model, model.card.gradcam_layer or None) if options.gradcam != "none" else None
+    screener = Screener(model, threshold, gradcam=options.gradcam, batch_size=options.batch_size,
+                        workers=options.workers)
     rows: list[dict] = []
-    done = 0
+    results: list[StudyResult] = []
 
     # Reports are written by one background thread: reportlab is Python-bound while inference runs in
     # TensorFlow's threads with the GIL released, so the two overlap. At most 2 batches of reports wait.
@@ -185,65 +256,21 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
             write_study_report(path, result, threshold=threshold, operating_point=operating,
                                model_name=model.path.name, model_sha256=model.sha256)
         finally:
-            for item in result.images:   # release pixels as soon as the report is out
-                item.thumbnail = item.overlay = None
+            release(result)
 
-    def finish(uid: str) -> None:
-        result = results[uid]
-        row = _study_row(result, threshold, out)
-        if result.images:
-            report_jobs.append(reporter.submit(write_report, result, out / row["report"]))
-            while len(report_jobs) > 2 * options.batch_size:
-                report_jobs.popleft().result()
-            new_state[uid] = {"key": _study_key(result.study, model, threshold, options.gradcam), "row": row,
-                              "failed": [{"path": str(o.path), "reason": o.reason, "step": o.step, "tag": o.tag}
-                                         for o in result.failed]}
-        rows.append(row)
-
-    def flush(batch: list[tuple[Radiograph, np.ndarray, np.ndarray]]) -> None:
-        nonlocal done
-        if not batch:
-            return
-        inputs_ = np.stack([b[1] for b in batch])
-        heatmaps = [None] * len(batch)
-        if options.gradcam == "all":
-            scores, cams = cam(inputs_)
-            heatmaps = list(cams)
-        else:
-            scores = model.predict(inputs_)
-            if options.gradcam == "flagged":
-                hot = [i for i, s in enumerate(scores) if s >= threshold]
-                if hot:
-                    _, cams = cam(inputs_[hot])
-                    for i, c in zip(hot, cams):
-                        heatmaps[i] = c
-        for (image, _, thumb), score, heat in zip(batch, scores, heatmaps):
-            results[image.study_uid].images.append(
-                ImageResult(image, float(score), thumb, overlay(thumb, heat) if heat is not None else None,
-                            heat_empty=heat is not None and float(heat.max()) == 0.0))
-            _one_done(image.study_uid)
-        done += len(batch)
-        if progress:
-            progress(done, len(to_score))
-        batch.clear()
-
-    def _one_done(uid: str) -> None:
-        remaining[uid] -= 1
-        if remaining[uid] == 0:
-            finish(uid)
-
-    batch: list = []
-    for image, prepared in _decoded_stream(to_score, spec, options.workers, 2 * options.batch_size):
-        if isinstance(prepared, CxrError):
-            results[image.study_uid].failed.append(FileOutcome.from_error(prepared, study_uid=image.study_uid))
-            done += 1
-            _one_done(image.study_uid)
-            continue
-        batch.append((image, prepared[0], prepared[1]))
-        if len(batch) >= options.batch_size:
-            flush(batch)
-    flush(batch)
     try:
+        for result in screener.screen(to_score, progress=progress):
+            results.append(result)
+            row = _study_row(result, threshold, out)
+            if result.images:
+                report_jobs.append(reporter.submit(write_report, result, out / row["report"]))
+                while len(report_jobs) > 2 * options.batch_size:
+                    report_jobs.popleft().result()
+                new_state[result.study.study_uid] = {
+                    "key": _study_key(result.study, model, threshold, options.gradcam), "row": row,
+                    "failed": [{"path": str(o.path), "reason": o.reason, "step": o.step, "tag": o.tag}
+                               for o in result.failed]}
+            rows.append(row)
         while report_jobs:
             report_jobs.popleft().result()   # a report that cannot be written is a tool error: raise it
     finally:
@@ -254,7 +281,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     summary = BatchSummary(rows=rows + file_rows)
     summary.studies = len(rows)
     summary.flagged = sum(r["flag"] == "yes" for r in rows)
-    summary.scored_images = sum(len(r.images) for r in results.values())
+    summary.scored_images = sum(len(r.images) for r in results)
     summary.reused = len(reused_rows)
     summary.skipped_files = sum(r["status"] == "skipped" for r in file_rows)
     summary.failed_files = sum(r["status"] == "failed" for r in file_rows)
@@ -303,12 +330,23 @@ def _rank(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _file_rows(studies: list[Study], loose: list[FileOutcome], results: dict[str, StudyResult]) -> list[dict]:
+def release(result: StudyResult) -> None:
+    """Drop a study's pixels once its report is written."""
+    for item in result.images:
+        item.thumbnail = item.overlay = None
+
+
+def _file_rows(studies: list[Study], loose: list[FileOutcome], results: list[StudyResult]) -> list[dict]:
     outcomes = list(loose)
     for study in studies:
         outcomes.extend(study.skipped)
-    for result in results.values():
+    for result in results:
         outcomes.extend(result.failed)
+    return file_rows(outcomes)
+
+
+def file_rows(outcomes: list[FileOutcome]) -> list[dict]:
+    """Summary rows of skipped and failed files, failures first."""
     return [{"kind": "file", "rank": "", "status": o.status.value, "flag": "", "score": "", "threshold": "",
              "study_uid": o.study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
              "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason}
@@ -319,24 +357,11 @@ def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int =
                   workers: int = 2) -> tuple[dict[str, float], list[FileOutcome]]:
     """Study scores exactly as :func:`run_batch` computes them (same decoding, maximum over images),
     without reports or Grad-CAM. Returns ``({study_uid: score}, failed files)``."""
-    spec = model.card.preprocessing
-    images = [image for study in studies for image in study.images]
     scores: dict[str, float] = {}
     failed: list[FileOutcome] = []
-    batch: list[tuple[Radiograph, np.ndarray]] = []
-
-    def flush() -> None:
-        if batch:
-            for (image, _), score in zip(batch, model.predict(np.stack([b[1] for b in batch]))):
-                scores[image.study_uid] = max(scores.get(image.study_uid, 0.0), float(score))
-            batch.clear()
-
-    for image, prepared in _decoded_stream(images, spec, workers, 2 * batch_size):
-        if isinstance(prepared, CxrError):
-            failed.append(FileOutcome.from_error(prepared, study_uid=image.study_uid))
-            continue
-        batch.append((image, prepared[0]))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    screener = Screener(model, gradcam="none", batch_size=batch_size, workers=workers, thumbnails=False)
+    for result in screener.screen(studies):
+        failed.extend(result.failed)
+        if result.score is not None:
+            scores[result.study.study_uid] = result.score
     return scores, failed
