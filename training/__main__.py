@@ -38,8 +38,11 @@ def cli() -> None:
 @click.option("--seed", default=1337, show_default=True)
 @click.option("--max-examples", type=int, default=None, help="Use a random subset (smoke runs).")
 @click.option("--workers", default=2, show_default=True)
+@click.option("--augment", "augment_level", type=click.Choice(["standard", "strong"]), default="standard",
+              show_default=True, help="Augmentation level (training.data.AUGMENT_LEVELS).")
 def fit(data_dir, backbone, out, test_dir, weights, input_size, batch_size, head_epochs, finetune_epochs,
-        head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, max_examples, workers):
+        head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, max_examples, workers,
+        augment_level):
     """Two-phase transfer learning; writes NAME.keras, NAME.json (card), plots and the split."""
     from .backbones import WeightsUnavailable
     from .train import FitConfig, fit as run_fit
@@ -48,7 +51,8 @@ def fit(data_dir, backbone, out, test_dir, weights, input_size, batch_size, head
                        finetune_epochs=finetune_epochs, head_lr=head_lr, finetune_lr=finetune_lr,
                        top_fraction=top_fraction, val_fraction=val_fraction,
                        target_sensitivity=target_sensitivity, seed=seed,
-                       weights=None if weights == "none" else weights, max_examples=max_examples, workers=workers)
+                       weights=None if weights == "none" else weights, max_examples=max_examples, workers=workers,
+                       augment=augment_level)
     try:
         card = run_fit(data_dir, out, config, test_dir)
     except (WeightsUnavailable, FileNotFoundError, KeyError) as exc:

@@ -4,8 +4,13 @@ Every image goes through :func:`cxrscreen.normalise.load_model_input`, the same
 function screening uses, so the model sees the same intensities in both.
 
 Augmentation (training batches only) covers what differs between sites and
-exports: small rotations (+-7 deg), shifts (+-6 %), zoom (0.9-1.1), brightness
-(+-0.08), contrast (0.8-1.25) and gamma (0.75-1.33). **No horizontal flips**:
+exports. Two levels (``AUGMENT_LEVELS``): ``standard`` is small rotations
+(+-7 deg), shifts (+-6 %), zoom (0.9-1.1), brightness (+-0.08), contrast
+(0.8-1.25) and gamma (0.75-1.33); ``strong`` widens those ranges and adds what
+differs between acquisitions rather than between patients: a random re-window
+(clipping the darkest/brightest few percent, as a different VOI LUT would),
+blur or sharpening (detector MTF, downscaling), and quantum-like noise.
+**No horizontal flips**:
 a chest radiograph is not left-right symmetric (heart, aortic knob, gastric
 bubble, side markers), and a flipped film is an anatomy the model will never
 be shown in practice.
@@ -97,24 +102,49 @@ def class_weights(examples: list[Example]) -> dict[int, float]:
     return {c: float(len(examples) / (2.0 * counts[c])) for c in (0, 1) if counts[c]}
 
 
-def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random geometric and photometric changes of one (H, W, 1) model input in [0, 1]."""
+AUGMENT_LEVELS = {
+    #            rotation  zoom          shift  gamma         contrast     brightness
+    "standard": dict(rot=7, zoom=(0.9, 1.1), shift=0.06, gamma=(0.75, 1.33), contrast=(0.8, 1.25), bright=0.08,
+                     rewindow=0.0, blur=0.0, noise=0.0),
+    "strong": dict(rot=10, zoom=(0.85, 1.2), shift=0.08, gamma=(0.6, 1.6), contrast=(0.7, 1.4), bright=0.12,
+                   rewindow=0.5, blur=0.4, noise=0.4),
+}
+
+
+def augment(img: np.ndarray, rng: np.random.Generator, level: str = "standard") -> np.ndarray:
+    """Random geometric and photometric changes of one (H, W, 1) model input in [0, 1].
+
+    ``rewindow``, ``blur`` and ``noise`` are the probabilities of those steps.
+    """
     import cv2
 
+    p = AUGMENT_LEVELS[level]
     h, w = img.shape[:2]
-    angle = rng.uniform(-7, 7)
-    zoom = rng.uniform(0.9, 1.1)
+    angle = rng.uniform(-p["rot"], p["rot"])
+    zoom = rng.uniform(*p["zoom"])
     matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, zoom)
-    matrix[:, 2] += rng.uniform(-0.06, 0.06, size=2) * (w, h)
+    matrix[:, 2] += rng.uniform(-p["shift"], p["shift"], size=2) * (w, h)
     out = cv2.warpAffine(img[..., 0], matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    out = np.clip(out, 0, 1) ** rng.uniform(0.75, 1.33)
+    out = np.clip(out, 0, 1)
+    if rng.random() < p["rewindow"]:
+        lo, hi = np.quantile(out, [rng.uniform(0.0, 0.05), rng.uniform(0.95, 1.0)])
+        if hi > lo:
+            out = np.clip((out - lo) / (hi - lo), 0, 1)
+    out = out ** rng.uniform(*p["gamma"])
     mean = out.mean()
-    out = (out - mean) * rng.uniform(0.8, 1.25) + mean + rng.uniform(-0.08, 0.08)
+    out = (out - mean) * rng.uniform(*p["contrast"]) + mean + rng.uniform(-p["bright"], p["bright"])
+    if rng.random() < p["blur"]:
+        sigma = rng.uniform(0.5, 1.5)
+        blurred = cv2.GaussianBlur(out.astype(np.float32), (0, 0), sigma)
+        amount = rng.uniform(-0.8, 1.0)       # < 0: sharpen (unsharp mask), > 0: blur
+        out = out + amount * (blurred - out) if amount > 0 else out - amount * (out - blurred)
+    if rng.random() < p["noise"]:
+        out = out + rng.normal(0.0, rng.uniform(0.005, 0.03), size=out.shape)
     return np.clip(out, 0, 1).astype(np.float32)[..., None]
 
 
 def make_sequence(examples: list[Example], spec: PreprocessSpec, *, batch_size: int, train: bool,
-                  seed: int = 1337, workers: int = 2):
+                  seed: int = 1337, workers: int = 2, augment_level: str = "standard"):
     """A keras PyDataset that streams batches from disk (never the whole set in memory)."""
     import keras
 
@@ -136,7 +166,7 @@ def make_sequence(examples: list[Example], spec: PreprocessSpec, *, batch_size: 
             images = []
             for i in picked:
                 img = load_model_input(self.examples[i].path, spec)
-                images.append(augment(img, rng) if train else img)
+                images.append(augment(img, rng, augment_level) if train else img)
             labels = np.array([self.examples[i].label for i in picked], dtype=np.float32)
             return np.stack(images), labels
 

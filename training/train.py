@@ -41,6 +41,7 @@ class FitConfig:
     top_fraction: float | None = None     # default: the backbone's own
     dropout: float = 0.3
     label_smoothing: float = 0.05
+    augment: str = "standard"             # see training.data.AUGMENT_LEVELS
     val_fraction: float = 0.15
     target_sensitivity: float = 0.95
     patience: int = 3
@@ -125,7 +126,7 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig, test_dir: Path
                                               dropout=config.dropout, seed=config.seed)
     weights = D.class_weights(train)
     train_seq = D.make_sequence(train, spec, batch_size=config.batch_size, train=True, seed=config.seed,
-                                workers=config.workers)
+                                workers=config.workers, augment_level=config.augment)
     val_seq = D.make_sequence(val, spec, batch_size=config.batch_size, train=False, workers=config.workers)
     history: dict[str, list[float]] = {}
     started = time.time()
