@@ -209,22 +209,36 @@ def select_calibration(model_path, model_sha256: str, explicit=None) -> "Calibra
 
 
 POSITIVE_LABELS = ("1", "PNEUMONIA", "POSITIVE")
+NEGATIVE_LABELS = ("0", "NORMAL", "NEGATIVE")
 
 
 def read_labeled_csv(path) -> list[tuple["object", int, str]]:
     """Rows of a ``path,label[,patient]`` CSV as ``(path, 1 for PNEUMONIA else 0, patient or "")``.
 
-    Relative paths are taken from the CSV's folder. Shared by calibration and training.
+    Relative paths are taken from the CSV's folder. Labels are case-insensitive
+    :data:`POSITIVE_LABELS` or :data:`NEGATIVE_LABELS`; any other label (a typo) is
+    refused with its line number rather than silently counted as a negative.
+    Shared by calibration and training.
     """
     import csv
     from pathlib import Path
 
+    from .errors import UsageError
+
     path = Path(path)
     rows = []
     with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            item = Path(row["path"])
-            label = str(row["label"]).strip().upper()
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise UsageError(f"{path} needs a header with 'path' and 'label' columns (found {reader.fieldnames})",
+                             step="calibration")
+        for line, row in enumerate(reader, start=2):
+            item = Path(row["path"] or "")
+            label = str(row["label"] or "").strip().upper()
+            if label not in POSITIVE_LABELS + NEGATIVE_LABELS:
+                raise UsageError(f"{path} line {line}: label {row['label']!r} is neither PNEUMONIA "
+                                 f"({'/'.join(POSITIVE_LABELS)}) nor NORMAL ({'/'.join(NEGATIVE_LABELS)})",
+                                 step="calibration")
             rows.append((item if item.is_absolute() else (path.parent / item).resolve(),
                          1 if label in POSITIVE_LABELS else 0, str(row.get("patient") or "")))
     return rows

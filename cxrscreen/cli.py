@@ -132,5 +132,61 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
                    "reaches the target. Calibrate on more positive cases.", err=True)
 
 
+@main.command()
+@click.argument("inbox", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the reports, summary.csv/json, worklist.pdf and (by default) the ledger.")
+@click.option("--archive", type=click.Path(file_okay=False, path_type=Path),
+              help="Move each input here once its study's report is written (default: leave inputs in place).")
+@click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path),
+              help="Move files that fail here, each with a .reason.txt beside it.")
+@click.option("--settle", default=10.0, show_default=True, type=float,
+              help="Seconds a file's size and mtime must stay unchanged, and a study must get no new file, "
+                   "before it is screened.")
+@click.option("--rescan", default=5.0, show_default=True, type=float,
+              help="Seconds between full rescans of the inbox (network mounts deliver no file events).")
+@click.option("--state", type=click.Path(dir_okay=False, path_type=Path),
+              help="The SQLite ledger (default: OUT/.cxrscreen-watch.sqlite). Keep it on a local disk.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="A .keras model with its .json card (default: the bundled model).")
+@click.option("--threshold", type=float, help="Override the calibrated threshold.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="A calibration file (default: the newest one beside the model made for it, else the card's).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decoding threads.")
+@click.option("--gradcam", type=click.Choice(["all", "flagged", "none"]), default="all", show_default=True)
+@click.option("--include-lateral", is_flag=True, help="Also score lateral and other non-frontal views.")
+@click.option("--any-body-part", is_flag=True, help="Also score images whose BodyPartExamined is not chest.")
+@click.option("--once", is_flag=True, help="Handle what is in the inbox now, then exit (for cron). "
+                                          "Exit code 1 when a file failed.")
+def watch(inbox, out, archive, quarantine, settle, rescan, state, model_path, threshold, calibration, batch_size,
+          workers, gradcam, include_lateral, any_body_part, once):
+    """Screen studies as they arrive in INBOX, each exactly once; stop with SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from .watch import Watcher, WatchOptions, kv
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt   # a second Ctrl-C: stop now; the ledger is consistent at every step
+        log.info(kv(event="signal", signal=signal.Signals(signum).name, note="finishing the current study"))
+        stop.set()
+
+    try:
+        options = WatchOptions(inbox=inbox, out=out, archive=archive, quarantine=quarantine, settle=settle,
+                               rescan=rescan, state=state, model_path=model_path, threshold=threshold,
+                               calibration=calibration, batch_size=batch_size, workers=workers, gradcam=gradcam,
+                               include_lateral=include_lateral, any_body_part=any_body_part, once=once)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        code = Watcher(options, stop=stop).run()
+    except CxrError as exc:
+        _fail(exc)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -120,7 +120,8 @@ def _decoded_stream(images: list[Radiograph], spec, workers: int, ahead: int):
         except Exception as exc:  # a decoder bug must fail one file, never the batch
             return InputError(f"{type(exc).__name__}: {exc}", path=image.path, step="normalise")
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-decode") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-decode")
+    try:
         pending = deque()
         iterator = iter(images)
         for image in iterator:
@@ -133,6 +134,8 @@ def _decoded_stream(images: list[Radiograph], spec, workers: int, ahead: int):
             if nxt is not None:
                 pending.append((nxt, pool.submit(task, nxt)))
             yield image, future.result()
+    finally:   # a consumer that stops early (watch on SIGTERM) must not wait for queued decodes
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Screener:
@@ -219,7 +222,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     model = model or load_model(options.model_path)
-    threshold, operating, calibration = _threshold(model, options)
+    threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration)
 
     studies, loose = group_studies(scan(inputs, include_lateral=options.include_lateral,
                                         any_body_part=options.any_body_part))
@@ -276,7 +279,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     finally:
         reporter.shutdown(wait=True)
 
-    rows = _rank(rows + reused_rows)
+    rows = rank_rows(rows + reused_rows)
     file_rows = _file_rows(studies, loose + reused_failures, results)
     summary = BatchSummary(rows=rows + file_rows)
     summary.studies = len(rows)
@@ -296,13 +299,14 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     return summary
 
 
-def _threshold(model: LoadedModel, options: BatchOptions) -> tuple[float, dict, str]:
+def resolve_threshold(model: LoadedModel, threshold: float | None,
+                      calibration_file: Path | None) -> tuple[float, dict, str]:
     """(threshold, operating point, calibration file or "") from --threshold, a calibration, or the card."""
     from .calibrate import select_calibration
 
-    if options.threshold is not None:
-        return options.threshold, {"source": "threshold set by the user (--threshold): operating point unknown"}, ""
-    calibration = select_calibration(model.path, model.sha256, options.calibration)
+    if threshold is not None:
+        return threshold, {"source": "threshold set by the user (--threshold): operating point unknown"}, ""
+    calibration = select_calibration(model.path, model.sha256, calibration_file)
     if calibration is not None:
         return calibration.threshold, calibration.operating_point, str(calibration.path)
     operating = dict(model.card.operating_point)
@@ -323,7 +327,7 @@ def _study_row(result: StudyResult, threshold: float, out: Path) -> dict:
             "reason": "; ".join(f"{o.path.name}: {o.reason}" for o in result.failed)}
 
 
-def _rank(rows: list[dict]) -> list[dict]:
+def rank_rows(rows: list[dict]) -> list[dict]:
     rows.sort(key=lambda r: (r["flag"] != "yes", -(r["score"] if r["score"] != "" else -1.0), r["study_uid"]))
     for i, row in enumerate(rows, start=1):
         row["rank"] = i

@@ -33,7 +33,7 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 1
 class ImageResult:
     image: Radiograph
     score: float
-    thumbnail: np.ndarray            # unit image, downscaled
+    thumbnail: np.ndarray | None     # unit image, downscaled (None once released, or when not kept)
     overlay: np.ndarray | None = None
     heat_empty: bool = False          # Grad-CAM found no region that raised the score
 
@@ -108,8 +108,11 @@ def _p(text: str):
 
 
 def write_study_report(path: Path, result: StudyResult, *, threshold: float, operating_point: dict,
-                       model_name: str, model_sha256: str) -> Path:
-    """One PDF for one study: identifiers, score, flag in words, images with Grad-CAM, skipped files."""
+                       model_name: str, model_sha256: str, amendment: str = "") -> Path:
+    """One PDF for one study: identifiers, score, flag in words, images with Grad-CAM, skipped files.
+
+    ``amendment`` (watch mode) says which earlier report this one supersedes and why.
+    """
     from reportlab.lib import colors
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.styles import getSampleStyleSheet
@@ -121,6 +124,9 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     score = result.score
     flagged = score is not None and score >= threshold
     story = [Paragraph("Chest radiograph screening report", styles["Title"])]
+    if amendment:
+        story += [Paragraph(f'<font color="#8a4b00"><b>{_p(amendment)}</b></font>', styles["BodyText"]),
+                  Spacer(1, 3 * mm)]
     ident = [
         ["Patient ID", first.patient_id or "-", "Patient name", first.patient_name or "-"],
         ["Birth date", first.patient_birth_date or "-", "Sex", first.patient_sex or "-"],

@@ -118,3 +118,20 @@ def test_refusals_exit_2(tmp_path, model_copy, normal, pneumonia, args, message)
                                        "--bootstrap", "50", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_a_csv_label_that_is_neither_class_is_refused_with_its_line(tmp_path):
+    from cxrscreen.calibrate import read_labeled_csv
+    from cxrscreen.errors import UsageError
+
+    good = tmp_path / "good.csv"
+    good.write_text("path,label\na.jpg,PNEUMONIA\nb.jpg,normal\nc.jpg,1\nd.jpg,0\n")
+    assert [label for _, label, _ in read_labeled_csv(good)] == [1, 0, 1, 0]
+    typo = tmp_path / "typo.csv"
+    typo.write_text("path,label\na.jpg,PNEUMONIA\nb.jpg,NROMAL\n")
+    with pytest.raises(UsageError, match="line 3: label 'NROMAL'"):
+        read_labeled_csv(typo)
+    headless = tmp_path / "headless.csv"
+    headless.write_text("a.jpg,1\n")
+    with pytest.raises(UsageError, match="'path' and 'label'"):
+        read_labeled_csv(headless)

@@ -53,8 +53,12 @@ def fit(data_dir, backbone, out, test_dir, weights, input_size, batch_size, head
                        target_sensitivity=target_sensitivity, seed=seed,
                        weights=None if weights == "none" else weights, max_examples=max_examples, workers=workers,
                        augment=augment_level)
+    from cxrscreen.errors import CxrError
+
     try:
         card = run_fit(data_dir, out, config, test_dir)
+    except CxrError as exc:
+        raise click.ClickException(exc.message) from None
     except (WeightsUnavailable, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({"model": str(out), "threshold": card["threshold"]["value"],

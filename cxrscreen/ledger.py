@@ -1,0 +1,325 @@
+"""The watch daemon's durable state: a SQLite ledger in WAL mode.
+
+Tables:
+
+* ``files``: one row per file content taken from the inbox: where it arrived
+  (``inbox_path``), where it is now (``location``: the inbox, the archive or the
+  quarantine), size, mtime and SHA-256, its study, its status (``pending``,
+  ``scored``, ``skipped``, ``failed``) with the step, tag and reason, and the
+  report version that included it. ``move_to`` is set while a move is under way.
+* ``studies``: one row per study: ``pending`` (has files not yet reported),
+  ``done`` or ``failed`` (no image could be scored), the latest report version,
+  its file, score and flag, and when its last file arrived.
+* ``reports``: every report version written (old versions stay on disk).
+
+Every change is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) with
+``synchronous=FULL``, so a ``kill -9`` or a power cut loses at most the change
+under way. Report files are written *before* the transaction that records them,
+under a name fixed by (study, version): after a crash in between, the restart
+rewrites the same file rather than creating a second one. Moves are recorded
+before (``move_to``) and after (``location``) they happen, so an interrupted
+move is finished on restart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UsageError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    inbox_path TEXT NOT NULL,
+    location TEXT,
+    move_to TEXT,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    study_uid TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL CHECK (status IN ('pending', 'scored', 'skipped', 'failed')),
+    step TEXT NOT NULL DEFAULT '',
+    tag TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    taken_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS files_location ON files (location);
+CREATE INDEX IF NOT EXISTS files_study ON files (study_uid);
+CREATE INDEX IF NOT EXISTS files_sha ON files (sha256);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
+    version INTEGER NOT NULL DEFAULT 0,
+    report_base TEXT NOT NULL DEFAULT '',
+    report TEXT NOT NULL DEFAULT '',
+    score REAL,
+    flag TEXT NOT NULL DEFAULT '',
+    patient_id TEXT NOT NULL DEFAULT '',
+    accession TEXT NOT NULL DEFAULT '',
+    study_date TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    last_arrival REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS studies_status ON studies (status, last_arrival);
+CREATE TABLE IF NOT EXISTS reports (
+    study_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    report TEXT NOT NULL,
+    score REAL NOT NULL,
+    flag TEXT NOT NULL,
+    threshold REAL NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (study_uid, version)
+);
+"""
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    inbox_path: str
+    location: str | None
+    move_to: str | None
+    size: int
+    mtime_ns: int
+    sha256: str
+    study_uid: str
+    status: str
+    step: str
+    tag: str
+    reason: str
+    taken_at: float
+    version: int
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_uid: str
+    status: str
+    version: int
+    report_base: str
+    report: str
+    score: float | None
+    flag: str
+    patient_id: str
+    accession: str
+    study_date: str
+    reason: str
+    last_arrival: float
+    updated: float
+
+
+class Ledger:
+    """One daemon's state. Opening it takes an exclusive lock: two daemons never share a ledger."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(f"{self.path}.lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise UsageError(f"another cxrscreen watch is using the state file {self.path}") from None
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise UsageError(f"the state file {self.path} cannot use SQLite WAL mode (journal mode {mode}); "
+                                 "put --state on a local filesystem")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            version = self.get_meta("schema_version")
+            if version is None:
+                self.set_meta("schema_version", SCHEMA_VERSION)
+            elif int(version) != SCHEMA_VERSION:
+                raise UsageError(f"the state file {self.path} has schema {version}; this cxrscreen expects "
+                                 f"{SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise UsageError(f"cannot use the state file {self.path}: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        db = getattr(self, "db", None)
+        if db is not None:
+            db.close()
+            self.db = None
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ meta
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value) -> None:
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = "
+                        "excluded.value", (key, str(value)))
+
+    # ------------------------------------------------------------------ files
+
+    def _files(self, where: str, args: tuple = ()) -> list[FileRow]:
+        cursor = self.db.execute(f"SELECT {', '.join(FileRow.__dataclass_fields__)} FROM files WHERE {where} "
+                                 "ORDER BY id", args)
+        return [FileRow(*row) for row in cursor.fetchall()]
+
+    def known_locations(self) -> dict[str, tuple[int, int]]:
+        """{location: (size, mtime_ns)} of every file the ledger has taken and that still exists somewhere."""
+        return {loc: (size, mtime) for loc, size, mtime in
+                self.db.execute("SELECT location, size, mtime_ns FROM files WHERE location IS NOT NULL")}
+
+    def file_at(self, location: str) -> FileRow | None:
+        rows = self._files("location = ?", (location,))
+        return rows[-1] if rows else None
+
+    def file_with_hash(self, sha256: str) -> FileRow | None:
+        """An earlier copy of the same bytes that was taken (scored, pending or skipped), if any."""
+        rows = self._files("sha256 = ? AND status != 'failed'", (sha256,))
+        return rows[0] if rows else None
+
+    def take_file(self, *, path: str, size: int, mtime_ns: int, sha256: str, study_uid: str, status: str,
+                  step: str = "", tag: str = "", reason: str = "", now: float | None = None) -> int:
+        """Record a settled file. A pending image makes its study pending (again, if it was reported)."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            previous = self.file_at(path)
+            if previous is not None:
+                if previous.status == "pending":      # rewritten before it was screened: same row, new content
+                    db.execute("DELETE FROM files WHERE id = ?", (previous.id,))
+                else:                                  # overwritten after it was handled: the old bytes are gone
+                    db.execute("UPDATE files SET location = NULL, reason = reason || ? WHERE id = ?",
+                               (" [overwritten in the inbox by newer content]", previous.id))
+            cursor = db.execute(
+                "INSERT INTO files (inbox_path, location, size, mtime_ns, sha256, study_uid, status, step, tag, "
+                "reason, taken_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (path, path, size, mtime_ns, sha256, study_uid, status, step, tag, reason, now))
+            if status == "pending" and study_uid:
+                db.execute("INSERT INTO studies (study_uid, status, last_arrival, updated) VALUES (?, 'pending', ?, ?) "
+                           "ON CONFLICT(study_uid) DO UPDATE SET status = 'pending', last_arrival = excluded.last_arrival,"
+                           " updated = excluded.updated", (study_uid, now, now))
+            return cursor.lastrowid
+
+    def study_files(self, study_uid: str) -> list[FileRow]:
+        return self._files("study_uid = ? AND location IS NOT NULL", (study_uid,))
+
+    def files_to_move(self) -> list[FileRow]:
+        """Files whose move was started but not recorded as finished (a crash in between)."""
+        return self._files("move_to IS NOT NULL")
+
+    def begin_move(self, file_id: int, dest: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE files SET move_to = ? WHERE id = ?", (dest, file_id))
+
+    def end_move(self, file_id: int, dest: str | None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE files SET location = ?, move_to = NULL WHERE id = ?", (dest, file_id))
+
+    def failed_and_skipped(self) -> list[FileRow]:
+        return self._files("status IN ('failed', 'skipped')")
+
+    # ------------------------------------------------------------------ studies
+
+    def study(self, study_uid: str) -> StudyRow | None:
+        row = self.db.execute(f"SELECT {', '.join(StudyRow.__dataclass_fields__)} FROM studies WHERE study_uid = ?",
+                              (study_uid,)).fetchone()
+        return StudyRow(*row) if row else None
+
+    def studies(self, status: str | None = None) -> list[StudyRow]:
+        where, args = ("WHERE status = ?", (status,)) if status else ("", ())
+        cursor = self.db.execute(f"SELECT {', '.join(StudyRow.__dataclass_fields__)} FROM studies {where} "
+                                 "ORDER BY last_arrival, study_uid", args)
+        return [StudyRow(*row) for row in cursor.fetchall()]
+
+    def ready_studies(self, arrived_before: float) -> list[StudyRow]:
+        """Pending studies whose last file arrived before ``arrived_before`` (oldest first)."""
+        cursor = self.db.execute(f"SELECT {', '.join(StudyRow.__dataclass_fields__)} FROM studies "
+                                 "WHERE status = 'pending' AND last_arrival <= ? ORDER BY last_arrival, study_uid",
+                                 (arrived_before,))
+        return [StudyRow(*row) for row in cursor.fetchall()]
+
+    def record_study(self, study_uid: str, *, version: int, report_base: str, report: str, score: float | None,
+                     flag: str, threshold: float, model_sha256: str, identity: dict, outcomes: dict[int, tuple],
+                     reason: str = "", now: float | None = None) -> None:
+        """Record a screened study in one transaction: its report version (or its failure) and its files.
+
+        ``outcomes`` maps file ids to ``(status, step, tag, reason)``. ``report`` empty means no image
+        could be scored: the study is ``failed`` and no version is recorded.
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)).fetchone() is None:
+                raise KeyError(f"study {study_uid} is not in the ledger")
+            # files that arrived while this study was being screened keep it pending
+            newer = db.execute("SELECT COUNT(*) FROM files WHERE study_uid = ? AND status = 'pending' AND "
+                               f"id NOT IN ({','.join('?' * len(outcomes)) or 'NULL'})",
+                               (study_uid, *outcomes)).fetchone()[0]
+            for file_id, (status, step, tag, why) in outcomes.items():
+                db.execute("UPDATE files SET status = ?, step = ?, tag = ?, reason = ?, version = ? WHERE id = ?",
+                           (status, step, tag, why, version if report else 0, file_id))
+            status = "pending" if newer else ("done" if report else "failed")
+            if report:
+                db.execute("INSERT OR REPLACE INTO reports (study_uid, version, report, score, flag, threshold, "
+                           "model_sha256, images, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (study_uid, version, report, score, flag, threshold, model_sha256,
+                            sum(o[0] == "scored" for o in outcomes.values()), now))
+                db.execute("UPDATE studies SET status = ?, version = ?, report_base = ?, report = ?, score = ?, "
+                           "flag = ?, patient_id = ?, accession = ?, study_date = ?, reason = ?, updated = ? "
+                           "WHERE study_uid = ?",
+                           (status, version, report_base, report, score, flag, identity.get("patient_id", ""),
+                            identity.get("accession", ""), identity.get("study_date", ""), reason, now, study_uid))
+            else:
+                db.execute("UPDATE studies SET status = ?, reason = ?, updated = ? WHERE study_uid = ?",
+                           (status, reason, now, study_uid))
+
+    def reports(self, study_uid: str) -> list[dict]:
+        cursor = self.db.execute("SELECT version, report, score, flag, created FROM reports WHERE study_uid = ? "
+                                 "ORDER BY version", (study_uid,))
+        return [dict(zip(("version", "report", "score", "flag", "created"), row)) for row in cursor.fetchall()]
+
+    def counts(self) -> dict:
+        studies = dict(self.db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())
+        files = dict(self.db.execute("SELECT status, COUNT(*) FROM files GROUP BY status").fetchall())
+        return {"studies": studies, "files": files}
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

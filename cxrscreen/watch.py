@@ -1,0 +1,585 @@
+"""`cxrscreen watch`: screen studies as they arrive in an inbox, each exactly once.
+
+The life of one file:
+
+1. **observed**: a watchdog event, or the periodic rescan that backs it up
+   (network mounts deliver no events);
+2. **settled**: its size and mtime have not changed for ``settle`` seconds and
+   its header parses. A file that stays unparseable for three more settle
+   periods is taken as failed. Hidden and temporary names (``.part``, ``.tmp``,
+   ``~``...) are never looked at, so write-then-rename transfers are safe;
+3. **taken**: one ledger transaction records it (path, size, mtime, SHA-256,
+   study) as a pending image, skipped (with the reason) or failed;
+4. **screened**: with its study, once no new file of the study was taken for
+   ``settle`` seconds (and no unsettled file waits in the same folder, for at
+   most ``HOLD_BACK_SETTLES`` settle periods). Studies that become ready together
+   are screened in shared batches by one :class:`~cxrscreen.pipeline.Screener`;
+5. **reported**: the PDF is written under a name fixed by (study, version), then
+   one transaction records the version and the files' outcomes. A study that
+   gains images after its report gets version 2, 3... (``<name>.v2.pdf``), the
+   older reports kept;
+6. **moved** (optional): to ``--archive`` after the report, or to
+   ``--quarantine`` with a ``.reason.txt`` when it failed. Moves are renames,
+   or copy + fsync + rename + delete across filesystems, recorded before and
+   after in the ledger.
+
+See :mod:`cxrscreen.ledger` for why a ``kill -9`` at any point neither loses nor
+repeats a report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import shutil
+import stat as stat_module
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import UsageError
+from .infer import LoadedModel, load_model, sha256_file
+from .ingest import group_studies, is_ignored, read_record
+from .ledger import FileRow, Ledger, StudyRow, fsync_dir
+from .pipeline import Screener, file_rows, rank_rows, release, resolve_threshold
+from .records import FileOutcome, Radiograph, Status, Study
+from .report import StudyResult, atomic_write, report_filename, write_study_report, write_summary, write_worklist
+
+log = logging.getLogger("cxrscreen.watch")
+
+STATE_FILE = ".cxrscreen-watch.sqlite"
+UNPARSED_SETTLES = 3         # an unparseable, unchanging file is failed after this many more settle periods
+HOLD_BACK_SETTLES = 10       # a ready study waits at most this long for unsettled files in its folder
+SUMMARY_EVERY = 30.0         # seconds between summary/worklist rewrites while busy
+RETRY_SECONDS = 60.0         # a round that failed with a tool error is retried after this long
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    inbox: Path
+    out: Path
+    archive: Path | None = None
+    quarantine: Path | None = None
+    settle: float = 10.0
+    rescan: float = 5.0
+    state: Path | None = None
+    model_path: Path | None = None
+    threshold: float | None = None
+    calibration: Path | None = None
+    batch_size: int = 16
+    workers: int = 2
+    gradcam: str = "all"
+    include_lateral: bool = False
+    any_body_part: bool = False
+    once: bool = False
+    max_images: int = 128        # per screening round: bounds how long SIGTERM waits for the round to end
+    poll: float = 0.25
+
+    def __post_init__(self) -> None:
+        inbox = Path(self.inbox)
+        if not inbox.is_dir():
+            raise UsageError(f"inbox {inbox} is not a folder")
+        if self.settle < 0 or self.rescan <= 0:
+            raise UsageError("--settle must be >= 0 and --rescan > 0")
+        if self.batch_size < 1 or self.workers < 1 or self.max_images < 1:
+            raise UsageError("--batch-size and --workers must be at least 1")
+        if self.gradcam not in ("all", "flagged", "none"):
+            raise UsageError(f"--gradcam must be all, flagged or none, not {self.gradcam!r}")
+        root = inbox.resolve()
+        for name, folder in (("--out", self.out), ("--archive", self.archive), ("--quarantine", self.quarantine),
+                             ("--state", self.state)):
+            if folder is not None and Path(folder).resolve().is_relative_to(root):
+                raise UsageError(f"{name} {folder} is inside the inbox {inbox}: it would be screened as input")
+            if folder is not None and root.is_relative_to(Path(folder).resolve()) and name != "--state":
+                raise UsageError(f"the inbox {inbox} is inside {name} {folder}")
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.state) if self.state else Path(self.out) / STATE_FILE
+
+
+def kv(**fields) -> str:
+    """One structured log line: ``key=value`` pairs, values quoted when they need it (logfmt)."""
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = format(value, ".6g") if isinstance(value, float) else str(value)
+        if not text or any(c in text for c in ' "=\n\t'):
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+@dataclass
+class _Candidate:
+    size: int
+    mtime_ns: int
+    since: float                     # monotonic time this size/mtime was first seen
+    unparsed_since: float | None = None
+
+
+@dataclass
+class _StudyWork:
+    row: StudyRow
+    files: dict[str, FileRow]        # by current location
+    prior_failed: list[FileOutcome]
+    added: list[str]                 # names of files new since the last report
+
+
+def move_file(src: Path, dest: Path) -> None:
+    """Move durably: a rename on one filesystem, else copy + fsync + rename into place + delete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dest.with_name(f".{dest.name}.cxrscreen-tmp")
+        with open(src, "rb") as reader, open(tmp, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)
+            writer.flush()
+            os.fsync(writer.fileno())
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        os.unlink(src)
+    else:
+        fsync_dir(dest.parent)
+    fsync_dir(src.parent)
+
+
+def _free_path(dest: Path) -> Path:
+    n = 1
+    candidate = dest
+    while candidate.exists() or candidate.is_symlink():
+        candidate = dest.with_name(f"{dest.stem}__{n}{dest.suffix}")
+        n += 1
+    return candidate
+
+
+class Watcher:
+    """The daemon. :meth:`run` returns when ``stop`` is set (SIGTERM/SIGINT), or in ``once`` mode when
+    everything in the inbox is handled. The model is loaded once."""
+
+    def __init__(self, options: WatchOptions, *, model: LoadedModel | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.options = options
+        self.stop = stop or threading.Event()
+        self.inbox = Path(options.inbox).resolve()
+        self.out = Path(options.out)
+        self._model = model
+        self._dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
+        self._rescan_soon = threading.Event()
+        self.candidates: dict[str, _Candidate] = {}
+        self.known: dict[str, tuple[int, int]] = {}
+        self.failed_files = 0
+        self.reports_written = 0
+        self._summary_due = False
+        self._summary_at = 0.0
+        self._retry_after: dict[str, float] = {}   # study uid -> monotonic time, after an unexpected error
+        self._round_started = time.monotonic()
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.options.state_file)     # locked: one daemon per ledger
+        try:
+            for leftover in self.out.glob(".*.tmp"):     # atomic_write's temporary files, orphaned by a kill -9
+                leftover.unlink(missing_ok=True)
+            return self._run()
+        finally:
+            self.ledger.close()
+
+    def _run(self) -> int:
+        o = self.options
+        model = self._model or load_model(o.model_path)
+        self.model = model
+        self.threshold, self.operating, calibration = resolve_threshold(model, o.threshold, o.calibration)
+        self.screener = Screener(model, self.threshold, gradcam=o.gradcam, batch_size=o.batch_size,
+                                 workers=o.workers)
+        self._note_model(calibration)
+        for row in self.ledger.files_to_move():          # a move interrupted by a crash
+            self._finish_move(row, Path(row.move_to))
+        self.known = self.ledger.known_locations()
+        observer = self._start_observer()
+        counts = self.ledger.counts()
+        log.info(kv(event="start", inbox=self.inbox, out=self.out, state=o.state_file, model=model.path.name,
+                    model_sha256=model.sha256[:16], threshold=self.threshold, settle=o.settle, rescan=o.rescan,
+                    pending_studies=counts["studies"].get("pending", 0), once=o.once))
+        stopped_by = "once: inbox handled"
+        try:
+            next_rescan = 0.0
+            while not self.stop.is_set():
+                now = time.monotonic()
+                if now >= next_rescan or self._rescan_soon.is_set():
+                    self._rescan_soon.clear()
+                    self._rescan(now)
+                    next_rescan = now + o.rescan
+                self._drain_events(now)
+                self._settle()
+                if self._screen_ready():
+                    self._summary_due = True
+                busy = self._busy()
+                if self._summary_due and (not busy or time.monotonic() - self._summary_at > SUMMARY_EVERY):
+                    self._write_summary()
+                if o.once and not busy:
+                    break
+                self.stop.wait(o.poll)
+            else:
+                stopped_by = "signal"
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+            if self._summary_due:
+                self._write_summary()
+            counts = self.ledger.counts()
+            log.info(kv(event="stop", reason=stopped_by, reports_written=self.reports_written,
+                        failed_files=self.failed_files, pending_studies=counts["studies"].get("pending", 0),
+                        unsettled_files=len(self.candidates)))
+        return 1 if o.once and self.failed_files else 0
+
+    def _busy(self) -> bool:
+        return bool(self.candidates) or bool(self.ledger.studies("pending"))
+
+    def _note_model(self, calibration: str) -> None:
+        previous = self.ledger.get_meta("model_sha256")
+        if previous and previous != self.model.sha256:
+            log.warning(kv(event="model_changed", previous=previous[:16], now=self.model.sha256[:16],
+                           note="studies already reported keep their reports; new versions use this model"))
+        with self.ledger.transaction():
+            self.ledger.set_meta("model_sha256", self.model.sha256)
+            self.ledger.set_meta("threshold", self.threshold)
+            self.ledger.set_meta("calibration", calibration)
+            self.ledger.set_meta("tool_version", __version__)
+
+    # ------------------------------------------------------------------ observing
+
+    def _start_observer(self):
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError as exc:   # pragma: no cover - watchdog is a dependency
+            log.warning(kv(event="observer_unavailable", error=exc, note="relying on the periodic rescan"))
+            return None
+        watcher = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                if event.is_directory:   # a folder moved in brings files that raise no events of their own
+                    watcher._rescan_soon.set()
+                    return
+                for path in (event.src_path, getattr(event, "dest_path", "")):
+                    if path:
+                        watcher._mark(os.fsdecode(path))
+
+        logging.getLogger("watchdog.observers.inotify").addFilter(
+            lambda record: "called when the thread is inactive" not in record.getMessage())   # noise at stop
+        observer = Observer()
+        try:
+            observer.schedule(Handler(), str(self.inbox), recursive=True)
+            observer.start()
+        except OSError as exc:   # e.g. the inotify watch limit: the rescan still finds everything
+            log.warning(kv(event="observer_unavailable", error=exc, note="relying on the periodic rescan"))
+            return None
+        return observer
+
+    def _ignored(self, path: str) -> bool:
+        try:
+            parts = Path(path).relative_to(self.inbox).parts
+        except ValueError:
+            return True
+        return not parts or any(p.startswith(".") for p in parts[:-1]) or is_ignored(parts[-1])
+
+    def _mark(self, path: str) -> None:
+        path = os.path.normpath(path)
+        if not self._ignored(path):
+            with self._dirty_lock:
+                self._dirty.add(path)
+
+    def _drain_events(self, now: float) -> None:
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        for path in dirty:
+            self._observe(path, now)
+
+    def _rescan(self, now: float) -> None:
+        for folder, dirs, files in os.walk(self.inbox):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not is_ignored(name):
+                    self._observe(os.path.normpath(os.path.join(folder, name)), now)
+
+    def _observe(self, path: str, now: float) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            self.candidates.pop(path, None)
+            return
+        if not stat_module.S_ISREG(st.st_mode):
+            return
+        signature = (st.st_size, st.st_mtime_ns)
+        if self.known.get(path) == signature:
+            self.candidates.pop(path, None)
+            return
+        current = self.candidates.get(path)
+        if current is None or (current.size, current.mtime_ns) != signature:
+            self.candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now)
+
+    # ------------------------------------------------------------------ taking settled files
+
+    def _settle(self) -> None:
+        settle = self.options.settle
+        for path in sorted(self.candidates):
+            now = time.monotonic()
+            self._observe(path, now)
+            candidate = self.candidates.get(path)
+            if candidate is not None and now - candidate.since >= settle:
+                self._take(path, candidate, now)
+
+    def _take(self, path: str, candidate: _Candidate, now: float) -> None:
+        o = self.options
+        record = read_record(Path(path), include_lateral=o.include_lateral, any_body_part=o.any_body_part)
+        try:
+            st = os.stat(path)
+        except OSError:
+            self.candidates.pop(path, None)
+            return
+        if (st.st_size, st.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
+            self.candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now)   # changed while read
+            return
+        unparsed = isinstance(record, FileOutcome) and (record.status is Status.FAILED or record.step == "discover")
+        if unparsed:
+            if candidate.unparsed_since is None:
+                candidate.unparsed_since = now
+                log.debug(kv(event="unparsed", path=path, reason=record.reason, note="waiting, may be incomplete"))
+            if now - candidate.unparsed_since < UNPARSED_SETTLES * o.settle:
+                return
+        try:
+            digest = sha256_file(Path(path))
+        except OSError as exc:
+            record, digest = FileOutcome(Path(path), Status.FAILED, f"cannot read: {exc}", step="read"), ""
+        fields = dict(study_uid=record.study_uid, status="", step="", tag="", reason="")
+        if isinstance(record, Radiograph):
+            earlier = self.ledger.file_with_hash(digest)
+            if earlier is not None and earlier.location != path:
+                fields.update(study_uid=earlier.study_uid or record.study_uid, status="skipped", step="select",
+                              reason=f"identical copy of {earlier.inbox_path}, already taken; not screened twice")
+            else:
+                fields["status"] = "pending"
+        else:
+            fields.update(status=record.status.value, step=record.step, tag=record.tag, reason=record.reason)
+        self.ledger.take_file(path=path, size=candidate.size, mtime_ns=candidate.mtime_ns, sha256=digest, **fields)
+        self.known[path] = (candidate.size, candidate.mtime_ns)
+        self.candidates.pop(path, None)
+        self._summary_due = True
+        if fields["status"] != "pending":
+            log.info(kv(event="file", status=fields["status"], path=path, step=fields["step"] or None,
+                        tag=fields["tag"] or None, reason=fields["reason"]))
+        if fields["status"] == "failed":
+            self.failed_files += 1
+            self._relocate(self.ledger.file_at(path))
+        elif fields["status"] == "skipped":
+            self._relocate(self.ledger.file_at(path))
+
+    # ------------------------------------------------------------------ screening ready studies
+
+    def _screen_ready(self) -> bool:
+        o = self.options
+        now = time.time()
+        busy_dirs = {os.path.dirname(p) for p in self.candidates}
+        works: dict[str, _StudyWork] = {}
+        items: list[Radiograph | FileOutcome] = []
+        n_images = 0
+        for row in self.ledger.ready_studies(now - o.settle):
+            if self._retry_after.get(row.study_uid, 0.0) > time.monotonic():
+                continue
+            files = self.ledger.study_files(row.study_uid)
+            pending = [f for f in files if f.status == "pending"]
+            if busy_dirs and now - row.last_arrival < o.settle * (1 + HOLD_BACK_SETTLES) and \
+                    any(os.path.dirname(f.location) in busy_dirs for f in pending):
+                continue   # an unsettled file next to this study's new files may belong to it
+            study_items = self._study_items(row, files)
+            if study_items is None:
+                continue
+            work = _StudyWork(row, {f.location: f for f in files}, [], [Path(f.inbox_path).name for f in pending])
+            for item in study_items:
+                if isinstance(item, FileOutcome) and item.status is Status.FAILED and \
+                        work.files[str(item.path)].status == "failed":
+                    work.prior_failed.append(item)
+                else:
+                    items.append(item)
+            works[row.study_uid] = work
+            n_images += sum(isinstance(i, Radiograph) for i in study_items)
+            if n_images >= o.max_images:
+                break
+        if not works:
+            return False
+        try:
+            self._screen_round(works, items)
+        except Exception as exc:   # a tool error (disk full, model failure): log it, retry these studies later
+            log.exception(kv(event="round_failed", studies=len(works), error=f"{type(exc).__name__}: {exc}",
+                             retry_in=RETRY_SECONDS))
+            for uid in works:
+                if self.ledger.study(uid).status == "pending":
+                    self._retry_after[uid] = time.monotonic() + RETRY_SECONDS
+        return True
+
+    def _screen_round(self, works: dict[str, _StudyWork], items: list[Radiograph | FileOutcome]) -> None:
+        self._round_started = time.monotonic()
+        studies, loose = group_studies(items)
+        screened = {s.study_uid for s in studies}
+        for uid in [u for u in works if u not in screened]:     # nothing left to score in these studies
+            result = StudyResult(Study(uid, ()))
+            result.failed.extend(x for x in loose if x.study_uid == uid and x.status is Status.FAILED)
+            self._record(result, works[uid], extra_skipped=[x for x in loose if x.study_uid == uid
+                                                             and x.status is Status.SKIPPED])
+        stream = self.screener.screen(studies)
+        try:
+            for result in stream:
+                self._record(result, works[result.study.study_uid])
+                if self.stop.is_set():
+                    log.info(kv(event="abandon", note="stopping: the rest of this round stays pending"))
+                    break
+        finally:
+            stream.close()
+
+    def _study_items(self, row: StudyRow, files: list[FileRow]) -> list[Radiograph | FileOutcome] | None:
+        """The study's files as records to screen or outcomes to list; None to wait (a file is changing)."""
+        o, uid = self.options, row.study_uid
+        items: list[Radiograph | FileOutcome] = []
+        for f in files:
+            location = Path(f.location)
+            if f.status in ("skipped", "failed"):
+                items.append(FileOutcome(location, Status(f.status), f.reason, step=f.step, tag=f.tag, study_uid=uid))
+                continue
+            try:
+                st = location.stat()
+            except OSError:
+                items.append(FileOutcome(location, Status.FAILED, "the file disappeared before it was screened",
+                                         step="read", study_uid=uid))
+                continue
+            if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+                if location.is_relative_to(self.inbox):
+                    return None       # being rewritten in the inbox: the observer takes the new content
+                items.append(FileOutcome(location, Status.FAILED, "changed after it was taken (size or mtime "
+                                         "differs from the ledger)", step="read", study_uid=uid))
+                continue
+            record = read_record(location, include_lateral=o.include_lateral, any_body_part=o.any_body_part)
+            items.append(dataclasses.replace(record, study_uid=uid))
+        return items
+
+    def _record(self, result: StudyResult, work: _StudyWork, extra_skipped: list[FileOutcome] = ()) -> None:
+        row = work.row
+        uid = row.study_uid
+        result.failed.extend(work.prior_failed)
+        outcomes: dict[int, tuple] = {}
+        for item in result.images:
+            outcomes[work.files[str(item.image.path)].id] = ("scored", "", "", "")
+        for outcome in [*result.failed, *result.study.skipped, *extra_skipped]:
+            f = work.files.get(str(outcome.path))
+            if f is not None and f.status in ("pending", "scored"):
+                outcomes[f.id] = (outcome.status.value, outcome.step, outcome.tag, outcome.reason)
+                if outcome.status is Status.FAILED:
+                    self.failed_files += 1
+        version = row.version + 1
+        report_name, base, score, flag = "", row.report_base, result.score, ""
+        if result.images:
+            base = base or report_filename(result.study)
+            report_name = base if version == 1 else f"{Path(base).stem}.v{version}.pdf"
+            flag = "yes" if score >= self.threshold else "no"
+            amendment = ""
+            if version > 1:
+                added = ", ".join(work.added) or "none (re-screened)"
+                amendment = (f"Amended report, version {version}: supersedes version {version - 1} ({row.report}), "
+                             f"which is kept unchanged. Images added since: {added}.")
+            write_study_report(self.out / report_name, result, threshold=self.threshold,
+                               operating_point=self.operating, model_name=self.model.path.name,
+                               model_sha256=self.model.sha256, amendment=amendment)
+            self.reports_written += 1
+        first = result.study.first
+        identity = {"patient_id": first.patient_id, "accession": first.accession,
+                    "study_date": first.study_date} if first else {}
+        reason = "; ".join(f"{x.path.name}: {x.reason}" for x in result.failed)
+        self.ledger.record_study(uid, version=version, report_base=base, report=report_name, score=score, flag=flag,
+                                 threshold=self.threshold, model_sha256=self.model.sha256, identity=identity,
+                                 outcomes=outcomes, reason=reason)
+        release(result)
+        log.info(kv(event="study", uid=uid, version=version if report_name else None,
+                    status="reported" if report_name else "failed", score=score, flag=flag or None,
+                    images=len(result.images), failed=len(result.failed), skipped=len(result.study.skipped),
+                    seconds=round(time.monotonic() - self._round_started, 2),
+                    waited=round(time.time() - row.last_arrival, 1), report=report_name or None))
+        for f in self.ledger.study_files(uid):
+            if f.location == f.inbox_path and f.status != "pending":
+                self._relocate(f)
+
+    # ------------------------------------------------------------------ archive and quarantine
+
+    def _relocate(self, f: FileRow | None) -> None:
+        """Move a handled file out of the inbox: failed -> quarantine, scored/skipped -> archive (if set)."""
+        if f is None or f.location != f.inbox_path or f.status == "pending":
+            return
+        root = self.options.quarantine if f.status == "failed" else self.options.archive
+        if root is None:
+            return
+        dest = _free_path(Path(root) / Path(f.inbox_path).relative_to(self.inbox))
+        self.ledger.begin_move(f.id, str(dest))
+        self._finish_move(f, dest)
+
+    def _finish_move(self, f: FileRow, dest: Path) -> None:
+        src = Path(f.location)
+        try:
+            if f.status == "failed":
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(dest.with_name(dest.name + ".reason.txt"), "w") as handle:
+                    handle.write(f"file: {f.inbox_path}\nstatus: failed\nstep: {f.step}\ntag: {f.tag}\n"
+                                 f"reason: {f.reason}\nsize: {f.size}\nsha256: {f.sha256}\n"
+                                 f"taken: {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(f.taken_at))}\n"
+                                 f"by: cxrscreen {__version__}\n")
+            if src.exists():
+                move_file(src, dest)
+            elif not dest.exists():
+                log.error(kv(event="move_lost", path=src, dest=dest, note="neither the file nor its copy exists"))
+                self.ledger.end_move(f.id, None)
+                return
+        except OSError as exc:   # e.g. a read-only inbox: leave the file where it is, and say so
+            log.error(kv(event="move_failed", path=src, dest=dest, error=exc))
+            self.ledger.end_move(f.id, str(src))
+            return
+        self.ledger.end_move(f.id, str(dest))
+        self.known.pop(str(src), None)
+        log.info(kv(event="quarantined" if f.status == "failed" else "archived", path=src, to=dest))
+
+    # ------------------------------------------------------------------ summary and worklist
+
+    def _write_summary(self) -> None:
+        rows = []
+        for s in self.ledger.studies():
+            if not s.version and s.status != "failed":
+                continue
+            rows.append({"kind": "study", "rank": 0, "status": "scored" if s.version else "failed",
+                         "flag": s.flag or "no", "score": round(s.score, 6) if s.score is not None else "",
+                         "threshold": self.threshold, "study_uid": s.study_uid, "patient_id": s.patient_id,
+                         "accession": s.accession, "study_date": s.study_date, "report": s.report,
+                         "version": s.version, "pending_amendment": s.status == "pending",
+                         "files": [f.location for f in self.ledger.study_files(s.study_uid)],
+                         "path": "", "step": "", "tag": "", "reason": s.reason})
+        outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
+                                study_uid=f.study_uid) for f in self.ledger.failed_and_skipped()]
+        rows = rank_rows(rows) + file_rows(outcomes)
+        meta = {"tool_version": __version__, "mode": "watch", "inbox": str(self.inbox), "model": str(self.model.path),
+                "model_sha256": self.model.sha256, "threshold": self.threshold, "operating_point": self.operating,
+                "ledger": str(self.options.state_file), **self.ledger.counts()}
+        write_summary(self.out, rows, meta)
+        write_worklist(self.out / "worklist.pdf", rows, meta)
+        self._summary_due = False
+        self._summary_at = time.monotonic()

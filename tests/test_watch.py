@@ -1,0 +1,323 @@
+"""`cxrscreen watch` with a real watchdog observer on temporary inboxes, and the bundled model.
+
+Waits are bounded (a generous deadline, then the test fails); nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import phantom
+from cxrscreen import watch as watch_module
+from cxrscreen.cli import main
+from cxrscreen.errors import UsageError
+from cxrscreen.infer import load_model
+from cxrscreen.testing import make_dicom, save
+from cxrscreen.watch import STATE_FILE, Watcher, WatchOptions, kv, move_file
+
+DEADLINE = 180.0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+def write_study(folder: Path, study: str, images: int = 1, *, start: int = 0, rows: int = 96) -> list[Path]:
+    """``images`` DICOM files of one study (same StudyInstanceUID), each with its own SOP Instance UID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [save(make_dicom(phantom(rows, rows), seed=f"{study}/{i}", study_seed=study, patient_id=study.upper()),
+                 folder / f"{study}_{i:03d}.dcm") for i in range(start, start + images)]
+
+
+def dicom_bytes(tmp_path: Path, study: str, index: int = 0, rows: int = 96) -> bytes:
+    scratch = tmp_path / "scratch"
+    path = write_study(scratch, study, 1, start=index, rows=rows)[0]
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def wait_for(condition, what: str, deadline: float = DEADLINE):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {deadline:.0f}s waiting for {what}")
+
+
+def ledger_rows(out: Path, sql: str) -> list[tuple]:
+    db = sqlite3.connect(out / STATE_FILE)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def done_studies(out: Path) -> int:
+    if not (out / STATE_FILE).exists():
+        return 0
+    return ledger_rows(out, "SELECT COUNT(*) FROM studies WHERE status = 'done'")[0][0]
+
+
+def reports(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("*.pdf") if p.name != "worklist.pdf")
+
+
+class Running:
+    """A Watcher in a thread of this process (the observer is real; the model is loaded once per module)."""
+
+    def __init__(self, options: WatchOptions, model) -> None:
+        self.stop = threading.Event()
+        self.watcher = Watcher(options, model=model, stop=self.stop)
+        self.code = None
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.code = self.watcher.run()
+        except BaseException as exc:  # surfaced by close()
+            self.error = exc
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=DEADLINE)
+        assert not self.thread.is_alive(), "the watcher did not stop"
+        if self.error:
+            raise self.error
+        return self.code
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    return inbox, out
+
+
+def test_slow_copy_and_part_rename_are_never_read_early(dirs, model, tmp_path, monkeypatch):
+    inbox, out = dirs
+    reads: list[tuple[str, int]] = []
+    real_read = watch_module.read_record
+
+    def spy(path, **kwargs):
+        reads.append((Path(path).name, Path(path).stat().st_size))
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(watch_module, "read_record", spy)
+    slow = dicom_bytes(tmp_path, "slowcopy", rows=256)
+    renamed = dicom_bytes(tmp_path, "partrename", rows=256)
+    running = Running(WatchOptions(inbox, out, settle=1.0, rescan=0.5, gradcam="none"), model)
+    try:
+        (inbox / "sub").mkdir()
+        target = inbox / "sub" / "slow.dcm"
+        chunks = [slow[i:i + len(slow) // 8 + 1] for i in range(0, len(slow), len(slow) // 8 + 1)]
+        with open(target, "wb") as handle:           # 8 chunks, 0.4 s apart: longer than settle in all
+            for chunk in chunks:
+                handle.write(chunk)
+                handle.flush()
+                time.sleep(0.4)
+        part = inbox / "sub" / "renamed.dcm.part"     # written as .part with a pause longer than settle
+        with open(part, "wb") as handle:
+            handle.write(renamed[: len(renamed) // 2])
+            handle.flush()
+            time.sleep(1.5)
+            handle.write(renamed[len(renamed) // 2:])
+        part.rename(inbox / "sub" / "renamed.dcm")
+        wait_for(lambda: done_studies(out) == 2, "both studies to be reported")
+    finally:
+        running.close()
+    assert reads, "the files were never read"
+    assert all(size == (len(slow) if name == "slow.dcm" else len(renamed)) for name, size in reads), reads
+    assert not any(name.endswith(".part") for name, _ in reads)
+    assert len(reports(out)) == 2
+    assert ledger_rows(out, "SELECT status, size FROM files ORDER BY inbox_path") == [
+        ("scored", len(renamed)), ("scored", len(slow))]
+
+
+def test_a_burst_of_300_files_in_30_studies_is_fully_processed(dirs, model):
+    inbox, out = dirs
+    running = Running(WatchOptions(inbox, out, settle=0.5, rescan=1.0, gradcam="none", batch_size=32), model)
+    try:
+        for s in range(30):
+            write_study(inbox / f"study{s:02d}", f"burst{s:02d}", images=10, rows=64)
+        wait_for(lambda: done_studies(out) == 30, "30 studies to be reported")
+        # and the worklist/summary catch up once the daemon is idle
+        wait_for(lambda: (out / "summary.csv").exists() and
+                 sum(1 for line in (out / "summary.csv").read_text().splitlines() if ",study," in line) == 30,
+                 "the summary to list 30 studies")
+    finally:
+        running.close()
+    assert len(reports(out)) == 30
+    assert ledger_rows(out, "SELECT status, COUNT(*) FROM files GROUP BY status") == [("scored", 300)]
+    assert ledger_rows(out, "SELECT COUNT(*), COUNT(DISTINCT study_uid), MAX(version) FROM reports") == [(30, 30, 1)]
+    assert ledger_rows(out, "SELECT MIN(images), MAX(images) FROM reports") == [(10, 10)]
+
+
+def test_an_amended_study_gets_a_second_version_and_keeps_the_first(dirs, model, tmp_path):
+    from pypdf import PdfReader
+
+    inbox, out = dirs
+    archive = tmp_path / "archive"
+    running = Running(WatchOptions(inbox, out, archive=archive, settle=0.5, rescan=0.5, gradcam="all"), model)
+    try:
+        write_study(inbox / "a", "amended", images=1)
+        first = wait_for(lambda: reports(out), "the first report")
+        wait_for(lambda: (archive / "a" / "amended_000.dcm").exists(), "the first image to be archived")
+        write_study(inbox / "a", "amended", images=1, start=1)     # a late image of the same study
+        wait_for(lambda: len(reports(out)) == 2, "the amended report")
+        wait_for(lambda: (archive / "a" / "amended_001.dcm").exists(), "the late image to be archived")
+    finally:
+        running.close()
+    v1, v2 = first[0], next(p for p in reports(out) if p != first[0])
+    assert v2.name == v1.stem + ".v2.pdf" and v1.exists()
+    text = "\n".join(page.extract_text() for page in PdfReader(v2).pages)
+    assert "Amended report, version 2" in text and "amended_001.dcm" in text
+    assert "maximum over 2" in text       # the archived first image is screened again with the new one
+    assert ledger_rows(out, "SELECT version, images FROM reports ORDER BY version") == [(1, 1), (2, 2)]
+    assert not list(inbox.rglob("*.dcm"))
+
+
+def test_corrupt_and_truncated_files_land_in_quarantine_with_their_reason(dirs, model, tmp_path):
+    inbox, out = dirs
+    quarantine = tmp_path / "quarantine"
+    running = Running(WatchOptions(inbox, out, quarantine=quarantine, settle=0.3, rescan=0.5, gradcam="none"),
+                      model)
+    try:
+        (inbox / "junk").mkdir()
+        (inbox / "junk" / "corrupt.dcm").write_bytes(b"DICM" * 10)
+        good, truncated = write_study(inbox / "mixed", "mixed", images=2, rows=128)
+        data = truncated.read_bytes()
+        truncated.write_bytes(data[: len(data) - 4000])       # header intact, pixel data cut short
+        wait_for(lambda: (quarantine / "junk" / "corrupt.dcm.reason.txt").exists(), "the corrupt file's reason")
+        wait_for(lambda: done_studies(out) == 1, "the study with one good image")
+        wait_for(lambda: (quarantine / "mixed" / truncated.name).exists(), "the truncated file in quarantine")
+    finally:
+        running.close()
+    assert (quarantine / "junk" / "corrupt.dcm").read_bytes() == b"DICM" * 10
+    reason = (quarantine / "junk" / "corrupt.dcm.reason.txt").read_text()
+    assert "status: failed" in reason and "reason: " in reason and str(inbox / "junk" / "corrupt.dcm") in reason
+    truncated_reason = (quarantine / "mixed" / f"{truncated.name}.reason.txt").read_text()
+    assert "step: decode" in truncated_reason or "trunc" in truncated_reason.lower()
+    assert good.exists() and not (inbox / "junk" / "corrupt.dcm").exists() and not truncated.exists()
+    assert running.watcher.failed_files == 2
+
+
+def test_kill_9_mid_run_then_restart_reports_every_study_exactly_once(dirs):
+    inbox, out = dirs
+    for s in range(12):
+        write_study(inbox / f"s{s:02d}", f"killed{s:02d}", images=2)
+    command = [sys.executable, "-m", "cxrscreen.cli", "watch", str(inbox), "--out", str(out), "--settle", "0.3",
+               "--rescan", "0.5", "--batch-size", "2"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    daemon = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: reports(out) or daemon.poll() is not None, "the first report")
+        assert daemon.poll() is None, daemon.stderr.read()
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=60)
+    assert done_studies(out) < 12, "the daemon finished before it could be killed mid-run"
+    finished = subprocess.run(command + ["--once"], env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert done_studies(out) == 12
+    assert len(reports(out)) == 12 and not any(".v2" in p.name for p in reports(out))
+    assert ledger_rows(out, "SELECT COUNT(*), COUNT(DISTINCT study_uid), MAX(version) FROM reports") == [(12, 12, 1)]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_sigterm_stops_cleanly_and_the_rest_is_resumed(dirs):
+    inbox, out = dirs
+    for s in range(6):
+        write_study(inbox / f"s{s}", f"termed{s}", images=2)
+    command = [sys.executable, "-m", "cxrscreen.cli", "watch", str(inbox), "--out", str(out), "--settle", "0.3",
+               "--rescan", "0.5", "--batch-size", "2"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    daemon = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: reports(out) or daemon.poll() is not None, "the first report")
+        daemon.send_signal(signal.SIGTERM)
+        _, stderr = daemon.communicate(timeout=120)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert daemon.returncode == 0, stderr[-3000:]
+    assert "event=signal signal=SIGTERM" in stderr and 'event=stop reason=signal' in stderr
+    finished = subprocess.run(command + ["--once"], env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert done_studies(out) == 6 and len(reports(out)) == 6
+
+
+def test_identical_copy_is_skipped_and_files_already_there_are_processed(dirs, model):
+    inbox, out = dirs
+    original = write_study(inbox / "x", "dup", images=1)[0]
+    (inbox / "y").mkdir()
+    (inbox / "y" / "again.dcm").write_bytes(original.read_bytes())
+    code = Watcher(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True), model=model).run()
+    assert code == 0
+    rows = ledger_rows(out, "SELECT inbox_path, status, reason FROM files ORDER BY inbox_path")
+    assert rows[0][1] == "scored" and rows[1][1] == "skipped" and "identical copy of" in rows[1][2]
+    assert len(reports(out)) == 1
+    # a second --once run finds nothing new and writes nothing
+    before = {p: p.stat().st_mtime_ns for p in reports(out)}
+    assert Watcher(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True), model=model).run() == 0
+    assert {p: p.stat().st_mtime_ns for p in reports(out)} == before
+
+
+def test_options_refuse_folders_inside_the_inbox(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    with pytest.raises(UsageError, match="inside the inbox"):
+        WatchOptions(inbox, inbox / "reports")
+    with pytest.raises(UsageError, match="inside the inbox"):
+        WatchOptions(inbox, tmp_path / "out", archive=inbox / "done")
+    result = CliRunner().invoke(main, ["watch", str(inbox), "--out", str(inbox / "r"), "--once"])
+    assert result.exit_code == 2 and "inside the inbox" in result.output
+
+
+def test_a_second_daemon_on_the_same_ledger_is_refused(tmp_path):
+    from cxrscreen.ledger import Ledger
+
+    first = Ledger(tmp_path / "state.sqlite")
+    try:
+        with pytest.raises(UsageError, match="another cxrscreen watch"):
+            Ledger(tmp_path / "state.sqlite")
+        assert first.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        first.close()
+
+
+def test_move_file_across_filesystems_copies_syncs_and_deletes(tmp_path, monkeypatch):
+    src = tmp_path / "in" / "a.dcm"
+    src.parent.mkdir()
+    src.write_bytes(b"x" * 5000)
+    real_rename = os.rename
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    move_file(src, tmp_path / "archive" / "a.dcm")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not src.exists() and (tmp_path / "archive" / "a.dcm").read_bytes() == b"x" * 5000
+    assert not list((tmp_path / "archive").glob(".*"))
+
+
+def test_log_lines_are_logfmt():
+    line = kv(event="study", uid="1.2.3", score=0.123456789, flag="yes", report="a b.pdf", skipped=None)
+    assert line == 'event=study uid=1.2.3 score=0.123457 flag=yes report="a b.pdf"'
