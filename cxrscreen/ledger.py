@@ -243,6 +243,10 @@ class Ledger:
         with self.transaction() as db:
             db.execute("UPDATE files SET location = ?, move_to = NULL WHERE id = ?", (dest, file_id))
 
+    def handled_in_place(self) -> list[FileRow]:
+        """Files already handled (scored, skipped, failed) that are still where they arrived."""
+        return self._files("location = inbox_path AND move_to IS NULL AND status != 'pending'")
+
     def failed_and_skipped(self) -> list[FileRow]:
         return self._files("status IN ('failed', 'skipped')")
 

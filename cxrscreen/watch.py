@@ -185,6 +185,7 @@ class Watcher:
         self._summary_at = 0.0
         self._retry_after: dict[str, float] = {}   # study uid -> monotonic time, after an unexpected error
         self._round_started = time.monotonic()
+        self.round_errors = 0
 
     # ------------------------------------------------------------------ main loop
 
@@ -208,6 +209,8 @@ class Watcher:
         self._note_model(calibration)
         for row in self.ledger.files_to_move():          # a move interrupted by a crash
             self._finish_move(row, Path(row.move_to))
+        for row in self.ledger.handled_in_place():        # handled, but a crash (or no --archive then) left it
+            self._relocate(row)
         self.known = self.ledger.known_locations()
         observer = self._start_observer()
         counts = self.ledger.counts()
@@ -245,10 +248,13 @@ class Watcher:
             log.info(kv(event="stop", reason=stopped_by, reports_written=self.reports_written,
                         failed_files=self.failed_files, pending_studies=counts["studies"].get("pending", 0),
                         unsettled_files=len(self.candidates)))
-        return 1 if o.once and self.failed_files else 0
+        return 1 if o.once and (self.failed_files or self.round_errors) else 0
 
     def _busy(self) -> bool:
-        return bool(self.candidates) or bool(self.ledger.studies("pending"))
+        """Files still settling, or pending studies that are not waiting out an error."""
+        now = time.monotonic()
+        return bool(self.candidates) or any(self._retry_after.get(s.study_uid, 0.0) <= now
+                                            for s in self.ledger.studies("pending"))
 
     def _note_model(self, calibration: str) -> None:
         previous = self.ledger.get_meta("model_sha256")
@@ -428,6 +434,7 @@ class Watcher:
         except Exception as exc:   # a tool error (disk full, model failure): log it, retry these studies later
             log.exception(kv(event="round_failed", studies=len(works), error=f"{type(exc).__name__}: {exc}",
                              retry_in=RETRY_SECONDS))
+            self.round_errors += 1
             for uid in works:
                 if self.ledger.study(uid).status == "pending":
                     self._retry_after[uid] = time.monotonic() + RETRY_SECONDS

@@ -279,6 +279,26 @@ def test_identical_copy_is_skipped_and_files_already_there_are_processed(dirs, m
     assert {p: p.stat().st_mtime_ns for p in reports(out)} == before
 
 
+def test_restart_with_archive_moves_handled_files_and_finishes_an_interrupted_move(dirs, model, tmp_path):
+    inbox, out = dirs
+    first, second = write_study(inbox / "s", "moved", images=2)
+    options = dict(settle=0.2, rescan=0.5, gradcam="none", once=True)
+    assert Watcher(WatchOptions(inbox, out, **options), model=model).run() == 0
+    assert first.exists() and second.exists()          # no --archive: left in place
+    archive = tmp_path / "archive"
+    planned = archive / "elsewhere" / "first.dcm"      # as if a crash hit between begin_move and the rename
+    db = sqlite3.connect(out / STATE_FILE)
+    with db:
+        db.execute("UPDATE files SET move_to = ? WHERE location = ?", (str(planned), str(first)))
+    db.close()
+    assert Watcher(WatchOptions(inbox, out, archive=archive, **options), model=model).run() == 0
+    assert planned.exists() and (archive / "s" / second.name).exists()
+    assert not first.exists() and not second.exists()
+    assert sorted(ledger_rows(out, "SELECT location FROM files")) == sorted(
+        [(str(planned),), (str(archive / "s" / second.name),)])
+    assert len(reports(out)) == 1
+
+
 def test_options_refuse_folders_inside_the_inbox(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
