@@ -25,6 +25,27 @@ def _fail(exc: CxrError) -> None:
     sys.exit(2 if isinstance(exc, UsageError) else 1)
 
 
+def screening_options(command):
+    """The options batch and watch share: model, threshold, batching, Grad-CAM, selection."""
+    options = [
+        click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="A .keras model with its .json card (default: the bundled model)."),
+        click.option("--threshold", type=float, help="Override the calibrated threshold."),
+        click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+                     help="A calibration file (default: the newest one beside the model made for it, "
+                          "else the card's)."),
+        click.option("--batch-size", default=16, show_default=True),
+        click.option("--workers", default=2, show_default=True, help="Decoding threads."),
+        click.option("--gradcam", type=click.Choice(["all", "flagged", "none"]), default="all", show_default=True),
+        click.option("--include-lateral", is_flag=True, help="Also score lateral and other non-frontal views."),
+        click.option("--any-body-part", is_flag=True,
+                     help="Also score images whose BodyPartExamined is not chest."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group()
 @click.version_option(__version__, prog_name="cxrscreen")
 def main() -> None:
@@ -37,17 +58,8 @@ def main() -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the reports, summary.csv/json and worklist.pdf.")
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="A .keras model with its .json card (default: the bundled model).")
-@click.option("--threshold", type=float, help="Override the calibrated threshold.")
-@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
-              help="A calibration file (default: the newest one beside the model made for it, else the card's).")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Decoding threads.")
-@click.option("--gradcam", type=click.Choice(["all", "flagged", "none"]), default="all", show_default=True)
+@screening_options
 @click.option("--force", is_flag=True, help="Redo studies whose inputs and model are unchanged.")
-@click.option("--include-lateral", is_flag=True, help="Also score lateral and other non-frontal views.")
-@click.option("--any-body-part", is_flag=True, help="Also score images whose BodyPartExamined is not chest.")
 @click.option("--quiet", is_flag=True, help="No progress and no per-run log lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable summary on stdout.")
 def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, gradcam, force, include_lateral, any_body_part,
@@ -147,16 +159,7 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
               help="Seconds between full rescans of the inbox (network mounts deliver no file events).")
 @click.option("--state", type=click.Path(dir_okay=False, path_type=Path),
               help="The SQLite ledger (default: OUT/.cxrscreen-watch.sqlite). Keep it on a local disk.")
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="A .keras model with its .json card (default: the bundled model).")
-@click.option("--threshold", type=float, help="Override the calibrated threshold.")
-@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
-              help="A calibration file (default: the newest one beside the model made for it, else the card's).")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Decoding threads.")
-@click.option("--gradcam", type=click.Choice(["all", "flagged", "none"]), default="all", show_default=True)
-@click.option("--include-lateral", is_flag=True, help="Also score lateral and other non-frontal views.")
-@click.option("--any-body-part", is_flag=True, help="Also score images whose BodyPartExamined is not chest.")
+@screening_options
 @click.option("--once", is_flag=True, help="Handle what is in the inbox now, then exit (for cron). "
                                           "Exit code 1 when a file failed.")
 def watch(inbox, out, archive, quarantine, settle, rescan, state, model_path, threshold, calibration, batch_size,

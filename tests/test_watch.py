@@ -218,14 +218,29 @@ def test_corrupt_and_truncated_files_land_in_quarantine_with_their_reason(dirs, 
     assert running.watcher.failed_files == 2
 
 
+def _daemon_command(inbox: Path, out: Path) -> tuple[list[str], dict]:
+    command = [sys.executable, "-m", "cxrscreen.cli", "watch", str(inbox), "--out", str(out), "--settle", "0.3",
+               "--rescan", "0.5", "--batch-size", "2"]
+    return command, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def start_daemon(inbox: Path, out: Path) -> subprocess.Popen:
+    """`cxrscreen watch` as a real process (stderr piped: the log lines)."""
+    command, env = _daemon_command(inbox, out)
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish_once(inbox: Path, out: Path) -> subprocess.CompletedProcess:
+    """A restart with --once: handle whatever is left, then exit."""
+    command, env = _daemon_command(inbox, out)
+    return subprocess.run(command + ["--once"], env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_kill_9_mid_run_then_restart_reports_every_study_exactly_once(dirs):
     inbox, out = dirs
     for s in range(12):
         write_study(inbox / f"s{s:02d}", f"killed{s:02d}", images=2)
-    command = [sys.executable, "-m", "cxrscreen.cli", "watch", str(inbox), "--out", str(out), "--settle", "0.3",
-               "--rescan", "0.5", "--batch-size", "2"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    daemon = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    daemon = start_daemon(inbox, out)
     try:
         wait_for(lambda: reports(out) or daemon.poll() is not None, "the first report")
         assert daemon.poll() is None, daemon.stderr.read()
@@ -233,7 +248,7 @@ def test_kill_9_mid_run_then_restart_reports_every_study_exactly_once(dirs):
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(timeout=60)
     assert done_studies(out) < 12, "the daemon finished before it could be killed mid-run"
-    finished = subprocess.run(command + ["--once"], env=env, capture_output=True, text=True, timeout=600)
+    finished = finish_once(inbox, out)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert done_studies(out) == 12
     assert len(reports(out)) == 12 and not any(".v2" in p.name for p in reports(out))
@@ -245,10 +260,7 @@ def test_sigterm_stops_cleanly_and_the_rest_is_resumed(dirs):
     inbox, out = dirs
     for s in range(6):
         write_study(inbox / f"s{s}", f"termed{s}", images=2)
-    command = [sys.executable, "-m", "cxrscreen.cli", "watch", str(inbox), "--out", str(out), "--settle", "0.3",
-               "--rescan", "0.5", "--batch-size", "2"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    daemon = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    daemon = start_daemon(inbox, out)
     try:
         wait_for(lambda: reports(out) or daemon.poll() is not None, "the first report")
         daemon.send_signal(signal.SIGTERM)
@@ -258,7 +270,7 @@ def test_sigterm_stops_cleanly_and_the_rest_is_resumed(dirs):
             daemon.kill()
     assert daemon.returncode == 0, stderr[-3000:]
     assert "event=signal signal=SIGTERM" in stderr and 'event=stop reason=signal' in stderr
-    finished = subprocess.run(command + ["--once"], env=env, capture_output=True, text=True, timeout=600)
+    finished = finish_once(inbox, out)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert done_studies(out) == 6 and len(reports(out)) == 6
 
