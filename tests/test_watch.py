@@ -49,6 +49,23 @@ def dicom_bytes(tmp_path: Path, study: str, index: int = 0, rows: int = 96) -> b
     return data
 
 
+def deliver(tmp_path: Path, folder: Path, study: str, images: int = 1, *, start: int = 0, rows: int = 96,
+            cut: int = 0) -> list[Path]:
+    """Like write_study, into a folder a running daemon watches: each file lands in one write() call, so no
+    file is ever seen half-written, whatever the load (slow copies have their own test). ``cut`` drops that
+    many bytes from the end of the last file (a truncated transfer)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + images):
+        data = dicom_bytes(tmp_path, study, i, rows)
+        if cut and i == start + images - 1:
+            data = data[:-cut]
+        path = folder / f"{study}_{i:03d}.dcm"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
 def wait_for(condition, what: str, deadline: float = DEADLINE):
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -150,12 +167,17 @@ def test_slow_copy_and_part_rename_are_never_read_early(dirs, model, tmp_path, m
         ("scored", len(renamed)), ("scored", len(slow))]
 
 
-def test_a_burst_of_300_files_in_30_studies_is_fully_processed(dirs, model):
+def test_a_burst_of_300_files_in_30_studies_is_fully_processed(dirs, model, tmp_path):
     inbox, out = dirs
-    running = Running(WatchOptions(inbox, out, settle=0.5, rescan=1.0, gradcam="none", batch_size=32), model)
+    # the bytes are made first, so the burst itself is 300 plain writes in a tight loop: a study's files must
+    # not be further apart than --settle, or the daemon rightly reports the study before its last files
+    burst = {inbox / f"study{s:02d}" / f"burst{s:02d}_{i:03d}.dcm": dicom_bytes(tmp_path, f"burst{s:02d}", i, 64)
+             for s in range(30) for i in range(10)}
+    running = Running(WatchOptions(inbox, out, settle=1.0, rescan=1.0, gradcam="none", batch_size=32), model)
     try:
-        for s in range(30):
-            write_study(inbox / f"study{s:02d}", f"burst{s:02d}", images=10, rows=64)
+        for path, data in burst.items():
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
         wait_for(lambda: done_studies(out) == 30, "30 studies to be reported")
         # and the worklist/summary catch up once the daemon is idle
         wait_for(lambda: (out / "summary.csv").exists() and
@@ -176,10 +198,10 @@ def test_an_amended_study_gets_a_second_version_and_keeps_the_first(dirs, model,
     archive = tmp_path / "archive"
     running = Running(WatchOptions(inbox, out, archive=archive, settle=0.5, rescan=0.5, gradcam="all"), model)
     try:
-        write_study(inbox / "a", "amended", images=1)
+        deliver(tmp_path, inbox / "a", "amended", images=1)
         first = wait_for(lambda: reports(out), "the first report")
         wait_for(lambda: (archive / "a" / "amended_000.dcm").exists(), "the first image to be archived")
-        write_study(inbox / "a", "amended", images=1, start=1)     # a late image of the same study
+        deliver(tmp_path, inbox / "a", "amended", images=1, start=1)     # a late image of the same study
         wait_for(lambda: len(reports(out)) == 2, "the amended report")
         wait_for(lambda: (archive / "a" / "amended_001.dcm").exists(), "the late image to be archived")
     finally:
@@ -201,9 +223,8 @@ def test_corrupt_and_truncated_files_land_in_quarantine_with_their_reason(dirs, 
     try:
         (inbox / "junk").mkdir()
         (inbox / "junk" / "corrupt.dcm").write_bytes(b"DICM" * 10)
-        good, truncated = write_study(inbox / "mixed", "mixed", images=2, rows=128)
-        data = truncated.read_bytes()
-        truncated.write_bytes(data[: len(data) - 4000])       # header intact, pixel data cut short
+        good, truncated = deliver(tmp_path, inbox / "mixed", "mixed", images=2, rows=128,
+                                  cut=4000)                    # header intact, pixel data cut short
         wait_for(lambda: (quarantine / "junk" / "corrupt.dcm.reason.txt").exists(), "the corrupt file's reason")
         wait_for(lambda: done_studies(out) == 1, "the study with one good image")
         wait_for(lambda: (quarantine / "mixed" / truncated.name).exists(), "the truncated file in quarantine")
