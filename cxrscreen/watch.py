@@ -538,7 +538,9 @@ class Watcher:
         root = self.options.quarantine if f.status == "failed" else self.options.archive
         if root is None:
             return
-        dest = _free_path(Path(root) / Path(f.inbox_path).relative_to(self.inbox))
+        arrived = Path(f.inbox_path)
+        relative = arrived.relative_to(self.inbox) if arrived.is_relative_to(self.inbox) else Path(arrived.name)
+        dest = _free_path(Path(root) / relative)
         self.ledger.begin_move(f.id, str(dest))
         self._finish_move(f, dest)
 
