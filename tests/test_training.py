@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -58,14 +61,18 @@ def test_class_weights_balance_the_classes():
     assert weights[0] == pytest.approx(2.0) and weights[1] == pytest.approx(100 / 150)
 
 
-def test_augmentation_keeps_range_and_never_flips():
+@pytest.mark.parametrize("level", sorted(D.AUGMENT_LEVELS))
+def test_augmentation_keeps_range_and_never_flips(level):
     rng = np.random.default_rng(0)
     img = np.zeros((64, 64, 1), np.float32)
     img[:, :20] = 1.0   # bright band on the left
+    changed = 0
     for _ in range(20):
-        out = D.augment(img, rng)
-        assert out.shape == img.shape and 0 <= out.min() and out.max() <= 1
+        out = D.augment(img, rng, level)
+        assert out.shape == img.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
         assert out[:, :16].mean() > out[:, -16:].mean()
+        changed += not np.allclose(out, img)
+    assert changed == 20
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
@@ -82,6 +89,9 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
     assert written["preprocessing"]["input_size"] == [64, 64]
     assert written["threshold"]["chosen_on"] == "validation"
     assert written["metrics"]["test"]["n_positive"] == 4 and written["data"]["horizontal_flips"] is False
+    with zipfile.ZipFile(out) as archive:      # saved for inference: no optimizer state
+        weights = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
+        assert "optimizer" not in weights
     split = (out.parent / "smoke.split.csv").read_text().splitlines()[1:]
     sides = {}
     for line in split:

@@ -204,7 +204,8 @@ def save_for_inference(model, out: Path) -> None:
     """Save the model without optimizer state (a third of the size; screening never trains)."""
     import keras
 
-    fresh = keras.models.clone_model(model)
+    # Keras >= 3.1x clone_model also clones the compile state (optimizer included); from_config does not.
+    fresh = keras.Model.from_config(model.get_config())
     fresh.set_weights(model.get_weights())
     fresh.save(out)
 
