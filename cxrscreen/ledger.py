@@ -252,23 +252,21 @@ class Ledger:
 
     # ------------------------------------------------------------------ studies
 
-    def study(self, study_uid: str) -> StudyRow | None:
-        row = self.db.execute(f"SELECT {', '.join(StudyRow.__dataclass_fields__)} FROM studies WHERE study_uid = ?",
-                              (study_uid,)).fetchone()
-        return StudyRow(*row) if row else None
-
-    def studies(self, status: str | None = None) -> list[StudyRow]:
-        where, args = ("WHERE status = ?", (status,)) if status else ("", ())
-        cursor = self.db.execute(f"SELECT {', '.join(StudyRow.__dataclass_fields__)} FROM studies {where} "
+    def _studies(self, where: str, args: tuple = ()) -> list[StudyRow]:
+        cursor = self.db.execute(f"SELECT {', '.join(StudyRow.__dataclass_fields__)} FROM studies WHERE {where} "
                                  "ORDER BY last_arrival, study_uid", args)
         return [StudyRow(*row) for row in cursor.fetchall()]
 
+    def study(self, study_uid: str) -> StudyRow | None:
+        rows = self._studies("study_uid = ?", (study_uid,))
+        return rows[0] if rows else None
+
+    def studies(self, status: str | None = None) -> list[StudyRow]:
+        return self._studies("status = ?", (status,)) if status else self._studies("1")
+
     def ready_studies(self, arrived_before: float) -> list[StudyRow]:
         """Pending studies whose last file arrived before ``arrived_before`` (oldest first)."""
-        cursor = self.db.execute(f"SELECT {', '.join(StudyRow.__dataclass_fields__)} FROM studies "
-                                 "WHERE status = 'pending' AND last_arrival <= ? ORDER BY last_arrival, study_uid",
-                                 (arrived_before,))
-        return [StudyRow(*row) for row in cursor.fetchall()]
+        return self._studies("status = 'pending' AND last_arrival <= ?", (arrived_before,))
 
     def record_study(self, study_uid: str, *, version: int, report_base: str, report: str, score: float | None,
                      flag: str, threshold: float, model_sha256: str, identity: dict, outcomes: dict[int, tuple],
@@ -303,11 +301,6 @@ class Ledger:
             else:
                 db.execute("UPDATE studies SET status = ?, reason = ?, updated = ? WHERE study_uid = ?",
                            (status, reason, now, study_uid))
-
-    def reports(self, study_uid: str) -> list[dict]:
-        cursor = self.db.execute("SELECT version, report, score, flag, created FROM reports WHERE study_uid = ? "
-                                 "ORDER BY version", (study_uid,))
-        return [dict(zip(("version", "report", "score", "flag", "created"), row)) for row in cursor.fetchall()]
 
     def counts(self) -> dict:
         studies = dict(self.db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())

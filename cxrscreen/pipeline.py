@@ -49,12 +49,17 @@ class BatchOptions:
     any_body_part: bool = False
 
     def __post_init__(self) -> None:
-        if self.gradcam not in ("all", "flagged", "none"):
-            raise UsageError(f"--gradcam must be all, flagged or none, not {self.gradcam!r}")
-        if self.batch_size < 1 or self.workers < 1:
-            raise UsageError("--batch-size and --workers must be at least 1")
-        if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise UsageError(f"--threshold {self.threshold} is outside [0, 1]")
+        check_screening_options(self.gradcam, self.batch_size, self.workers, self.threshold)
+
+
+def check_screening_options(gradcam: str, batch_size: int, workers: int, threshold: float | None) -> None:
+    """The checks batch and watch share (the options of ``cli.screening_options``)."""
+    if gradcam not in ("all", "flagged", "none"):
+        raise UsageError(f"--gradcam must be all, flagged or none, not {gradcam!r}")
+    if batch_size < 1 or workers < 1:
+        raise UsageError("--batch-size and --workers must be at least 1")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise UsageError(f"--threshold {threshold} is outside [0, 1]")
 
 
 @dataclass

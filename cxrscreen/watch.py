@@ -46,7 +46,7 @@ from .errors import UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, read_record
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir
-from .pipeline import Screener, file_rows, rank_rows, release, resolve_threshold
+from .pipeline import Screener, check_screening_options, file_rows, rank_rows, release, resolve_threshold
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import StudyResult, atomic_write, report_filename, write_study_report, write_summary, write_worklist
 
@@ -86,10 +86,9 @@ class WatchOptions:
             raise UsageError(f"inbox {inbox} is not a folder")
         if self.settle < 0 or self.rescan <= 0:
             raise UsageError("--settle must be >= 0 and --rescan > 0")
-        if self.batch_size < 1 or self.workers < 1 or self.max_images < 1:
-            raise UsageError("--batch-size and --workers must be at least 1")
-        if self.gradcam not in ("all", "flagged", "none"):
-            raise UsageError(f"--gradcam must be all, flagged or none, not {self.gradcam!r}")
+        check_screening_options(self.gradcam, self.batch_size, self.workers, self.threshold)
+        if self.max_images < 1:
+            raise UsageError("max_images must be at least 1")
         root = inbox.resolve()
         for name, folder in (("--out", self.out), ("--archive", self.archive), ("--quarantine", self.quarantine),
                              ("--state", self.state)):
@@ -392,9 +391,7 @@ class Watcher:
                         tag=fields["tag"] or None, reason=fields["reason"]))
         if fields["status"] == "failed":
             self.failed_files += 1
-            self._relocate(self.ledger.file_at(path))
-        elif fields["status"] == "skipped":
-            self._relocate(self.ledger.file_at(path))
+        self._relocate(self.ledger.file_at(path))     # a pending image waits for its study's report
 
     # ------------------------------------------------------------------ screening ready studies
 
@@ -526,8 +523,7 @@ class Watcher:
                     seconds=round(time.monotonic() - self._round_started, 2),
                     waited=round(time.time() - row.last_arrival, 1), report=report_name or None))
         for f in self.ledger.study_files(uid):
-            if f.location == f.inbox_path and f.status != "pending":
-                self._relocate(f)
+            self._relocate(f)
 
     # ------------------------------------------------------------------ archive and quarantine
 

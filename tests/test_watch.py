@@ -251,6 +251,12 @@ def start_daemon(inbox: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def wait_for_first_report(daemon: subprocess.Popen, out: Path) -> None:
+    """Until the daemon has written a report (it must still be running then: mid-run)."""
+    wait_for(lambda: reports(out) or daemon.poll() is not None, "the first report")
+    assert daemon.poll() is None, daemon.stderr.read()
+
+
 def finish_once(inbox: Path, out: Path) -> subprocess.CompletedProcess:
     """A restart with --once: handle whatever is left, then exit."""
     command, env = _daemon_command(inbox, out)
@@ -263,8 +269,7 @@ def test_kill_9_mid_run_then_restart_reports_every_study_exactly_once(dirs):
         write_study(inbox / f"s{s:02d}", f"killed{s:02d}", images=2)
     daemon = start_daemon(inbox, out)
     try:
-        wait_for(lambda: reports(out) or daemon.poll() is not None, "the first report")
-        assert daemon.poll() is None, daemon.stderr.read()
+        wait_for_first_report(daemon, out)
     finally:
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(timeout=60)
@@ -283,7 +288,7 @@ def test_sigterm_stops_cleanly_and_the_rest_is_resumed(dirs):
         write_study(inbox / f"s{s}", f"termed{s}", images=2)
     daemon = start_daemon(inbox, out)
     try:
-        wait_for(lambda: reports(out) or daemon.poll() is not None, "the first report")
+        wait_for_first_report(daemon, out)
         daemon.send_signal(signal.SIGTERM)
         _, stderr = daemon.communicate(timeout=120)
     finally:
