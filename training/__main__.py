@@ -36,12 +36,14 @@ def cli() -> None:
 @click.option("--val-fraction", default=0.15, show_default=True)
 @click.option("--target-sensitivity", default=0.95, show_default=True)
 @click.option("--seed", default=1337, show_default=True)
+@click.option("--split-seed", type=int, default=None,
+              help="Seed of the train/validation split (default: --seed). Members of one ensemble share it.")
 @click.option("--max-examples", type=int, default=None, help="Use a random subset (smoke runs).")
 @click.option("--workers", default=2, show_default=True)
 @click.option("--augment", "augment_level", type=click.Choice(["standard", "strong"]), default="standard",
               show_default=True, help="Augmentation level (training.data.AUGMENT_LEVELS).")
 def fit(data_dir, backbone, out, test_dir, weights, input_size, batch_size, head_epochs, finetune_epochs,
-        head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, max_examples, workers,
+        head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, split_seed, max_examples, workers,
         augment_level):
     """Two-phase transfer learning; writes NAME.keras, NAME.json (card), plots and the split."""
     from .backbones import WeightsUnavailable
@@ -50,7 +52,7 @@ def fit(data_dir, backbone, out, test_dir, weights, input_size, batch_size, head
     config = FitConfig(backbone=backbone, input_size=input_size, batch_size=batch_size, head_epochs=head_epochs,
                        finetune_epochs=finetune_epochs, head_lr=head_lr, finetune_lr=finetune_lr,
                        top_fraction=top_fraction, val_fraction=val_fraction,
-                       target_sensitivity=target_sensitivity, seed=seed,
+                       target_sensitivity=target_sensitivity, seed=seed, split_seed=split_seed,
                        weights=None if weights == "none" else weights, max_examples=max_examples, workers=workers,
                        augment=augment_level)
     from cxrscreen.errors import CxrError

@@ -46,6 +46,7 @@ class FitConfig:
     target_sensitivity: float = 0.95
     patience: int = 3
     seed: int = 1337
+    split_seed: int | None = None         # default: seed; fix it to train ensemble members on one split
     weights: str | None = "imagenet"
     max_examples: int | None = None       # smoke runs
     workers: int = 2
@@ -111,11 +112,12 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig, test_dir: Path
     data_dir = Path(data_dir)
     train_source = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
     examples = D.list_examples(train_source)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
     if config.max_examples:
-        rng = random.Random(config.seed)
+        rng = random.Random(split_seed)
         rng.shuffle(examples)
         examples = examples[: config.max_examples]
-    train, val = D.patient_split(examples, config.val_fraction, config.seed)
+    train, val = D.patient_split(examples, config.val_fraction, split_seed)
     if not val or not train:
         raise SystemExit("not enough patients to split train/validation")
     stem = out.with_suffix("")
