@@ -4,7 +4,10 @@
 whatever the backbone. :class:`GradCam` computes, in one compiled pass per
 batch, the model's scores and the heatmaps, using the gradient of the logit
 (pre-sigmoid) so confident predictions do not saturate to zero gradients.
-Drawing the overlay is a separate, pure step (:func:`overlay`).
+For an ensemble (a model whose layers include the member models, see
+``training/ensemble.py``) the score is the mean of the members' probabilities,
+exactly what the ensemble predicts, and the heatmap the mean of the members'
+normalised heatmaps. Drawing the overlay is a separate, pure step (:func:`overlay`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def members(model) -> list:
+    """The member models of an ensemble, or ``[model]`` for a single model."""
+    import keras
+
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return nested or [model]
+
+
 def find_gradcam_layer(model) -> str:
-    """The name of the last layer whose output is a 4-D feature map (batch, h, w, channels)."""
+    """The name of the last layer whose output is a 4-D feature map (batch, h, w, channels);
+    for an ensemble, that layer in its first member (members share a backbone's layer names)."""
+    model = members(model)[0]
     for layer in reversed(model.layers):
         try:
             shape = layer.output.shape
@@ -32,16 +45,21 @@ class GradCam:
         import tensorflow as tf
 
         self.layer_name = layer_name or find_gradcam_layer(model)
-        final = model.layers[-1]
-        if final.__class__.__name__ != "Dense":
-            raise ValueError("Grad-CAM expects the model to end in a Dense layer")
-        self._final = final
-        self._model = keras.Model(model.inputs, [model.get_layer(self.layer_name).output, final.input])
+        heads = []
+        for member in members(model):
+            final = member.layers[-1]
+            if final.__class__.__name__ != "Dense":
+                raise ValueError(f"Grad-CAM expects {member.name} to end in a Dense layer")
+            extractor = keras.Model(member.inputs, [member.get_layer(self.layer_name).output, final.input])
+            heads.append((extractor, final))
+        self._heads = heads
 
-        @tf.function(reduce_retracing=True)
-        def _run(x):
+        def _unit_peak(cam):
+            return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
+
+        def one(extractor, final, x):
             with tf.GradientTape() as tape:
-                features, pooled = self._model(x, training=False)
+                features, pooled = extractor(x, training=False)
                 tape.watch(features)
                 logits = tf.matmul(tf.cast(pooled, tf.float32), tf.cast(final.kernel, tf.float32)) + \
                     tf.cast(final.bias, tf.float32)
@@ -49,9 +67,14 @@ class GradCam:
             grads = tape.gradient(logit, features)
             weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(1, 2))
             cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))
-            peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-            cam = tf.math.divide_no_nan(cam, peak)
-            return tf.sigmoid(logit), cam
+            return tf.sigmoid(logit), _unit_peak(cam)
+
+        @tf.function(reduce_retracing=True)
+        def _run(x):
+            results = [one(extractor, final, x) for extractor, final in heads]
+            scores = tf.add_n([score for score, _ in results]) / len(results)
+            cams = tf.add_n([cam for _, cam in results]) / len(results)
+            return scores, _unit_peak(cams)
 
         self._run = _run
 

@@ -107,6 +107,44 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
     assert score.shape == (1,) and 0 <= score[0] <= 1
 
 
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
+def test_ensemble_of_members_on_one_split(labeled_folder, tmp_path):
+    from cxrscreen.errors import ModelError
+    from cxrscreen.explain import GradCam
+    from training.ensemble import make_ensemble
+    from training.train import FitConfig, fit
+
+    def member(name, seed, split_seed):
+        config = FitConfig(input_size=64, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3,
+                           workers=1, seed=seed, split_seed=split_seed)
+        fit(labeled_folder, tmp_path / name / f"{name}.keras", config, test_dir=False)
+        return tmp_path / name / f"{name}.keras"
+
+    first, second, other_split = member("a", 1, 7), member("b", 2, 7), member("c", 3, 8)
+    out = tmp_path / "models" / "ens.keras"
+    card = make_ensemble([first, second], labeled_folder, out, workers=1)
+    assert [m["file"] for m in card["ensemble"]["members"]] == ["a.keras", "b.keras"]
+    assert card["threshold"]["chosen_on"] == "validation" and card["metrics"]["test"]["n_positive"] == 4
+    assert card["training"]["split_seed"] == 7
+    assert D.read_split(out.with_suffix(".split.csv")) == D.read_split(first.with_suffix(".split.csv"))
+    for suffix in (".json", ".roc.png", ".training_curves.png"):
+        assert out.with_suffix(suffix).is_file()
+
+    # the screening side loads it like any model: the mean of the members, and Grad-CAM agrees with it
+    ensemble, a, b = load_model(out), load_model(first), load_model(second)
+    assert ensemble.card.threshold == card["threshold"]["value"]
+    images = np.stack([load_model_input(p, ensemble.card.preprocessing)
+                       for p in sorted((labeled_folder / "test" / "PNEUMONIA").iterdir())])
+    mean = (a.predict(images) + b.predict(images)) / 2
+    np.testing.assert_allclose(ensemble.predict(images), mean, atol=1e-5)
+    scores, cams = GradCam(ensemble.keras_model, ensemble.card.gradcam_layer)(images)
+    np.testing.assert_allclose(scores, mean, atol=1e-5)
+    assert cams.shape[0] == len(images) and 0 <= cams.min() and cams.max() <= 1
+
+    with pytest.raises(ModelError, match="another train/validation split"):
+        make_ensemble([first, other_split], labeled_folder, tmp_path / "bad" / "bad.keras", workers=1)
+
+
 def test_lite0_port_matches_a_pytorch_reference():
     """The Keras Lite0 with converted weights and geffnet's tf_efficientnet_lite0 agree on logits."""
     torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""python -m training {fit,evaluate,backbones,convert-lite0} (run from the repository root)."""
+"""python -m training {fit,ensemble,evaluate,backbones,convert-lite0} (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,37 @@ def _short(point):
     if not point:
         return None
     return {k: round(point[k], 4) for k in ("auc", "sensitivity", "specificity", "accuracy", "precision", "f1")}
+
+
+@cli.command()
+@click.option("--member", "members", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
+              help="A trained NAME.keras (card and split file beside it); give two or more.")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The folder the members were trained on (DIR/train, and DIR/test if present).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="models/NAME.keras")
+@click.option("--test", "test_dir", type=click.Path(exists=True, path_type=Path),
+              help="Labeled test folder [default: DATA/test if present].")
+@click.option("--no-test", is_flag=True, help="Do not score any test split (decide on validation first).")
+@click.option("--target-sensitivity", default=0.95, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+def ensemble(members, data_dir, out, test_dir, no_test, target_sensitivity, batch_size, workers):
+    """Average members trained on one split; threshold on validation; write NAME.keras + card."""
+    from cxrscreen.errors import CxrError
+
+    from .ensemble import make_ensemble
+
+    if no_test and test_dir:
+        raise click.UsageError("--test and --no-test contradict each other")
+    try:
+        card = make_ensemble(list(members), data_dir, out, test_dir=False if no_test else test_dir,
+                             target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers)
+    except CxrError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(json.dumps({"model": str(out), "threshold": card["threshold"]["value"],
+                           "members": [_short(m["validation"]) for m in card["ensemble"]["members"]],
+                           "validation": _short(card["metrics"]["validation"]),
+                           "test": _short(card["metrics"]["test"])}, indent=2))
 
 
 @cli.command()

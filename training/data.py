@@ -96,6 +96,20 @@ def write_split(path: Path, **splits: list[Example]) -> None:
                 writer.writerow([name, str(ex.path), CLASSES[ex.label], ex.patient])
 
 
+def read_split(path: Path) -> dict[str, set[tuple[str, str]]]:
+    """A split file as ``{split: {(file name, label), ...}}`` (file names: the paths depend on the cwd)."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            out.setdefault(row["split"], set()).add((Path(row["path"]).name, row["label"]))
+    return out
+
+
+def split_names(**splits: list[Example]) -> dict[str, set[tuple[str, str]]]:
+    """The same shape as :func:`read_split`, from lists of examples."""
+    return {name: {(ex.path.name, CLASSES[ex.label]) for ex in items} for name, items in splits.items()}
+
+
 def class_weights(examples: list[Example]) -> dict[int, float]:
     """Inverse-frequency weights (balanced): n / (2 * n_class)."""
     counts = np.bincount([e.label for e in examples], minlength=2)

@@ -158,25 +158,6 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig, test_dir: Path
     run_phase(config.finetune_epochs, config.finetune_lr, top)
     train_seconds = time.time() - started
 
-    val_scores = predict_examples(model, val, spec, config.batch_size, config.workers)
-    val_labels = np.array([e.label for e in val])
-    threshold = threshold_for_sensitivity(val_scores, val_labels, config.target_sensitivity)
-    val_point = operating_point(val_scores, val_labels, threshold)
-    test_point, test_counts = None, None
-    if test_dir is None and (data_dir / "test").is_dir():
-        test_dir = data_dir / "test"
-    if test_dir is not None:
-        test = D.list_examples(test_dir)
-        test_scores = predict_examples(model, test, spec, config.batch_size, config.workers)
-        test_labels = np.array([e.label for e in test])
-        test_point = operating_point(test_scores, test_labels, threshold)
-        test_counts = _counts(test)
-        _plot_roc(out.parent / f"{out.stem}.roc.png", val_scores, val_labels, test_scores, test_labels, threshold)
-    else:
-        _plot_roc(out.parent / f"{out.stem}.roc.png", val_scores, val_labels, None, None, threshold)
-    _plot_curves(out.parent / f"{out.stem}.training_curves.png", history)
-
-    save_for_inference(model, out)
     card = {
         "format": CARD_FORMAT,
         "name": out.stem,
@@ -185,17 +166,50 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig, test_dir: Path
         "tool_version": __version__,
         "device": device_description(),
         "train_seconds": round(train_seconds, 1),
+        "training": {**asdict(config), "class_weights": weights, "history": history},
+    }
+    return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
+                  test_dir=test_dir, target_sensitivity=config.target_sensitivity, batch_size=config.batch_size,
+                  workers=config.workers, curves={"": history})
+
+
+def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val, split_file: Path,
+           test_dir: Path | str | None | bool, target_sensitivity: float, batch_size: int, workers: int,
+           curves: dict[str, dict]) -> dict:
+    """Threshold on validation, score test (if any), save the model and write card and plots.
+
+    Shared by a single fit and an ensemble; ``card`` holds what only the caller knows. ``test_dir``
+    None means ``data_dir/test`` when it exists; False means no test split at all.
+    """
+    val_scores = predict_examples(model, val, spec, batch_size, workers)
+    val_labels = np.array([e.label for e in val])
+    threshold = threshold_for_sensitivity(val_scores, val_labels, target_sensitivity)
+    val_point = operating_point(val_scores, val_labels, threshold)
+    test_point, test_counts, test_scores, test_labels = None, None, None, None
+    if test_dir is None and (data_dir / "test").is_dir():
+        test_dir = data_dir / "test"
+    if test_dir:
+        test = D.list_examples(test_dir)
+        test_scores = predict_examples(model, test, spec, batch_size, workers)
+        test_labels = np.array([e.label for e in test])
+        test_point = operating_point(test_scores, test_labels, threshold)
+        test_counts = _counts(test)
+    _plot_roc(out.parent / f"{out.stem}.roc.png", val_scores, val_labels, test_scores, test_labels, threshold)
+    _plot_curves(out.parent / f"{out.stem}.training_curves.png", curves)
+
+    save_for_inference(model, out)
+    card = {
+        **card,
         "model_sha256": sha256_file(out),
         "preprocessing": spec.to_json(),
         "output": {"activation": "sigmoid", "positive_class": "PNEUMONIA"},
         "gradcam_layer": _last_conv_layer(model),
-        "threshold": {"value": threshold, "target_sensitivity": config.target_sensitivity,
+        "threshold": {"value": threshold, "target_sensitivity": target_sensitivity,
                       "chosen_on": "validation", "validation": val_point.to_json()},
         "data": {"source": str(data_dir), "split": "patient-level, seeded, stratified by class; test split "
                  "never used for training, selection or threshold", "split_file": split_file.name,
                  "train": _counts(train), "validation": _counts(val), "test": test_counts,
                  "horizontal_flips": False},
-        "training": {**asdict(config), "class_weights": weights, "history": history},
         "metrics": {"validation": val_point.to_json(), "test": test_point.to_json() if test_point else None},
     }
     card_path(out).write_text(json.dumps(card, indent=2, default=str))
@@ -224,7 +238,8 @@ def _last_conv_layer(model) -> str:
     return find_gradcam_layer(model)
 
 
-def _plot_curves(path: Path, history: dict) -> None:
+def _plot_curves(path: Path, curves: dict[str, dict]) -> None:
+    """Loss and AUC per epoch; ``curves`` maps a run label ("" for a single model) to its Keras history."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,10 +247,11 @@ def _plot_curves(path: Path, history: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for key, ax in (("loss", axes[0]), ("auc", axes[1])):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            if prefix + key in history:
-                ax.plot(range(1, len(history[prefix + key]) + 1), history[prefix + key], style,
-                        label=("validation " if prefix else "train ") + key)
+        for run, history in curves.items():
+            for prefix, style in (("", "-"), ("val_", "--")):
+                if prefix + key in history:
+                    ax.plot(range(1, len(history[prefix + key]) + 1), history[prefix + key], style,
+                            label=f"{run} " * bool(run) + ("validation " if prefix else "train ") + key)
         ax.set_xlabel("epoch (head phase, then fine-tuning)")
         ax.set_title(key)
         ax.legend()
