@@ -159,10 +159,13 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
               help="Seconds between full rescans of the inbox (network mounts deliver no file events).")
 @click.option("--state", type=click.Path(dir_okay=False, path_type=Path),
               help="The SQLite ledger (default: OUT/.cxrscreen-watch.sqlite). Keep it on a local disk.")
+@click.option("--worklist-days", default=7.0, show_default=True, type=float,
+              help="summary and worklist.pdf list the studies of the last N days and every pending one "
+                   "(0: all; the ledger keeps everything).")
 @screening_options
 @click.option("--once", is_flag=True, help="Handle what is in the inbox now, then exit (for cron). "
                                           "Exit code 1 when a file failed.")
-def watch(inbox, out, archive, quarantine, settle, rescan, state, model_path, threshold, calibration, batch_size,
+def watch(inbox, out, archive, quarantine, settle, rescan, state, worklist_days, model_path, threshold, calibration, batch_size,
           workers, gradcam, include_lateral, any_body_part, once):
     """Screen studies as they arrive in INBOX, each exactly once; stop with SIGTERM or Ctrl-C."""
     import signal
@@ -180,7 +183,7 @@ def watch(inbox, out, archive, quarantine, settle, rescan, state, model_path, th
 
     try:
         options = WatchOptions(inbox=inbox, out=out, archive=archive, quarantine=quarantine, settle=settle,
-                               rescan=rescan, state=state, model_path=model_path, threshold=threshold,
+                               rescan=rescan, state=state, worklist_days=worklist_days, model_path=model_path, threshold=threshold,
                                calibration=calibration, batch_size=batch_size, workers=workers, gradcam=gradcam,
                                include_lateral=include_lateral, any_body_part=any_body_part, once=once)
         signal.signal(signal.SIGTERM, on_signal)

@@ -247,8 +247,9 @@ class Ledger:
         """Files already handled (scored, skipped, failed) that are still where they arrived."""
         return self._files("location = inbox_path AND move_to IS NULL AND status != 'pending'")
 
-    def failed_and_skipped(self) -> list[FileRow]:
-        return self._files("status IN ('failed', 'skipped')")
+    def failed_and_skipped(self, since: float = 0.0) -> list[FileRow]:
+        """Failed and skipped files taken at or after ``since`` (epoch seconds)."""
+        return self._files("status IN ('failed', 'skipped') AND taken_at >= ?", (since,))
 
     # ------------------------------------------------------------------ studies
 
@@ -263,6 +264,10 @@ class Ledger:
 
     def studies(self, status: str | None = None) -> list[StudyRow]:
         return self._studies("status = ?", (status,)) if status else self._studies("1")
+
+    def recent_studies(self, since: float) -> list[StudyRow]:
+        """Studies updated at or after ``since`` (epoch seconds), and every pending one."""
+        return self._studies("updated >= ? OR status = 'pending'", (since,))
 
     def ready_studies(self, arrived_before: float) -> list[StudyRow]:
         """Pending studies whose last file arrived before ``arrived_before`` (oldest first)."""

@@ -77,6 +77,7 @@ class WatchOptions:
     include_lateral: bool = False
     any_body_part: bool = False
     once: bool = False
+    worklist_days: float = 7.0   # summary/worklist window; 0 = every study the ledger holds
     max_images: int = 128        # per screening round: bounds how long SIGTERM waits for the round to end
     poll: float = 0.25
 
@@ -87,6 +88,8 @@ class WatchOptions:
         if self.settle < 0 or self.rescan <= 0:
             raise UsageError("--settle must be >= 0 and --rescan > 0")
         check_screening_options(self.gradcam, self.batch_size, self.workers, self.threshold)
+        if self.worklist_days < 0:
+            raise UsageError("--worklist-days must be >= 0 (0: every study)")
         if self.max_images < 1:
             raise UsageError("max_images must be at least 1")
         root = inbox.resolve()
@@ -567,8 +570,10 @@ class Watcher:
     # ------------------------------------------------------------------ summary and worklist
 
     def _write_summary(self) -> None:
+        days = self.options.worklist_days
+        since = time.time() - days * 86400 if days else 0.0
         rows = []
-        for s in self.ledger.studies():
+        for s in self.ledger.recent_studies(since):
             if not s.version and s.status != "failed":
                 continue
             rows.append({"kind": "study", "rank": 0, "status": "scored" if s.version else "failed",
@@ -579,11 +584,11 @@ class Watcher:
                          "files": [f.location for f in self.ledger.study_files(s.study_uid)],
                          "path": "", "step": "", "tag": "", "reason": s.reason})
         outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
-                                study_uid=f.study_uid) for f in self.ledger.failed_and_skipped()]
+                                study_uid=f.study_uid) for f in self.ledger.failed_and_skipped(since)]
         rows = rank_rows(rows) + file_rows(outcomes)
         meta = {"tool_version": __version__, "mode": "watch", "inbox": str(self.inbox), "model": str(self.model.path),
                 "model_sha256": self.model.sha256, "threshold": self.threshold, "operating_point": self.operating,
-                "ledger": str(self.options.state_file), **self.ledger.counts()}
+                "ledger": str(self.options.state_file), "worklist_days": days or "all", **self.ledger.counts()}
         write_summary(self.out, rows, meta)
         write_worklist(self.out / "worklist.pdf", rows, meta)
         self._summary_due = False

@@ -6,6 +6,7 @@ Waits are bounded (a generous deadline, then the test fails); nothing asserts on
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sqlite3
@@ -315,6 +316,31 @@ def test_identical_copy_is_skipped_and_files_already_there_are_processed(dirs, m
     before = {p: p.stat().st_mtime_ns for p in reports(out)}
     assert Watcher(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True), model=model).run() == 0
     assert {p: p.stat().st_mtime_ns for p in reports(out)} == before
+
+
+def test_worklist_lists_recent_studies_and_the_ledger_keeps_all(dirs, model):
+    inbox, out = dirs
+    write_study(inbox / "old", "old", images=1)
+    write_study(inbox / "new", "new", images=1)
+    options = dict(settle=0.2, rescan=0.5, gradcam="none", once=True)
+    assert Watcher(WatchOptions(inbox, out, **options), model=model).run() == 0
+    db = sqlite3.connect(out / STATE_FILE)
+    with db:                                           # as if "old" had been reported ten days ago
+        old = db.execute("SELECT study_uid FROM studies ORDER BY last_arrival LIMIT 1").fetchone()[0]
+        db.execute("UPDATE studies SET updated = updated - 10 * 86400 WHERE study_uid = ?", (old,))
+    db.close()
+    write_study(inbox / "third", "third", images=1)    # something new, so the summary is rewritten
+    assert Watcher(WatchOptions(inbox, out, worklist_days=7, **options), model=model).run() == 0
+    summary = json.loads((out / "summary.json").read_text())
+    listed = {row["study_uid"] for row in summary["rows"] if row["kind"] == "study"}
+    assert len(listed) == 2 and old not in listed
+    assert summary["studies"]["done"] == 3 and summary["worklist_days"] == 7
+    write_study(inbox / "fourth", "fourth", images=1)
+    assert Watcher(WatchOptions(inbox, out, worklist_days=0, **options), model=model).run() == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert old in {row["study_uid"] for row in summary["rows"] if row["kind"] == "study"}
+    with pytest.raises(UsageError):
+        WatchOptions(inbox, out, worklist_days=-1)
 
 
 def test_restart_with_archive_moves_handled_files_and_finishes_an_interrupted_move(dirs, model, tmp_path):
