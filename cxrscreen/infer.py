@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,17 +21,19 @@ from .errors import ModelError
 from .normalise import PreprocessSpec
 
 CARD_FORMAT = "cxrscreen-model-card/1"
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "cxr-default.keras"
+DEFAULT_NAME = "cxr-default.keras"
 
 
 def default_model_path() -> Path:
-    """The bundled default model: inside the package, or ``models/`` of a source checkout."""
+    """The bundled default model: ``$CXRSCREEN_MODEL``, else ``models/`` of the source checkout this
+    package runs from (``pip install -e .``), else the copy a plain ``pip install .`` puts in
+    ``<prefix>/share/cxrscreen/models`` (setup.cfg ``data_files``)."""
     env = os.environ.get("CXRSCREEN_MODEL")
     if env:
         return Path(env)
-    if DEFAULT_MODEL.is_file():
-        return DEFAULT_MODEL
-    return Path(__file__).resolve().parents[1] / "models" / "cxr-default.keras"
+    checkout = Path(__file__).resolve().parents[1] / "models" / DEFAULT_NAME
+    installed = Path(sys.prefix) / "share" / "cxrscreen" / "models" / DEFAULT_NAME
+    return checkout if checkout.is_file() or not installed.is_file() else installed
 
 
 def card_path(model_path: Path | str) -> Path:

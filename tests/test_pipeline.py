@@ -176,3 +176,22 @@ def test_a_failed_image_of_a_reused_study_stays_in_the_summary(tmp_path, model):
         failed = [r for r in summary.rows if r["status"] == "failed"]
         assert [Path(r["path"]).name for r in failed] == ["bad.dcm"] and failed[0]["step"] == "decode"
         assert summary.exit_code == 1 and summary.reused == attempt
+
+
+def test_default_model_is_found_in_a_checkout_or_where_pip_install_put_it(tmp_path, monkeypatch):
+    import sys
+
+    from cxrscreen import infer
+
+    monkeypatch.delenv("CXRSCREEN_MODEL", raising=False)
+    assert infer.default_model_path() == Path(__file__).resolve().parents[1] / "models" / "cxr-default.keras"
+    # a plain `pip install .`: the package in site-packages, the model in <prefix>/share (setup.cfg data_files)
+    monkeypatch.setattr(infer, "__file__", str(tmp_path / "lib" / "site-packages" / "cxrscreen" / "infer.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    shared = tmp_path / "share" / "cxrscreen" / "models" / "cxr-default.keras"
+    assert infer.default_model_path().parent.parent.name == "site-packages"   # nothing installed: names the checkout
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"")
+    assert infer.default_model_path() == shared
+    monkeypatch.setenv("CXRSCREEN_MODEL", str(tmp_path / "mine.keras"))
+    assert infer.default_model_path() == tmp_path / "mine.keras"
