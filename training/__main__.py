@@ -24,6 +24,7 @@ def cli() -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="models/NAME.keras")
 @click.option("--test", "test_dir", type=click.Path(exists=True, path_type=Path),
               help="Labeled test folder (default: DIR/test when present). Scored once, at the end.")
+@click.option("--no-test", is_flag=True, help="Do not score any test split (decide on validation first).")
 @click.option("--weights", default="imagenet", show_default=True,
               help="'imagenet', a weights file, or 'none' (random init).")
 @click.option("--input-size", default=224, show_default=True)
@@ -42,12 +43,15 @@ def cli() -> None:
 @click.option("--workers", default=2, show_default=True)
 @click.option("--augment", "augment_level", type=click.Choice(["standard", "strong"]), default="standard",
               show_default=True, help="Augmentation level (training.data.AUGMENT_LEVELS).")
-def fit(data_dir, backbone, out, test_dir, weights, input_size, batch_size, head_epochs, finetune_epochs,
+def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_size, head_epochs, finetune_epochs,
         head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, split_seed, max_examples, workers,
         augment_level):
     """Two-phase transfer learning; writes NAME.keras, NAME.json (card), plots and the split."""
     from .backbones import WeightsUnavailable
     from .train import FitConfig, fit as run_fit
+
+    if no_test and test_dir:
+        raise click.UsageError("--test and --no-test contradict each other")
 
     config = FitConfig(backbone=backbone, input_size=input_size, batch_size=batch_size, head_epochs=head_epochs,
                        finetune_epochs=finetune_epochs, head_lr=head_lr, finetune_lr=finetune_lr,
@@ -58,7 +62,7 @@ def fit(data_dir, backbone, out, test_dir, weights, input_size, batch_size, head
     from cxrscreen.errors import CxrError
 
     try:
-        card = run_fit(data_dir, out, config, test_dir)
+        card = run_fit(data_dir, out, config, False if no_test else test_dir)
     except CxrError as exc:
         raise click.ClickException(exc.message) from None
     except (WeightsUnavailable, FileNotFoundError, KeyError) as exc:

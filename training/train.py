@@ -98,7 +98,8 @@ def _compile(model, lr: float, smoothing: float):
                   metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")])
 
 
-def fit(data_dir: Path | str, out: Path | str, config: FitConfig, test_dir: Path | str | None = None) -> dict:
+def fit(data_dir: Path | str, out: Path | str, config: FitConfig,
+        test_dir: Path | str | None | bool = None) -> dict:
     """Train, choose the threshold on validation, evaluate on test, write model + card + plots."""
     import keras
 
