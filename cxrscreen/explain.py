@@ -52,7 +52,6 @@ class GradCam:
                 raise ValueError(f"Grad-CAM expects {member.name} to end in a Dense layer")
             extractor = keras.Model(member.inputs, [member.get_layer(self.layer_name).output, final.input])
             heads.append((extractor, final))
-        self._heads = heads
 
         def _unit_peak(cam):
             return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))

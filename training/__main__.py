@@ -50,9 +50,6 @@ def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_s
     from .backbones import WeightsUnavailable
     from .train import FitConfig, fit as run_fit
 
-    if no_test and test_dir:
-        raise click.UsageError("--test and --no-test contradict each other")
-
     config = FitConfig(backbone=backbone, input_size=input_size, batch_size=batch_size, head_epochs=head_epochs,
                        finetune_epochs=finetune_epochs, head_lr=head_lr, finetune_lr=finetune_lr,
                        top_fraction=top_fraction, val_fraction=val_fraction,
@@ -62,7 +59,7 @@ def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_s
     from cxrscreen.errors import CxrError
 
     try:
-        card = run_fit(data_dir, out, config, False if no_test else test_dir)
+        card = run_fit(data_dir, out, config, _test_choice(test_dir, no_test))
     except CxrError as exc:
         raise click.ClickException(exc.message) from None
     except (WeightsUnavailable, FileNotFoundError, KeyError) as exc:
@@ -70,6 +67,13 @@ def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_s
     click.echo(json.dumps({"model": str(out), "threshold": card["threshold"]["value"],
                            "validation": _short(card["metrics"]["validation"]),
                            "test": _short(card["metrics"]["test"])}, indent=2))
+
+
+def _test_choice(test_dir, no_test: bool):
+    """What fit/ensemble get as ``test_dir``: the folder, None (DATA/test if present) or False (none)."""
+    if no_test and test_dir:
+        raise click.UsageError("--test and --no-test contradict each other")
+    return False if no_test else test_dir
 
 
 def _short(point):
@@ -96,10 +100,8 @@ def ensemble(members, data_dir, out, test_dir, no_test, target_sensitivity, batc
 
     from .ensemble import make_ensemble
 
-    if no_test and test_dir:
-        raise click.UsageError("--test and --no-test contradict each other")
     try:
-        card = make_ensemble(list(members), data_dir, out, test_dir=False if no_test else test_dir,
+        card = make_ensemble(list(members), data_dir, out, test_dir=_test_choice(test_dir, no_test),
                              target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers)
     except CxrError as exc:
         raise click.ClickException(exc.message) from None
