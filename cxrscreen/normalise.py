@@ -4,7 +4,9 @@ The contract (:func:`normalise_pixels`, :func:`load_unit_image`): a float32
 2-D image in [0, 1] where **higher means more attenuating** (bone bright, air
 dark), whatever the file: DICOM of any photometric interpretation, bit depth
 and VOI, or an exported JPEG/PNG. :func:`to_model_input` then resizes it to the
-model's input size as the model card's :class:`PreprocessSpec` says.
+model's input size as the model card's :class:`PreprocessSpec` says and, when
+the card asks for it, equalises the result (CLAHE): the model then sees local
+contrast rather than the exposure, VOI window and export curve of one site.
 
 DICOM pixel transformations follow PS3.3 in this order:
 
@@ -346,23 +348,37 @@ def load_unit_image(path: Path | str, kind: FileKind | None = None) -> np.ndarra
         raise exc.with_path(path)
 
 
+EQUALIZE_MODES = ("none", "clahe")
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How a unit image becomes the model's input; stored in the model card.
 
     ``resize`` is ``stretch`` (the training images are square exports whose
     aspect ratio was not kept, so screening must not letterbox either) with
-    OpenCV's area interpolation for downsampling.
+    OpenCV's area interpolation for downsampling. ``equalize`` is ``none`` or
+    ``clahe``: contrast-limited adaptive histogram equalisation of the resized
+    input (8-bit, ``clahe_tiles`` x ``clahe_tiles`` tiles, clip limit
+    ``clahe_clip``; OpenCV's), which removes most of what the window, the
+    exposure and the export curve change between sites. Cards written before
+    ``equalize`` existed mean ``none``.
     """
 
     input_size: tuple[int, int] = (224, 224)   # (height, width)
     resize: str = "stretch"
     interpolation: str = "area"
     contract: str = "unit-gray-v1"             # normalise.py's output contract
+    equalize: str = "none"
+    clahe_clip: float = 2.0
+    clahe_tiles: int = 8
 
     def to_json(self) -> dict:
-        return {"input_size": list(self.input_size), "resize": self.resize,
-                "interpolation": self.interpolation, "contract": self.contract}
+        data = {"input_size": list(self.input_size), "resize": self.resize,
+                "interpolation": self.interpolation, "contract": self.contract, "equalize": self.equalize}
+        if self.equalize == "clahe":
+            data.update(clahe_clip=self.clahe_clip, clahe_tiles=self.clahe_tiles)
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "PreprocessSpec":
@@ -370,22 +386,31 @@ class PreprocessSpec:
             spec = cls(input_size=tuple(int(v) for v in data["input_size"]),
                        resize=str(data.get("resize", "stretch")),
                        interpolation=str(data.get("interpolation", "area")),
-                       contract=str(data.get("contract", "unit-gray-v1")))
+                       contract=str(data.get("contract", "unit-gray-v1")),
+                       equalize=str(data.get("equalize", "none")),
+                       clahe_clip=float(data.get("clahe_clip", 2.0)),
+                       clahe_tiles=int(data.get("clahe_tiles", 8)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model card preprocessing is malformed: {exc}", step="load-model") from None
-        if spec.contract != "unit-gray-v1" or spec.resize != "stretch":
-            raise ModelError(f"model card asks for preprocessing {spec.contract}/{spec.resize}, which this "
-                             "version of cxrscreen does not implement", step="load-model")
+        if spec.contract != "unit-gray-v1" or spec.resize != "stretch" or spec.equalize not in EQUALIZE_MODES:
+            raise ModelError(f"model card asks for preprocessing {spec.contract}/{spec.resize}/{spec.equalize}, "
+                             "which this version of cxrscreen does not implement", step="load-model")
+        if spec.interpolation not in _INTERPOLATION:
+            raise ModelError(f"model card interpolation {spec.interpolation!r} is not one of "
+                             f"{sorted(_INTERPOLATION)}", step="load-model")
         if len(spec.input_size) != 2 or min(spec.input_size) < 16:
             raise ModelError(f"model card input size {spec.input_size} is not usable", step="load-model")
+        if spec.equalize == "clahe" and not (spec.clahe_clip > 0 and 1 <= spec.clahe_tiles <= min(spec.input_size)):
+            raise ModelError(f"model card CLAHE settings (clip {spec.clahe_clip}, tiles {spec.clahe_tiles}) "
+                             "are not usable", step="load-model")
         return spec
 
 
 _INTERPOLATION = {"area": 3, "linear": 1, "cubic": 2}  # cv2.INTER_* values
 
 
-def to_model_input(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Resize a unit image to the model's input: float32 (height, width, 1) in [0, 1]."""
+def resize_to_input(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Resize a unit image to the model's input size: float32 (height, width, 1) in [0, 1]."""
     import cv2
 
     height, width = spec.input_size
@@ -397,6 +422,27 @@ def to_model_input(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.clip(resized, 0.0, 1.0)[..., None]
 
 
+def equalize_input(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The card's equalisation of a resized (height, width, 1) input; identity for ``none``."""
+    if spec.equalize == "none":
+        return img
+    import cv2
+
+    gray = np.rint(np.clip(img[..., 0], 0.0, 1.0) * 255.0).astype(np.uint8)
+    clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(spec.clahe_tiles, spec.clahe_tiles))
+    return (clahe.apply(gray).astype(np.float32) / 255.0)[..., None]
+
+
+def to_model_input(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """A unit image to the model's input: float32 (height, width, 1) in [0, 1]."""
+    return equalize_input(resize_to_input(unit, spec), spec)
+
+
 def load_model_input(path: Path | str, spec: PreprocessSpec, kind: FileKind | None = None) -> np.ndarray:
-    """The one function training and screening both call: file -> model input."""
+    """The one function training and screening both call: file -> model input.
+
+    Training augments between the two halves of :func:`to_model_input`
+    (:func:`resize_to_input`, then :func:`equalize_input`), so the model learns
+    from equalised images of augmented radiographs, as screening shows it.
+    """
     return to_model_input(load_unit_image(path, kind), spec)

@@ -13,7 +13,8 @@ import pytest
 
 from cxrscreen.calibrate import operating_point, roc_auc, threshold_for_sensitivity
 from cxrscreen.infer import load_model
-from cxrscreen.normalise import load_model_input
+from cxrscreen.normalise import (PreprocessSpec, equalize_input, load_model_input, load_unit_image,
+                                 resize_to_input)
 from training import data as D
 from training.lite0 import DEFAULT_WEIGHTS
 
@@ -75,18 +76,36 @@ def test_augmentation_keeps_range_and_never_flips(level):
     assert changed == 20
 
 
+def test_batches_equalize_after_augmenting_and_match_screening_input(labeled_folder):
+    """Training: resize, augment, then the card's CLAHE; validation: exactly what screening computes."""
+    examples = D.list_examples(labeled_folder / "train")[:3]
+    spec = PreprocessSpec(input_size=(48, 48), equalize="clahe")
+    val_x, val_y = D.make_sequence(examples, spec, batch_size=3, train=False, workers=1)[0]
+    expected = np.stack([load_model_input(e.path, spec) for e in examples])
+    np.testing.assert_array_equal(val_x, expected)
+    assert list(val_y) == [e.label for e in examples]
+
+    seq = D.make_sequence(examples, spec, batch_size=3, train=True, seed=5, workers=1)
+    train_x, _ = seq[0]
+    rng = np.random.default_rng((5, 0, 0))
+    augmented = [D.augment(resize_to_input(load_unit_image(examples[i].path), spec), rng, "standard")
+                 for i in seq.order[:3]]
+    np.testing.assert_array_equal(train_x, np.stack([equalize_input(img, spec) for img in augmented]))
+    assert not np.allclose(train_x, np.stack(augmented), atol=0.02)   # the equalisation did happen
+
+
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
 def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
     from training.train import FitConfig, fit
 
     out = tmp_path / "models" / "smoke.keras"
     config = FitConfig(input_size=64, batch_size=8, head_epochs=1, finetune_epochs=1, val_fraction=0.3,
-                       workers=1)
+                       workers=1, equalize="clahe")
     card = fit(labeled_folder, out, config)
     for suffix in (".json", ".split.csv", ".roc.png", ".training_curves.png"):
         assert (out.parent / f"smoke{suffix}").is_file() or out.with_suffix(suffix).is_file()
     written = json.loads(out.with_suffix(".json").read_text())
-    assert written["preprocessing"]["input_size"] == [64, 64]
+    assert written["preprocessing"]["input_size"] == [64, 64] and written["preprocessing"]["equalize"] == "clahe"
     assert written["threshold"]["chosen_on"] == "validation"
     assert written["metrics"]["test"]["n_positive"] == 4 and written["data"]["horizontal_flips"] is False
     with zipfile.ZipFile(out) as archive:      # saved for inference: no optimizer state
@@ -101,6 +120,7 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
     # the screening side reads input size, preprocessing and threshold from the card
     loaded = load_model(out)
     assert loaded.input_size == (64, 64) and loaded.card.threshold == card["threshold"]["value"]
+    assert loaded.card.preprocessing == PreprocessSpec(input_size=(64, 64), equalize="clahe")
     image = load_model_input(next((labeled_folder / "test" / "NORMAL").iterdir()), loaded.card.preprocessing)
     assert image.shape == (64, 64, 1)
     score = loaded.predict(image[None])

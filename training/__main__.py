@@ -43,9 +43,12 @@ def cli() -> None:
 @click.option("--workers", default=2, show_default=True)
 @click.option("--augment", "augment_level", type=click.Choice(["standard", "strong"]), default="standard",
               show_default=True, help="Augmentation level (training.data.AUGMENT_LEVELS).")
+@click.option("--equalize", type=click.Choice(["none", "clahe"]), default="none", show_default=True,
+              help="Input equalisation recorded in the card and applied by screening too (CLAHE: 8x8 tiles, "
+                   "clip 2).")
 def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_size, head_epochs, finetune_epochs,
         head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, split_seed, max_examples, workers,
-        augment_level):
+        augment_level, equalize):
     """Two-phase transfer learning; writes NAME.keras, NAME.json (card), plots and the split."""
     from .backbones import WeightsUnavailable
     from .train import FitConfig, fit as run_fit
@@ -55,7 +58,7 @@ def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_s
                        top_fraction=top_fraction, val_fraction=val_fraction,
                        target_sensitivity=target_sensitivity, seed=seed, split_seed=split_seed,
                        weights=None if weights == "none" else weights, max_examples=max_examples, workers=workers,
-                       augment=augment_level)
+                       augment=augment_level, equalize=equalize)
     from cxrscreen.errors import CxrError
 
     try:

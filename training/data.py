@@ -2,6 +2,9 @@
 
 Every image goes through :func:`cxrscreen.normalise.load_model_input`, the same
 function screening uses, so the model sees the same intensities in both.
+Training batches augment between its two halves: resize, augment, then the
+card's equalisation (CLAHE when asked), so what the model learns from is
+always something screening can show it.
 
 Augmentation (training batches only) covers what differs between sites and
 exports. Two levels (``AUGMENT_LEVELS``): ``standard`` is small rotations
@@ -28,7 +31,7 @@ import numpy as np
 
 from cxrscreen.calibrate import read_labeled_csv
 from cxrscreen.ingest import discover, sniff
-from cxrscreen.normalise import PreprocessSpec, load_model_input
+from cxrscreen.normalise import PreprocessSpec, equalize_input, load_model_input, load_unit_image, resize_to_input
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^(NORMAL2-IM-\d+)"), re.compile(r"^(IM-\d+)"))
@@ -179,8 +182,12 @@ def make_sequence(examples: list[Example], spec: PreprocessSpec, *, batch_size: 
             picked = self.order[index * batch_size:(index + 1) * batch_size]
             images = []
             for i in picked:
-                img = load_model_input(self.examples[i].path, spec)
-                images.append(augment(img, rng, augment_level) if train else img)
+                path = self.examples[i].path
+                if train:
+                    img = augment(resize_to_input(load_unit_image(path), spec), rng, augment_level)
+                    images.append(equalize_input(img, spec))
+                else:
+                    images.append(load_model_input(path, spec))
             labels = np.array([self.examples[i].label for i in picked], dtype=np.float32)
             return np.stack(images), labels
 

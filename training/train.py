@@ -42,6 +42,7 @@ class FitConfig:
     dropout: float = 0.3
     label_smoothing: float = 0.05
     augment: str = "standard"             # see training.data.AUGMENT_LEVELS
+    equalize: str = "none"                # the card's preprocessing: none or clahe (cxrscreen.normalise)
     val_fraction: float = 0.15
     target_sensitivity: float = 0.95
     patience: int = 3
@@ -109,7 +110,7 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig,
     if has_gpu():
         keras.mixed_precision.set_global_policy("mixed_float16")
         config.batch_size = max(config.batch_size, 64)
-    spec = PreprocessSpec(input_size=(config.input_size, config.input_size))
+    spec = PreprocessSpec(input_size=(config.input_size, config.input_size), equalize=config.equalize)
     data_dir = Path(data_dir)
     train_source = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
     examples = D.list_examples(train_source)
