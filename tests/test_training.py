@@ -128,6 +128,41 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
+def test_gpu_path_trains_in_mixed_precision_and_saves_a_float32_model(labeled_folder, tmp_path, monkeypatch):
+    """What fit does when a GPU is present, run on the CPU: mixed_float16 and a batch of 64 while
+    training; the saved model computes in float32 (screening runs on CPU servers) and the process's
+    policy is float32 again afterwards."""
+    import keras
+
+    from training import train as T
+
+    monkeypatch.setattr(T, "has_gpu", lambda: True)
+    out = tmp_path / "gpu" / "mixed.keras"
+    config = T.FitConfig(input_size=64, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3,
+                         workers=1)
+    card = T.fit(labeled_folder, out, config, test_dir=False)
+    assert card["training"]["precision"] == "mixed_float16" and card["training"]["batch_size"] == 64
+    assert keras.mixed_precision.global_policy().name == "float32"
+    loaded = load_model(out)
+    policies = {layer.dtype_policy.name for layer in loaded.keras_model.layers}
+    assert policies == {"float32"}, policies
+    score = loaded.predict(np.zeros((1, 64, 64, 1), np.float32))
+    assert score.dtype == np.float64 and 0 <= score[0] <= 1
+
+
+def test_float32_config_rewrites_nested_mixed_policies():
+    from training.train import float32_config
+
+    mixed = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_float16"}}
+    config = {"layers": [{"config": {"dtype": mixed, "layer": {"config": {"dtype": dict(mixed)}}}},
+                         {"config": {"dtype": {**mixed, "config": {"name": "float32"}}}}]}
+    out = float32_config(config)
+    assert out["layers"][0]["config"]["dtype"]["config"]["name"] == "float32"
+    assert out["layers"][0]["config"]["layer"]["config"]["dtype"]["config"]["name"] == "float32"
+    assert config["layers"][0]["config"]["dtype"]["config"]["name"] == "mixed_float16"   # input untouched
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
 def test_ensemble_of_members_on_one_split(labeled_folder, tmp_path):
     from cxrscreen.errors import ModelError
     from cxrscreen.explain import GradCam

@@ -107,9 +107,19 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
+    policy = keras.mixed_precision.global_policy()
     if has_gpu():
         keras.mixed_precision.set_global_policy("mixed_float16")
         config.batch_size = max(config.batch_size, 64)
+    try:
+        return _fit(data_dir, out, config, test_dir)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)   # a later model in this process is float32 again
+
+
+def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir) -> dict:
+    import keras
+
     spec = PreprocessSpec(input_size=(config.input_size, config.input_size), equalize=config.equalize)
     data_dir = Path(data_dir)
     train_source = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
@@ -168,7 +178,8 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig,
         "tool_version": __version__,
         "device": device_description(),
         "train_seconds": round(train_seconds, 1),
-        "training": {**asdict(config), "class_weights": weights, "history": history},
+        "training": {**asdict(config), "precision": keras.mixed_precision.global_policy().name,
+                     "class_weights": weights, "history": history},
     }
     return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
                   test_dir=test_dir, target_sensitivity=config.target_sensitivity, batch_size=config.batch_size,
@@ -219,13 +230,31 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
 
 
 def save_for_inference(model, out: Path) -> None:
-    """Save the model without optimizer state (a third of the size; screening never trains)."""
+    """Save the model without optimizer state (a third of the size; screening never trains), in float32.
+
+    A model trained under mixed precision (GPU) would otherwise keep ``mixed_float16`` layer
+    policies and compute in float16 on the CPU servers that screen; its variables are float32
+    anyway, so the weights carry over unchanged.
+    """
     import keras
 
     # Keras >= 3.1x clone_model also clones the compile state (optimizer included); from_config does not.
-    fresh = keras.Model.from_config(model.get_config())
+    fresh = keras.Model.from_config(float32_config(model.get_config()))
     fresh.set_weights(model.get_weights())
     fresh.save(out)
+
+
+def float32_config(config):
+    """A copy of a Keras config with every mixed-precision dtype policy replaced by float32."""
+    if isinstance(config, list):
+        return [float32_config(v) for v in config]
+    if not isinstance(config, dict):
+        return config
+    out = {k: float32_config(v) for k, v in config.items()}
+    name = out.get("config", {}).get("name") if isinstance(out.get("config"), dict) else None
+    if out.get("class_name") == "DTypePolicy" and isinstance(name, str) and name.startswith("mixed_"):
+        out["config"] = {**out["config"], "name": "float32"}
+    return out
 
 
 def _counts(examples) -> dict:
