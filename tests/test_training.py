@@ -150,6 +150,25 @@ def test_gpu_path_trains_in_mixed_precision_and_saves_a_float32_model(labeled_fo
     assert score.dtype == np.float64 and 0 <= score[0] <= 1
 
 
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
+def test_record_test_scores_the_test_split_once_into_the_card(labeled_folder, tmp_path):
+    from training.train import FitConfig, evaluate, fit, record_test
+
+    out = tmp_path / "nt" / "no-test.keras"
+    config = FitConfig(input_size=32, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3, workers=1)
+    card = fit(labeled_folder, out, config, test_dir=False)
+    assert card["metrics"]["test"] is None and card["data"]["test"] is None
+    recorded = record_test(out, labeled_folder / "test")
+    on_disk = json.loads(out.with_suffix(".json").read_text())
+    assert on_disk["metrics"]["test"] == recorded["metrics"]["test"]
+    assert on_disk["data"]["test"]["NORMAL"] == 4 and on_disk["data"]["test"]["PNEUMONIA"] == 4
+    assert on_disk["metrics"]["validation"] == card["metrics"]["validation"]     # nothing else moves
+    again = evaluate(out, labeled_folder / "test")
+    assert again["auc"] == pytest.approx(on_disk["metrics"]["test"]["auc"])
+    with pytest.raises(SystemExit, match="scored once"):
+        record_test(out, labeled_folder / "test")
+
+
 def test_float32_config_rewrites_nested_mixed_policies():
     from training.train import float32_config
 

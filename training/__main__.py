@@ -118,10 +118,18 @@ def ensemble(members, data_dir, out, test_dir, no_test, target_sensitivity, batc
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--batch-size", default=32, show_default=True)
-def evaluate(model_path, data_dir, batch_size):
+@click.option("--record", is_flag=True,
+              help="Write the result into the card as its test metrics (once; for a model trained with "
+                   "--no-test, after deciding on validation). Redraws NAME.roc.png.")
+def evaluate(model_path, data_dir, batch_size, record):
     """Score a labeled folder at the model card's threshold."""
-    from .train import evaluate as run_evaluate
+    from .train import evaluate as run_evaluate, record_test
 
+    if record:
+        card = record_test(model_path, data_dir, batch_size)
+        click.echo(json.dumps({"model": str(model_path), "threshold": card["threshold"]["value"],
+                               "test": card["metrics"]["test"]}, indent=2))
+        return
     result = run_evaluate(model_path, data_dir, batch_size)
     result.pop("scores")
     result.pop("labels")

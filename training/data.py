@@ -108,6 +108,13 @@ def read_split(path: Path) -> dict[str, set[tuple[str, str]]]:
     return out
 
 
+def split_examples(path: Path, split: str) -> list[Example]:
+    """The examples of one side of a split file (paths as written at training time)."""
+    with open(path, newline="") as handle:
+        return [Example(Path(row["path"]), CLASSES.index(row["label"]), row["patient"])
+                for row in csv.DictReader(handle) if row["split"] == split]
+
+
 def split_names(**splits: list[Example]) -> dict[str, set[tuple[str, str]]]:
     """The same shape as :func:`read_split`, from lists of examples."""
     return {name: {(ex.path.name, CLASSES[ex.label]) for ex in items} for name, items in splits.items()}

@@ -316,6 +316,47 @@ def _plot_roc(path: Path, val_scores, val_labels, test_scores, test_labels, thre
     plt.close(fig)
 
 
+def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 32, workers: int = 2) -> dict:
+    """Score the test split once for a model trained with ``--no-test`` and write it into its card.
+
+    For decide-on-validation-first: train (or ensemble) with ``--no-test``, decide, then record.
+    Refuses a card that already has test metrics (the test split is scored once). The validation
+    images are re-scored from the split file to check that model, card and data still belong
+    together, and ``NAME.roc.png`` is redrawn with both curves.
+    """
+    from cxrscreen.infer import load_model
+
+    model_path = Path(model_path)
+    card = json.loads(card_path(model_path).read_text())
+    if (card.get("metrics") or {}).get("test"):
+        raise SystemExit(f"{card_path(model_path)} already has test metrics: the test split is scored once")
+    loaded = load_model(model_path)
+    spec, threshold = loaded.card.preprocessing, loaded.card.threshold
+    split_file = model_path.parent / card["data"]["split_file"]
+    val = D.split_examples(split_file, "validation")
+    missing = [str(e.path) for e in val if not e.path.is_file()]
+    if missing:
+        raise SystemExit(f"{len(missing)} validation images of {split_file.name} not found (e.g. {missing[0]}); "
+                         "run from the folder training ran in")
+    val_scores = predict_examples(loaded.keras_model, val, spec, batch_size, workers)
+    val_labels = np.array([e.label for e in val])
+    val_auc = operating_point(val_scores, val_labels, threshold).auc
+    if abs(val_auc - card["metrics"]["validation"]["auc"]) > 1e-4:
+        raise SystemExit(f"validation AUC {val_auc:.5f} does not reproduce the card's "
+                         f"{card['metrics']['validation']['auc']:.5f}: model, card or data changed")
+    test = D.list_examples(test_dir)
+    test_scores = predict_examples(loaded.keras_model, test, spec, batch_size, workers)
+    test_labels = np.array([e.label for e in test])
+    point = operating_point(test_scores, test_labels, threshold)
+    card["metrics"]["test"] = point.to_json()
+    card["data"]["test"] = {**_counts(test), "source": str(test_dir),
+                            "scored": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    _plot_roc(model_path.parent / f"{model_path.stem}.roc.png", val_scores, val_labels, test_scores, test_labels,
+              threshold)
+    card_path(model_path).write_text(json.dumps(card, indent=2, default=str))
+    return card
+
+
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32) -> dict:
     """Score a labeled folder with a saved model at its card's threshold."""
     from cxrscreen.infer import load_model
