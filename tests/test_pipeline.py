@@ -16,7 +16,7 @@ from cxrscreen.infer import load_model
 from cxrscreen.normalise import load_model_input
 from cxrscreen.pipeline import BatchOptions, run_batch
 from cxrscreen.report import report_filename, safe_name
-from cxrscreen.testing import make_dicom, save
+from cxrscreen.testing import make_dicom, save, uid_from
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
@@ -100,7 +100,7 @@ def test_rerun_redoes_a_study_that_gained_an_image_and_force_redoes_all(inbox, t
     import pydicom
 
     ds = pydicom.dcmread(src)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".2"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid_from(ds.SOPInstanceUID + "/2")
     ds.ViewPosition = "AP"
     ds.save_as(inbox / "study1_cr_mono1_j2k" / "IM0002.dcm")
     second = run_batch([inbox], options, model=model)
