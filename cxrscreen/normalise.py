@@ -362,8 +362,7 @@ class PreprocessSpec:
     input (8-bit, ``clahe_tiles`` x ``clahe_tiles`` tiles, clip limit
     ``clahe_clip``; OpenCV's), which shrinks what the window, the exposure and
     the export curve change between sites (by 30-45% on the bundled chest,
-    not entirely). Cards written before
-    ``equalize`` existed mean ``none``.
+    not entirely). Cards written before ``equalize`` existed mean ``none``.
     """
 
     input_size: tuple[int, int] = (224, 224)   # (height, width)

@@ -86,9 +86,12 @@ def seed_everything(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def predict_examples(model, examples, spec: PreprocessSpec, batch_size: int, workers: int = 2) -> np.ndarray:
+def score_examples(model, examples, spec: PreprocessSpec, batch_size: int,
+                   workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The model's scores for labeled examples, and their labels (1 = PNEUMONIA), in the same order."""
     seq = D.make_sequence(examples, spec, batch_size=batch_size, train=False, workers=workers)
-    return np.asarray(model.predict(seq, verbose=0), dtype=np.float64).reshape(-1)
+    scores = np.asarray(model.predict(seq, verbose=0), dtype=np.float64).reshape(-1)
+    return scores, np.array([e.label for e in examples])
 
 
 def _compile(model, lr: float, smoothing: float):
@@ -194,8 +197,7 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     Shared by a single fit and an ensemble; ``card`` holds what only the caller knows. ``test_dir``
     None means ``data_dir/test`` when it exists; False means no test split at all.
     """
-    val_scores = predict_examples(model, val, spec, batch_size, workers)
-    val_labels = np.array([e.label for e in val])
+    val_scores, val_labels = score_examples(model, val, spec, batch_size, workers)
     threshold = threshold_for_sensitivity(val_scores, val_labels, target_sensitivity)
     val_point = operating_point(val_scores, val_labels, threshold)
     test_point, test_counts, test_scores, test_labels = None, None, None, None
@@ -203,8 +205,7 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
         test_dir = data_dir / "test"
     if test_dir:
         test = D.list_examples(test_dir)
-        test_scores = predict_examples(model, test, spec, batch_size, workers)
-        test_labels = np.array([e.label for e in test])
+        test_scores, test_labels = score_examples(model, test, spec, batch_size, workers)
         test_point = operating_point(test_scores, test_labels, threshold)
         test_counts = _counts(test)
     _plot_roc(out.parent / f"{out.stem}.roc.png", val_scores, val_labels, test_scores, test_labels, threshold)
@@ -338,15 +339,13 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
     if missing:
         raise SystemExit(f"{len(missing)} validation images of {split_file.name} not found (e.g. {missing[0]}); "
                          "run from the folder training ran in")
-    val_scores = predict_examples(loaded.keras_model, val, spec, batch_size, workers)
-    val_labels = np.array([e.label for e in val])
+    val_scores, val_labels = score_examples(loaded.keras_model, val, spec, batch_size, workers)
     val_auc = operating_point(val_scores, val_labels, threshold).auc
     if abs(val_auc - card["metrics"]["validation"]["auc"]) > 1e-4:
         raise SystemExit(f"validation AUC {val_auc:.5f} does not reproduce the card's "
                          f"{card['metrics']['validation']['auc']:.5f}: model, card or data changed")
     test = D.list_examples(test_dir)
-    test_scores = predict_examples(loaded.keras_model, test, spec, batch_size, workers)
-    test_labels = np.array([e.label for e in test])
+    test_scores, test_labels = score_examples(loaded.keras_model, test, spec, batch_size, workers)
     point = operating_point(test_scores, test_labels, threshold)
     card["metrics"]["test"] = point.to_json()
     card["data"]["test"] = {**_counts(test), "source": str(test_dir),
@@ -363,8 +362,7 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32)
 
     loaded = load_model(model_path)
     examples = D.list_examples(data_dir)
-    scores = predict_examples(loaded.keras_model, examples, loaded.card.preprocessing, batch_size)
-    labels = np.array([e.label for e in examples])
+    scores, labels = score_examples(loaded.keras_model, examples, loaded.card.preprocessing, batch_size)
     point = operating_point(scores, labels, loaded.card.threshold)
     return {"model": str(model_path), "data": str(data_dir), **point.to_json(),
             "scores": scores.tolist(), "labels": labels.tolist()}
