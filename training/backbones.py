@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import lite0
+from . import lite
 
 # input scaling modes: how a unit image u in [0, 1] becomes the backbone's input
-#   lite0: (255u - 127) / 128;  tf: 2u - 1;  torch: (u - mean) / std;  caffe: 255u - BGR mean;  raw255: 255u
+#   lite: (255u - 127) / 128;  tf: 2u - 1;  torch: (u - mean) / std;  caffe: 255u - BGR mean;  raw255: 255u
 _TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _CAFFE_MEAN = (103.939, 116.779, 123.68)
 
@@ -25,10 +25,12 @@ class Backbone:
     app: str          # keras.applications constructor name, or "" for the project's own
     scaling: str
     top_fraction: float = 0.25    # share of backbone layers unfrozen in phase 2
+    lite: str = ""    # the project's own EfficientNet-Lite variant ("lite0", "lite2"), when app is ""
 
 
 BACKBONES = {b.name: b for b in (
-    Backbone("efficientnet_lite0", "", "lite0", 0.30),
+    Backbone("efficientnet_lite0", "", "lite", 0.30, lite="lite0"),
+    Backbone("efficientnet_lite2", "", "lite", 0.30, lite="lite2"),
     Backbone("densenet121", "DenseNet121", "torch", 0.15),
     Backbone("resnet50v2", "ResNet50V2", "tf", 0.2),
     Backbone("resnet101v2", "ResNet101V2", "tf", 0.15),
@@ -48,8 +50,9 @@ def weights_status(name: str) -> str:
     """A line for ``python -m training backbones``: where this backbone's ImageNet weights come from."""
     backbone = BACKBONES[name]
     if not backbone.app:
-        return f"present ({lite0.DEFAULT_WEIGHTS.name})" if lite0.DEFAULT_WEIGHTS.is_file() else \
-            "missing: run `python -m training convert-lite0`"
+        path = lite.VARIANTS[backbone.lite].default_weights
+        return f"present ({path.name})" if path.is_file() else \
+            f"missing: run `python -m training convert-lite --variant {backbone.lite}`"
     cache = Path.home() / ".keras" / "models"
     cached = sorted(cache.glob(f"{backbone.app.lower()}*")) if cache.is_dir() else []
     cached += sorted(cache.glob(f"*{backbone.app.lower().replace('v2', '_v2')}*")) if cache.is_dir() else []
@@ -60,8 +63,8 @@ def _scaling_layers(x, mode: str):
     from keras import layers
 
     x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
-    if mode == "lite0":
-        return layers.Rescaling(255.0 / lite0.INPUT_SCALE, offset=-lite0.INPUT_OFFSET / lite0.INPUT_SCALE,
+    if mode == "lite":
+        return layers.Rescaling(255.0 / lite.INPUT_SCALE, offset=-lite.INPUT_OFFSET / lite.INPUT_SCALE,
                                 name="input_scale")(x)
     if mode == "tf":
         return layers.Rescaling(2.0, offset=-1.0, name="input_scale")(x)
@@ -92,13 +95,11 @@ def build_classifier(name: str, input_size: tuple[int, int] = (224, 224), *, wei
     x = _scaling_layers(inputs, backbone.scaling)
     before = None
     if not backbone.app:
-        features = lite0.lite0_features(x)
+        features = lite.lite_features(x, backbone.lite)
         model = keras.Model(inputs, features)
-        names = [layer.name for layer in model.layers if layer.name.startswith("lite0_")]
-        if weights == "imagenet":
-            lite0.load_imagenet_weights_into(model)
-        elif weights:
-            lite0.load_imagenet_weights_into(model, weights)
+        names = [layer.name for layer in model.layers if layer.name.startswith(f"{backbone.lite}_")]
+        if weights:
+            lite.load_imagenet_weights_into(model, None if weights == "imagenet" else weights, backbone.lite)
     else:
         constructor = getattr(keras.applications, backbone.app)
         try:
