@@ -201,7 +201,9 @@ def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
 
 
 def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50) -> None:
-    """A risk-sorted overview: flagged studies first, then by score; 50 studies a page."""
+    """A risk-sorted overview: flagged studies first, then by score; 50 studies a page. After the
+    studies, every file that was not screened (failed, then skipped) with its study and the reason,
+    so that a study whose every file was skipped is still on the radiologist's list."""
     from reportlab.lib import colors
     from reportlab.lib.pagesizes import A4, landscape
     from reportlab.lib.styles import getSampleStyleSheet
@@ -233,6 +235,20 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
         story.append(table)
         if start + per_page < len(studies):
             story.append(PageBreak())
+    if others:
+        small = styles["BodyText"].clone("cell", fontSize=7, leading=8)
+        story += [Spacer(1, 4 * mm), Paragraph(f"Not screened: {len(others)} files (failed first)", styles["Heading3"])]
+        data = [["Status", "File", "Study UID", "Step / tag", "Reason"]] + [
+            [r["status"], Paragraph(_p(Path(r["path"]).name), small), r["study_uid"][-24:],
+             Paragraph(_p(" ".join(x for x in (r["step"], r["tag"]) if x)), small), Paragraph(_p(r["reason"]), small)]
+            for r in others]
+        table = Table(data, repeatRows=1, colWidths=[16 * mm, 50 * mm, 42 * mm, 40 * mm, 98 * mm])
+        style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey),
+                 ("VALIGN", (0, 0), (-1, -1), "TOP")]
+        style += [("TEXTCOLOR", (0, i), (0, i), colors.HexColor("#b00020"))
+                  for i, r in enumerate(others, start=1) if r["status"] == "failed"]
+        table.setStyle(TableStyle(style))
+        story.append(table)
     story += [Spacer(1, 4 * mm), Paragraph(f"<b>{_p(DISCLAIMER)}</b>", styles["BodyText"])]
     with atomic_write(path) as handle:
         SimpleDocTemplate(handle, pagesize=landscape(A4), title="cxrscreen worklist", author="cxrscreen").build(story)

@@ -74,6 +74,13 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     assert ("Likely pneumonia - review first" in text) == (row["flag"] == "yes")
     assert ("No pneumonia flagged" in text) == (row["flag"] == "no")
 
+    # the worklist names every file that was not screened, the failure first, with the reason
+    worklist = pdf_text(out / "worklist.pdf")
+    assert f"Not screened: {len(files)} files" in worklist
+    assert worklist.index("corrupt.dcm") < worklist.index("IM0002.dcm")
+    for name in ("SR0001.dcm", "not frontal", "no pixel data"):
+        assert name in worklist
+
     # without the corrupt file the exit code is 0, and unchanged studies are not redone
     (inbox / "corrupt.dcm").unlink()
     again = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out), "--json"])
