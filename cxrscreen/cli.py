@@ -93,7 +93,8 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2, default=str))
     elif not quiet:
-        click.echo(f"{summary.studies} studies ({summary.reused} unchanged since the last run), "
+        click.echo(f"{summary.studies} studies ({summary.reused} unchanged since the last run, "
+                   f"{summary.unscreened_studies} with no screenable image), "
                    f"{summary.flagged} flagged, {summary.skipped_files} files skipped, "
                    f"{summary.failed_files} failed; reports in {out}/ (worklist.pdf, summary.csv)")
         for row in summary.rows:

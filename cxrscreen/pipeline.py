@@ -66,6 +66,7 @@ def check_screening_options(gradcam: str, batch_size: int, workers: int, thresho
 class BatchSummary:
     rows: list[dict]
     studies: int = 0
+    unscreened_studies: int = 0    # studies none of whose files could be screened (counted in studies)
     flagged: int = 0
     scored_images: int = 0
     reused: int = 0
@@ -80,7 +81,8 @@ class BatchSummary:
         return 1 if self.failed_files else 0
 
     def to_json(self) -> dict:
-        return {"studies": self.studies, "flagged": self.flagged, "scored_images": self.scored_images,
+        return {"studies": self.studies, "unscreened_studies": self.unscreened_studies, "flagged": self.flagged,
+                "scored_images": self.scored_images,
                 "reused_studies": self.reused, "skipped_files": self.skipped_files,
                 "failed_files": self.failed_files, "seconds": round(self.seconds, 2), **self.meta,
                 "rows": self.rows}
@@ -284,10 +286,12 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     finally:
         reporter.shutdown(wait=True)
 
-    rows = rank_rows(rows + reused_rows)
     file_rows = _file_rows(studies, loose + reused_failures, results)
+    screened = {r["study_uid"] for r in rows + reused_rows}
+    rows = rank_rows(rows + reused_rows + unscreened_study_rows(file_rows, threshold, screened.__contains__))
     summary = BatchSummary(rows=rows + file_rows)
     summary.studies = len(rows)
+    summary.unscreened_studies = sum(r["status"] in ("skipped", "failed") and not r["report"] for r in rows)
     summary.flagged = sum(r["flag"] == "yes" for r in rows)
     summary.scored_images = sum(len(r.images) for r in results)
     summary.reused = len(reused_rows)
@@ -360,6 +364,25 @@ def file_rows(outcomes: list[FileOutcome]) -> list[dict]:
              "study_uid": o.study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
              "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason}
             for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]
+
+
+def unscreened_study_rows(files: list[dict], threshold: float, screened: Callable[[str], bool]) -> list[dict]:
+    """A study row for each study that has files in ``files`` (skipped or failed file rows) but none
+    screened: a lateral-only or non-chest study, or one whose every file failed before decoding.
+
+    ``screened(uid)`` says whether the study has (or is getting) a row of its own. The row's status is
+    ``failed`` when any of its files failed, else ``skipped``; its reason names each file. Files with no
+    study UID (not DICOM, or unreadable) stay file rows only.
+    """
+    by_study: dict[str, list[dict]] = {}
+    for row in files:
+        if row["study_uid"] and not screened(row["study_uid"]):
+            by_study.setdefault(row["study_uid"], []).append(row)
+    return [{"kind": "study", "rank": 0, "status": "failed" if any(r["status"] == "failed" for r in rows) else "skipped",
+             "flag": "no", "score": "", "threshold": threshold, "study_uid": uid, "patient_id": "", "accession": "",
+             "study_date": "", "report": "", "files": [r["path"] for r in rows], "path": "", "step": "", "tag": "",
+             "reason": "; ".join(f"{Path(r['path']).name}: {r['status']}, {r['reason']}" for r in rows)}
+            for uid, rows in by_study.items()]
 
 
 def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int = 16,

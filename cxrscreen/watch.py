@@ -46,7 +46,8 @@ from .errors import UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, read_record
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir
-from .pipeline import Screener, check_screening_options, file_rows, rank_rows, release, resolve_threshold
+from .pipeline import (Screener, check_screening_options, file_rows, rank_rows, release, resolve_threshold,
+                       unscreened_study_rows)
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import StudyResult, atomic_write, report_filename, write_study_report, write_summary, write_worklist
 
@@ -585,7 +586,11 @@ class Watcher:
                          "path": "", "step": "", "tag": "", "reason": s.reason})
         outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
                                 study_uid=f.study_uid) for f in self.ledger.failed_and_skipped(since)]
-        rows = rank_rows(rows) + file_rows(outcomes)
+        files = file_rows(outcomes)
+        listed = {r["study_uid"] for r in rows}
+        # a study the ledger knows (pending, screened earlier, failed) is not "unscreened"
+        rows = rank_rows(rows + unscreened_study_rows(
+            files, self.threshold, lambda uid: uid in listed or self.ledger.study(uid) is not None)) + files
         meta = {"tool_version": __version__, "mode": "watch", "inbox": str(self.inbox), "model": str(self.model.path),
                 "model_sha256": self.model.sha256, "threshold": self.threshold, "operating_point": self.operating,
                 "ledger": str(self.options.state_file), "worklist_days": days or "all", **self.ledger.counts()}

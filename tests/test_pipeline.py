@@ -48,9 +48,15 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     result = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out), "--json"])
     assert result.exit_code == 1, result.output
     summary = json.loads(result.stdout)
-    studies = [r for r in summary["rows"] if r["kind"] == "study"]
+    all_studies = [r for r in summary["rows"] if r["kind"] == "study"]
+    studies = [r for r in all_studies if r["report"]]
     files = {Path(r["path"]).name: r for r in summary["rows"] if r["kind"] == "file"}
     assert len(studies) == 6 and summary["failed_files"] == 1
+    # the hand-only study has a study row of its own, ranked last, with nothing screened
+    assert len(all_studies) == 7 == summary["studies"] and summary["unscreened_studies"] == 1
+    hand = all_studies[-1]
+    assert hand["status"] == "skipped" and hand["flag"] == "no" and hand["score"] == "" and not hand["report"]
+    assert "IM0001.dcm: skipped, body part" in hand["reason"] and hand["files"][0].endswith("IM0001.dcm")
     assert files["corrupt.dcm"]["status"] == "failed" and files["corrupt.dcm"]["reason"]
     assert files["IM0002.dcm"]["status"] == "skipped" and "not frontal" in files["IM0002.dcm"]["reason"]
     assert files["SR0001.dcm"]["status"] == "skipped" and "no pixel data" in files["SR0001.dcm"]["reason"]
@@ -77,6 +83,7 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     # the worklist names every file that was not screened, the failure first, with the reason
     worklist = pdf_text(out / "worklist.pdf")
     assert f"Not screened: {len(files)} files" in worklist
+    assert "7 studies, " in worklist and worklist.count(hand["study_uid"][-24:]) == 2
     assert worklist.index("corrupt.dcm") < worklist.index("IM0002.dcm")
     for name in ("SR0001.dcm", "not frontal", "no pixel data"):
         assert name in worklist
@@ -101,7 +108,7 @@ def test_rerun_redoes_a_study_that_gained_an_image_and_force_redoes_all(inbox, t
     out = tmp_path / "out"
     options = BatchOptions(out=out, gradcam="none")
     first = run_batch([inbox], options, model=model)
-    assert first.reused == 0 and first.studies == 6
+    assert first.reused == 0 and first.studies == 7 and first.unscreened_studies == 1
     # study 1 gains an AP image
     src = inbox / "study1_cr_mono1_j2k" / "IM0001.dcm"
     import pydicom

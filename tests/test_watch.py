@@ -318,6 +318,23 @@ def test_identical_copy_is_skipped_and_files_already_there_are_processed(dirs, m
     assert {p: p.stat().st_mtime_ns for p in reports(out)} == before
 
 
+def test_a_study_with_no_frontal_image_has_a_study_row_in_the_summary(dirs, model):
+    inbox, out = dirs
+    write_study(inbox / "front", "front", images=1)
+    (inbox / "side").mkdir()
+    save(make_dicom(phantom(96, 96), seed="side/0", study_seed="side", patient_id="SIDE", view_position="LL"),
+         inbox / "side" / "lateral.dcm")
+    code = Watcher(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True), model=model).run()
+    assert code == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    studies = {r["status"]: r for r in rows if r["kind"] == "study"}
+    assert sorted(studies) == ["scored", "skipped"]
+    side = studies["skipped"]
+    assert side["rank"] == 2 and side["score"] == "" and not side["report"]
+    assert "lateral.dcm: skipped, view 'LL'" in side["reason"]
+    assert [r["study_uid"] for r in rows if r["kind"] == "file"] == [side["study_uid"]]
+
+
 def test_worklist_lists_recent_studies_and_the_ledger_keeps_all(dirs, model):
     inbox, out = dirs
     write_study(inbox / "old", "old", images=1)
