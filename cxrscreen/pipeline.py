@@ -271,7 +271,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     try:
         for result in screener.screen(to_score, progress=progress):
             results.append(result)
-            row = _study_row(result, threshold, out)
+            row = _study_row(result, threshold)
             if result.images:
                 report_jobs.append(reporter.submit(write_report, result, out / row["report"]))
                 while len(report_jobs) > 2 * options.batch_size:
@@ -323,17 +323,22 @@ def resolve_threshold(model: LoadedModel, threshold: float | None,
     return model.card.threshold, operating, ""
 
 
-def _study_row(result: StudyResult, threshold: float, out: Path) -> dict:
-    study, first = result.study, result.study.first
-    score = result.score
-    status = "scored" if score is not None else "failed"
-    return {"kind": "study", "rank": 0, "status": status,
-            "flag": "yes" if score is not None and score >= threshold else "no",
-            "score": round(score, 6) if score is not None else "", "threshold": threshold,
-            "study_uid": study.study_uid, "patient_id": first.patient_id, "accession": first.accession,
-            "study_date": first.study_date, "report": report_filename(study) if score is not None else "",
-            "files": [str(p) for p in study.source_files], "path": "", "step": "", "tag": "",
-            "reason": "; ".join(f"{o.path.name}: {o.reason}" for o in result.failed)}
+def study_row(study_uid: str, threshold: float, **fields) -> dict:
+    """A summary row of kind ``study``: every column, blank (not flagged) unless given in ``fields``.
+    batch, watch and the rows of unscreened studies all build theirs here."""
+    return {"kind": "study", "rank": 0, "status": "", "flag": "no", "score": "", "threshold": threshold,
+            "study_uid": study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
+            "files": [], "path": "", "step": "", "tag": "", "reason": "", **fields}
+
+
+def _study_row(result: StudyResult, threshold: float) -> dict:
+    study, first, score = result.study, result.study.first, result.score
+    scored = score is not None
+    return study_row(study.study_uid, threshold, status="scored" if scored else "failed",
+                     flag="yes" if scored and score >= threshold else "no", score=round(score, 6) if scored else "",
+                     patient_id=first.patient_id, accession=first.accession, study_date=first.study_date,
+                     report=report_filename(study) if scored else "", files=[str(p) for p in study.source_files],
+                     reason="; ".join(f"{o.path.name}: {o.reason}" for o in result.failed))
 
 
 def rank_rows(rows: list[dict]) -> list[dict]:
@@ -378,10 +383,9 @@ def unscreened_study_rows(files: list[dict], threshold: float, screened: Callabl
     for row in files:
         if row["study_uid"] and not screened(row["study_uid"]):
             by_study.setdefault(row["study_uid"], []).append(row)
-    return [{"kind": "study", "rank": 0, "status": "failed" if any(r["status"] == "failed" for r in rows) else "skipped",
-             "flag": "no", "score": "", "threshold": threshold, "study_uid": uid, "patient_id": "", "accession": "",
-             "study_date": "", "report": "", "files": [r["path"] for r in rows], "path": "", "step": "", "tag": "",
-             "reason": "; ".join(f"{Path(r['path']).name}: {r['status']}, {r['reason']}" for r in rows)}
+    return [study_row(uid, threshold, status="failed" if any(r["status"] == "failed" for r in rows) else "skipped",
+                      files=[r["path"] for r in rows],
+                      reason="; ".join(f"{Path(r['path']).name}: {r['status']}, {r['reason']}" for r in rows))
             for uid, rows in by_study.items()]
 
 

@@ -47,7 +47,7 @@ from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, read_record
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir
 from .pipeline import (Screener, check_screening_options, file_rows, rank_rows, release, resolve_threshold,
-                       unscreened_study_rows)
+                       study_row, unscreened_study_rows)
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import StudyResult, atomic_write, report_filename, write_study_report, write_summary, write_worklist
 
@@ -577,13 +577,11 @@ class Watcher:
         for s in self.ledger.recent_studies(since):
             if not s.version and s.status != "failed":
                 continue
-            rows.append({"kind": "study", "rank": 0, "status": "scored" if s.version else "failed",
-                         "flag": s.flag or "no", "score": round(s.score, 6) if s.score is not None else "",
-                         "threshold": self.threshold, "study_uid": s.study_uid, "patient_id": s.patient_id,
-                         "accession": s.accession, "study_date": s.study_date, "report": s.report,
-                         "version": s.version, "pending_amendment": s.status == "pending",
-                         "files": [f.location for f in self.ledger.study_files(s.study_uid)],
-                         "path": "", "step": "", "tag": "", "reason": s.reason})
+            rows.append(study_row(s.study_uid, self.threshold, status="scored" if s.version else "failed",
+                                  flag=s.flag or "no", score=round(s.score, 6) if s.score is not None else "",
+                                  patient_id=s.patient_id, accession=s.accession, study_date=s.study_date,
+                                  report=s.report, version=s.version, pending_amendment=s.status == "pending",
+                                  files=[f.location for f in self.ledger.study_files(s.study_uid)], reason=s.reason))
         outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
                                 study_uid=f.study_uid) for f in self.ledger.failed_and_skipped(since)]
         files = file_rows(outcomes)
