@@ -34,13 +34,10 @@ import numpy as np
 import keras
 from training import data as D
 from training.backbones import BACKBONES, build_classifier, set_trainable
-from training.train import _compile, device_description, has_gpu
+from training.train import _compile, device_description, has_gpu, use_gpu_settings
 from cxrscreen.normalise import PreprocessSpec
 
-gpu = has_gpu()
-if gpu:
-    keras.mixed_precision.set_global_policy("mixed_float16")
-batch = 64 if gpu else 32
+batch = use_gpu_settings(32)       # as fit does: mixed_float16 and a batch of 64 on a GPU
 spec = PreprocessSpec(input_size=(224, 224))
 model, layers = build_classifier(backbone, spec.input_size, weights=None)
 set_trainable(model, layers, BACKBONES[backbone].top_fraction)
@@ -73,7 +70,7 @@ with tempfile.TemporaryDirectory() as tmp:
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(seq.__getitem__, range(len(seq))))
     input_rate = len(examples) / (time.perf_counter() - started)
-print(json.dumps({"device": device_description(), "batch": batch,
+print(json.dumps({"device": device_description(), "gpu": has_gpu(), "batch": batch,
                   "precision": keras.mixed_precision.global_policy().name,
                   "train_images_per_s": step_rate, "input_images_per_s": input_rate, "workers": workers}))
 """
@@ -98,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     runs = [("accelerator as found", measure(args.backbone, args.images, hide_accelerator=False))]
-    has_accelerator = "CPU (" not in runs[0][1]["device"]
+    has_accelerator = runs[0][1]["gpu"]
     if has_accelerator:
         runs.append(("accelerator hidden", measure(args.backbone, args.images, hide_accelerator=True)))
     print(f"{args.backbone}, fine-tuning phase, {args.images} images after warm-up")

@@ -158,5 +158,6 @@ def convert_lite(variant, out, checkpoint):
     path = lite.convert(out, checkpoint, variant)
     click.echo(f"wrote {path}")
 
+
 if __name__ == "__main__":
     sys.exit(cli())

@@ -78,6 +78,16 @@ def has_gpu() -> bool:
     return "CPU (" not in device_description()
 
 
+def use_gpu_settings(batch_size: int) -> int:
+    """With a GPU: set the global mixed_float16 policy and return a batch of at least 64; else ``batch_size``."""
+    import keras
+
+    if not has_gpu():
+        return batch_size
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    return max(batch_size, 64)
+
+
 def seed_everything(seed: int) -> None:
     import keras
 
@@ -111,9 +121,7 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig,
     out.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     policy = keras.mixed_precision.global_policy()
-    if has_gpu():
-        keras.mixed_precision.set_global_policy("mixed_float16")
-        config.batch_size = max(config.batch_size, 64)
+    config.batch_size = use_gpu_settings(config.batch_size)
     try:
         return _fit(data_dir, out, config, test_dir)
     finally:
