@@ -249,7 +249,7 @@ def select(record: Radiograph, *, include_lateral: bool = False, any_body_part: 
         value = getattr(record, rule.field)
         if rule.rejects(value):
             return FileOutcome(record.path, Status.SKIPPED, rule.reason.format(value=value),
-                               step="select", tag=rule.tag, study_uid=record.study_uid)
+                               step="select", tag=rule.tag, **record.identifiers())
     return None
 
 
@@ -326,11 +326,14 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
             name = getattr(ds.get("SOPClassUID", None), "name", "") or sop
             return FileOutcome(path, Status.SKIPPED, f"no pixel data ({name}, modality "
                                f"{record.modality or 'unknown'})", step="select",
-                               tag="(7FE0,0010) PixelData", study_uid=record.study_uid)
+                               tag="(7FE0,0010) PixelData", **record.identifiers())
         skipped = select(record, include_lateral=include_lateral, any_body_part=any_body_part)
         if skipped is not None:
             return skipped
-        _check_dimensions(record.rows, record.columns, path)
+        try:
+            _check_dimensions(record.rows, record.columns, path)
+        except CxrError as exc:
+            return FileOutcome.from_error(exc, **record.identifiers())
         return record
     except CxrError as exc:
         exc.with_path(path)
@@ -364,7 +367,7 @@ def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study
             if item.sop_uid and item.sop_uid in seen_sops:
                 loose_item = FileOutcome(item.path, Status.SKIPPED,
                                          f"duplicate of {seen_sops[item.sop_uid]} (same SOPInstanceUID)",
-                                         step="select", tag="(0008,0018) SOPInstanceUID", study_uid=item.study_uid)
+                                         step="select", tag="(0008,0018) SOPInstanceUID", **item.identifiers())
                 skipped.setdefault(item.study_uid, []).append(loose_item)
                 continue
             if item.sop_uid:

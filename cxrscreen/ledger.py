@@ -34,7 +34,15 @@ from typing import Iterator
 
 from .errors import UsageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# How a state file of an older schema is brought up to date, step by step, when it is opened.
+_MIGRATIONS = {
+    # 1 -> 2: a skipped or failed file keeps its study's identifiers (shown for a study with no scored file)
+    1: ("ALTER TABLE files ADD COLUMN patient_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE files ADD COLUMN accession TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE files ADD COLUMN study_date TEXT NOT NULL DEFAULT ''"),
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,7 +60,10 @@ CREATE TABLE IF NOT EXISTS files (
     tag TEXT NOT NULL DEFAULT '',
     reason TEXT NOT NULL DEFAULT '',
     taken_at REAL NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    patient_id TEXT NOT NULL DEFAULT '',
+    accession TEXT NOT NULL DEFAULT '',
+    study_date TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS files_location ON files (location);
 CREATE INDEX IF NOT EXISTS files_study ON files (study_uid);
@@ -104,6 +115,9 @@ class FileRow:
     reason: str
     taken_at: float
     version: int
+    patient_id: str
+    accession: str
+    study_date: str
 
 
 @dataclass(frozen=True)
@@ -142,19 +156,29 @@ class Ledger:
                 raise UsageError(f"the state file {self.path} cannot use SQLite WAL mode (journal mode {mode}); "
                                  "put --state on a local filesystem")
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
-            version = self.get_meta("schema_version")
-            if version is None:
-                self.set_meta("schema_version", SCHEMA_VERSION)
-            elif int(version) != SCHEMA_VERSION:
-                raise UsageError(f"the state file {self.path} has schema {version}; this cxrscreen expects "
-                                 f"{SCHEMA_VERSION}")
+            self._create_or_migrate()
         except sqlite3.DatabaseError as exc:
             self.close()
             raise UsageError(f"cannot use the state file {self.path}: {exc}") from None
         except BaseException:
             self.close()
             raise
+
+    def _create_or_migrate(self) -> None:
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        version = self.get_meta("schema_version")
+        if version is not None and int(version) > SCHEMA_VERSION:
+            raise UsageError(f"the state file {self.path} has schema {version}, newer than this cxrscreen's "
+                             f"{SCHEMA_VERSION}: upgrade cxrscreen")
+        if version is not None and int(version) < SCHEMA_VERSION:
+            with self.transaction() as db:
+                for step in range(int(version), SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step]:
+                        db.execute(statement)
+                self.set_meta("schema_version", SCHEMA_VERSION)
+        self.db.executescript(_SCHEMA)
+        if version is None:
+            self.set_meta("schema_version", SCHEMA_VERSION)
 
     def close(self) -> None:
         db = getattr(self, "db", None)
@@ -207,7 +231,8 @@ class Ledger:
         return rows[0] if rows else None
 
     def take_file(self, *, path: str, size: int, mtime_ns: int, sha256: str, study_uid: str, status: str,
-                  step: str = "", tag: str = "", reason: str = "", now: float | None = None) -> int:
+                  step: str = "", tag: str = "", reason: str = "", patient_id: str = "", accession: str = "",
+                  study_date: str = "", now: float | None = None) -> int:
         """Record a settled file. A pending image makes its study pending (again, if it was reported)."""
         now = time.time() if now is None else now
         with self.transaction() as db:
@@ -220,8 +245,9 @@ class Ledger:
                                (" [overwritten in the inbox by newer content]", previous.id))
             cursor = db.execute(
                 "INSERT INTO files (inbox_path, location, size, mtime_ns, sha256, study_uid, status, step, tag, "
-                "reason, taken_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (path, path, size, mtime_ns, sha256, study_uid, status, step, tag, reason, now))
+                "reason, taken_at, patient_id, accession, study_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (path, path, size, mtime_ns, sha256, study_uid, status, step, tag, reason, now, patient_id,
+                 accession, study_date))
             if status == "pending" and study_uid:
                 db.execute("INSERT INTO studies (study_uid, status, last_arrival, updated) VALUES (?, 'pending', ?, ?) "
                            "ON CONFLICT(study_uid) DO UPDATE SET status = 'pending', last_arrival = excluded.last_arrival,"

@@ -205,7 +205,7 @@ class Screener:
         for image, prepared in _decoded_stream(images, self.model.card.preprocessing, self.workers,
                                                2 * self.batch_size):
             if isinstance(prepared, CxrError):
-                results[image.study_uid].failed.append(FileOutcome.from_error(prepared, study_uid=image.study_uid))
+                results[image.study_uid].failed.append(FileOutcome.from_error(prepared, **image.identifiers()))
                 done += 1
                 one_done(image.study_uid)
             else:
@@ -366,7 +366,8 @@ def _file_rows(studies: list[Study], loose: list[FileOutcome], results: list[Stu
 def file_rows(outcomes: list[FileOutcome]) -> list[dict]:
     """Summary rows of skipped and failed files, failures first."""
     return [{"kind": "file", "rank": "", "status": o.status.value, "flag": "", "score": "", "threshold": "",
-             "study_uid": o.study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
+             "study_uid": o.study_uid, "patient_id": o.patient_id, "accession": o.accession,
+             "study_date": o.study_date, "report": "",
              "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason}
             for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]
 
@@ -376,8 +377,9 @@ def unscreened_study_rows(files: list[dict], threshold: float, screened: Callabl
     screened: a lateral-only or non-chest study, or one whose every file failed before decoding.
 
     ``screened(uid)`` says whether the study has (or is getting) a row of its own. The row's status is
-    ``failed`` when any of its files failed, else ``skipped``; its reason names each file. Files with no
-    study UID (not DICOM, or unreadable) stay file rows only.
+    ``failed`` when any of its files failed, else ``skipped``; its reason names each file, and its patient
+    id, accession and date are the first its files' headers gave. Files with no study UID (not DICOM, or
+    unreadable) stay file rows only.
     """
     by_study: dict[str, list[dict]] = {}
     for row in files:
@@ -385,7 +387,9 @@ def unscreened_study_rows(files: list[dict], threshold: float, screened: Callabl
             by_study.setdefault(row["study_uid"], []).append(row)
     return [study_row(uid, threshold, status="failed" if any(r["status"] == "failed" for r in rows) else "skipped",
                       files=[r["path"] for r in rows],
-                      reason="; ".join(f"{Path(r['path']).name}: {r['status']}, {r['reason']}" for r in rows))
+                      reason="; ".join(f"{Path(r['path']).name}: {r['status']}, {r['reason']}" for r in rows),
+                      **{key: next((r[key] for r in rows if r[key]), "")
+                         for key in ("patient_id", "accession", "study_date")})
             for uid, rows in by_study.items()]
 
 

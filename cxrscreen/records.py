@@ -27,8 +27,18 @@ class Status(str, enum.Enum):
     FAILED = "failed"     # could not be read, decoded or scored: needs a human
 
 
+class _OfAStudy:
+    """A record that names its study: what the summary shows of a study, whatever its files' fate."""
+
+    def identifiers(self) -> dict[str, str]:
+        """``study_uid``, ``patient_id``, ``accession``, ``study_date``: given to the outcome of a file
+        of this study that is not scored, so that a study with no scored file can still be found."""
+        return {"study_uid": self.study_uid, "patient_id": self.patient_id, "accession": self.accession,
+                "study_date": self.study_date}
+
+
 @dataclass(frozen=True)
-class Radiograph:
+class Radiograph(_OfAStudy):
     """One image file selected for scoring, with the metadata a report needs.
 
     For JPEG/PNG inputs the DICOM fields are empty and ``study_uid`` is derived
@@ -65,12 +75,14 @@ class Radiograph:
 
 
 @dataclass(frozen=True)
-class FileOutcome:
+class FileOutcome(_OfAStudy):
     """The fate of one input file that will not be (or could not be) scored.
 
     ``step`` is the stage that decided (``discover``, ``read``, ``select``,
     ``validate``, ``decode``, ``normalise``, ``predict``...), ``tag`` the DICOM
-    tag involved, if any.
+    tag involved, if any. The study's identifiers are filled in when the file's
+    header could be read, so that a study none of whose files is scored can
+    still be found by its patient and accession.
     """
 
     path: Path
@@ -79,12 +91,16 @@ class FileOutcome:
     step: str = ""
     tag: str = ""
     study_uid: str = ""
+    patient_id: str = ""
+    accession: str = ""
+    study_date: str = ""
 
     @classmethod
-    def from_error(cls, error, *, study_uid: str = "") -> "FileOutcome":
-        """Build a FAILED outcome from a :class:`cxrscreen.errors.CxrError`."""
+    def from_error(cls, error, **identifiers: str) -> "FileOutcome":
+        """Build a FAILED outcome from a :class:`cxrscreen.errors.CxrError`; ``identifiers`` as
+        :meth:`identifiers` gives them, when the file's study is known."""
         return cls(path=error.path, status=Status.FAILED, reason=error.cause,
-                   step=error.step or "", tag=error.tag or "", study_uid=study_uid)
+                   step=error.step or "", tag=error.tag or "", **identifiers)
 
 
 @dataclass(frozen=True)

@@ -376,7 +376,7 @@ class Watcher:
             digest = sha256_file(Path(path))
         except OSError as exc:
             record, digest = FileOutcome(Path(path), Status.FAILED, f"cannot read: {exc}", step="read"), ""
-        fields = dict(study_uid=record.study_uid, status="", step="", tag="", reason="")
+        fields = dict(status="", step="", tag="", reason="", **record.identifiers())
         if isinstance(record, Radiograph):
             earlier = self.ledger.file_with_hash(digest)
             if earlier is not None and earlier.location != path:
@@ -583,7 +583,8 @@ class Watcher:
                                   report=s.report, version=s.version, pending_amendment=s.status == "pending",
                                   files=[f.location for f in self.ledger.study_files(s.study_uid)], reason=s.reason))
         outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
-                                study_uid=f.study_uid) for f in self.ledger.failed_and_skipped(since)]
+                                study_uid=f.study_uid, patient_id=f.patient_id, accession=f.accession,
+                                study_date=f.study_date) for f in self.ledger.failed_and_skipped(since)]
         files = file_rows(outcomes)
         listed = {r["study_uid"] for r in rows}
         # a study the ledger knows (pending, screened earlier, failed) is not "unscreened"

@@ -306,6 +306,8 @@ def test_absurd_dimensions(tmp_path, rows, columns):
     out = read_record(save(ds, tmp_path / "huge.dcm"))
     assert out.status is Status.FAILED and "absurd image dimensions" in out.reason
     assert out.step == "validate" and "(0028,0010)" in out.tag
+    # the header was read: the failure stays with its study, which the summary can then name
+    assert out.study_uid == str(ds.StudyInstanceUID) and out.patient_id == str(ds.PatientID)
 
 
 def test_a_walk_over_bad_files_continues_and_writes_nothing(tmp_path, chest_pixels):

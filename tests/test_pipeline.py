@@ -57,8 +57,11 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     hand = all_studies[-1]
     assert hand["status"] == "skipped" and hand["flag"] == "no" and hand["score"] == "" and not hand["report"]
     assert "IM0001.dcm: skipped, body part" in hand["reason"] and hand["files"][0].endswith("IM0001.dcm")
+    # ... and can be found by its patient and accession, read from the skipped file's header
+    assert (hand["patient_id"], hand["accession"], hand["study_date"]) == ("CXR-0007", "ACCBD0EE581", "20261101")
     assert files["corrupt.dcm"]["status"] == "failed" and files["corrupt.dcm"]["reason"]
     assert files["IM0002.dcm"]["status"] == "skipped" and "not frontal" in files["IM0002.dcm"]["reason"]
+    assert files["IM0002.dcm"]["patient_id"] == "CXR-0003" and files["corrupt.dcm"]["patient_id"] == ""
     assert files["SR0001.dcm"]["status"] == "skipped" and "no pixel data" in files["SR0001.dcm"]["reason"]
     # ranked: flagged first, then by score
     flags = [r["flag"] == "yes" for r in studies]

@@ -330,7 +330,7 @@ def test_a_study_with_no_frontal_image_has_a_study_row_in_the_summary(dirs, mode
     studies = {r["status"]: r for r in rows if r["kind"] == "study"}
     assert sorted(studies) == ["scored", "skipped"]
     side = studies["skipped"]
-    assert side["rank"] == 2 and side["score"] == "" and not side["report"]
+    assert side["rank"] == 2 and side["score"] == "" and not side["report"] and side["patient_id"] == "SIDE"
     assert "lateral.dcm: skipped, view 'LL'" in side["reason"]
     assert [r["study_uid"] for r in rows if r["kind"] == "file"] == [side["study_uid"]]
 
@@ -401,6 +401,44 @@ def test_a_second_daemon_on_the_same_ledger_is_refused(tmp_path):
         assert first.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         first.close()
+
+
+def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
+    import sqlite3
+
+    from cxrscreen.ledger import SCHEMA_VERSION, Ledger
+
+    path = tmp_path / "state.sqlite"
+    db = sqlite3.connect(path)    # the files table as cxrscreen 0.1 (schema 1) created it, with one file
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE files (id INTEGER PRIMARY KEY, inbox_path TEXT NOT NULL, location TEXT, move_to TEXT,
+            size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
+            study_uid TEXT NOT NULL DEFAULT '', status TEXT NOT NULL, step TEXT NOT NULL DEFAULT '',
+            tag TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', taken_at REAL NOT NULL,
+            version INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO files (inbox_path, location, size, mtime_ns, sha256, study_uid, status, reason, taken_at)
+            VALUES ('/in/a.dcm', '/in/a.dcm', 10, 1, 'ab', '1.2.3', 'skipped', 'view LL', 5.0);""")
+    db.commit()
+    db.close()
+    ledger = Ledger(path)
+    try:
+        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+        old = ledger.file_at("/in/a.dcm")
+        assert (old.study_uid, old.reason, old.patient_id) == ("1.2.3", "view LL", "")
+        ledger.take_file(path="/in/b.dcm", size=1, mtime_ns=1, sha256="cd", study_uid="1.2.3", status="skipped",
+                         patient_id="P1", accession="A1", study_date="20261122")
+        new = ledger.file_at("/in/b.dcm")
+        assert (new.patient_id, new.accession, new.study_date) == ("P1", "A1", "20261122")
+        ledger.set_meta("schema_version", SCHEMA_VERSION + 1)
+    finally:
+        ledger.close()
+    with pytest.raises(UsageError, match="newer than this cxrscreen"):
+        Ledger(path)
+    fresh = Ledger(tmp_path / "fresh.sqlite")
+    assert fresh.get_meta("schema_version") == "2" and fresh.file_at("/nowhere") is None
+    fresh.close()
 
 
 def test_move_file_across_filesystems_copies_syncs_and_deletes(tmp_path, monkeypatch):
