@@ -21,6 +21,10 @@ DICOM pixel transformations follow PS3.3 in this order:
 4. Inversion (C.7.6.3.1.2, C.11.6): MONOCHROME1, or Presentation LUT Shape
    (2050,0020) INVERSE. In DX/CR the two express the same inversion, so it is
    applied once.
+   Pixel padding (C.7.5.1.1.2): stored values equal to Pixel Padding Value, or
+   between it and Pixel Padding Range Limit, are not part of the image. They
+   are left out of the percentile window and shown black (0), as the standard
+   recommends padding be displayed, whatever the photometric interpretation.
 5. Colour (RGB, YBR_*, PALETTE COLOR) secondary captures: converted to RGB by
    pydicom, then to luma (ITU-R BT.601 weights); no VOI applies to colour.
 
@@ -46,6 +50,7 @@ _TAG_WIDTH = "(0028,1051) WindowWidth"
 _TAG_VOI_FUNCTION = "(0028,1056) VOILUTFunction"
 _TAG_LUT_DESCRIPTOR = "(0028,3002) LUTDescriptor"
 _TAG_SLOPE = "(0028,1053) RescaleSlope"
+_TAG_PADDING = "(0028,0120) PixelPaddingValue"
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class PixelParams:
     window_width: float | None = None
     voi_function: str = "LINEAR"
     presentation_shape: str = ""
+    padding_value: float | None = None      # stored value (before the Modality LUT)
+    padding_limit: float | None = None      # with padding_value, the other end of a padded range
 
     def __post_init__(self) -> None:
         if self.voi_function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
@@ -143,10 +150,13 @@ class PixelParams:
             center = width = None  # half a window is no window (PS3.3 C.11.2: both are type 1C)
         function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
         shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        padding = _padding_number(ds.get("PixelPaddingValue", None), signed, _TAG_PADDING)
+        limit = _padding_number(ds.get("PixelPaddingRangeLimit", None), signed, "(0028,0121) PixelPaddingRangeLimit")
         return cls(
             photometric=photometric,
             bits_stored=bits_stored,
-            signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
+            signed=signed,
             rescale_slope=float(_first_number(ds.get("RescaleSlope", None), _TAG_SLOPE) or 1.0),
             rescale_intercept=float(_first_number(ds.get("RescaleIntercept", None),
                                                   "(0028,1052) RescaleIntercept") or 0.0),
@@ -156,7 +166,20 @@ class PixelParams:
             window_width=width,
             voi_function=function,
             presentation_shape=shape,
+            padding_value=padding,
+            padding_limit=limit if padding is not None else None,
         )
+
+    def padding_mask(self, stored: np.ndarray) -> np.ndarray | None:
+        """Where ``stored`` (values after :func:`stored_values`) is padding; None when nothing is."""
+        if self.padding_value is None or self.is_colour:
+            return None
+        if self.padding_limit is None:
+            mask = stored == self.padding_value
+        else:
+            low, high = sorted((self.padding_value, self.padding_limit))
+            mask = (stored >= low) & (stored <= high)
+        return mask if mask.any() else None
 
 
 def _first_number(value, tag: str) -> float | None:
@@ -174,6 +197,15 @@ def _first_number(value, tag: str) -> float | None:
     if not np.isfinite(number):
         raise InvalidImageError(f"value {value!r} is not finite", step="normalise", tag=tag)
     return number
+
+
+def _padding_number(value, signed: bool, tag: str) -> float | None:
+    """A padding attribute (VR US or SS); raw bytes when the reader could not resolve the VR."""
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) < 2:
+            return None
+        return float(int.from_bytes(bytes(value[:2]), "little", signed=signed))
+    return _first_number(value, tag)
 
 
 def _read_lut(item, tag: str) -> LUT:
@@ -234,18 +266,21 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
 
 
 def percentile_window(values: np.ndarray, low: float = PERCENTILE_WINDOW[0],
-                      high: float = PERCENTILE_WINDOW[1]) -> np.ndarray:
-    """A robust window when the header gives none: map the [low, high] percentiles to [0, 1]."""
-    lo, hi = np.percentile(values, [low, high])
+                      high: float = PERCENTILE_WINDOW[1], among: np.ndarray | None = None) -> np.ndarray:
+    """A robust window when the header gives none: map the [low, high] percentiles to [0, 1].
+    ``among`` (a boolean mask) limits the pixels the percentiles are taken from."""
+    sample = values if among is None else values[among]
+    lo, hi = np.percentile(sample, [low, high])
     if hi <= lo:
-        lo, hi = float(values.min()), float(values.max())
+        lo, hi = float(sample.min()), float(sample.max())
     if hi <= lo:
         raise InvalidImageError(f"image has no contrast: every pixel is {lo:g}", step="normalise")
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
-def apply_voi(values: np.ndarray, params: PixelParams) -> np.ndarray:
-    """VOI transformation to [0, 1] (PS3.3 C.11.2), with the fallbacks described in the module doc."""
+def apply_voi(values: np.ndarray, params: PixelParams, padded: np.ndarray | None = None) -> np.ndarray:
+    """VOI transformation to [0, 1] (PS3.3 C.11.2), with the fallbacks described in the module doc;
+    ``padded`` pixels take no part in the percentile window."""
     if params.voi_lut is not None:
         return np.clip(params.voi_lut.apply(values) / params.voi_lut.output_max, 0.0, 1.0)
     if params.window_center is not None and params.window_width is not None:
@@ -253,7 +288,7 @@ def apply_voi(values: np.ndarray, params: PixelParams) -> np.ndarray:
     if params.bits_stored <= 8 and params.modality_lut is None and params.rescale_slope == 1 \
             and params.rescale_intercept == 0 and not params.signed:
         return np.clip(values / float(2 ** params.bits_stored - 1), 0.0, 1.0)
-    return percentile_window(values)
+    return percentile_window(values, among=None if padded is None else ~padded)
 
 
 def to_luma(rgb: np.ndarray, max_value: float) -> np.ndarray:
@@ -284,10 +319,16 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
         if arr.ndim != 2:
             raise InvalidImageError(f"monochrome frame decoded to shape {arr.shape}, expected (rows, columns)",
                                     step="normalise", tag=_TAG_PHOTOMETRIC)
-        values = apply_modality(stored_values(arr, params.bits_stored, params.signed), params)
-        unit = apply_voi(values, params)
+        stored = stored_values(arr, params.bits_stored, params.signed)
+        padded = params.padding_mask(stored)
+        if padded is not None and padded.all():
+            raise InvalidImageError(f"every pixel is padding (value {params.padding_value:g})",
+                                    step="normalise", tag=_TAG_PADDING)
+        unit = apply_voi(apply_modality(stored, params), params, padded)
         if params.inverted:
             unit = 1.0 - unit
+        if padded is not None:
+            unit = np.where(padded, 0.0, unit)
     return unit.astype(np.float32)
 
 

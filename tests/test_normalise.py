@@ -170,6 +170,46 @@ def test_dicom_file_round_trip_through_load_unit_image(write_dicom, chest_pixels
     np.testing.assert_allclose(unit, expected, atol=1e-6)
 
 
+def _padded_plate(pad: int, rng_seed: int = 0) -> np.ndarray:
+    """A 12-bit image whose left 40% is padding ``pad``, the rest anatomy in 1000..3000."""
+    values = np.random.default_rng(rng_seed).integers(1000, 3001, size=(100, 100)).astype(np.uint16)
+    values[:, :40] = pad
+    return values
+
+
+def test_padding_takes_no_part_in_the_percentile_window_and_is_shown_black():
+    values = _padded_plate(0)
+    anatomy = values[:, 40:].astype(np.float64)
+    lo, hi = np.percentile(anatomy, [0.5, 99.5])
+    out = normalise_pixels(values, PixelParams(bits_stored=12, padding_value=0))
+    np.testing.assert_allclose(out[:, 40:], np.clip((anatomy - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert (out[:, :40] == 0).all()
+    # without the padding attribute the padded 40% drags the window's low end to 0
+    plain = normalise_pixels(values, PixelParams(bits_stored=12))
+    assert plain[:, 40:].min() > 0.2
+
+
+def test_padding_of_a_monochrome1_plate_and_a_padding_range_are_black_too():
+    values = _padded_plate(4095)
+    values[:, 40:45] = 4090            # inside the padded range 4090..4095
+    out = normalise_pixels(values, PixelParams(photometric="MONOCHROME1", bits_stored=12,
+                                               padding_value=4095, padding_limit=4090))
+    assert (out[:, :45] == 0).all()
+    anatomy = values[:, 45:].astype(np.float64)
+    lo, hi = np.percentile(anatomy, [0.5, 99.5])
+    np.testing.assert_allclose(out[:, 45:], 1 - np.clip((anatomy - lo) / (hi - lo), 0, 1), atol=1e-6)
+    with pytest.raises(InvalidImageError, match=r"every pixel is padding"):
+        normalise_pixels(np.full((8, 8), 4095, np.uint16), PixelParams(bits_stored=12, padding_value=4095))
+
+
+def test_signed_padding_value_is_read_from_a_written_file(write_dicom):
+    values = _padded_plate(0).astype(np.int16)
+    values[:, :40] = -2000
+    path = write_dicom(values, signed=True, bits_stored=16, PixelPaddingValue=-2000)
+    unit = load_unit_image(path)
+    assert (unit[:, :40] == 0).all() and unit[:, 40:].min() == 0 and unit[:, 40:].max() == 1
+
+
 def test_jpeg_and_a_dicom_made_from_it_give_the_same_model_input(write_dicom):
     """The model is trained on exported JPEGs and screens DICOM: the two must agree.
 
