@@ -40,6 +40,9 @@ MAX_PIXELS = 100_000_000     # per frame: beyond this a file is a decompression 
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG", "OT", "DR"})
 CHEST_BODY_PARTS = frozenset({"", "CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", "PORT CHEST"})
 FRONTAL_VIEWS = frozenset({"", "PA", "AP"})
+# DX, mammography and intra-oral "For Processing" storage: raw detector data, not meant to be displayed
+FOR_PROCESSING_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2.1",
+                                        "1.2.840.10008.5.1.4.1.1.1.3.1"})
 _LATERAL_WORDS = re.compile(r"\b(LAT|LATERAL|LL|RL)\b")
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -231,6 +234,10 @@ SELECTION_RULES: tuple[SelectionRule, ...] = (
     SelectionRule("modality", "(0008,0060) Modality",
                   lambda v: v.upper() not in RADIOGRAPH_MODALITIES,
                   "modality {value!r} is not a projection radiograph (scored: CR, DX, RG, OT)"),
+    SelectionRule("presentation_intent", "(0008,0068) PresentationIntentType",
+                  lambda v: v == "FOR PROCESSING",
+                  "raw detector image (FOR PROCESSING), not processed for display; the FOR PRESENTATION "
+                  "image of the same exposure is the one to screen"),
     SelectionRule("body_part", "(0018,0015) BodyPartExamined",
                   lambda v: v.upper() not in CHEST_BODY_PARTS,
                   "body part {value!r} is not chest", override="any_body_part"),
@@ -280,6 +287,8 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality").upper(),
         body_part=_text(ds, "BodyPartExamined").upper(), view_position=_view_position(ds),
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
+        presentation_intent=_text(ds, "PresentationIntentType").upper()
+        or ("FOR PROCESSING" if _text(ds, "SOPClassUID") in FOR_PROCESSING_SOP_CLASSES else ""),
         rows=int(ds.get("Rows", 0) or 0), columns=int(ds.get("Columns", 0) or 0),
         photometric=_text(ds, "PhotometricInterpretation"), transfer_syntax=ts,
         size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,

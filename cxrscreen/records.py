@@ -61,6 +61,7 @@ class Radiograph(_OfAStudy):
     body_part: str = ""
     view_position: str = ""
     laterality: str = ""
+    presentation_intent: str = ""   # FOR PRESENTATION / FOR PROCESSING (DX), empty when not said
     rows: int = 0
     columns: int = 0
     photometric: str = ""

@@ -184,6 +184,8 @@ def test_dicomdir_file_is_skipped_with_reason(tmp_path):
     ({"body_part": "EXTREMITY"}, "body part 'EXTREMITY' is not chest"),
     ({"modality": "CT"}, "modality 'CT' is not a projection radiograph"),
     ({"modality": "MR"}, "modality 'MR' is not a projection radiograph"),
+    ({"PresentationIntentType": "FOR PROCESSING"}, "raw detector image (FOR PROCESSING)"),
+    ({"sop_class": "1.2.840.10008.5.1.4.1.1.1.1.1"}, "raw detector image (FOR PROCESSING)"),
 ])
 def test_non_frontal_non_chest_non_radiograph_are_skipped(write_dicom, chest_pixels, kwargs, reason):
     out = read_record(write_dicom(chest_pixels, **kwargs))
@@ -197,6 +199,8 @@ def test_overrides_lift_the_view_and_body_part_rules(write_dicom, chest_pixels):
     assert isinstance(read_record(hand, any_body_part=True), Radiograph)
     ct = write_dicom(chest_pixels, name="ct.dcm", modality="CT")
     assert isinstance(read_record(ct, include_lateral=True, any_body_part=True), FileOutcome)
+    shown = write_dicom(chest_pixels, name="pres.dcm", PresentationIntentType="FOR PRESENTATION")
+    assert read_record(shown).presentation_intent == "FOR PRESENTATION"
 
 
 def test_records_keep_report_metadata(write_dicom, chest_pixels):
