@@ -95,7 +95,10 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
     elif not quiet:
         click.echo(f"{summary.studies} studies ({summary.reused} unchanged since the last run, "
                    f"{summary.unscreened_studies} with no screenable image), "
-                   f"{summary.flagged} flagged, {summary.skipped_files} files skipped, "
+                   f"{summary.flagged} flagged, "
+                   + (f"{summary.outside_population} outside the model's age range, " if summary.outside_population
+                      else "")
+                   + f"{summary.skipped_files} files skipped, "
                    f"{summary.failed_files} failed; reports in {out}/ (worklist.pdf, summary.csv)")
         for row in summary.rows:
             if row["kind"] == "file" and row["status"] == "failed":

@@ -3,7 +3,8 @@
 A model is a ``NAME.keras`` file with its card ``NAME.json`` beside it. The
 card says what the screening side must do and never guesses: the input size
 and preprocessing (:class:`cxrscreen.normalise.PreprocessSpec`), the default
-threshold and the operating point it was chosen for, and the Grad-CAM layer.
+threshold and the operating point it was chosen for, the Grad-CAM layer, and
+the population the training images came from (:class:`Population`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,41 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 
 
 @dataclass(frozen=True)
+class Population:
+    """Whom the model's training images came from (card field ``population``): what a report says of
+    every score, and the ages outside of which a score is flagged as not validated."""
+
+    description: str
+    age_years: tuple[int, int] | None = None    # completed years, both ends included
+
+    def __post_init__(self) -> None:
+        if self.age_years is not None and not 0 <= self.age_years[0] <= self.age_years[1]:
+            raise ValueError(f"population age_years {list(self.age_years)} is not a range [min, max]")
+
+    def to_json(self) -> dict:
+        return {"description": self.description,
+                "age_years": list(self.age_years) if self.age_years is not None else None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Population":
+        ages = data.get("age_years")
+        return cls(description=str(data["description"]),
+                   age_years=(int(ages[0]), int(ages[1])) if ages is not None else None)
+
+    def age_warning(self, age: float | None) -> str:
+        """Why a score is not validated for a patient of ``age`` years; '' inside the range or when
+        the age (or the range) is unknown."""
+        if age is None or self.age_years is None:
+            return ""
+        low, high = self.age_years
+        if low <= int(age) <= high:
+            return ""
+        said = f"{int(age * 12)} months" if age < 2 else f"{int(age)} years"
+        return (f"patient aged {said}, outside the model's training population ({low}-{high} years): "
+                f"the score is not validated for this patient")
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """What the screening side reads from a model's JSON card."""
 
@@ -58,7 +94,13 @@ class ModelCard:
     threshold: float
     operating_point: dict = field(default_factory=dict)   # sensitivity/specificity where the threshold was set
     gradcam_layer: str = ""
+    population: Population | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def trained_on(self) -> str:
+        """The card's population in words, for reports; '' when the card does not say."""
+        return self.population.description if self.population else ""
 
     @classmethod
     def from_json(cls, data: dict, source: Path | str = "") -> "ModelCard":
@@ -70,7 +112,9 @@ class ModelCard:
             return cls(name=str(data["name"]), backbone=str(data["backbone"]),
                        preprocessing=PreprocessSpec.from_json(data["preprocessing"]),
                        threshold=float(threshold["value"]), operating_point=dict(threshold.get("validation", {})),
-                       gradcam_layer=str(data.get("gradcam_layer", "")), raw=data)
+                       gradcam_layer=str(data.get("gradcam_layer", "")),
+                       population=Population.from_json(data["population"]) if data.get("population") else None,
+                       raw=data)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{source}: model card is missing or has a bad field: {exc}", step="load-model") from None
 

@@ -283,6 +283,7 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         sop_uid=_text(ds, "SOPInstanceUID"), series_uid=_text(ds, "SeriesInstanceUID"),
         patient_id=_text(ds, "PatientID"), patient_name=_text(ds, "PatientName"),
         patient_birth_date=_text(ds, "PatientBirthDate"), patient_sex=_text(ds, "PatientSex"),
+        patient_age=_text(ds, "PatientAge"),
         accession=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
         study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality").upper(),
         body_part=_text(ds, "BodyPartExamined").upper(), view_position=_view_position(ds),

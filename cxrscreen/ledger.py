@@ -38,10 +38,12 @@ SCHEMA_VERSION = 2
 
 # How a state file of an older schema is brought up to date, step by step, when it is opened.
 _MIGRATIONS = {
-    # 1 -> 2: a skipped or failed file keeps its study's identifiers (shown for a study with no scored file)
+    # 1 -> 2: a skipped or failed file keeps its study's identifiers (shown for a study with no scored file);
+    # a study keeps the caution of its latest report (patient outside the model's population)
     1: ("ALTER TABLE files ADD COLUMN patient_id TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE files ADD COLUMN accession TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE files ADD COLUMN study_date TEXT NOT NULL DEFAULT ''"),
+        "ALTER TABLE files ADD COLUMN study_date TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE studies ADD COLUMN warning TEXT NOT NULL DEFAULT ''"),
 }
 
 _SCHEMA = """
@@ -81,7 +83,8 @@ CREATE TABLE IF NOT EXISTS studies (
     study_date TEXT NOT NULL DEFAULT '',
     reason TEXT NOT NULL DEFAULT '',
     last_arrival REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    warning TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS studies_status ON studies (status, last_arrival);
 CREATE TABLE IF NOT EXISTS reports (
@@ -135,6 +138,7 @@ class StudyRow:
     reason: str
     last_arrival: float
     updated: float
+    warning: str
 
 
 class Ledger:
@@ -301,7 +305,7 @@ class Ledger:
 
     def record_study(self, study_uid: str, *, version: int, report_base: str, report: str, score: float | None,
                      flag: str, threshold: float, model_sha256: str, identity: dict, outcomes: dict[int, tuple],
-                     reason: str = "", now: float | None = None) -> None:
+                     reason: str = "", warning: str = "", now: float | None = None) -> None:
         """Record a screened study in one transaction: its report version (or its failure) and its files.
 
         ``outcomes`` maps file ids to ``(status, step, tag, reason)``. ``report`` empty means no image
@@ -325,10 +329,11 @@ class Ledger:
                            (study_uid, version, report, score, flag, threshold, model_sha256,
                             sum(o[0] == "scored" for o in outcomes.values()), now))
                 db.execute("UPDATE studies SET status = ?, version = ?, report_base = ?, report = ?, score = ?, "
-                           "flag = ?, patient_id = ?, accession = ?, study_date = ?, reason = ?, updated = ? "
-                           "WHERE study_uid = ?",
+                           "flag = ?, patient_id = ?, accession = ?, study_date = ?, reason = ?, updated = ?, "
+                           "warning = ? WHERE study_uid = ?",
                            (status, version, report_base, report, score, flag, identity.get("patient_id", ""),
-                            identity.get("accession", ""), identity.get("study_date", ""), reason, now, study_uid))
+                            identity.get("accession", ""), identity.get("study_date", ""), reason, now,
+                            warning, study_uid))
             else:
                 db.execute("UPDATE studies SET status = ?, reason = ?, updated = ? WHERE study_uid = ?",
                            (status, reason, now, study_uid))

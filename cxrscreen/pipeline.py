@@ -68,6 +68,7 @@ class BatchSummary:
     studies: int = 0
     unscreened_studies: int = 0    # studies none of whose files could be screened (counted in studies)
     flagged: int = 0
+    outside_population: int = 0    # scored studies whose patient is outside the model card's age range
     scored_images: int = 0
     reused: int = 0
     skipped_files: int = 0
@@ -82,14 +83,15 @@ class BatchSummary:
 
     def to_json(self) -> dict:
         return {"studies": self.studies, "unscreened_studies": self.unscreened_studies, "flagged": self.flagged,
-                "scored_images": self.scored_images,
+                "outside_population": self.outside_population, "scored_images": self.scored_images,
                 "reused_studies": self.reused, "skipped_files": self.skipped_files,
                 "failed_files": self.failed_files, "seconds": round(self.seconds, 2), **self.meta,
                 "rows": self.rows}
 
 
 def _study_key(study: Study, model: LoadedModel, threshold: float, gradcam: str) -> str:
-    digest = hashlib.sha256(f"{model.sha256}|{threshold!r}|{gradcam}|{__version__}".encode())
+    card = json.dumps(model.card.raw, sort_keys=True, default=str)    # a card edit (population...) redoes it
+    digest = hashlib.sha256(f"{model.sha256}|{card}|{threshold!r}|{gradcam}|{__version__}".encode())
     for path in sorted(str(p) for p in study.source_files):
         try:
             stat = Path(path).stat()
@@ -161,7 +163,10 @@ class Screener:
 
     def screen(self, studies: list[Study], *,
                progress: Callable[[int, int], None] | None = None) -> Iterator[StudyResult]:
-        results = {study.study_uid: StudyResult(study) for study in studies}
+        population = self.model.card.population
+        results = {study.study_uid: StudyResult(study, warning=population.age_warning(study.first.age_years)
+                                                if population and study.first else "")
+                   for study in studies}
         remaining = {uid: len(r.study.images) for uid, r in results.items()}
         images = [image for study in studies for image in study.images]
         finished: deque[StudyResult] = deque(r for uid, r in results.items() if remaining[uid] == 0)
@@ -264,7 +269,8 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     def write_report(result: StudyResult, path: Path) -> None:
         try:
             write_study_report(path, result, threshold=threshold, operating_point=operating,
-                               model_name=model.path.name, model_sha256=model.sha256)
+                               model_name=model.path.name, model_sha256=model.sha256,
+                               population=model.card.trained_on)
         finally:
             release(result)
 
@@ -293,6 +299,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     summary.studies = len(rows)
     summary.unscreened_studies = sum(r["status"] in ("skipped", "failed") and not r["report"] for r in rows)
     summary.flagged = sum(r["flag"] == "yes" for r in rows)
+    summary.outside_population = sum(bool(r.get("warning")) for r in rows)
     summary.scored_images = sum(len(r.images) for r in results)
     summary.reused = len(reused_rows)
     summary.skipped_files = sum(r["status"] == "skipped" for r in file_rows)
@@ -328,7 +335,7 @@ def study_row(study_uid: str, threshold: float, **fields) -> dict:
     batch, watch and the rows of unscreened studies all build theirs here."""
     return {"kind": "study", "rank": 0, "status": "", "flag": "no", "score": "", "threshold": threshold,
             "study_uid": study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
-            "files": [], "path": "", "step": "", "tag": "", "reason": "", **fields}
+            "files": [], "path": "", "step": "", "tag": "", "reason": "", "warning": "", **fields}
 
 
 def _study_row(result: StudyResult, threshold: float) -> dict:
@@ -338,7 +345,8 @@ def _study_row(result: StudyResult, threshold: float) -> dict:
                      flag="yes" if scored and score >= threshold else "no", score=round(score, 6) if scored else "",
                      patient_id=first.patient_id, accession=first.accession, study_date=first.study_date,
                      report=report_filename(study) if scored else "", files=[str(p) for p in study.source_files],
-                     reason="; ".join(f"{o.path.name}: {o.reason}" for o in result.failed))
+                     reason="; ".join(f"{o.path.name}: {o.reason}" for o in result.failed),
+                     warning=result.warning if scored else "")
 
 
 def rank_rows(rows: list[dict]) -> list[dict]:
@@ -368,7 +376,8 @@ def file_rows(outcomes: list[FileOutcome]) -> list[dict]:
     return [{"kind": "file", "rank": "", "status": o.status.value, "flag": "", "score": "", "threshold": "",
              "study_uid": o.study_uid, "patient_id": o.patient_id, "accession": o.accession,
              "study_date": o.study_date, "report": "",
-             "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason}
+             "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason,
+             "warning": ""}
             for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]
 
 

@@ -37,6 +37,26 @@ class _OfAStudy:
                 "study_date": self.study_date}
 
 
+_AGE_UNIT_DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
+
+
+def age_in_years(patient_age: str, birth_date: str, study_date: str) -> float | None:
+    """The patient's age at the study in years: from PatientAge (``nnnD/W/M/Y``), else from the birth and
+    study dates (``YYYYMMDD``); None when neither gives a plausible age."""
+    import datetime as dt
+
+    age = patient_age.strip().upper()
+    if len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNIT_DAYS:
+        return int(age[:3]) * _AGE_UNIT_DAYS[age[3]] / 365.25
+    try:
+        born = dt.datetime.strptime(birth_date.strip()[:8], "%Y%m%d").date()
+        seen = dt.datetime.strptime(study_date.strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+    days = (seen - born).days
+    return days / 365.25 if 0 <= days <= 130 * 365.25 else None
+
+
 @dataclass(frozen=True)
 class Radiograph(_OfAStudy):
     """One image file selected for scoring, with the metadata a report needs.
@@ -54,6 +74,7 @@ class Radiograph(_OfAStudy):
     patient_name: str = ""
     patient_birth_date: str = ""
     patient_sex: str = ""
+    patient_age: str = ""           # PatientAge (0010,1010) as written, e.g. 004Y
     accession: str = ""
     study_date: str = ""
     study_description: str = ""
@@ -73,6 +94,11 @@ class Radiograph(_OfAStudy):
     def view(self) -> str:
         """A short label for the view, for reports: ``PA``, ``AP`` or ``unknown``."""
         return self.view_position or "unknown"
+
+    @property
+    def age_years(self) -> float | None:
+        """Age at the study (see :func:`age_in_years`); None for JPEG/PNG and headers without it."""
+        return age_in_years(self.patient_age, self.patient_birth_date, self.study_date)
 
 
 @dataclass(frozen=True)

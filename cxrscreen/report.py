@@ -43,6 +43,7 @@ class StudyResult:
     study: Study
     images: list[ImageResult] = field(default_factory=list)
     failed: list[FileOutcome] = field(default_factory=list)
+    warning: str = ""     # why the score may not apply to this patient (outside the model's population)
 
     @property
     def score(self) -> float | None:
@@ -108,10 +109,11 @@ def _p(text: str):
 
 
 def write_study_report(path: Path, result: StudyResult, *, threshold: float, operating_point: dict,
-                       model_name: str, model_sha256: str, amendment: str = "") -> Path:
+                       model_name: str, model_sha256: str, amendment: str = "", population: str = "") -> Path:
     """One PDF for one study: identifiers, score, flag in words, images with Grad-CAM, skipped files.
 
-    ``amendment`` (watch mode) says which earlier report this one supersedes and why.
+    ``amendment`` (watch mode) says which earlier report this one supersedes and why; ``population``
+    whom the model's training images came from (the card's), said under the score.
     """
     from reportlab.lib import colors
     from reportlab.lib.pagesizes import A4
@@ -129,7 +131,8 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
                   Spacer(1, 3 * mm)]
     ident = [
         ["Patient ID", first.patient_id or "-", "Patient name", first.patient_name or "-"],
-        ["Birth date", first.patient_birth_date or "-", "Sex", first.patient_sex or "-"],
+        ["Birth date", first.patient_birth_date or "-", "Sex / age",
+         f"{first.patient_sex or '-'} / {first.patient_age or '-'}"],
         ["Accession", first.accession or "-", "Study date", first.study_date or "-"],
         ["Study", first.study_description or "-", "Modality", first.modality or first.kind.value.upper()],
         ["Study UID", Paragraph(_p(study.study_uid), styles["BodyText"]), "", ""],
@@ -151,6 +154,11 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
         story.append(Paragraph(f"Study score <b>{score:.3f}</b> (maximum over {len(result.images)} frontal "
                                f"image(s)); threshold <b>{threshold:.3f}</b>; operating point: {_p(op_text)}.",
                                styles["BodyText"]))
+    if result.warning:
+        story.append(Paragraph(f'<font color="#8a4b00"><b>Caution: {_p(result.warning)}.</b></font>',
+                               styles["BodyText"]))
+    if population:
+        story.append(Paragraph(f"Model trained on: {_p(population)}.", styles["Italic"]))
     story.append(Spacer(1, 4 * mm))
     for item in result.images:
         img = item.image
@@ -186,7 +194,7 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
 
 
 SUMMARY_FIELDS = ("rank", "kind", "status", "flag", "score", "threshold", "study_uid", "patient_id", "accession",
-                  "study_date", "report", "files", "path", "step", "tag", "reason")
+                  "study_date", "report", "files", "path", "step", "tag", "reason", "warning")
 
 
 def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
@@ -219,14 +227,16 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
                           f"{sum(r['status'] == 'failed' for r in others)} failed and "
                           f"{sum(r['status'] == 'skipped' for r in others)} skipped files"), styles["BodyText"]),
              Spacer(1, 3 * mm)]
-    header = ["#", "Flag", "Score", "Patient ID", "Accession", "Study date", "Study UID", "Report"]
+    header = ["#", "Flag", "Score", "Patient ID", "Accession", "Study date", "Study UID", "Report", "Caution"]
+    small = styles["BodyText"].clone("cell", fontSize=7, leading=8)
     for start in range(0, max(len(studies), 1), per_page):
         chunk = studies[start:start + per_page]
         data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
                             f"{float(r['score']):.3f}", r["patient_id"], r["accession"], r["study_date"],
-                            r["study_uid"][-24:], Path(r["report"]).name if r["report"] else r["status"]]
+                            r["study_uid"][-24:], Path(r["report"]).name if r["report"] else r["status"],
+                            Paragraph(_p(r.get("warning", "").split(":")[0]), small)]
                            for r in chunk]
-        table = Table(data, repeatRows=1)
+        table = Table(data, repeatRows=1, colWidths=[None] * 8 + [60 * mm])
         style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey)]
         for i, r in enumerate(chunk, start=1):
             if r["flag"] == "yes":
@@ -236,7 +246,6 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
         if start + per_page < len(studies):
             story.append(PageBreak())
     if others:
-        small = styles["BodyText"].clone("cell", fontSize=7, leading=8)
         story += [Spacer(1, 4 * mm), Paragraph(f"Not screened: {len(others)} files (failed first)", styles["Heading3"])]
         data = [["Status", "File", "Study UID", "Step / tag", "Reason"]] + [
             [r["status"], Paragraph(_p(Path(r["path"]).name), small), r["study_uid"][-24:],

@@ -51,7 +51,7 @@ def make_dicom(pixels: np.ndarray | None, *, seed: str = "x", modality: str = "D
     ds.SeriesInstanceUID = uid_from(seed + "/series")
     ds.PatientID = patient_id
     ds.PatientName = patient_name
-    ds.PatientBirthDate = "20200101"
+    ds.PatientBirthDate = "20230101"     # 3 years old at StudyDate: inside the default model's population
     ds.PatientSex = "O"
     ds.AccessionNumber = "ACC" + hashlib.sha1((study_seed or seed).encode()).hexdigest()[:8].upper()
     ds.StudyDate = "20261101"

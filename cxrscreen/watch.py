@@ -511,7 +511,8 @@ class Watcher:
                              f"which is kept unchanged. Images added since: {added}.")
             write_study_report(self.out / report_name, result, threshold=self.threshold,
                                operating_point=self.operating, model_name=self.model.path.name,
-                               model_sha256=self.model.sha256, amendment=amendment)
+                               model_sha256=self.model.sha256, amendment=amendment,
+                               population=self.model.card.trained_on)
             self.reports_written += 1
         first = result.study.first
         identity = {"patient_id": first.patient_id, "accession": first.accession,
@@ -519,13 +520,14 @@ class Watcher:
         reason = "; ".join(f"{x.path.name}: {x.reason}" for x in result.failed)
         self.ledger.record_study(uid, version=version, report_base=base, report=report_name, score=score, flag=flag,
                                  threshold=self.threshold, model_sha256=self.model.sha256, identity=identity,
-                                 outcomes=outcomes, reason=reason)
+                                 outcomes=outcomes, reason=reason, warning=result.warning)
         release(result)
         log.info(kv(event="study", uid=uid, version=version if report_name else None,
                     status="reported" if report_name else "failed", score=score, flag=flag or None,
                     images=len(result.images), failed=len(result.failed), skipped=len(result.study.skipped),
                     seconds=round(time.monotonic() - self._round_started, 2),
-                    waited=round(time.time() - row.last_arrival, 1), report=report_name or None))
+                    waited=round(time.time() - row.last_arrival, 1), report=report_name or None,
+                    caution=result.warning.split(":")[0] if result.warning else None))
         for f in self.ledger.study_files(uid):
             self._relocate(f)
 
@@ -581,6 +583,7 @@ class Watcher:
                                   flag=s.flag or "no", score=round(s.score, 6) if s.score is not None else "",
                                   patient_id=s.patient_id, accession=s.accession, study_date=s.study_date,
                                   report=s.report, version=s.version, pending_amendment=s.status == "pending",
+                                  warning=s.warning,
                                   files=[f.location for f in self.ledger.study_files(s.study_uid)], reason=s.reason))
         outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
                                 study_uid=f.study_uid, patient_id=f.patient_id, accession=f.accession,

@@ -210,6 +210,23 @@ def test_records_keep_report_metadata(write_dicom, chest_pixels):
                                                                                        "CXR PA")
     assert rec.sop_uid.startswith("2.25.") and rec.series_uid.startswith("2.25.")
     assert rec.study_date == "20261101" and rec.modality == "DX" and rec.view_position == "PA"
+    # age at the study: PatientAge when the header has it, else birth and study dates
+    aged = read_record(write_dicom(chest_pixels, name="aged.dcm", PatientAge="054Y"))
+    assert aged.patient_age == "054Y" and aged.age_years == 54
+    assert rec.age_years == pytest.approx(1400 / 365.25)     # born 2023-01-01, seen 2026-11-01
+
+
+@pytest.mark.parametrize("age, birth, study, expected", [
+    ("004Y", "", "", 4.0), ("018M", "", "", 1.5), ("070W", "", "", 70 * 7 / 365.25), ("010D", "", "", 10 / 365.25),
+    ("", "20200101", "20250101", 5.0), ("", "20200101", "20250101T", 5.0), ("", "", "20250101", None),
+    ("", "20300101", "20250101", None), ("", "2020", "20250101", None), ("4 Y", "", "", None),
+    ("012Y", "20000101", "20250101", 12.0),
+])
+def test_age_at_the_study(age, birth, study, expected):
+    from cxrscreen.records import age_in_years
+
+    got = age_in_years(age, birth, study)
+    assert got == (pytest.approx(expected, abs=0.003) if expected is not None else None)
 
 
 def test_studies_are_grouped_by_uid_and_jpegs_stand_alone(tmp_path, chest_pixels):

@@ -82,11 +82,20 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
         assert expected in text
     assert ("Likely pneumonia - review first" in text) == (row["flag"] == "yes")
     assert ("No pneumonia flagged" in text) == (row["flag"] == "no")
+    assert "Model trained on: Pediatric chest radiographs" in text and "Caution" not in text
+
+    # a patient outside the card's ages (1-5 years) is scored, with a caution in the row, report and worklist
+    assert summary["outside_population"] == 1
+    older = next(r for r in studies if r["patient_id"] == "CXR-0004")
+    assert older["warning"].startswith("patient aged 6 years, outside the model's training population (1-5")
+    assert [r["patient_id"] for r in all_studies if r["warning"]] == ["CXR-0004"]
+    assert "Caution: patient aged 6 years" in pdf_text(out / older["report"])
 
     # the worklist names every file that was not screened, the failure first, with the reason
     worklist = pdf_text(out / "worklist.pdf")
     assert f"Not screened: {len(files)} files" in worklist
     assert "7 studies, " in worklist and worklist.count(hand["study_uid"][-24:]) == 2
+    assert "patient aged 6 years" in worklist
     assert worklist.index("corrupt.dcm") < worklist.index("IM0002.dcm")
     for name in ("SR0001.dcm", "not frontal", "no pixel data"):
         assert name in worklist

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cxrscreen.calibrate import operating_point, roc_auc, threshold_for_sensitivity
-from cxrscreen.infer import load_model
+from cxrscreen.infer import Population, card_path, default_model_path, load_model
 from cxrscreen.normalise import (PreprocessSpec, equalize_input, load_model_input, load_unit_image,
                                  resize_to_input)
 from training import data as D
@@ -101,7 +101,7 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
     out = tmp_path / "models" / "smoke.keras"
     config = FitConfig(input_size=64, batch_size=8, head_epochs=1, finetune_epochs=1, val_fraction=0.3,
                        workers=1, equalize="clahe")
-    card = fit(labeled_folder, out, config)
+    card = fit(labeled_folder, out, config, population=Population("synthetic phantoms", (1, 5)))
     for suffix in (".json", ".split.csv", ".roc.png", ".training_curves.png"):
         assert (out.parent / f"smoke{suffix}").is_file() or out.with_suffix(suffix).is_file()
     written = json.loads(out.with_suffix(".json").read_text())
@@ -121,10 +121,27 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
     loaded = load_model(out)
     assert loaded.input_size == (64, 64) and loaded.card.threshold == card["threshold"]["value"]
     assert loaded.card.preprocessing == PreprocessSpec(input_size=(64, 64), equalize="clahe")
+    assert written["population"] == {"description": "synthetic phantoms", "age_years": [1, 5]}
+    assert loaded.card.population == Population("synthetic phantoms", (1, 5))
     image = load_model_input(next((labeled_folder / "test" / "NORMAL").iterdir()), loaded.card.preprocessing)
     assert image.shape == (64, 64, 1)
     score = loaded.predict(image[None])
     assert score.shape == (1,) and 0 <= score[0] <= 1
+
+
+def test_card_population_round_trips_and_warns_outside_its_ages():
+    from cxrscreen.errors import ModelError
+    from cxrscreen.infer import ModelCard
+
+    card = json.loads(card_path(default_model_path()).read_text())
+    population = ModelCard.from_json(card).population
+    assert population.age_years == (1, 5) and "Kermany" in population.description
+    assert Population.from_json(population.to_json()) == population
+    assert [bool(population.age_warning(a)) for a in (None, 0.9, 1.0, 3.5, 5.99, 6.0, 40.0)] == \
+        [False, True, False, False, False, True, True]
+    assert population.age_warning(0.75).startswith("patient aged 9 months, outside")
+    with pytest.raises(ModelError, match="population age_years"):
+        ModelCard.from_json({**card, "population": {"description": "x", "age_years": [9, 2]}})
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
@@ -146,6 +163,7 @@ def test_gpu_path_trains_in_mixed_precision_and_saves_a_float32_model(labeled_fo
     loaded = load_model(out)
     policies = {layer.dtype_policy.name for layer in loaded.keras_model.layers}
     assert policies == {"float32"}, policies
+    assert loaded.card.population is None and loaded.card.trained_on == ""   # a card that does not say whom
     score = loaded.predict(np.zeros((1, 64, 64, 1), np.float32))
     assert score.dtype == np.float64 and 0 <= score[0] <= 1
 

@@ -335,6 +335,25 @@ def test_a_study_with_no_frontal_image_has_a_study_row_in_the_summary(dirs, mode
     assert [r["study_uid"] for r in rows if r["kind"] == "file"] == [side["study_uid"]]
 
 
+def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, model):
+    inbox, out = dirs
+    write_study(inbox / "child", "child", images=1)
+    (inbox / "adult").mkdir()
+    save(make_dicom(phantom(96, 96), seed="adult/0", study_seed="adult", patient_id="ADULT", PatientAge="054Y"),
+         inbox / "adult" / "adult.dcm")
+    options = WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True)
+    assert Watcher(options, model=model).run() == 0
+    rows = {r["patient_id"]: r for r in json.loads((out / "summary.json").read_text())["rows"] if r["kind"] == "study"}
+    assert rows["CHILD"]["warning"] == "" and rows["ADULT"]["status"] == "scored"
+    assert rows["ADULT"]["warning"].startswith("patient aged 54 years, outside the model's training population")
+    # the next run rewrites the summary from the ledger alone: the caution is still there
+    (out / "summary.json").unlink()
+    (inbox / "child" / "late.dcm").write_bytes((inbox / "child" / "child_000.dcm").read_bytes())
+    assert Watcher(options, model=model).run() == 0
+    rows = {r["patient_id"]: r for r in json.loads((out / "summary.json").read_text())["rows"] if r["kind"] == "study"}
+    assert rows["ADULT"]["warning"].startswith("patient aged 54 years")
+
+
 def test_worklist_lists_recent_studies_and_the_ledger_keeps_all(dirs, model):
     inbox, out = dirs
     write_study(inbox / "old", "old", images=1)
@@ -418,6 +437,12 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
             study_uid TEXT NOT NULL DEFAULT '', status TEXT NOT NULL, step TEXT NOT NULL DEFAULT '',
             tag TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', taken_at REAL NOT NULL,
             version INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE studies (study_uid TEXT PRIMARY KEY, status TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 0,
+            report_base TEXT NOT NULL DEFAULT '', report TEXT NOT NULL DEFAULT '', score REAL,
+            flag TEXT NOT NULL DEFAULT '', patient_id TEXT NOT NULL DEFAULT '', accession TEXT NOT NULL DEFAULT '',
+            study_date TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', last_arrival REAL NOT NULL,
+            updated REAL NOT NULL);
+        INSERT INTO studies (study_uid, status, last_arrival, updated) VALUES ('1.2.3', 'done', 5.0, 5.0);
         INSERT INTO files (inbox_path, location, size, mtime_ns, sha256, study_uid, status, reason, taken_at)
             VALUES ('/in/a.dcm', '/in/a.dcm', 10, 1, 'ab', '1.2.3', 'skipped', 'view LL', 5.0);""")
     db.commit()
@@ -427,6 +452,7 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
         assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
         old = ledger.file_at("/in/a.dcm")
         assert (old.study_uid, old.reason, old.patient_id) == ("1.2.3", "view LL", "")
+        assert ledger.study("1.2.3").warning == ""
         ledger.take_file(path="/in/b.dcm", size=1, mtime_ns=1, sha256="cd", study_uid="1.2.3", status="skipped",
                          patient_id="P1", accession="A1", study_date="20261122")
         new = ledger.file_at("/in/b.dcm")

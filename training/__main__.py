@@ -46,12 +46,26 @@ def cli() -> None:
 @click.option("--equalize", type=click.Choice(["none", "clahe"]), default="none", show_default=True,
               help="Input equalisation recorded in the card and applied by screening too (CLAHE: 8x8 tiles, "
                    "clip 2).")
+@click.option("--population", default="",
+              help="Whom the training images came from, in words (the card's population; every report says it).")
+@click.option("--age-years", type=(int, int), default=None, metavar="MIN MAX",
+              help="Ages (completed years, both included) the training images cover; a report on a patient "
+                   "outside them carries a caution. Needs --population.")
 def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_size, head_epochs, finetune_epochs,
         head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, split_seed, max_examples, workers,
-        augment_level, equalize):
+        augment_level, equalize, population, age_years):
     """Two-phase transfer learning; writes NAME.keras, NAME.json (card), plots and the split."""
+    from cxrscreen.infer import Population
+
     from .backbones import WeightsUnavailable
     from .train import FitConfig, fit as run_fit
+
+    if age_years and not population:
+        raise click.UsageError("--age-years needs --population (say whom the images came from)")
+    try:
+        described = Population(population, tuple(age_years) if age_years else None) if population else None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
     config = FitConfig(backbone=backbone, input_size=input_size, batch_size=batch_size, head_epochs=head_epochs,
                        finetune_epochs=finetune_epochs, head_lr=head_lr, finetune_lr=finetune_lr,
@@ -62,7 +76,7 @@ def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_s
     from cxrscreen.errors import CxrError
 
     try:
-        card = run_fit(data_dir, out, config, _test_choice(test_dir, no_test))
+        card = run_fit(data_dir, out, config, _test_choice(test_dir, no_test), population=described)
     except CxrError as exc:
         raise click.ClickException(exc.message) from None
     except (WeightsUnavailable, FileNotFoundError, KeyError) as exc:

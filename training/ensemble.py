@@ -96,6 +96,9 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
         },
         "training": {"split_seed": int(split_seed), "val_fraction": float(val_fraction),
                      "members": [dict(card.get("training") or {}) for card in cards]},
+        # the members were trained on the same images, so they share their population when their cards say it
+        "population": cards[0].get("population") if all(c.get("population") == cards[0].get("population")
+                                                         for c in cards) else None,
     }
     curves = {f"member {i}": (card.get("training") or {}).get("history") or {} for i, card in enumerate(cards)}
     return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,

@@ -22,7 +22,7 @@ import numpy as np
 
 from cxrscreen import __version__
 from cxrscreen.calibrate import operating_point, threshold_for_sensitivity
-from cxrscreen.infer import CARD_FORMAT, card_path, sha256_file
+from cxrscreen.infer import CARD_FORMAT, Population, card_path, sha256_file
 from cxrscreen.normalise import PreprocessSpec
 
 from . import data as D
@@ -113,8 +113,9 @@ def _compile(model, lr: float, smoothing: float):
 
 
 def fit(data_dir: Path | str, out: Path | str, config: FitConfig,
-        test_dir: Path | str | None | bool = None) -> dict:
-    """Train, choose the threshold on validation, evaluate on test, write model + card + plots."""
+        test_dir: Path | str | None | bool = None, population: Population | None = None) -> dict:
+    """Train, choose the threshold on validation, evaluate on test, write model + card + plots.
+    ``population`` (whom the training images came from) goes into the card for screening to report."""
     import keras
 
     out = Path(out)
@@ -123,12 +124,12 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig,
     policy = keras.mixed_precision.global_policy()
     config.batch_size = use_gpu_settings(config.batch_size)
     try:
-        return _fit(data_dir, out, config, test_dir)
+        return _fit(data_dir, out, config, test_dir, population)
     finally:
         keras.mixed_precision.set_global_policy(policy)   # a later model in this process is float32 again
 
 
-def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir) -> dict:
+def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Population | None) -> dict:
     import keras
 
     spec = PreprocessSpec(input_size=(config.input_size, config.input_size), equalize=config.equalize)
@@ -191,6 +192,7 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir) -> dict:
         "train_seconds": round(train_seconds, 1),
         "training": {**asdict(config), "precision": keras.mixed_precision.global_policy().name,
                      "class_weights": weights, "history": history},
+        "population": population.to_json() if population else None,
     }
     return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
                   test_dir=test_dir, target_sensitivity=config.target_sensitivity, batch_size=config.batch_size,
