@@ -52,7 +52,7 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 @dataclass(frozen=True)
 class Population:
     """Whom the model's training images came from (card field ``population``): what a report says of
-    every score, and the ages outside of which a score is flagged as not validated."""
+    every score, and the ages outside of which a score carries a caution."""
 
     description: str
     age_years: tuple[int, int] | None = None    # completed years, both ends included
@@ -72,8 +72,9 @@ class Population:
                    age_years=(int(ages[0]), int(ages[1])) if ages is not None else None)
 
     def age_warning(self, age: float | None) -> str:
-        """Why a score is not validated for a patient of ``age`` years; '' inside the range or when
-        the age (or the range) is unknown."""
+        """Why a score may not hold for a patient of ``age`` years; '' inside the range or when the
+        age (or the range) is unknown. (A site's own ``calibrate`` run sets the threshold on its
+        patients, but the model still learned from this population only.)"""
         if age is None or self.age_years is None:
             return ""
         low, high = self.age_years
@@ -81,7 +82,7 @@ class Population:
             return ""
         said = f"{int(age * 12)} months" if age < 2 else f"{int(age)} years"
         return (f"patient aged {said}, outside the model's training population ({low}-{high} years): "
-                f"the score is not validated for this patient")
+                f"its performance was not measured on such patients; read the score with caution")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ DICOM tags travel through the code.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,6 @@ _AGE_UNIT_DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 def age_in_years(patient_age: str, birth_date: str, study_date: str) -> float | None:
     """The patient's age at the study in years: from PatientAge (``nnnD/W/M/Y``), else from the birth and
     study dates (``YYYYMMDD``); None when neither gives a plausible age."""
-    import datetime as dt
-
     age = patient_age.strip().upper()
     if len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNIT_DAYS:
         return int(age[:3]) * _AGE_UNIT_DAYS[age[3]] / 365.25
