@@ -318,12 +318,22 @@ def test_identical_copy_is_skipped_and_files_already_there_are_processed(dirs, m
     assert {p: p.stat().st_mtime_ns for p in reports(out)} == before
 
 
+def one_image_study(inbox: Path, name: str, **header) -> Path:
+    """A study of one image in ``inbox/name/name.dcm``, patient NAME, with these make_dicom header fields."""
+    (inbox / name).mkdir()
+    return save(make_dicom(phantom(96, 96), seed=f"{name}/0", study_seed=name, patient_id=name.upper(), **header),
+                inbox / name / f"{name}.dcm")
+
+
+def summary_studies(out: Path) -> dict[str, dict]:
+    """The study rows of summary.json by patient id."""
+    return {r["patient_id"]: r for r in json.loads((out / "summary.json").read_text())["rows"] if r["kind"] == "study"}
+
+
 def test_a_study_with_no_frontal_image_has_a_study_row_in_the_summary(dirs, model):
     inbox, out = dirs
     write_study(inbox / "front", "front", images=1)
-    (inbox / "side").mkdir()
-    save(make_dicom(phantom(96, 96), seed="side/0", study_seed="side", patient_id="SIDE", view_position="LL"),
-         inbox / "side" / "lateral.dcm")
+    one_image_study(inbox, "side", view_position="LL")
     code = Watcher(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True), model=model).run()
     assert code == 0
     rows = json.loads((out / "summary.json").read_text())["rows"]
@@ -331,27 +341,24 @@ def test_a_study_with_no_frontal_image_has_a_study_row_in_the_summary(dirs, mode
     assert sorted(studies) == ["scored", "skipped"]
     side = studies["skipped"]
     assert side["rank"] == 2 and side["score"] == "" and not side["report"] and side["patient_id"] == "SIDE"
-    assert "lateral.dcm: skipped, view 'LL'" in side["reason"]
+    assert "side.dcm: skipped, view 'LL'" in side["reason"]
     assert [r["study_uid"] for r in rows if r["kind"] == "file"] == [side["study_uid"]]
 
 
 def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, model):
     inbox, out = dirs
     write_study(inbox / "child", "child", images=1)
-    (inbox / "adult").mkdir()
-    save(make_dicom(phantom(96, 96), seed="adult/0", study_seed="adult", patient_id="ADULT", PatientAge="054Y"),
-         inbox / "adult" / "adult.dcm")
+    one_image_study(inbox, "adult", PatientAge="054Y")
     options = WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True)
     assert Watcher(options, model=model).run() == 0
-    rows = {r["patient_id"]: r for r in json.loads((out / "summary.json").read_text())["rows"] if r["kind"] == "study"}
+    rows = summary_studies(out)
     assert rows["CHILD"]["warning"] == "" and rows["ADULT"]["status"] == "scored"
     assert rows["ADULT"]["warning"].startswith("patient aged 54 years, outside the model's training population")
     # the next run rewrites the summary from the ledger alone: the caution is still there
     (out / "summary.json").unlink()
     (inbox / "child" / "late.dcm").write_bytes((inbox / "child" / "child_000.dcm").read_bytes())
     assert Watcher(options, model=model).run() == 0
-    rows = {r["patient_id"]: r for r in json.loads((out / "summary.json").read_text())["rows"] if r["kind"] == "study"}
-    assert rows["ADULT"]["warning"].startswith("patient aged 54 years")
+    assert summary_studies(out)["ADULT"]["warning"].startswith("patient aged 54 years")
 
 
 def test_worklist_lists_recent_studies_and_the_ledger_keeps_all(dirs, model):
