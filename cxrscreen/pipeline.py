@@ -89,9 +89,15 @@ class BatchSummary:
                 "rows": self.rows}
 
 
-def _study_key(study: Study, model: LoadedModel, threshold: float, gradcam: str) -> str:
-    card = json.dumps(model.card.raw, sort_keys=True, default=str)    # a card edit (population...) redoes it
-    digest = hashlib.sha256(f"{model.sha256}|{card}|{threshold!r}|{gradcam}|{__version__}".encode())
+def _run_key(model: LoadedModel, threshold: float, gradcam: str) -> str:
+    """What every study's key shares in one run: the model, its card (a card edit such as its population
+    redoes studies), the threshold, the Grad-CAM mode and the tool version."""
+    card = json.dumps(model.card.raw, sort_keys=True, default=str)
+    return f"{model.sha256}|{card}|{threshold!r}|{gradcam}|{__version__}"
+
+
+def _study_key(study: Study, run_key: str) -> str:
+    digest = hashlib.sha256(run_key.encode())
     for path in sorted(str(p) for p in study.source_files):
         try:
             stat = Path(path).stat()
@@ -243,8 +249,10 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     to_score: list[Study] = []
     reused_rows: list[dict] = []
     reused_failures: list[FileOutcome] = []
+    run_key = _run_key(model, threshold, options.gradcam)
+    keys: dict[str, str] = {}       # taken before scoring: a file changed during the run is redone next time
     for study in studies:
-        key = _study_key(study, model, threshold, options.gradcam)
+        key = keys[study.study_uid] = _study_key(study, run_key)
         previous = state.get(study.study_uid)
         if previous and previous.get("key") == key and (out / previous["row"].get("report", "")).is_file():
             reused_rows.append({**previous["row"], "reused": True})
@@ -283,7 +291,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
                 while len(report_jobs) > 2 * options.batch_size:
                     report_jobs.popleft().result()
                 new_state[result.study.study_uid] = {
-                    "key": _study_key(result.study, model, threshold, options.gradcam), "row": row,
+                    "key": keys[result.study.study_uid], "row": row,
                     "failed": [{"path": str(o.path), "reason": o.reason, "step": o.step, "tag": o.tag}
                                for o in result.failed]}
             rows.append(row)
