@@ -193,6 +193,12 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     return path
 
 
+def brief_caution(warning: str) -> str:
+    """A study's caution in brief, for the worklist and the log: what precedes the colon of
+    :meth:`cxrscreen.infer.Population.age_warning` (the patient's age and the model's range)."""
+    return warning.split(":")[0]
+
+
 SUMMARY_FIELDS = ("rank", "kind", "status", "flag", "score", "threshold", "study_uid", "patient_id", "accession",
                   "study_date", "report", "files", "path", "step", "tag", "reason", "warning")
 
@@ -234,7 +240,7 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
         data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
                             f"{float(r['score']):.3f}", r["patient_id"], r["accession"], r["study_date"],
                             r["study_uid"][-24:], Path(r["report"]).name if r["report"] else r["status"],
-                            Paragraph(_p(r.get("warning", "").split(":")[0]), small)]
+                            Paragraph(_p(brief_caution(r.get("warning", ""))), small)]
                            for r in chunk]
         table = Table(data, repeatRows=1, colWidths=[None] * 8 + [60 * mm])
         style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey)]

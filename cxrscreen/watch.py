@@ -49,7 +49,8 @@ from .ledger import FileRow, Ledger, StudyRow, fsync_dir
 from .pipeline import (Screener, check_screening_options, file_rows, rank_rows, release, resolve_threshold,
                        study_row, unscreened_study_rows)
 from .records import FileOutcome, Radiograph, Status, Study
-from .report import StudyResult, atomic_write, report_filename, write_study_report, write_summary, write_worklist
+from .report import (StudyResult, atomic_write, brief_caution, report_filename, write_study_report, write_summary,
+                     write_worklist)
 
 log = logging.getLogger("cxrscreen.watch")
 
@@ -515,8 +516,7 @@ class Watcher:
                                population=self.model.card.trained_on)
             self.reports_written += 1
         first = result.study.first
-        identity = {"patient_id": first.patient_id, "accession": first.accession,
-                    "study_date": first.study_date} if first else {}
+        identity = first.identifiers() if first else {}
         reason = "; ".join(f"{x.path.name}: {x.reason}" for x in result.failed)
         self.ledger.record_study(uid, version=version, report_base=base, report=report_name, score=score, flag=flag,
                                  threshold=self.threshold, model_sha256=self.model.sha256, identity=identity,
@@ -527,7 +527,7 @@ class Watcher:
                     images=len(result.images), failed=len(result.failed), skipped=len(result.study.skipped),
                     seconds=round(time.monotonic() - self._round_started, 2),
                     waited=round(time.time() - row.last_arrival, 1), report=report_name or None,
-                    caution=result.warning.split(":")[0] if result.warning else None))
+                    caution=brief_caution(result.warning) or None))
         for f in self.ledger.study_files(uid):
             self._relocate(f)
 
