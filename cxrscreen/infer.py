@@ -137,6 +137,7 @@ class LoadedModel:
     card: ModelCard
     sha256: str
     keras_model: object
+    compute: str = ""          # the Keras backend and its device, see compute_device()
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -167,4 +168,38 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     expected = (*card.preprocessing.input_size, 1)
     if shape != expected:
         raise ModelError(f"{path}: model input {shape} does not match its card {expected}", step="load-model")
-    return LoadedModel(path=path, card=card, sha256=sha256_file(path), keras_model=model)
+    return LoadedModel(path=path, card=card, sha256=sha256_file(path), keras_model=model, compute=compute_device())
+
+
+def accelerators() -> list[str]:
+    """The names of the GPUs the Keras backend computes on (it uses the first); [] on a CPU. Hide
+    them with ``CUDA_VISIBLE_DEVICES=""`` (and ``JAX_PLATFORMS=cpu``) to compute on the CPU."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+                    for gpu in tf.config.list_physical_devices("GPU")]
+        if backend == "jax":
+            import jax
+
+            return [str(device.device_kind) for device in jax.devices() if device.platform != "cpu"]
+        if backend == "torch":
+            import torch
+
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:      # a device query must never stop screening or training
+        pass
+    return []
+
+
+def compute_device() -> str:
+    """The Keras backend and the device it computes on, as a run's summary records it:
+    ``"jax on GPU (NVIDIA H100 80GB HBM3)"``, ``"tensorflow on CPU"``."""
+    import keras
+
+    gpus = accelerators()
+    return f"{keras.backend.backend()} on " + (f"GPU ({gpus[0]})" if gpus else "CPU")

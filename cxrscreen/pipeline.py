@@ -314,7 +314,8 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     summary.failed_files = sum(r["status"] == "failed" for r in file_rows)
     summary.seconds = time.time() - started
     summary.meta = {"tool_version": __version__, "model": str(model.path), "model_sha256": model.sha256,
-                    "threshold": threshold, "operating_point": operating, "calibration": calibration,
+                    "compute": model.compute, "threshold": threshold, "operating_point": operating,
+                    "calibration": calibration,
                     "inputs": [str(p) for p in inputs]}
     write_summary(out, summary.rows, {k: v for k, v in summary.to_json().items() if k != "rows"})
     write_worklist(out / "worklist.pdf", summary.rows, summary.meta)

@@ -219,7 +219,8 @@ class Watcher:
         observer = self._start_observer()
         counts = self.ledger.counts()
         log.info(kv(event="start", inbox=self.inbox, out=self.out, state=o.state_file, model=model.path.name,
-                    model_sha256=model.sha256[:16], threshold=self.threshold, settle=o.settle, rescan=o.rescan,
+                    model_sha256=model.sha256[:16], compute=model.compute, threshold=self.threshold, settle=o.settle,
+                    rescan=o.rescan,
                     pending_studies=counts["studies"].get("pending", 0), once=o.once))
         stopped_by = "once: inbox handled"
         try:
@@ -594,7 +595,8 @@ class Watcher:
         rows = rank_rows(rows + unscreened_study_rows(
             files, self.threshold, lambda uid: uid in listed or self.ledger.study(uid) is not None)) + files
         meta = {"tool_version": __version__, "mode": "watch", "inbox": str(self.inbox), "model": str(self.model.path),
-                "model_sha256": self.model.sha256, "threshold": self.threshold, "operating_point": self.operating,
+                "model_sha256": self.model.sha256, "compute": self.model.compute, "threshold": self.threshold,
+                "operating_point": self.operating,
                 "ledger": str(self.options.state_file), "worklist_days": days or "all", **self.ledger.counts()}
         write_summary(self.out, rows, meta)
         write_worklist(self.out / "worklist.pdf", rows, meta)

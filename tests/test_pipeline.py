@@ -52,6 +52,8 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     studies = [r for r in all_studies if r["report"]]
     files = {Path(r["path"]).name: r for r in summary["rows"] if r["kind"] == "file"}
     assert len(studies) == 6 and summary["failed_files"] == 1
+    # the backend and device the scores came from
+    assert summary["compute"] == "tensorflow on CPU" or summary["compute"].startswith("tensorflow on GPU (")
     # the hand-only study has a study row of its own, ranked last, with nothing screened
     assert len(all_studies) == 7 == summary["studies"] and summary["unscreened_studies"] == 1
     hand = all_studies[-1]

@@ -22,7 +22,7 @@ import numpy as np
 
 from cxrscreen import __version__
 from cxrscreen.calibrate import operating_point, threshold_for_sensitivity
-from cxrscreen.infer import CARD_FORMAT, Population, card_path, sha256_file
+from cxrscreen.infer import CARD_FORMAT, Population, accelerators, card_path, sha256_file
 from cxrscreen.normalise import PreprocessSpec
 
 from . import data as D
@@ -55,27 +55,16 @@ class FitConfig:
 
 
 def device_description() -> str:
+    """What the card's ``device`` says: the Keras version and backend, and the GPUs or the CPU."""
     import keras
 
-    backend = keras.backend.backend()
-    try:
-        if backend == "jax":
-            import jax
-
-            devices = [str(d.device_kind) for d in jax.devices()]
-        else:
-            import tensorflow as tf
-
-            devices = [d.name for d in tf.config.list_physical_devices("GPU")]
-    except Exception:
-        devices = []
-    gpu = [d for d in devices if "cpu" not in d.lower()]
+    gpus = accelerators()
     cpu = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    return f"keras {keras.__version__} on {backend}: " + (", ".join(gpu) if gpu else cpu)
+    return f"keras {keras.__version__} on {keras.backend.backend()}: " + (", ".join(gpus) if gpus else cpu)
 
 
 def has_gpu() -> bool:
-    return "CPU (" not in device_description()
+    return bool(accelerators())
 
 
 def use_gpu_settings(batch_size: int) -> int:
