@@ -2,8 +2,10 @@
 
 :func:`find_gradcam_layer` picks the last layer with a spatial (4-D) output,
 whatever the backbone. :class:`GradCam` computes, in one compiled pass per
-batch, the model's scores and the heatmaps, using the gradient of the logit
-(pre-sigmoid) so confident predictions do not saturate to zero gradients.
+batch, the model's scores and the heatmaps from the gradient of the logit
+(pre-sigmoid), so confident predictions do not saturate to zero gradients; for
+the pooled head every model of this project has, that gradient is known in
+closed form and no backend-specific differentiation is needed.
 For an ensemble (a model whose layers include the member models, see
 ``training/ensemble.py``) the score is the mean of the members' probabilities,
 exactly what the ensemble predicts, and the heatmap the mean of the members'
@@ -38,49 +40,126 @@ def find_gradcam_layer(model) -> str:
 
 
 class GradCam:
-    """Scores and Grad-CAM heatmaps for batches of model inputs (TensorFlow backend)."""
+    """Scores and Grad-CAM heatmaps for batches of model inputs, on any Keras backend.
+
+    Every model this project trains ends in the same head: the feature map, global average
+    pooling, dropout (the identity when screening) and one sigmoid Dense unit. There the gradient
+    of the logit with respect to the feature map is the Dense kernel divided by h*w at every
+    position, so Grad-CAM's channel weights are the kernel (up to that constant, which the unit
+    peak removes) and the heatmap is ReLU(features . kernel): exactly Grad-CAM, computed from one
+    compiled forward pass that returns each member's feature map and score, with no gradient, so
+    it runs on the TensorFlow, JAX or PyTorch backend and on whatever device that backend uses.
+    A model with any other head gets the gradient from TensorFlow's GradientTape (TensorFlow
+    backend only; elsewhere a clear error).
+    """
 
     def __init__(self, model, layer_name: str | None = None) -> None:
-        import keras
-        import tensorflow as tf
-
         self.layer_name = layer_name or find_gradcam_layer(model)
-        heads = []
-        for member in members(model):
-            final = member.layers[-1]
-            if final.__class__.__name__ != "Dense":
-                raise ValueError(f"Grad-CAM expects {member.name} to end in a Dense layer")
-            extractor = keras.Model(member.inputs, [member.get_layer(self.layer_name).output, final.input])
-            heads.append((extractor, final))
-
-        def _unit_peak(cam):
-            return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
-
-        def one(extractor, final, x):
-            with tf.GradientTape() as tape:
-                features, pooled = extractor(x, training=False)
-                tape.watch(features)
-                logits = tf.matmul(tf.cast(pooled, tf.float32), tf.cast(final.kernel, tf.float32)) + \
-                    tf.cast(final.bias, tf.float32)
-                logit = logits[:, 0]
-            grads = tape.gradient(logit, features)
-            weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(1, 2))
-            cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))
-            return tf.sigmoid(logit), _unit_peak(cam)
-
-        @tf.function(reduce_retracing=True)
-        def _run(x):
-            results = [one(extractor, final, x) for extractor, final in heads]
-            scores = tf.add_n([score for score, _ in results]) / len(results)
-            cams = tf.add_n([cam for _, cam in results]) / len(results)
-            return scores, _unit_peak(cams)
-
-        self._run = _run
+        parts = members(model)
+        kernels = [_pooled_head_kernel(member, self.layer_name) for member in parts]
+        if all(kernel is not None for kernel in kernels):
+            self._run = _forward_cam(model, parts, self.layer_name, kernels)
+            self.method = "forward"
+        else:
+            self._run = _gradient_cam(model, parts, self.layer_name)
+            self.method = "gradient"
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(scores (N,), heatmaps (N, h, w) in [0, 1])`` at the feature-map resolution."""
         scores, cams = self._run(np.asarray(batch, dtype=np.float32))
-        return np.asarray(scores, dtype=np.float64), np.asarray(cams, dtype=np.float32)
+        return np.asarray(scores, dtype=np.float64).reshape(-1), np.asarray(cams, dtype=np.float32)
+
+
+def _unit_peak(cams: np.ndarray) -> np.ndarray:
+    """Each heatmap divided by its maximum; an all-zero heatmap stays zero."""
+    peak = cams.max(axis=(1, 2), keepdims=True)
+    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
+
+
+def _pooled_head_kernel(member, layer_name: str) -> np.ndarray | None:
+    """The Dense kernel (channels,) when everything after ``layer_name`` in ``member`` is global
+    average pooling of it, dropout and one Dense unit; None for any other head."""
+    from keras import layers
+
+    names = [layer.name for layer in member.layers]
+    if layer_name not in names:
+        raise ValueError(f"model {member.name} has no layer {layer_name!r} for Grad-CAM")
+    after = member.layers[names.index(layer_name) + 1:]
+    if len(after) < 2:
+        return None
+    pool, middle, final = after[0], after[1:-1], after[-1]
+    if not (isinstance(pool, layers.GlobalAveragePooling2D) and not pool.keepdims
+            and pool.data_format == "channels_last" and pool.input is member.get_layer(layer_name).output):
+        return None
+    if any(not isinstance(layer, layers.Dropout) for layer in middle):
+        return None
+    if not (isinstance(final, layers.Dense) and final.units == 1 and final.output is member.outputs[0]):
+        return None
+    return np.asarray(final.kernel, dtype=np.float32)[:, 0]
+
+
+def _forward_cam(model, parts: list, layer_name: str, kernels: list[np.ndarray]):
+    """Grad-CAM for pooled heads: one compiled call for every member's feature map and score."""
+    import keras
+
+    inputs = keras.Input(model.input_shape[1:])
+    outputs = []
+    for member in parts:
+        tap = keras.Model(member.inputs, [member.get_layer(layer_name).output, member.outputs[0]])
+        outputs.extend(tap(inputs))
+    taps = keras.Model(inputs, outputs)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = taps.predict_on_batch(batch)
+        scores = np.mean([np.asarray(p, dtype=np.float64).reshape(-1) for p in out[1::2]], axis=0)
+        cams = [_unit_peak(np.maximum(np.asarray(f, dtype=np.float32) @ kernel, 0.0))
+                for f, kernel in zip(out[0::2], kernels)]
+        return scores, _unit_peak(np.mean(cams, axis=0))
+
+    return run
+
+
+def _gradient_cam(model, parts: list, layer_name: str):
+    """Grad-CAM by automatic differentiation of the logit, for heads that are not a pooled Dense."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(f"Grad-CAM for model {model.name}: its head after {layer_name!r} is not global "
+                         f"pooling and one Dense unit, and other heads need the TensorFlow backend "
+                         f"(KERAS_BACKEND is {keras.backend.backend()!r})")
+    import tensorflow as tf
+
+    heads = []
+    for member in parts:
+        final = member.layers[-1]
+        if final.__class__.__name__ != "Dense":
+            raise ValueError(f"Grad-CAM expects {member.name} to end in a Dense layer")
+        extractor = keras.Model(member.inputs, [member.get_layer(layer_name).output, final.input])
+        heads.append((extractor, final))
+
+    def tf_unit_peak(cam):
+        return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
+
+    def one(extractor, final, x):
+        with tf.GradientTape() as tape:
+            features, pooled = extractor(x, training=False)
+            tape.watch(features)
+            logits = tf.matmul(tf.cast(pooled, tf.float32), tf.cast(final.kernel, tf.float32)) + \
+                tf.cast(final.bias, tf.float32)
+            logit = logits[:, 0]
+        grads = tape.gradient(logit, features)
+        weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(1, 2))
+        cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))
+        return tf.sigmoid(logit), tf_unit_peak(cam)
+
+    @tf.function(reduce_retracing=True)
+    def run(x):
+        results = [one(extractor, final, x) for extractor, final in heads]
+        scores = tf.add_n([score for score, _ in results]) / len(results)
+        cams = tf.add_n([cam for _, cam in results]) / len(results)
+        return scores, tf_unit_peak(cams)
+
+    return run
 
 
 def upsample(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cxrscreen.cli import main
-from cxrscreen.explain import GradCam, find_gradcam_layer, overlay
+from cxrscreen.explain import GradCam, _gradient_cam, find_gradcam_layer, members, overlay
 from cxrscreen.infer import load_model
 from cxrscreen.normalise import load_model_input
 from cxrscreen.pipeline import BatchOptions, run_batch
@@ -169,8 +169,15 @@ def test_gradcam_shape_and_not_constant(model):
     paths = [SAMPLES / "study1_cr_mono1_j2k" / "IM0001.dcm", SAMPLES / "study3_pa_and_lateral" / "IM0001.dcm",
              SAMPLES / "study5_cr_jpeg_baseline" / "IM0001.dcm", SAMPLES / "study6_plain_jpeg" / "chest_export.jpg"]
     images = np.stack([load_model_input(p, model.card.preprocessing) for p in paths])
-    scores, cams = GradCam(model.keras_model)(images)
+    cam = GradCam(model.keras_model)
+    assert cam.method == "forward"          # the pooled head: no gradient needed, any backend
+    scores, cams = cam(images)
     assert cams.shape[0] == 4 and cams.ndim == 3 and cams.shape[1] >= 7
+    # exactly the heatmaps that differentiating the logit gives
+    by_gradient = _gradient_cam(model.keras_model, members(model.keras_model), layer)
+    gradient_scores, gradient_cams = (np.asarray(a) for a in by_gradient(images))
+    np.testing.assert_allclose(scores, gradient_scores, atol=1e-5)
+    np.testing.assert_allclose(cams, gradient_cams, atol=1e-4)
     assert cams.min() >= 0 and cams.max() <= 1
     np.testing.assert_allclose(scores, model.predict(images), atol=1e-4)
     # the image the model finds most suspicious has a heatmap that points somewhere
@@ -181,6 +188,61 @@ def test_gradcam_shape_and_not_constant(model):
     image = images[top]
     picture = overlay(image[..., 0], cams[top])
     assert picture.shape == (224, 224, 3) and picture.dtype == np.uint8
+
+
+def test_gradcam_of_other_heads_differentiates():
+    """A head that is not pooling + one Dense unit (here Flatten) takes the gradient path; the
+    forward path would be wrong for it."""
+    import keras
+
+    inputs = keras.Input((16, 16, 1))
+    features = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="features")(inputs)
+    output = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(features))
+    cam = GradCam(keras.Model(inputs, output))
+    assert cam.layer_name == "features" and cam.method == "gradient"
+    scores, cams = cam(np.random.default_rng(0).random((3, 16, 16, 1)).astype(np.float32))
+    assert scores.shape == (3,) and cams.shape == (3, 16, 16) and np.isfinite(cams).all()
+
+
+SCREEN_ON_BACKEND = """
+import json, sys
+import numpy as np
+from cxrscreen.explain import GradCam
+from cxrscreen.infer import load_model
+from cxrscreen.normalise import load_model_input
+model = load_model()
+images = np.stack([load_model_input(p, model.card.preprocessing) for p in sys.argv[1:]])
+scores, cams = GradCam(model.keras_model)(images)
+print(json.dumps({"compute": model.compute, "predict": model.predict(images).tolist(),
+                  "scores": scores.tolist(), "cams": cams.tolist()}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_screening_gives_the_same_scores_and_heatmaps_on_every_keras_backend(backend, model):
+    """The model and Grad-CAM run on Keras' JAX and PyTorch backends (a GPU server without
+    TensorFlow) and agree with TensorFlow."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    paths = [SAMPLES / "study1_cr_mono1_j2k" / "IM0001.dcm", SAMPLES / "study5_cr_jpeg_baseline" / "IM0001.dcm",
+             SAMPLES / "study6_plain_jpeg" / "chest_export.jpg"]
+    images = np.stack([load_model_input(p, model.card.preprocessing) for p in paths])
+    scores, cams = GradCam(model.keras_model)(images)
+    env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", SCREEN_ON_BACKEND, *map(str, paths)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    other = json.loads(done.stdout.strip().splitlines()[-1])
+    assert other["compute"] == f"{backend} on CPU"
+    np.testing.assert_allclose(other["scores"], scores, atol=1e-5)
+    np.testing.assert_allclose(other["predict"], scores, atol=1e-5)
+    np.testing.assert_allclose(other["cams"], cams, atol=1e-4)
+    assert model.compute.startswith("tensorflow on ")
 
 
 def test_report_filename_is_unique_per_study():

@@ -202,7 +202,7 @@ def test_float32_config_rewrites_nested_mixed_policies():
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
 def test_ensemble_of_members_on_one_split(labeled_folder, tmp_path):
     from cxrscreen.errors import ModelError
-    from cxrscreen.explain import GradCam
+    from cxrscreen.explain import GradCam, _gradient_cam, members
     from training.ensemble import make_ensemble
     from training.train import FitConfig, fit
 
@@ -229,8 +229,12 @@ def test_ensemble_of_members_on_one_split(labeled_folder, tmp_path):
                        for p in sorted((labeled_folder / "test" / "PNEUMONIA").iterdir())])
     mean = (a.predict(images) + b.predict(images)) / 2
     np.testing.assert_allclose(ensemble.predict(images), mean, atol=1e-5)
-    scores, cams = GradCam(ensemble.keras_model, ensemble.card.gradcam_layer)(images)
+    cam = GradCam(ensemble.keras_model, ensemble.card.gradcam_layer)
+    scores, cams = cam(images)
     np.testing.assert_allclose(scores, mean, atol=1e-5)
+    by_gradient = _gradient_cam(ensemble.keras_model, members(ensemble.keras_model), cam.layer_name)
+    assert cam.method == "forward" and len(members(ensemble.keras_model)) == 2
+    np.testing.assert_allclose(cams, np.asarray(by_gradient(images)[1]), atol=1e-4)
     assert cams.shape[0] == len(images) and 0 <= cams.min() and cams.max() <= 1
 
     with pytest.raises(ModelError, match="another train/validation split"):
