@@ -17,11 +17,9 @@ Needs nothing from ../shared. Without an accelerator it prints the CPU figures a
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from _child import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,28 +74,17 @@ print(json.dumps({"device": device_description(), "gpu": has_gpu(), "batch": bat
 """
 
 
-def measure(backbone: str, images: int, hide_accelerator: bool) -> dict:
-    env = dict(os.environ)
-    if hide_accelerator:
-        env.update(CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), backbone, str(images)], env=env,
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"child failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--images", type=int, default=1280)
     args = parser.parse_args()
 
-    runs = [("accelerator as found", measure(args.backbone, args.images, hide_accelerator=False))]
+    child = [str(ROOT), args.backbone, str(args.images)]
+    runs = [("accelerator as found", measure(CHILD, child, hide_accelerator=False))]
     has_accelerator = runs[0][1]["gpu"]
     if has_accelerator:
-        runs.append(("accelerator hidden", measure(args.backbone, args.images, hide_accelerator=True)))
+        runs.append(("accelerator hidden", measure(CHILD, child, hide_accelerator=True)))
     print(f"{args.backbone}, fine-tuning phase, {args.images} images after warm-up")
     print("| run | device | batch, precision | train step (images/s) | input pipeline (images/s, workers) |")
     print("|---|---|---|---|---|")
