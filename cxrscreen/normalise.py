@@ -27,6 +27,12 @@ DICOM pixel transformations follow PS3.3 in this order:
    recommends padding be displayed, whatever the photometric interpretation.
 5. Colour (RGB, YBR_*, PALETTE COLOR) secondary captures: converted to RGB by
    pydicom, then to luma (ITU-R BT.601 weights); no VOI applies to colour.
+6. Display Shutter (C.7.6.11): what a display blanks out of the image. The
+   visible part is inside every shape the header gives (rectangular, circular,
+   polygonal: their intersection); the rest is left out of the percentile
+   window and shown at the Shutter Presentation Value (a P-value, 0 = black;
+   the CIELab value's L* when only that is given; black when neither is), as a
+   workstation shows it.
 
 Exported JPEG/PNG images are display values already: 8-bit ones map linearly
 to [0, 1]; 16-bit PNG gets the percentile window. Colour ones go to luma.
@@ -51,6 +57,7 @@ _TAG_VOI_FUNCTION = "(0028,1056) VOILUTFunction"
 _TAG_LUT_DESCRIPTOR = "(0028,3002) LUTDescriptor"
 _TAG_SLOPE = "(0028,1053) RescaleSlope"
 _TAG_PADDING = "(0028,0120) PixelPaddingValue"
+_TAG_SHUTTER = "(0018,1600) ShutterShape"
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,99 @@ class LUT:
 
 
 @dataclass(frozen=True)
+class Shutter:
+    """A Display Shutter (PS3.3 C.7.6.11). Coordinates are the standard's: 1-based, rows from the
+    top and columns from the left, edges inclusive. Build it with :meth:`from_dataset`."""
+
+    rectangle: tuple[float, float, float, float] | None = None   # left, right columns; upper, lower rows
+    circle: tuple[float, float, float] | None = None              # centre row, centre column, radius
+    polygon: tuple[tuple[float, float], ...] | None = None        # vertices (row, column)
+    value: float = 0.0                                            # shown outside, in [0, 1] (0 = black)
+
+    @classmethod
+    def from_dataset(cls, ds) -> "Shutter | None":
+        """The shutter an image header defines, or None when it has none. A shape named in
+        Shutter Shape whose attributes are missing or unusable is an error naming the tag."""
+        raw = ds.get("ShutterShape", None)
+        if raw is None or raw == "":
+            return None
+        shapes = {str(v).strip().upper() for v in (raw if _multi(raw) else [raw])} - {""}
+        unknown = shapes - {"RECTANGULAR", "CIRCULAR", "POLYGONAL"}
+        if unknown:
+            raise InvalidImageError(f"unsupported shutter shape {', '.join(sorted(unknown))} (an image header "
+                                    "may give RECTANGULAR, CIRCULAR, POLYGONAL)", step="normalise", tag=_TAG_SHUTTER)
+        if not shapes:
+            return None
+        rectangle = circle = polygon = None
+        if "RECTANGULAR" in shapes:
+            left, right, upper, lower = (
+                _numbers(ds, keyword, tag, 1)[0] for keyword, tag in (
+                    ("ShutterLeftVerticalEdge", "(0018,1602)"), ("ShutterRightVerticalEdge", "(0018,1604)"),
+                    ("ShutterUpperHorizontalEdge", "(0018,1606)"), ("ShutterLowerHorizontalEdge", "(0018,1608)")))
+            if left > right or upper > lower:
+                raise InvalidImageError(f"rectangular shutter has left {left:g} > right {right:g} or upper "
+                                        f"{upper:g} > lower {lower:g}", step="normalise", tag=_TAG_SHUTTER)
+            rectangle = (left, right, upper, lower)
+        if "CIRCULAR" in shapes:
+            centre = _numbers(ds, "CenterOfCircularShutter", "(0018,1610)", 2)
+            radius = _numbers(ds, "RadiusOfCircularShutter", "(0018,1612)", 1)[0]
+            if len(centre) != 2 or radius < 0:
+                raise InvalidImageError("circular shutter needs a centre (row, column) and a radius >= 0",
+                                        step="normalise", tag="(0018,1610) CenterOfCircularShutter")
+            circle = (centre[0], centre[1], radius)
+        if "POLYGONAL" in shapes:
+            vertices = _numbers(ds, "VerticesOfThePolygonalShutter", "(0018,1620)", 6)
+            if len(vertices) % 2:
+                raise InvalidImageError(f"{len(vertices)} values: vertices are (row, column) pairs",
+                                        step="normalise", tag="(0018,1620) VerticesOfThePolygonalShutter")
+            polygon = tuple(zip(vertices[0::2], vertices[1::2]))
+        value = 0.0
+        if ds.get("ShutterPresentationValue", None) not in (None, ""):
+            value = _numbers(ds, "ShutterPresentationValue", "(0018,1622)", 1)[0] / 65535.0
+        elif ds.get("ShutterPresentationColorCIELabValue", None) not in (None, ""):
+            value = _numbers(ds, "ShutterPresentationColorCIELabValue", "(0018,1624)", 3)[0] / 65535.0
+        return cls(rectangle=rectangle, circle=circle, polygon=polygon, value=float(np.clip(value, 0.0, 1.0)))
+
+    def outside(self, rows: int, columns: int) -> np.ndarray:
+        """A (rows, columns) mask of the pixels the shutter blanks out."""
+        r = np.arange(1, rows + 1, dtype=np.float64)[:, None]
+        c = np.arange(1, columns + 1, dtype=np.float64)[None, :]
+        inside = np.ones((rows, columns), dtype=bool)
+        if self.rectangle is not None:
+            left, right, upper, lower = self.rectangle
+            inside &= (c >= left) & (c <= right) & (r >= upper) & (r <= lower)
+        if self.circle is not None:
+            row, column, radius = self.circle
+            inside &= (r - row) ** 2 + (c - column) ** 2 <= radius ** 2
+        if self.polygon is not None:
+            import cv2
+
+            polygon = np.zeros((rows, columns), dtype=np.uint8)
+            points = np.array([[column - 1, row - 1] for row, column in self.polygon], dtype=np.float64)
+            cv2.fillPoly(polygon, [np.round(points).astype(np.int32)], 1)
+            inside &= polygon.astype(bool)
+        return ~inside
+
+
+def _multi(value) -> bool:
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__len__")
+
+
+def _numbers(ds, keyword: str, tag: str, at_least: int) -> list[float]:
+    """The finite numbers of an attribute with at least ``at_least`` values, else an error naming it."""
+    value = ds.get(keyword, None)
+    values = list(value) if _multi(value) else ([] if value in (None, "") else [value])
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise InvalidImageError(f"value {value!r} is not a number", step="normalise", tag=f"{tag} {keyword}") from None
+    if len(numbers) < at_least or not np.isfinite(numbers).all():
+        raise InvalidImageError(f"{'missing' if not numbers else f'unusable value {value!r}'} for the display "
+                                f"shutter", step="normalise", tag=f"{tag} {keyword}")
+    return numbers
+
+
+@dataclass(frozen=True)
 class PixelParams:
     """The header fields the pixel transformations need, validated on entry.
 
@@ -102,6 +202,7 @@ class PixelParams:
     presentation_shape: str = ""
     padding_value: float | None = None      # stored value (before the Modality LUT)
     padding_limit: float | None = None      # with padding_value, the other end of a padded range
+    shutter: Shutter | None = None          # the Display Shutter, when the header has one
 
     def __post_init__(self) -> None:
         if self.voi_function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
@@ -168,6 +269,7 @@ class PixelParams:
             presentation_shape=shape,
             padding_value=padding,
             padding_limit=limit if padding is not None else None,
+            shutter=Shutter.from_dataset(ds),
         )
 
     def padding_mask(self, stored: np.ndarray) -> np.ndarray | None:
@@ -309,6 +411,14 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
     params : PixelParams
         The header fields, see :meth:`PixelParams.from_dataset`.
     """
+    shuttered = None
+    if params.shutter is not None and arr.ndim >= 2:
+        shuttered = params.shutter.outside(*arr.shape[:2])
+        if shuttered.all():
+            raise InvalidImageError("the display shutter leaves no pixel of the image visible",
+                                    step="normalise", tag=_TAG_SHUTTER)
+        if not shuttered.any():
+            shuttered = None
     if params.is_colour:
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise InvalidImageError(f"colour image decoded to shape {arr.shape}, expected (rows, columns, 3)",
@@ -324,11 +434,17 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
         if padded is not None and padded.all():
             raise InvalidImageError(f"every pixel is padding (value {params.padding_value:g})",
                                     step="normalise", tag=_TAG_PADDING)
-        unit = apply_voi(apply_modality(stored, params), params, padded)
+        hidden = padded if shuttered is None else shuttered if padded is None else padded | shuttered
+        if hidden is not None and hidden.all():
+            raise InvalidImageError("every pixel the display shutter leaves visible is padding",
+                                    step="normalise", tag=_TAG_SHUTTER)
+        unit = apply_voi(apply_modality(stored, params), params, hidden)
         if params.inverted:
             unit = 1.0 - unit
         if padded is not None:
             unit = np.where(padded, 0.0, unit)
+    if shuttered is not None:
+        unit = np.where(shuttered, params.shutter.value, unit)
     return unit.astype(np.float32)
 
 

@@ -13,6 +13,7 @@ from cxrscreen.normalise import (
     LUT,
     PixelParams,
     PreprocessSpec,
+    Shutter,
     apply_window,
     load_model_input,
     load_unit_image,
@@ -200,6 +201,80 @@ def test_padding_of_a_monochrome1_plate_and_a_padding_range_are_black_too():
     np.testing.assert_allclose(out[:, 45:], 1 - np.clip((anatomy - lo) / (hi - lo), 0, 1), atol=1e-6)
     with pytest.raises(InvalidImageError, match=r"every pixel is padding"):
         normalise_pixels(np.full((8, 8), 4095, np.uint16), PixelParams(bits_stored=12, padding_value=4095))
+
+
+def test_shutter_shapes_by_hand():
+    """1-based rows/columns, edges inclusive (PS3.3 C.7.6.11); several shapes: the visible part is
+    inside all of them."""
+    rect = Shutter(rectangle=(3, 8, 2, 5)).outside(10, 12)
+    expected = np.ones((10, 12), bool)
+    expected[1:5, 2:8] = False                      # rows 2..5, columns 3..8
+    np.testing.assert_array_equal(rect, expected)
+    circle = Shutter(circle=(5, 6, 2)).outside(10, 12)
+    assert (~circle).sum() == 13 and not circle[4, 5] and not circle[2, 5] and circle[2, 4]   # 13 lattice points
+    triangle = Shutter(polygon=((1, 1), (1, 10), (10, 1))).outside(10, 12)
+    assert not triangle[0, 0] and not triangle[0, 9] and not triangle[9, 0] and triangle[9, 9] and triangle[:, 10:].all()
+    both = Shutter(rectangle=(3, 8, 2, 5), circle=(5, 6, 2)).outside(10, 12)
+    np.testing.assert_array_equal(both, rect | circle)
+
+
+def _collimated_plate() -> tuple[np.ndarray, Shutter]:
+    """A 12-bit image: anatomy 1000..3000 inside rows 11..90 / columns 21..80, unexposed (4095:
+    bright) around it, as a collimated plate is, with a rectangular shutter on the collimation."""
+    values = np.full((100, 100), 4095, np.uint16)
+    values[10:90, 20:80] = np.random.default_rng(1).integers(1000, 3001, size=(80, 60))
+    return values, Shutter(rectangle=(21, 80, 11, 90))
+
+
+def test_shutter_hides_the_collimation_from_the_window_and_the_model():
+    values, shutter = _collimated_plate()
+    anatomy = values[10:90, 20:80].astype(np.float64)
+    lo, hi = np.percentile(anatomy, [0.5, 99.5])
+    out = normalise_pixels(values, PixelParams(bits_stored=12, shutter=shutter))
+    np.testing.assert_allclose(out[10:90, 20:80], np.clip((anatomy - lo) / (hi - lo), 0, 1), atol=1e-6)
+    inside = np.zeros_like(out, bool)
+    inside[10:90, 20:80] = True
+    assert (out[~inside] == 0).all()                # black: no presentation value given
+    # without the shutter the bright collimation takes the top of the window and stays white
+    plain = normalise_pixels(values, PixelParams(bits_stored=12))
+    assert (plain[~inside] == 1).all() and plain[inside].max() < 0.8
+    grey = normalise_pixels(values, PixelParams(photometric="MONOCHROME1", bits_stored=12,
+                                                shutter=Shutter(rectangle=(21, 80, 11, 90), value=0.5)))
+    assert (grey[~inside] == 0.5).all()             # the presentation value is a display value: not inverted
+    np.testing.assert_allclose(grey[inside], 1 - out[inside], atol=1e-6)
+    with pytest.raises(InvalidImageError, match=r"\(0018,1600\).*no pixel of the image visible"):
+        normalise_pixels(values, PixelParams(bits_stored=12, shutter=Shutter(rectangle=(200, 300, 1, 5))))
+
+
+def test_shutter_is_read_from_a_written_file(write_dicom):
+    values, _ = _collimated_plate()
+    path = write_dicom(values, bits_stored=12, ShutterShape=["RECTANGULAR", "CIRCULAR"], ShutterLeftVerticalEdge=21,
+                       ShutterRightVerticalEdge=80, ShutterUpperHorizontalEdge=11, ShutterLowerHorizontalEdge=90,
+                       CenterOfCircularShutter=[50, 50], RadiusOfCircularShutter=45, ShutterPresentationValue=65535)
+    unit = load_unit_image(path)
+    visible = ~Shutter(rectangle=(21, 80, 11, 90), circle=(50, 50, 45)).outside(100, 100)
+    assert (unit[~visible] == 1).all() and unit[visible].min() == 0 and unit[visible].max() == 1
+    assert visible[50, 21] and not visible[11, 21]  # the circle cuts the rectangle's corners
+
+
+@pytest.mark.parametrize("attributes, tag", [
+    ({"ShutterShape": "BITMAP"}, "(0018,1600)"),
+    ({"ShutterShape": "RECTANGULAR", "ShutterLeftVerticalEdge": 1, "ShutterUpperHorizontalEdge": 1,
+      "ShutterLowerHorizontalEdge": 5}, "(0018,1604) ShutterRightVerticalEdge"),
+    ({"ShutterShape": "RECTANGULAR", "ShutterLeftVerticalEdge": 9, "ShutterRightVerticalEdge": 2,
+      "ShutterUpperHorizontalEdge": 1, "ShutterLowerHorizontalEdge": 5}, "(0018,1600)"),
+    ({"ShutterShape": "CIRCULAR", "CenterOfCircularShutter": [5, 5]}, "(0018,1612) RadiusOfCircularShutter"),
+    ({"ShutterShape": "POLYGONAL", "VerticesOfThePolygonalShutter": [1, 1, 1, 9]},
+     "(0018,1620) VerticesOfThePolygonalShutter"),
+])
+def test_an_unusable_shutter_is_an_error_naming_the_tag(attributes, tag):
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    with pytest.raises(InvalidImageError) as info:
+        PixelParams.from_dataset(ds)
+    assert tag in str(info.value)
 
 
 def test_signed_padding_value_is_read_from_a_written_file(write_dicom):
