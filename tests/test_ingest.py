@@ -221,6 +221,8 @@ def test_records_keep_report_metadata(write_dicom, chest_pixels):
     ("", "20200101", "20250101", 5.0), ("", "20200101", "20250101T", 5.0), ("", "", "20250101", None),
     ("", "20300101", "20250101", None), ("", "2020", "20250101", None), ("4 Y", "", "", None),
     ("012Y", "20000101", "20250101", 12.0),
+    # 000Y: the placeholder of a modality that did not know the age; 000D is a newborn
+    ("000Y", "", "", None), ("000Y", "20240101", "20250101", 1.0), ("000D", "", "", 0.0), ("000M", "", "", 0.0),
 ])
 def test_age_at_the_study(age, birth, study, expected):
     from cxrscreen.records import age_in_years
