@@ -165,6 +165,7 @@ class Shutter:
 
 
 def _multi(value) -> bool:
+    """Whether a pydicom element value is multi-valued (a MultiValue or list, not one string)."""
     return not isinstance(value, (str, bytes)) and hasattr(value, "__len__")
 
 
@@ -288,7 +289,7 @@ def _first_number(value, tag: str) -> float | None:
     """The first value of a (possibly multi-valued) DS/IS element, or None when absent."""
     if value is None or value == "":
         return None
-    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+    if _multi(value):
         if len(value) == 0:
             return None
         value = value[0]
