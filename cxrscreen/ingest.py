@@ -290,10 +290,18 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         presentation_intent=_text(ds, "PresentationIntentType").upper()
         or ("FOR PROCESSING" if _text(ds, "SOPClassUID") in FOR_PROCESSING_SOP_CLASSES else ""),
-        rows=int(ds.get("Rows", 0) or 0), columns=int(ds.get("Columns", 0) or 0),
+        rows=int(ds.get("Rows", 0) or 0), columns=int(ds.get("Columns", 0) or 0), frames=_frames(ds),
         photometric=_text(ds, "PhotometricInterpretation"), transfer_syntax=ts,
         size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
     )
+
+
+def _frames(ds) -> int:
+    """NumberOfFrames (IS), 1 when absent or unreadable: decoding names a real problem later."""
+    try:
+        return max(1, int(str(ds.get("NumberOfFrames", 1) or 1).strip()))
+    except ValueError:
+        return 1
 
 
 class _Skip(Exception):
@@ -407,8 +415,7 @@ def decode_first_frame(ds) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            if frames > 1:
+            if _frames(ds) > 1:
                 from pydicom.pixels import pixel_array
 
                 arr = pixel_array(ds, index=0)

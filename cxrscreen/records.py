@@ -87,6 +87,7 @@ class Radiograph(_OfAStudy):
     presentation_intent: str = ""   # FOR PRESENTATION / FOR PROCESSING (DX), empty when not said
     rows: int = 0
     columns: int = 0
+    frames: int = 1                 # NumberOfFrames; only the first frame is scored
     photometric: str = ""
     transfer_syntax: str = ""
     size_bytes: int = 0

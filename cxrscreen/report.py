@@ -165,6 +165,9 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
         label = (f"{_p(img.path.name)} - view {_p(img.view)}{', ' + _p(img.laterality) if img.laterality else ''}"
                  f" - score {item.score:.3f}")
         story.append(Paragraph(label, styles["Heading4"]))
+        if img.frames > 1:
+            story.append(Paragraph(f"Multi-frame image: frame 1 of {img.frames} was scored and is shown; "
+                                   f"the other {img.frames - 1} were not.", styles["BodyText"]))
         width = 85 * mm
         h = width * item.thumbnail.shape[0] / item.thumbnail.shape[1]
         cells = [Image(_jpeg(item.thumbnail), width=width, height=h)]

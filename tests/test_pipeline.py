@@ -156,6 +156,23 @@ def test_hostile_patient_ids_give_safe_unique_names(tmp_path, model, patient_id)
         assert name.split("_")[0].split(".")[0].upper() not in {"CON", "PRN", "AUX", "NUL"}
 
 
+def test_a_multi_frame_image_is_scored_on_its_first_frame_and_the_report_says_so(tmp_path, model, chest_pixels):
+    other = np.random.default_rng(7).integers(0, 4096, chest_pixels.shape)     # frames 2 and 3: noise
+    box = tmp_path / "in"
+    save(make_dicom(chest_pixels, seed="single", bits_stored=12), box / "single.dcm")
+    ds = make_dicom(chest_pixels, seed="multi", bits_stored=12)
+    ds.NumberOfFrames = 3
+    ds.PixelData = b"".join(np.ascontiguousarray(f, dtype="<u2").tobytes() for f in (chest_pixels, other, other))
+    save(ds, box / "multi.dcm")
+    summary = run_batch([box], BatchOptions(out=tmp_path / "out", gradcam="none"), model=model)
+    studies = {r["files"][0].rsplit("/", 1)[-1]: r for r in summary.rows if r["kind"] == "study"}
+    assert studies["multi.dcm"]["status"] == studies["single.dcm"]["status"] == "scored"
+    assert studies["multi.dcm"]["score"] == pytest.approx(studies["single.dcm"]["score"], abs=1e-6)
+    text = pdf_text(tmp_path / "out" / studies["multi.dcm"]["report"])
+    assert "frame 1 of 3 was scored" in text and "the other 2 were not" in text
+    assert "frame 1 of" not in pdf_text(tmp_path / "out" / studies["single.dcm"]["report"])
+
+
 def test_safe_name_rules():
     assert safe_name("../../etc") == "etc"
     assert safe_name("CON") == "x_CON"
