@@ -173,11 +173,8 @@ def _numbers(ds, keyword: str, tag: str, at_least: int) -> list[float]:
     """The finite numbers of an attribute with at least ``at_least`` values, else an error naming it."""
     value = ds.get(keyword, None)
     values = list(value) if _multi(value) else ([] if value in (None, "") else [value])
-    try:
-        numbers = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise InvalidImageError(f"value {value!r} is not a number", step="normalise", tag=f"{tag} {keyword}") from None
-    if len(numbers) < at_least or not np.isfinite(numbers).all():
+    numbers = [_number(v, f"{tag} {keyword}") for v in values]
+    if len(numbers) < at_least:
         raise InvalidImageError(f"{'missing' if not numbers else f'unusable value {value!r}'} for the display "
                                 f"shutter", step="normalise", tag=f"{tag} {keyword}")
     return numbers
@@ -293,6 +290,11 @@ def _first_number(value, tag: str) -> float | None:
         if len(value) == 0:
             return None
         value = value[0]
+    return _number(value, tag)
+
+
+def _number(value, tag: str) -> float:
+    """One DS/IS value as a finite float, else an error naming ``tag``."""
     try:
         number = float(value)
     except (TypeError, ValueError):
