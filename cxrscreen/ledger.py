@@ -169,19 +169,21 @@ class Ledger:
             raise
 
     def _create_or_migrate(self) -> None:
-        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        version = self.get_meta("schema_version")
-        if version is not None and int(version) > SCHEMA_VERSION:
-            raise UsageError(f"the state file {self.path} has schema {version}, newer than this cxrscreen's "
-                             f"{SCHEMA_VERSION}: upgrade cxrscreen")
-        if version is not None and int(version) < SCHEMA_VERSION:
-            with self.transaction() as db:
-                for step in range(int(version), SCHEMA_VERSION):
-                    for statement in _MIGRATIONS[step]:
-                        db.execute(statement)
-                self.set_meta("schema_version", SCHEMA_VERSION)
-        self.db.executescript(_SCHEMA)
-        if version is None:
+        """Create the schema, or bring an older one up to date, in one transaction: another process that
+        opens the state file (a monitoring script, ``sqlite3`` on the command line) sees either no tables
+        or all of them at the current schema, and a crash part-way leaves nothing half made."""
+        with self.transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            version = self.get_meta("schema_version")
+            if version is not None and int(version) > SCHEMA_VERSION:
+                raise UsageError(f"the state file {self.path} has schema {version}, newer than this cxrscreen's "
+                                 f"{SCHEMA_VERSION}: upgrade cxrscreen")
+            for step in range(int(version) if version is not None else SCHEMA_VERSION, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+            for statement in _SCHEMA.split(";"):        # executescript() would commit first
+                if statement.strip():
+                    db.execute(statement)
             self.set_meta("schema_version", SCHEMA_VERSION)
 
     def close(self) -> None:
