@@ -85,10 +85,13 @@ def ledger_rows(out: Path, sql: str) -> list[tuple]:
         db.close()
 
 
+def ledger_tables(out: Path) -> list[str]:
+    return sorted(name for (name,) in ledger_rows(out, "SELECT name FROM sqlite_master WHERE type = 'table'"))
+
+
 def done_studies(out: Path) -> int:
     # the daemon thread makes the file (WAL mode) a moment before the transaction that creates its tables
-    if not (out / STATE_FILE).exists() or not ledger_rows(
-            out, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'"):
+    if not (out / STATE_FILE).exists() or "studies" not in ledger_tables(out):
         return 0
     return ledger_rows(out, "SELECT COUNT(*) FROM studies WHERE status = 'done'")[0][0]
 
@@ -477,28 +480,18 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
 
 
 def test_creating_the_ledger_is_one_transaction(tmp_path, monkeypatch):
-    import sqlite3
-
     import cxrscreen.ledger as ledger_module
-
-    def tables(path):
-        db = sqlite3.connect(path)
-        try:
-            return sorted(name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
-        finally:
-            db.close()
 
     # a statement that fails after the files table is made: nothing of the schema may be left behind
     broken = ledger_module._SCHEMA.replace("CREATE TABLE IF NOT EXISTS studies", "CREATE TABLE studies_x (;")
     monkeypatch.setattr(ledger_module, "_SCHEMA", broken)
-    path = tmp_path / "state.sqlite"
     with pytest.raises(UsageError, match="cannot use the state file"):
-        ledger_module.Ledger(path)
-    assert tables(path) == []
+        ledger_module.Ledger(tmp_path / STATE_FILE)
+    assert ledger_tables(tmp_path) == []
     monkeypatch.undo()
-    ledger = ledger_module.Ledger(path)     # the lock was released; the next start creates it whole
+    ledger = ledger_module.Ledger(tmp_path / STATE_FILE)     # the lock was released; the next start creates it whole
     ledger.close()
-    assert tables(path) == ["files", "meta", "reports", "studies"]
+    assert ledger_tables(tmp_path) == ["files", "meta", "reports", "studies"]
 
 
 def test_move_file_across_filesystems_copies_syncs_and_deletes(tmp_path, monkeypatch):
