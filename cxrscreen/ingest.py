@@ -8,7 +8,9 @@ Stages (each a function):
   without one that parses), JPEG and PNG by their bytes, never their name.
 * :func:`read_record` reads the header (no pixels) into a :class:`Radiograph`
   and applies the selection rules (:data:`SELECTION_RULES`): only frontal chest
-  projection radiographs are scored.
+  projection radiographs are scored. A colour image that passes them is
+  decoded once more to ask :func:`colour_picture` whether it is a radiograph
+  at all (a photograph, a colour test pattern, a heatmap overlay is not).
 * :func:`scan` combines them: every file ends as a Radiograph or a FileOutcome.
 * :func:`group_studies` groups by StudyInstanceUID.
 
@@ -29,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax
+from .normalise import COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale
 from .records import FileKind, FileOutcome, Radiograph, Status, Study
 
 IGNORED_SUFFIXES = (".part", ".partial", ".tmp", ".temp", "~", ".swp", ".crdownload")
@@ -43,6 +46,10 @@ FRONTAL_VIEWS = frozenset({"", "PA", "AP"})
 # DX, mammography and intra-oral "For Processing" storage: raw detector data, not meant to be displayed
 FOR_PROCESSING_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2.1",
                                         "1.2.840.10008.5.1.4.1.1.1.3.1"})
+# Secondary captures that are not pictures of a patient's radiograph (PS3.3 C.8.6.1 ConversionType);
+# DF (digitized film), DV, DI, SI and WSD may be one and are screened.
+NOT_RADIOGRAPH_CONVERSIONS = {"SD": "scanned document", "SYN": "synthetic image", "DRW": "drawing"}
+_GREY_IMAGE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})   # Pillow's
 _LATERAL_WORDS = re.compile(r"\b(LAT|LATERAL|LL|RL)\b")
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -164,17 +171,15 @@ def read_dicom(path: Path | str):
     return _dcmread(Path(path), stop_before_pixels=False, force=True)
 
 
-def read_display_image(path: Path | str) -> np.ndarray:
-    """Decode a JPEG or PNG as stored (8 or 16 bits, grey or BGR), checking its size first."""
-    import cv2
+def _display_header(path: Path) -> tuple[int, int, str]:
+    """(width, height, Pillow mode) of a JPEG or PNG, its size checked before anything is decoded."""
     from PIL import Image
 
-    path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                width, height = img.size
+                (width, height), mode = img.size, img.mode
     except PermissionError as exc:
         raise InputError(f"permission denied ({exc.strerror})", path=path, step="read") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -182,8 +187,23 @@ def read_display_image(path: Path | str) -> np.ndarray:
     except Exception as exc:
         raise InputError(f"cannot read the image header: {exc}", path=path, step="read") from None
     _check_dimensions(height, width, path, tag="")
-    data = np.fromfile(path, dtype=np.uint8)
-    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    return width, height, mode
+
+
+def read_display_image(path: Path | str, reduced: bool = False) -> np.ndarray:
+    """Decode a JPEG or PNG as stored (8 or 16 bits, grey or BGR), checking its size first.
+
+    ``reduced``: 8-bit BGR at a quarter of the size when the image is 1024 pixels a side or more (a
+    JPEG decodes that fast, from its DCT coefficients), for a look at its colours.
+    """
+    import cv2
+
+    path = Path(path)
+    width, height, _ = _display_header(path)
+    flag = cv2.IMREAD_UNCHANGED
+    if reduced:
+        flag = cv2.IMREAD_REDUCED_COLOR_4 if max(width, height) >= 1024 else cv2.IMREAD_COLOR
+    arr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), flag)
     if arr is None:
         raise InputError("the image data cannot be decoded (corrupt or truncated)", path=path, step="decode")
     return arr
@@ -238,6 +258,9 @@ SELECTION_RULES: tuple[SelectionRule, ...] = (
                   lambda v: v == "FOR PROCESSING",
                   "raw detector image (FOR PROCESSING), not processed for display; the FOR PRESENTATION "
                   "image of the same exposure is the one to screen"),
+    SelectionRule("conversion_type", "(0008,0064) ConversionType",
+                  lambda v: v in NOT_RADIOGRAPH_CONVERSIONS,
+                  "secondary capture of a {label} (ConversionType {value}), not a radiograph"),
     SelectionRule("body_part", "(0018,0015) BodyPartExamined",
                   lambda v: v.upper() not in CHEST_BODY_PARTS,
                   "body part {value!r} is not chest", override="any_body_part"),
@@ -255,9 +278,49 @@ def select(record: Radiograph, *, include_lateral: bool = False, any_body_part: 
             continue
         value = getattr(record, rule.field)
         if rule.rejects(value):
-            return FileOutcome(record.path, Status.SKIPPED, rule.reason.format(value=value),
-                               step="select", tag=rule.tag, **record.identifiers())
+            reason = rule.reason.format(value=value, label=NOT_RADIOGRAPH_CONVERSIONS.get(value, ""))
+            return FileOutcome(record.path, Status.SKIPPED, reason, step="select", tag=rule.tag,
+                               **record.identifiers())
     return None
+
+
+def colour_picture(record: Radiograph, ds=None) -> FileOutcome | None:
+    """A SKIPPED outcome when a colour image is a colour picture rather than a radiograph, else None.
+
+    :func:`cxrscreen.normalise.colour_fraction` measures how much of the first frame has colour that its
+    brightness does not explain; over :data:`~cxrscreen.normalise.COLOUR_PICTURE_FRACTION` the image is a
+    photograph, a colour test pattern or a heatmap overlay, not a radiograph (even a tinted
+    film scan, or one with colour annotations, stays far below). Grey images are not decoded here. ``ds``
+    is the data set of a DICOM record (its pixels are read now); JPEG/PNG are decoded from ``record.path``.
+    An image that cannot be decoded passes: the decode step fails it, naming the cause.
+    """
+    import cv2
+
+    try:
+        if ds is None:
+            if _display_header(record.path)[2] in _GREY_IMAGE_MODES:
+                return None
+            bgr = read_display_image(record.path, reduced=True)
+            if bgr.ndim != 3:
+                return None
+            fraction, tag = colour_fraction(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), 255.0), ""
+        else:
+            if record.photometric.upper().startswith("MONOCHROME") or not record.photometric:
+                return None
+            params = PixelParams.from_dataset(ds)
+            rgb = colour_frame(ds)
+            if rgb.ndim != 3 or rgb.shape[-1] != 3:
+                return None
+            fraction, tag = colour_fraction(rgb, colour_full_scale(rgb, params)), "(0028,0004) PhotometricInterpretation"
+    except Exception:   # not dropped: the decode step meets the same error and fails the file, naming it
+        return None
+    if fraction <= COLOUR_PICTURE_FRACTION:
+        return None
+    return FileOutcome(record.path, Status.SKIPPED,
+                       f"a colour picture, not a radiograph: {fraction:.0%} of its pixels have colour that their "
+                       f"brightness does not explain (over {COLOUR_PICTURE_FRACTION:.0%}; a radiograph, even a "
+                       "tinted film scan or one with colour annotations, has a few per cent at most)",
+                       step="select", tag=tag, **record.identifiers())
 
 
 def _view_position(ds) -> str:
@@ -290,6 +353,7 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         presentation_intent=_text(ds, "PresentationIntentType").upper()
         or ("FOR PROCESSING" if _text(ds, "SOPClassUID") in FOR_PROCESSING_SOP_CLASSES else ""),
+        conversion_type=_text(ds, "ConversionType").upper(),
         rows=int(ds.get("Rows", 0) or 0), columns=int(ds.get("Columns", 0) or 0), frames=_frames(ds),
         photometric=_text(ds, "PhotometricInterpretation"), transfer_syntax=ts,
         size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
@@ -331,8 +395,9 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
                                  f"data set (starts with {preview!r})", path=path, step="discover")
             return FileOutcome(path, Status.SKIPPED, "not a DICOM, JPEG or PNG file", step="discover")
         if kind is not FileKind.DICOM:
-            return Radiograph(path=path, kind=kind, study_uid=_file_uid(path),
-                              size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+            record = Radiograph(path=path, kind=kind, study_uid=_file_uid(path),
+                                size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+            return colour_picture(record) or record
         # Large values (the pixel data) are deferred: the header is read, the pixels are not.
         ds = _dcmread(path, stop_before_pixels=False, force=True, defer_size=4096)
         try:
@@ -352,7 +417,7 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
             _check_dimensions(record.rows, record.columns, path)
         except CxrError as exc:
             return FileOutcome.from_error(exc, **record.identifiers())
-        return record
+        return colour_picture(record, ds) or record
     except CxrError as exc:
         exc.with_path(path)
         return FileOutcome.from_error(exc)

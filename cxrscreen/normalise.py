@@ -26,7 +26,9 @@ DICOM pixel transformations follow PS3.3 in this order:
    are left out of the percentile window and shown black (0), as the standard
    recommends padding be displayed, whatever the photometric interpretation.
 5. Colour (RGB, YBR_*, PALETTE COLOR) secondary captures: converted to RGB by
-   pydicom, then to luma (ITU-R BT.601 weights); no VOI applies to colour.
+   pydicom (palettes applied, C.7.6.3.1.5), then to luma (ITU-R BT.601
+   weights); no VOI applies to colour. Whether a colour image is a radiograph
+   at all is :func:`colour_fraction`'s question, asked at selection.
 6. Display Shutter (C.7.6.11): what a display blanks out of the image. The
    visible part is inside every shape the header gives (rectangular, circular,
    polygonal: their intersection); the rest is left out of the percentile
@@ -50,6 +52,14 @@ from .records import FileKind
 
 PERCENTILE_WINDOW = (0.5, 99.5)
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, for R, G, B
+# colour_fraction(): a pixel's colour is "not explained by its brightness" when its colour difference
+# strays this far (on a [0, 1] scale) from the median of its brightness band ...
+COLOUR_CHROMA = 0.05
+# ... and an image is a colour picture, not a radiograph, when more than this fraction of its pixels do.
+# Measured by benchmarks/colour_gate.py on 24 radiographs: tinted film under 0.5%, a colour cast drifting
+# +-0.03 across the image under 2.5% (+-0.05: 9-22%, a third skipped), colour arrows, text and measurement
+# lines 1-5%; photographs 27-78%, colour bars 40%, a heatmap over all of the image 80-96%.
+COLOUR_PICTURE_FRACTION = 0.15
 
 _TAG_PHOTOMETRIC = "(0028,0004) PhotometricInterpretation"
 _TAG_WIDTH = "(0028,1051) WindowWidth"
@@ -403,6 +413,71 @@ def to_luma(rgb: np.ndarray, max_value: float) -> np.ndarray:
     return np.clip(luma / max_value, 0.0, 1.0)
 
 
+def colour_fraction(rgb: np.ndarray, full_scale: float) -> float:
+    """The fraction of an RGB image's pixels whose colour their brightness does not explain.
+
+    A radiograph is grey, or tinted as a whole (a film scanned in colour: a sepia
+    or blue base, a colour cast), so its colour is a function of its brightness;
+    colour annotations (arrows, text, measurement lines) touch a few per cent of
+    it. A photograph, a colour test pattern or a heatmap overlay has colour
+    everywhere that brightness does not predict.
+
+    The image is reduced to at most 256 pixels a side; each pixel's luma Y
+    (BT.601) puts it in one of 16 brightness bands, whose tint is the median of
+    the colour differences (B - Y, R - Y) of its pixels; a pixel counts when its
+    colour differences are further than :data:`COLOUR_CHROMA` from its band's
+    tint. 0.0 for a grey image.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        (rows, columns, 3) in R, G, B order, any numeric type.
+    full_scale : float
+        The value of full intensity (255 for 8 bits).
+    """
+    import cv2
+
+    rgb = np.asarray(rgb, dtype=np.float32) / np.float32(full_scale)
+    scale = 256 / max(rgb.shape[:2])
+    if scale < 1:
+        size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    luma = (rgb @ np.asarray(LUMA_WEIGHTS, dtype=np.float32)).ravel()
+    blue, red = rgb[..., 2].ravel() - luma, rgb[..., 0].ravel() - luma
+    if max(np.abs(blue).max(), np.abs(red).max()) * np.sqrt(2) <= COLOUR_CHROMA / 2:
+        return 0.0   # grey (as in RGB exports of grey pictures): no pixel can stray from any tint
+    bands = np.clip((luma * 16).astype(np.int64), 0, 15)
+    order = np.argsort(bands, kind="stable")
+    edges = np.searchsorted(bands[order], np.arange(17))
+    tint_blue, tint_red = np.zeros(16, np.float32), np.zeros(16, np.float32)
+    for band in range(16):
+        members = order[edges[band]:edges[band + 1]]
+        if members.size:
+            tint_blue[band], tint_red[band] = np.median(blue[members]), np.median(red[members])
+    strays = np.hypot(blue - tint_blue[bands], red - tint_red[bands]) > COLOUR_CHROMA
+    return float(strays.mean())
+
+
+def colour_frame(ds) -> np.ndarray:
+    """The first frame of a colour data set as RGB: pydicom converts YBR, palettes are applied here."""
+    from .ingest import decode_first_frame
+
+    frame = decode_first_frame(ds)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        frame = apply_color_lut(frame, ds)
+    return frame
+
+
+def colour_full_scale(rgb: np.ndarray, params: PixelParams) -> float:
+    """The value of full intensity of a :func:`colour_frame`: palette entries are 16-bit (C.7.6.3.1.5)
+    unless pydicom gave 8-bit ones; other colour images have Bits Stored."""
+    if rgb.dtype == np.uint8:
+        return 255.0
+    return 65535.0 if params.photometric == "PALETTE COLOR" else float(2 ** params.bits_stored - 1)
+
+
 def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
     """Stored pixel values of one frame to a float32 unit image (the contract in the module doc).
 
@@ -410,7 +485,7 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
     ----------
     arr : numpy.ndarray
         One frame as decoded: (rows, columns) for monochrome, (rows, columns, 3)
-        RGB for colour (pydicom converts YBR and applies palettes first).
+        RGB for colour (:func:`colour_frame`).
     params : PixelParams
         The header fields, see :meth:`PixelParams.from_dataset`.
     """
@@ -426,8 +501,7 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise InvalidImageError(f"colour image decoded to shape {arr.shape}, expected (rows, columns, 3)",
                                     step="normalise", tag=_TAG_PHOTOMETRIC)
-        max_value = 255.0 if arr.dtype == np.uint8 else float(2 ** params.bits_stored - 1)
-        unit = to_luma(arr, max_value)
+        unit = to_luma(arr, colour_full_scale(arr, params))
     else:
         if arr.ndim != 2:
             raise InvalidImageError(f"monochrome frame decoded to shape {arr.shape}, expected (rows, columns)",
@@ -456,15 +530,7 @@ def normalise_dataset(ds) -> np.ndarray:
     from .ingest import decode_first_frame
 
     params = PixelParams.from_dataset(ds)
-    frame = decode_first_frame(ds)
-    if params.photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        frame = apply_color_lut(frame, ds)
-        if frame.dtype != np.uint8:
-            frame = frame / 257.0  # palette entries are 16-bit
-            return to_luma(frame, 255.0).astype(np.float32)
-    return normalise_pixels(frame, params)
+    return normalise_pixels(colour_frame(ds) if params.is_colour else decode_first_frame(ds), params)
 
 
 def normalise_display_image(arr: np.ndarray) -> np.ndarray:

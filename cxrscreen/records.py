@@ -85,6 +85,7 @@ class Radiograph(_OfAStudy):
     view_position: str = ""
     laterality: str = ""
     presentation_intent: str = ""   # FOR PRESENTATION / FOR PROCESSING (DX), empty when not said
+    conversion_type: str = ""       # ConversionType of a secondary capture (DF digitized film, SD, SYN...)
     rows: int = 0
     columns: int = 0
     frames: int = 1                 # NumberOfFrames; only the first frame is scored

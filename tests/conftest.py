@@ -32,3 +32,39 @@ def write_dicom(tmp_path):
         return save(make_dicom(pixels, **kwargs), tmp_path / name)
 
     return _write
+
+
+def colour_versions(side: int = 320) -> dict[str, np.ndarray]:
+    """RGB uint8 versions of a grey phantom chest: what a radiograph may look like in colour (grey, a
+    tinted or colour-cast film scan, colour annotations) and colour pictures made from it (a heatmap
+    overlay over all of it, a rainbow)."""
+    import cv2
+
+    grey = phantom(side, side).astype(np.float32) / 4095
+    ramp = np.linspace(0, 1, side, dtype=np.float32)
+    across, down = np.meshgrid(ramp, ramp)
+
+    def rgb(r, g, b):
+        return (np.clip(np.dstack([r, g, b]), 0, 1) * 255).round().astype(np.uint8)
+
+    versions = {
+        "grey": rgb(grey, grey, grey),
+        # a film scanned in colour: neutral shadows, warm mid-tones, cream highlights
+        "sepia": rgb(grey ** 0.9, grey * 0.85 + 0.03 * np.sin(np.pi * grey), 0.7 * grey ** 1.3),
+        # a photograph of a film with a colour cast that drifts across it (+-0.03 in B-Y and R-Y)
+        "cast": rgb(grey + 0.03 * (1 - 2 * down), grey - 0.02 * (across - down), grey + 0.03 * (2 * across - 1)),
+    }
+    marked = versions["grey"].copy()
+    cv2.arrowedLine(marked, (side // 4, side // 4), (side // 2, side // 2), (255, 0, 0), 3)
+    cv2.putText(marked, "R PORTABLE", (side // 20, side // 10), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 255, 0), 2)
+    cv2.line(marked, (side // 5, 4 * side // 5), (4 * side // 5, 4 * side // 5), (255, 255, 0), 2)
+    cv2.putText(marked, "112 mm", (side // 2 - 30, 4 * side // 5 - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                (255, 255, 0), 1)
+    versions["annotated"] = marked
+    heat = np.exp(-((across - 0.35) ** 2 + (down - 0.5) ** 2) / 0.08)
+    jet = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1].astype(np.float32) / 255
+    versions["heatmap overlay"] = rgb(*np.moveaxis(0.6 * grey[..., None] + 0.4 * jet, -1, 0))
+    hue = (across * 179).astype(np.uint8)
+    hsv = np.dstack([hue, np.full_like(hue, 200), (grey * 255).astype(np.uint8)])
+    versions["rainbow"] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return versions

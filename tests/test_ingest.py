@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
+from conftest import colour_versions
 from cxrscreen import ingest
 from cxrscreen.errors import InputError, UnsupportedTransferSyntax
 from cxrscreen.ingest import discover, group_studies, read_record, scan
 from cxrscreen.normalise import load_unit_image
 from cxrscreen.records import FileKind, FileOutcome, Radiograph, Status
-from cxrscreen.testing import make_dicom, save
+from cxrscreen.testing import SC_SOP_CLASS, make_dicom, save
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,10 +187,66 @@ def test_dicomdir_file_is_skipped_with_reason(tmp_path):
     ({"modality": "MR"}, "modality 'MR' is not a projection radiograph"),
     ({"PresentationIntentType": "FOR PROCESSING"}, "raw detector image (FOR PROCESSING)"),
     ({"sop_class": "1.2.840.10008.5.1.4.1.1.1.1.1"}, "raw detector image (FOR PROCESSING)"),
+    ({"modality": "OT", "sop_class": SC_SOP_CLASS, "ConversionType": "SD"},
+     "secondary capture of a scanned document (ConversionType SD), not a radiograph"),
+    ({"modality": "OT", "sop_class": SC_SOP_CLASS, "ConversionType": "SYN"}, "of a synthetic image"),
+    ({"modality": "OT", "sop_class": SC_SOP_CLASS, "ConversionType": "DRW"}, "of a drawing"),
 ])
 def test_non_frontal_non_chest_non_radiograph_are_skipped(write_dicom, chest_pixels, kwargs, reason):
     out = read_record(write_dicom(chest_pixels, **kwargs))
     assert isinstance(out, FileOutcome) and out.status is Status.SKIPPED and reason in out.reason
+
+
+def test_a_digitized_film_secondary_capture_is_screened(write_dicom, chest_pixels):
+    film = read_record(write_dicom(chest_pixels, modality="OT", sop_class=SC_SOP_CLASS, ConversionType="DF",
+                                   body_part="", view_position=""))
+    assert isinstance(film, Radiograph) and film.conversion_type == "DF"
+
+
+def _colour_files(folder: Path) -> dict[str, Path]:
+    """Each of conftest.colour_versions as a JPEG, a PNG and an RGB secondary capture, plus a large JPEG
+    rainbow (decoded reduced when selected)."""
+    import cv2
+
+    paths = {}
+    for name, image in colour_versions().items():
+        stem = name.replace(" ", "_")
+        for suffix in (".jpg", ".png"):
+            cv2.imwrite(str(folder / f"{stem}{suffix}"), image[..., ::-1])
+            paths[f"{name}{suffix}"] = folder / f"{stem}{suffix}"
+        paths[f"{name}.dcm"] = save(make_dicom(image, seed=name, modality="OT", sop_class=SC_SOP_CLASS,
+                                               photometric="RGB", body_part="", view_position="",
+                                               ConversionType="WSD"), folder / f"{stem}.dcm")
+    large = np.repeat(np.repeat(colour_versions()["rainbow"], 5, axis=0), 5, axis=1)
+    cv2.imwrite(str(folder / "large_rainbow.jpg"), large[..., ::-1])
+    paths["rainbow, large.jpg"] = folder / "large_rainbow.jpg"
+    return paths
+
+
+def test_colour_pictures_are_skipped_and_colour_radiographs_screened(tmp_path):
+    for key, path in _colour_files(tmp_path).items():
+        out = read_record(path)
+        if key.startswith(("heatmap overlay", "rainbow")):
+            assert isinstance(out, FileOutcome) and out.status is Status.SKIPPED, key
+            assert out.reason.startswith("a colour picture, not a radiograph: ") and out.step == "select", key
+            assert out.tag == ("(0028,0004) PhotometricInterpretation" if path.suffix == ".dcm" else "")
+        else:
+            assert isinstance(out, Radiograph), (key, out)
+            assert load_unit_image(path).shape == (320, 320)
+
+
+def test_a_palette_colour_photograph_is_skipped():
+    out = read_record(reference_file("OT-PAL-8-face.dcm"))      # modality OT, ConversionType DV: a face
+    assert out.status is Status.SKIPPED and "a colour picture, not a radiograph" in out.reason
+
+
+def test_a_colour_image_that_cannot_be_decoded_fails_at_decoding_not_at_selection(tmp_path):
+    ds = make_dicom(colour_versions()["rainbow"], modality="OT", photometric="RGB", body_part="", view_position="")
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    path = save(ds, tmp_path / "short.dcm")
+    assert isinstance(read_record(path), Radiograph)
+    out = _outcome(path)
+    assert out.status is Status.FAILED and out.step == "decode"
 
 
 def test_overrides_lift_the_view_and_body_part_rules(write_dicom, chest_pixels):

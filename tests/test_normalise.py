@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
+from conftest import colour_versions
 from cxrscreen.errors import InvalidImageError, ModelError
 from cxrscreen.normalise import (
+    COLOUR_PICTURE_FRACTION,
     LUT,
     PixelParams,
     PreprocessSpec,
     Shutter,
     apply_window,
+    colour_fraction,
     load_model_input,
     load_unit_image,
     normalise_pixels,
@@ -110,6 +113,22 @@ def test_rgb_secondary_capture_goes_to_luma():
     rgb[0, 2] = (255, 255, 255)
     out = normalise_pixels(rgb, PixelParams(photometric="RGB", bits_stored=8))
     np.testing.assert_allclose(out[0], [0.299, 0.587, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name, picture", [("grey", False), ("sepia", False), ("cast", False), ("annotated", False),
+                                           ("heatmap overlay", True), ("rainbow", True)])
+def test_colour_fraction_tells_colour_pictures_from_radiographs(name, picture):
+    image = colour_versions()[name]
+    fraction = colour_fraction(image, 255.0)
+    assert (fraction > COLOUR_PICTURE_FRACTION) is picture
+    if name == "grey":
+        assert fraction == 0.0
+    if name == "annotated":
+        assert fraction > 0.005       # the arrow, the text and the line are seen, and are not enough
+    # the same picture in 16 bits, measured against its own full scale, and at 4x the size
+    assert colour_fraction(image.astype(np.uint16) * 257, 65535.0) == pytest.approx(fraction, abs=1e-3)
+    large = np.repeat(np.repeat(image, 4, axis=0), 4, axis=1)
+    assert colour_fraction(large, 255.0) == pytest.approx(fraction, abs=0.02)
 
 
 @pytest.mark.parametrize("kwargs, tag", [

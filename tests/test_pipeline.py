@@ -285,6 +285,31 @@ def test_a_failed_image_of_a_reused_study_stays_in_the_summary(tmp_path, model):
         assert summary.exit_code == 1 and summary.reused == attempt
 
 
+def test_colour_pictures_in_a_batch_are_listed_as_skipped_and_colour_radiographs_scored(tmp_path, model):
+    import cv2
+
+    from conftest import colour_versions
+
+    box = tmp_path / "in"
+    box.mkdir()
+    versions = colour_versions()
+    for name in ("grey", "sepia", "heatmap overlay"):
+        cv2.imwrite(str(box / f"{name.replace(' ', '_')}.jpg"), versions[name][..., ::-1])
+    save(make_dicom(versions["rainbow"], seed="rainbow", modality="OT", photometric="RGB", body_part="",
+                    view_position=""), box / "rainbow.dcm")
+    summary = run_batch([box], BatchOptions(out=tmp_path / "out", gradcam="none"), model=model)
+    scored = sorted(Path(r["files"][0]).name for r in summary.rows if r["kind"] == "study" and r["report"])
+    skipped = {Path(r["path"]).name: r for r in summary.rows if r["kind"] == "file"}
+    assert scored == ["grey.jpg", "sepia.jpg"]
+    assert sorted(skipped) == ["heatmap_overlay.jpg", "rainbow.dcm"] and summary.skipped_files == 2
+    assert all(r["status"] == "skipped" and "colour picture, not a radiograph" in r["reason"]
+               for r in skipped.values())
+    assert summary.exit_code == 0
+    # the rainbow's study has a row of its own, with nothing screened
+    rainbow = [r for r in summary.rows if r["kind"] == "study" and r["files"] == [str(box / "rainbow.dcm")]]
+    assert len(rainbow) == 1 and rainbow[0]["status"] == "skipped"
+
+
 def test_default_model_is_found_in_a_checkout_or_where_pip_install_put_it(tmp_path, monkeypatch):
     import sys
 
