@@ -98,6 +98,8 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
                    f"{summary.flagged} flagged, "
                    + (f"{summary.outside_population} outside the model's age range, " if summary.outside_population
                       else "")
+                   + (f"{summary.unfamiliar} with an image unlike the training radiographs, " if summary.unfamiliar
+                      else "")
                    + f"{summary.skipped_files} files skipped, "
                    f"{summary.failed_files} failed; reports in {out}/ (worklist.pdf, summary.csv)")
         for row in summary.rows:

@@ -66,8 +66,16 @@ class GradCam:
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(scores (N,), heatmaps (N, h, w) in [0, 1])`` at the feature-map resolution."""
-        scores, cams = self._run(np.asarray(batch, dtype=np.float32))
-        return np.asarray(scores, dtype=np.float64).reshape(-1), np.asarray(cams, dtype=np.float32)
+        scores, cams, _ = self.run(batch)
+        return scores, cams
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(scores, heatmaps, pooled)``: ``pooled`` (N, channels) is the global average of the (first)
+        member's feature map, what its classifier reads (:mod:`cxrscreen.appearance` measures it); None
+        on the gradient path."""
+        out = self._run(np.asarray(batch, dtype=np.float32))
+        scores, cams = np.asarray(out[0], dtype=np.float64).reshape(-1), np.asarray(out[1], dtype=np.float32)
+        return scores, cams, (np.asarray(out[2], dtype=np.float64) if len(out) > 2 else None)
 
 
 def _unit_peak(cams: np.ndarray) -> np.ndarray:
@@ -114,7 +122,7 @@ def _forward_cam(model, parts: list, layer_name: str, kernels: list[np.ndarray])
         scores = np.mean([np.asarray(p, dtype=np.float64).reshape(-1) for p in out[1::2]], axis=0)
         cams = [_unit_peak(np.maximum(np.asarray(f, dtype=np.float32) @ kernel, 0.0))
                 for f, kernel in zip(out[0::2], kernels)]
-        return scores, _unit_peak(np.mean(cams, axis=0))
+        return scores, _unit_peak(np.mean(cams, axis=0)), np.asarray(out[0], dtype=np.float32).mean(axis=(1, 2))
 
     return run
 

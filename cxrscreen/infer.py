@@ -4,7 +4,9 @@ A model is a ``NAME.keras`` file with its card ``NAME.json`` beside it. The
 card says what the screening side must do and never guesses: the input size
 and preprocessing (:class:`cxrscreen.normalise.PreprocessSpec`), the default
 threshold and the operating point it was chosen for, the Grad-CAM layer, and
-the population the training images came from (:class:`Population`).
+the population the training images came from (:class:`Population`), and the
+appearance reference that tells whether an image looks like the training images
+(:mod:`cxrscreen.appearance`; optional).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .appearance import AppearanceReference
 from .errors import ModelError
 from .normalise import PreprocessSpec
 
@@ -39,6 +42,18 @@ def default_model_path() -> Path:
 
 def card_path(model_path: Path | str) -> Path:
     return Path(model_path).with_suffix(".json")
+
+
+def model_files(model_path: Path | str) -> list[Path]:
+    """The files a model is made of, to copy or ship together: ``NAME.keras``, its card ``NAME.json``
+    and the appearance reference the card names (when it names one)."""
+    model_path = Path(model_path)
+    files = [model_path, card_path(model_path)]
+    try:
+        named = (json.loads(files[1].read_text()).get("appearance") or {}).get("file")
+    except (OSError, ValueError):
+        named = None
+    return files + ([model_path.parent / named] if named else [])
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
@@ -96,6 +111,7 @@ class ModelCard:
     operating_point: dict = field(default_factory=dict)   # sensitivity/specificity where the threshold was set
     gradcam_layer: str = ""
     population: Population | None = None
+    appearance: dict = field(default_factory=dict)   # the card's appearance section: file, sha256, layer, limit
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -115,7 +131,7 @@ class ModelCard:
                        threshold=float(threshold["value"]), operating_point=dict(threshold.get("validation", {})),
                        gradcam_layer=str(data.get("gradcam_layer", "")),
                        population=Population.from_json(data["population"]) if data.get("population") else None,
-                       raw=data)
+                       appearance=dict(data.get("appearance") or {}), raw=data)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{source}: model card is missing or has a bad field: {exc}", step="load-model") from None
 
@@ -138,6 +154,7 @@ class LoadedModel:
     sha256: str
     keras_model: object
     compute: str = ""          # the Keras backend and its device, see compute_device()
+    appearance: AppearanceReference | None = None    # when the card names one
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -168,7 +185,15 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     expected = (*card.preprocessing.input_size, 1)
     if shape != expected:
         raise ModelError(f"{path}: model input {shape} does not match its card {expected}", step="load-model")
-    return LoadedModel(path=path, card=card, sha256=sha256_file(path), keras_model=model, compute=compute_device())
+    appearance = None
+    if card.appearance:
+        section = card.appearance
+        if section.get("layer") != card.gradcam_layer or not section.get("file"):
+            raise ModelError(f"{card_path(path)}: the appearance section must name its file and the Grad-CAM "
+                             f"layer {card.gradcam_layer!r} its features come from", step="load-model")
+        appearance = AppearanceReference.load(path.parent / section["file"], section.get("sha256", ""))
+    return LoadedModel(path=path, card=card, sha256=sha256_file(path), keras_model=model, compute=compute_device(),
+                       appearance=appearance)
 
 
 def accelerators() -> list[str]:

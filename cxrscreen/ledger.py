@@ -34,7 +34,7 @@ from typing import Iterator
 
 from .errors import UsageError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # How a state file of an older schema is brought up to date, step by step, when it is opened.
 _MIGRATIONS = {
@@ -44,6 +44,9 @@ _MIGRATIONS = {
         "ALTER TABLE files ADD COLUMN accession TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE files ADD COLUMN study_date TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE studies ADD COLUMN warning TEXT NOT NULL DEFAULT ''"),
+    # 2 -> 3: a study keeps the appearance distance of its latest report and its caution (cxrscreen.appearance)
+    2: ("ALTER TABLE studies ADD COLUMN appearance REAL",
+        "ALTER TABLE studies ADD COLUMN appearance_caution TEXT NOT NULL DEFAULT ''"),
 }
 
 _SCHEMA = """
@@ -84,7 +87,9 @@ CREATE TABLE IF NOT EXISTS studies (
     reason TEXT NOT NULL DEFAULT '',
     last_arrival REAL NOT NULL,
     updated REAL NOT NULL,
-    warning TEXT NOT NULL DEFAULT ''
+    warning TEXT NOT NULL DEFAULT '',
+    appearance REAL,
+    appearance_caution TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS studies_status ON studies (status, last_arrival);
 CREATE TABLE IF NOT EXISTS reports (
@@ -139,6 +144,8 @@ class StudyRow:
     last_arrival: float
     updated: float
     warning: str
+    appearance: float | None
+    appearance_caution: str
 
 
 class Ledger:
@@ -307,7 +314,8 @@ class Ledger:
 
     def record_study(self, study_uid: str, *, version: int, report_base: str, report: str, score: float | None,
                      flag: str, threshold: float, model_sha256: str, identity: dict, outcomes: dict[int, tuple],
-                     reason: str = "", warning: str = "", now: float | None = None) -> None:
+                     reason: str = "", warning: str = "", appearance: float | None = None,
+                     appearance_caution: str = "", now: float | None = None) -> None:
         """Record a screened study in one transaction: its report version (or its failure) and its files.
 
         ``outcomes`` maps file ids to ``(status, step, tag, reason)``. ``report`` empty means no image
@@ -332,10 +340,10 @@ class Ledger:
                             sum(o[0] == "scored" for o in outcomes.values()), now))
                 db.execute("UPDATE studies SET status = ?, version = ?, report_base = ?, report = ?, score = ?, "
                            "flag = ?, patient_id = ?, accession = ?, study_date = ?, reason = ?, updated = ?, "
-                           "warning = ? WHERE study_uid = ?",
+                           "warning = ?, appearance = ?, appearance_caution = ? WHERE study_uid = ?",
                            (status, version, report_base, report, score, flag, identity.get("patient_id", ""),
                             identity.get("accession", ""), identity.get("study_date", ""), reason, now,
-                            warning, study_uid))
+                            warning, appearance, appearance_caution, study_uid))
             else:
                 db.execute("UPDATE studies SET status = ?, reason = ?, updated = ? WHERE study_uid = ?",
                            (status, reason, now, study_uid))

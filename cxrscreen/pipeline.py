@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import __version__
-from .errors import CxrError, InputError, UsageError
+from .errors import CxrError, InputError, ModelError, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
 from .ingest import group_studies, scan
@@ -69,6 +69,7 @@ class BatchSummary:
     unscreened_studies: int = 0    # studies none of whose files could be screened (counted in studies)
     flagged: int = 0
     outside_population: int = 0    # scored studies whose patient is outside the model card's age range
+    unfamiliar: int = 0            # scored studies with an image unlike the training radiographs (appearance)
     scored_images: int = 0
     reused: int = 0
     skipped_files: int = 0
@@ -83,7 +84,8 @@ class BatchSummary:
 
     def to_json(self) -> dict:
         return {"studies": self.studies, "unscreened_studies": self.unscreened_studies, "flagged": self.flagged,
-                "outside_population": self.outside_population, "scored_images": self.scored_images,
+                "outside_population": self.outside_population, "unfamiliar_studies": self.unfamiliar,
+                "scored_images": self.scored_images,
                 "reused_studies": self.reused, "skipped_files": self.skipped_files,
                 "failed_files": self.failed_files, "seconds": round(self.seconds, 2), **self.meta,
                 "rows": self.rows}
@@ -159,13 +161,21 @@ class Screener:
     Batches mix images of different studies; :meth:`screen` yields each study as soon as its
     last image is scored (or has failed), so a caller can report it and release its pixels.
     Used by ``batch``, ``watch`` and ``calibrate`` alike, so all three score identically.
+    When the model has an appearance reference (:mod:`cxrscreen.appearance`), every image's appearance
+    distance comes from the same forward pass as its score, whatever the Grad-CAM mode.
     """
 
     def __init__(self, model: LoadedModel, threshold: float = 0.5, *, gradcam: str = "all", batch_size: int = 16,
                  workers: int = 2, thumbnails: bool = True) -> None:
         self.model, self.threshold, self.gradcam = model, threshold, gradcam
         self.batch_size, self.workers, self.thumbnails = batch_size, workers, thumbnails
-        self.cam = GradCam(model.keras_model, model.card.gradcam_layer or None) if gradcam != "none" else None
+        self.appearance = model.appearance
+        wanted = gradcam != "none" or self.appearance is not None
+        self.cam = GradCam(model.keras_model, model.card.gradcam_layer or None) if wanted else None
+        if self.appearance is not None and self.cam.method != "forward":
+            raise ModelError(f"{model.path}: the card names an appearance reference, but the model's head is not "
+                             f"global pooling and one Dense unit, whose pooled features it measures",
+                             step="load-model")
 
     def screen(self, studies: list[Study], *,
                progress: Callable[[int, int], None] | None = None) -> Iterator[StudyResult]:
@@ -189,9 +199,14 @@ class Screener:
                 return
             inputs = np.stack([b[1] for b in batch])
             heatmaps = [None] * len(batch)
-            if self.gradcam == "all":
-                scores, cams = self.cam(inputs)
-                heatmaps = list(cams)
+            distances = [None] * len(batch)
+            if self.gradcam == "all" or self.appearance is not None:
+                scores, cams, pooled = self.cam.run(inputs)
+                if self.gradcam != "none":
+                    heatmaps = [c if self.gradcam == "all" or s >= self.threshold else None
+                                for s, c in zip(scores, cams)]
+                if self.appearance is not None:
+                    distances = [float(d) for d in self.appearance.distances(pooled)]
             else:
                 scores = self.model.predict(inputs)
                 hot = [i for i, s in enumerate(scores) if s >= self.threshold] if self.gradcam == "flagged" else []
@@ -199,11 +214,13 @@ class Screener:
                     _, cams = self.cam(inputs[hot])
                     for i, c in zip(hot, cams):
                         heatmaps[i] = c
-            for (image, _, thumb), score, heat in zip(batch, scores, heatmaps):
+            for (image, _, thumb), score, heat, distance in zip(batch, scores, heatmaps, distances):
                 results[image.study_uid].images.append(
                     ImageResult(image, float(score), thumb if self.thumbnails else None,
                                 overlay(thumb, heat) if heat is not None else None,
-                                heat_empty=heat is not None and float(heat.max()) == 0.0))
+                                heat_empty=heat is not None and float(heat.max()) == 0.0, appearance=distance,
+                                appearance_caution=self.appearance.caution(distance, image.path.name)
+                                if distance is not None else ""))
                 one_done(image.study_uid)
             done += len(batch)
             if progress:
@@ -308,6 +325,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     summary.unscreened_studies = sum(r["status"] in ("skipped", "failed") and not r["report"] for r in rows)
     summary.flagged = sum(r["flag"] == "yes" for r in rows)
     summary.outside_population = sum(bool(r.get("warning")) for r in rows)
+    summary.unfamiliar = sum(bool(r.get("appearance_caution")) for r in rows)
     summary.scored_images = sum(len(r.images) for r in results)
     summary.reused = len(reused_rows)
     summary.skipped_files = sum(r["status"] == "skipped" for r in file_rows)
@@ -315,6 +333,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     summary.seconds = time.time() - started
     summary.meta = {"tool_version": __version__, "model": str(model.path), "model_sha256": model.sha256,
                     "compute": model.compute, "threshold": threshold, "operating_point": operating,
+                    "appearance_limit": model.appearance.limit if model.appearance else None,
                     "calibration": calibration,
                     "inputs": [str(p) for p in inputs]}
     write_summary(out, summary.rows, {k: v for k, v in summary.to_json().items() if k != "rows"})
@@ -344,7 +363,8 @@ def study_row(study_uid: str, threshold: float, **fields) -> dict:
     batch, watch and the rows of unscreened studies all build theirs here."""
     return {"kind": "study", "rank": 0, "status": "", "flag": "no", "score": "", "threshold": threshold,
             "study_uid": study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
-            "files": [], "path": "", "step": "", "tag": "", "reason": "", "warning": "", **fields}
+            "files": [], "path": "", "step": "", "tag": "", "reason": "", "warning": "", "appearance": "",
+            "appearance_caution": "", **fields}
 
 
 def _study_row(result: StudyResult, threshold: float) -> dict:
@@ -355,7 +375,9 @@ def _study_row(result: StudyResult, threshold: float) -> dict:
                      patient_id=first.patient_id, accession=first.accession, study_date=first.study_date,
                      report=report_filename(study) if scored else "", files=[str(p) for p in study.source_files],
                      reason="; ".join(f"{o.path.name}: {o.reason}" for o in result.failed),
-                     warning=result.warning if scored else "")
+                     warning=result.warning if scored else "",
+                     appearance=round(result.appearance, 3) if result.appearance is not None else "",
+                     appearance_caution=result.appearance_caution)
 
 
 def rank_rows(rows: list[dict]) -> list[dict]:
@@ -386,7 +408,7 @@ def file_rows(outcomes: list[FileOutcome]) -> list[dict]:
              "study_uid": o.study_uid, "patient_id": o.patient_id, "accession": o.accession,
              "study_date": o.study_date, "report": "",
              "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason,
-             "warning": ""}
+             "warning": "", "appearance": "", "appearance_caution": ""}
             for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]
 
 

@@ -26,6 +26,7 @@ DISCLAIMER = ("Decision support only, not a diagnosis. This screening score was 
               "model and must be reviewed by a qualified radiologist together with the images and the clinical "
               "context. A study that is not flagged can still contain pneumonia or other findings.")
 FLAG_TEXT = {True: "Likely pneumonia - review first", False: "No pneumonia flagged"}
+CAUTION_SEPARATOR = " | "
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 
@@ -36,6 +37,8 @@ class ImageResult:
     thumbnail: np.ndarray | None     # unit image, downscaled (None once released, or when not kept)
     overlay: np.ndarray | None = None
     heat_empty: bool = False          # Grad-CAM found no region that raised the score
+    appearance: float | None = None   # appearance distance (cxrscreen.appearance), None when not measured
+    appearance_caution: str = ""      # set when the distance is over the model's limit
 
 
 @dataclass
@@ -48,6 +51,16 @@ class StudyResult:
     @property
     def score(self) -> float | None:
         return max((r.score for r in self.images), default=None)
+
+    @property
+    def appearance(self) -> float | None:
+        """The largest appearance distance of the study's images; None when none was measured."""
+        return max((r.appearance for r in self.images if r.appearance is not None), default=None)
+
+    @property
+    def appearance_caution(self) -> str:
+        """The cautions of the study's images that are unlike the training radiographs, joined by ' | '."""
+        return CAUTION_SEPARATOR.join(r.appearance_caution for r in self.images if r.appearance_caution)
 
 
 @contextmanager
@@ -154,8 +167,8 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
         story.append(Paragraph(f"Study score <b>{score:.3f}</b> (maximum over {len(result.images)} frontal "
                                f"image(s)); threshold <b>{threshold:.3f}</b>; operating point: {_p(op_text)}.",
                                styles["BodyText"]))
-    if result.warning:
-        story.append(Paragraph(f'<font color="#8a4b00"><b>Caution: {_p(result.warning)}.</b></font>',
+    for caution in filter(None, [result.warning, *result.appearance_caution.split(CAUTION_SEPARATOR)]):
+        story.append(Paragraph(f'<font color="#8a4b00"><b>Caution: {_p(caution)}.</b></font>',
                                styles["BodyText"]))
     if population:
         story.append(Paragraph(f"Model trained on: {_p(population)}.", styles["Italic"]))
@@ -163,7 +176,8 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     for item in result.images:
         img = item.image
         label = (f"{_p(img.path.name)} - view {_p(img.view)}{', ' + _p(img.laterality) if img.laterality else ''}"
-                 f" - score {item.score:.3f}")
+                 f" - score {item.score:.3f}"
+                 + (f" - appearance {item.appearance:.2f}" if item.appearance is not None else ""))
         story.append(Paragraph(label, styles["Heading4"]))
         if img.frames > 1:
             story.append(Paragraph(f"Multi-frame image: frame 1 of {img.frames} was scored and is shown; "
@@ -196,14 +210,17 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     return path
 
 
-def brief_caution(warning: str) -> str:
-    """A study's caution in brief, for the worklist and the log: what precedes the colon of
-    :meth:`cxrscreen.infer.Population.age_warning` (the patient's age and the model's range)."""
-    return warning.split(":")[0]
+def brief_caution(warning: str, appearance_caution: str = "") -> str:
+    """A study's cautions in brief, for the worklist and the log: what precedes the colon of each
+    (:meth:`cxrscreen.infer.Population.age_warning`: the patient's age and the model's range;
+    :meth:`cxrscreen.appearance.AppearanceReference.caution`: the image and its distance)."""
+    cautions = [warning, *appearance_caution.split(CAUTION_SEPARATOR)]
+    return CAUTION_SEPARATOR.join(c.split(":")[0] for c in cautions if c)
 
 
 SUMMARY_FIELDS = ("rank", "kind", "status", "flag", "score", "threshold", "study_uid", "patient_id", "accession",
-                  "study_date", "report", "files", "path", "step", "tag", "reason", "warning")
+                  "study_date", "report", "files", "path", "step", "tag", "reason", "warning", "appearance",
+                  "appearance_caution")
 
 
 def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
@@ -243,7 +260,8 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
         data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
                             f"{float(r['score']):.3f}", r["patient_id"], r["accession"], r["study_date"],
                             r["study_uid"][-24:], Path(r["report"]).name if r["report"] else r["status"],
-                            Paragraph(_p(brief_caution(r.get("warning", ""))), small)]
+                            Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""))),
+                                      small)]
                            for r in chunk]
         table = Table(data, repeatRows=1, colWidths=[None] * 8 + [60 * mm])
         style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey)]

@@ -521,14 +521,15 @@ class Watcher:
         reason = "; ".join(f"{x.path.name}: {x.reason}" for x in result.failed)
         self.ledger.record_study(uid, version=version, report_base=base, report=report_name, score=score, flag=flag,
                                  threshold=self.threshold, model_sha256=self.model.sha256, identity=identity,
-                                 outcomes=outcomes, reason=reason, warning=result.warning)
+                                 outcomes=outcomes, reason=reason, warning=result.warning,
+                                 appearance=result.appearance, appearance_caution=result.appearance_caution)
         release(result)
         log.info(kv(event="study", uid=uid, version=version if report_name else None,
                     status="reported" if report_name else "failed", score=score, flag=flag or None,
                     images=len(result.images), failed=len(result.failed), skipped=len(result.study.skipped),
                     seconds=round(time.monotonic() - self._round_started, 2),
                     waited=round(time.time() - row.last_arrival, 1), report=report_name or None,
-                    caution=brief_caution(result.warning) or None))
+                    caution=brief_caution(result.warning, result.appearance_caution) or None))
         for f in self.ledger.study_files(uid):
             self._relocate(f)
 
@@ -584,7 +585,8 @@ class Watcher:
                                   flag=s.flag or "no", score=round(s.score, 6) if s.score is not None else "",
                                   patient_id=s.patient_id, accession=s.accession, study_date=s.study_date,
                                   report=s.report, version=s.version, pending_amendment=s.status == "pending",
-                                  warning=s.warning,
+                                  warning=s.warning, appearance=round(s.appearance, 3) if s.appearance is not None
+                                  else "", appearance_caution=s.appearance_caution,
                                   files=[f.location for f in self.ledger.study_files(s.study_uid)], reason=s.reason))
         outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
                                 study_uid=f.study_uid, patient_id=f.patient_id, accession=f.accession,
@@ -597,6 +599,7 @@ class Watcher:
         meta = {"tool_version": __version__, "mode": "watch", "inbox": str(self.inbox), "model": str(self.model.path),
                 "model_sha256": self.model.sha256, "compute": self.model.compute, "threshold": self.threshold,
                 "operating_point": self.operating,
+                "appearance_limit": self.model.appearance.limit if self.model.appearance else None,
                 "ledger": str(self.options.state_file), "worklist_days": days or "all", **self.ledger.counts()}
         write_summary(self.out, rows, meta)
         write_worklist(self.out / "worklist.pdf", rows, meta)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from cxrscreen.calibrate import (Calibration, bootstrap_intervals, operating_point, predictive_values,
                                  select_calibration)
 from cxrscreen.cli import main
-from cxrscreen.infer import card_path, default_model_path, load_model
+from cxrscreen.infer import default_model_path, load_model, model_files
 from cxrscreen.pipeline import BatchOptions, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +24,8 @@ def model_copy(tmp_path_factory):
     """The bundled model copied to a temporary folder, so calibration files land there."""
     folder = tmp_path_factory.mktemp("model")
     src = default_model_path()
-    shutil.copy(src, folder / src.name)
-    shutil.copy(card_path(src), folder / card_path(src).name)
+    for part in model_files(src):
+        shutil.copy(part, folder / part.name)
     return load_model(folder / src.name)
 
 

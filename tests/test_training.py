@@ -187,6 +187,32 @@ def test_record_test_scores_the_test_split_once_into_the_card(labeled_folder, tm
         record_test(out, labeled_folder / "test")
 
 
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
+def test_the_appearance_reference_is_fitted_on_the_split_and_screening_measures_the_same(labeled_folder, tmp_path):
+    from cxrscreen.pipeline import Screener
+    from cxrscreen.ingest import group_studies, scan
+    from training.train import FitConfig, fit, record_appearance
+
+    out = tmp_path / "ap" / "ap.keras"     # 64 px: the top feature map is 2x2, and Grad-CAM's layer the top one
+    config = FitConfig(input_size=64, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3, workers=1)
+    card = fit(labeled_folder, out, config, test_dir=False)
+    assert "appearance" not in card                 # 14 training images cannot say what the population looks like
+    with pytest.raises(ValueError, match="more than 64 training images"):
+        record_appearance(out)
+    section = record_appearance(out, components=3)["appearance"]
+    assert section["file"] == "ap.appearance.npz" and section["components"] == 3
+    assert json.loads(out.with_suffix(".json").read_text())["appearance"] == section
+    loaded = load_model(out)
+    # screening measures the validation images exactly as the fit did: the largest of them is the limit
+    val = D.split_examples(out.parent / "ap.split.csv", "validation")
+    studies, _ = group_studies(scan([e.path for e in val]))
+    results = list(Screener(loaded, gradcam="none", thumbnails=False).screen(studies))
+    distances = [image.appearance for r in results for image in r.images]
+    assert len(distances) == len(val) and max(distances) == pytest.approx(section["limit"], rel=1e-4)
+    assert not any(image.appearance_caution for r in results for image in r.images if image.appearance
+                   < section["limit"] * (1 - 1e-4))
+
+
 def test_float32_config_rewrites_nested_mixed_policies():
     from training.train import float32_config
 

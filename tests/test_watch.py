@@ -363,7 +363,13 @@ def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, m
     (out / "summary.json").unlink()
     (inbox / "child" / "late.dcm").write_bytes((inbox / "child" / "child_000.dcm").read_bytes())
     assert Watcher(options, model=model).run() == 0
-    assert summary_studies(out)["ADULT"]["warning"].startswith("patient aged 54 years")
+    again = summary_studies(out)
+    assert again["ADULT"]["warning"].startswith("patient aged 54 years")
+    # and so are the appearance distance and its caution (a phantom is not a radiograph: over the limit)
+    for key in ("appearance", "appearance_caution"):
+        assert again["ADULT"][key] == rows["ADULT"][key]
+    assert rows["ADULT"]["appearance"] > model.appearance.limit
+    assert "adult.dcm is unlike the model's training radiographs" in rows["ADULT"]["appearance_caution"]
 
 
 def test_worklist_lists_recent_studies_and_the_ledger_keeps_all(dirs, model):
@@ -461,10 +467,10 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
     db.close()
     ledger = Ledger(path)
     try:
-        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
         old = ledger.file_at("/in/a.dcm")
         assert (old.study_uid, old.reason, old.patient_id) == ("1.2.3", "view LL", "")
-        assert ledger.study("1.2.3").warning == ""
+        assert ledger.study("1.2.3").warning == "" and ledger.study("1.2.3").appearance is None
         ledger.take_file(path="/in/b.dcm", size=1, mtime_ns=1, sha256="cd", study_uid="1.2.3", status="skipped",
                          patient_id="P1", accession="A1", study_date="20261122")
         new = ledger.file_at("/in/b.dcm")
@@ -475,7 +481,7 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
     with pytest.raises(UsageError, match="newer than this cxrscreen"):
         Ledger(path)
     fresh = Ledger(tmp_path / "fresh.sqlite")
-    assert fresh.get_meta("schema_version") == "2" and fresh.file_at("/nowhere") is None
+    assert fresh.get_meta("schema_version") == "3" and fresh.file_at("/nowhere") is None
     fresh.close()
 
 

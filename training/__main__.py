@@ -151,6 +151,19 @@ def evaluate(model_path, data_dir, batch_size, record):
 
 
 @cli.command()
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--components", type=int, default=None, help="Principal axes kept (default: cxrscreen.appearance).")
+def appearance(model_path, batch_size, components):
+    """Fit the appearance reference of a trained model (its split file's train and validation images) and
+    name it in the card: screening then cautions on images unlike the training radiographs."""
+    from .train import record_appearance
+
+    card = record_appearance(model_path, batch_size, components=components)
+    click.echo(json.dumps(card["appearance"], indent=2))
+
+
+@cli.command()
 def backbones():
     """List the backbones and whether their ImageNet weights are available offline."""
     from .backbones import BACKBONES, weights_status

@@ -226,6 +226,71 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
         "metrics": {"validation": val_point.to_json(), "test": test_point.to_json() if test_point else None},
     }
     card_path(out).write_text(json.dumps(card, indent=2, default=str))
+    from cxrscreen.appearance import COMPONENTS
+
+    if len(train) >= 4 * COMPONENTS:     # a smaller training set cannot say what its images look like
+        card["appearance"] = write_appearance(out, train, val, batch_size=batch_size, workers=workers)
+        card_path(out).write_text(json.dumps(card, indent=2, default=str))
+    return card
+
+
+def pooled_features(model, examples, spec: PreprocessSpec, batch_size: int = 32, workers: int = 2,
+                    layer: str | None = None) -> np.ndarray:
+    """(N, channels): the global average of the Grad-CAM layer's feature map for each example, from the
+    same forward pass screening uses (what :mod:`cxrscreen.appearance` measures)."""
+    from cxrscreen.explain import GradCam
+
+    cam = GradCam(model, layer)
+    if cam.method != "forward":
+        raise ValueError("the appearance reference needs a model whose head is global pooling and one Dense unit")
+    seq = D.make_sequence(examples, spec, batch_size=batch_size, train=False, workers=workers)
+    return np.concatenate([cam.run(seq[i][0])[2] for i in range(len(seq))])
+
+
+def write_appearance(model_path: Path | str, train, val, *, batch_size: int = 32, workers: int = 2,
+                     components: int | None = None) -> dict:
+    """Fit the appearance reference of a saved model (mean and principal axes of the training images'
+    pooled features, limit = the largest distance of a validation image), write ``NAME.appearance.npz``
+    beside it and return the card section that names it. The saved float32 model is measured, as
+    screening will use it."""
+    import hashlib
+
+    import keras
+
+    from cxrscreen.appearance import COMPONENTS, AppearanceReference, reference_path
+
+    model_path = Path(model_path)
+    card = json.loads(card_path(model_path).read_text())
+    spec, layer = PreprocessSpec.from_json(card["preprocessing"]), card["gradcam_layer"]
+    model = keras.saving.load_model(model_path, compile=False)
+    components = components or COMPONENTS
+    reference = AppearanceReference.fit(pooled_features(model, train, spec, batch_size, workers, layer),
+                                        pooled_features(model, val, spec, batch_size, workers, layer), components)
+    data = reference.to_bytes()
+    path = reference_path(model_path)
+    path.write_bytes(data)
+    return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "layer": layer,
+            "components": components, "limit": reference.limit,
+            "fitted_on": f"pooled {layer} features of the {len(train)} training images",
+            "limit_rule": f"the largest appearance distance of the {len(val)} validation images",
+            "method": "norm of the centred pooled features outside their top principal axes (cxrscreen.appearance)"}
+
+
+def record_appearance(model_path: Path | str, batch_size: int = 32, workers: int = 2,
+                      components: int | None = None) -> dict:
+    """Add (or refit) the appearance reference of a trained model from the split file its card names, and
+    write it into the card. Run from the folder training ran in (the split file's paths are relative)."""
+    model_path = Path(model_path)
+    card = json.loads(card_path(model_path).read_text())
+    split_file = model_path.parent / card["data"]["split_file"]
+    train, val = D.split_examples(split_file, "train"), D.split_examples(split_file, "validation")
+    missing = [str(e.path) for e in train + val if not e.path.is_file()]
+    if missing:
+        raise SystemExit(f"{len(missing)} images of {split_file.name} not found (e.g. {missing[0]}); "
+                         "run from the folder training ran in")
+    card["appearance"] = write_appearance(model_path, train, val, batch_size=batch_size, workers=workers,
+                                          components=components)
+    card_path(model_path).write_text(json.dumps(card, indent=2, default=str))
     return card
 
 
