@@ -196,10 +196,15 @@ def read_display_image(path: Path | str, reduced: bool = False) -> np.ndarray:
     ``reduced``: 8-bit BGR at a quarter of the size when the image is 1024 pixels a side or more (a
     JPEG decodes that fast, from its DCT coefficients), for a look at its colours.
     """
+    path = Path(path)
+    return _decode_display(path, _display_header(path), reduced)
+
+
+def _decode_display(path: Path, header: tuple[int, int, str], reduced: bool) -> np.ndarray:
+    """:func:`read_display_image` once :func:`_display_header` has been read."""
     import cv2
 
-    path = Path(path)
-    width, height, _ = _display_header(path)
+    width, height, _ = header
     flag = cv2.IMREAD_UNCHANGED
     if reduced:
         flag = cv2.IMREAD_REDUCED_COLOR_4 if max(width, height) >= 1024 else cv2.IMREAD_COLOR
@@ -298,9 +303,10 @@ def colour_picture(record: Radiograph, ds=None) -> FileOutcome | None:
 
     try:
         if ds is None:
-            if _display_header(record.path)[2] in _GREY_IMAGE_MODES:
+            header = _display_header(record.path)
+            if header[2] in _GREY_IMAGE_MODES:
                 return None
-            bgr = read_display_image(record.path, reduced=True)
+            bgr = _decode_display(record.path, header, reduced=True)
             if bgr.ndim != 3:
                 return None
             fraction, tag = colour_fraction(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), 255.0), ""

@@ -225,12 +225,11 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
                  "horizontal_flips": False},
         "metrics": {"validation": val_point.to_json(), "test": test_point.to_json() if test_point else None},
     }
-    card_path(out).write_text(json.dumps(card, indent=2, default=str))
     from cxrscreen.appearance import COMPONENTS
 
     if len(train) >= 4 * COMPONENTS:     # a smaller training set cannot say what its images look like
-        card["appearance"] = write_appearance(out, train, val, batch_size=batch_size, workers=workers)
-        card_path(out).write_text(json.dumps(card, indent=2, default=str))
+        card["appearance"] = write_appearance(out, card, train, val, batch_size=batch_size, workers=workers)
+    card_path(out).write_text(json.dumps(card, indent=2, default=str))
     return card
 
 
@@ -247,12 +246,12 @@ def pooled_features(model, examples, spec: PreprocessSpec, batch_size: int = 32,
     return np.concatenate([cam.run(seq[i][0])[2] for i in range(len(seq))])
 
 
-def write_appearance(model_path: Path | str, train, val, *, batch_size: int = 32, workers: int = 2,
+def write_appearance(model_path: Path | str, card: dict, train, val, *, batch_size: int = 32, workers: int = 2,
                      components: int | None = None) -> dict:
-    """Fit the appearance reference of a saved model (mean and principal axes of the training images'
-    pooled features, limit = the largest distance of a validation image), write ``NAME.appearance.npz``
-    beside it and return the card section that names it. The saved float32 model is measured, as
-    screening will use it."""
+    """Fit the appearance reference of a saved model whose card is ``card`` (mean and principal axes of
+    the training images' pooled features, limit = the largest distance of a validation image), write
+    ``NAME.appearance.npz`` beside it and return the card section that names it. The saved float32
+    model is measured, as screening will use it."""
     import hashlib
 
     import keras
@@ -260,7 +259,6 @@ def write_appearance(model_path: Path | str, train, val, *, batch_size: int = 32
     from cxrscreen.appearance import COMPONENTS, AppearanceReference, reference_path
 
     model_path = Path(model_path)
-    card = json.loads(card_path(model_path).read_text())
     spec, layer = PreprocessSpec.from_json(card["preprocessing"]), card["gradcam_layer"]
     model = keras.saving.load_model(model_path, compile=False)
     components = components or COMPONENTS
@@ -282,13 +280,8 @@ def record_appearance(model_path: Path | str, batch_size: int = 32, workers: int
     write it into the card. Run from the folder training ran in (the split file's paths are relative)."""
     model_path = Path(model_path)
     card = json.loads(card_path(model_path).read_text())
-    split_file = model_path.parent / card["data"]["split_file"]
-    train, val = D.split_examples(split_file, "train"), D.split_examples(split_file, "validation")
-    missing = [str(e.path) for e in train + val if not e.path.is_file()]
-    if missing:
-        raise SystemExit(f"{len(missing)} images of {split_file.name} not found (e.g. {missing[0]}); "
-                         "run from the folder training ran in")
-    card["appearance"] = write_appearance(model_path, train, val, batch_size=batch_size, workers=workers,
+    train, val = _split_here(model_path.parent / card["data"]["split_file"], "train", "validation")
+    card["appearance"] = write_appearance(model_path, card, train, val, batch_size=batch_size, workers=workers,
                                           components=components)
     card_path(model_path).write_text(json.dumps(card, indent=2, default=str))
     return card
@@ -381,6 +374,17 @@ def _plot_roc(path: Path, val_scores, val_labels, test_scores, test_labels, thre
     plt.close(fig)
 
 
+def _split_here(split_file: Path, *sides: str) -> list[list]:
+    """The examples of each side of a split file, refusing (naming one) when any image is not found here:
+    the file's paths are relative to the folder training ran in."""
+    examples = [D.split_examples(split_file, side) for side in sides]
+    missing = [str(e.path) for group in examples for e in group if not e.path.is_file()]
+    if missing:
+        raise SystemExit(f"{len(missing)} {' and '.join(sides)} images of {split_file.name} not found "
+                         f"(e.g. {missing[0]}); run from the folder training ran in")
+    return examples
+
+
 def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 32, workers: int = 2) -> dict:
     """Score the test split once for a model trained with ``--no-test`` and write it into its card.
 
@@ -397,12 +401,7 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
         raise SystemExit(f"{card_path(model_path)} already has test metrics: the test split is scored once")
     loaded = load_model(model_path)
     spec, threshold = loaded.card.preprocessing, loaded.card.threshold
-    split_file = model_path.parent / card["data"]["split_file"]
-    val = D.split_examples(split_file, "validation")
-    missing = [str(e.path) for e in val if not e.path.is_file()]
-    if missing:
-        raise SystemExit(f"{len(missing)} validation images of {split_file.name} not found (e.g. {missing[0]}); "
-                         "run from the folder training ran in")
+    (val,) = _split_here(model_path.parent / card["data"]["split_file"], "validation")
     val_scores, val_labels = score_examples(loaded.keras_model, val, spec, batch_size, workers)
     val_auc = operating_point(val_scores, val_labels, threshold).auc
     if abs(val_auc - card["metrics"]["validation"]["auc"]) > 1e-4:
