@@ -100,6 +100,8 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
                       else "")
                    + (f"{summary.unfamiliar} with an image unlike the training radiographs, " if summary.unfamiliar
                       else "")
+                   + (f"{summary.unscored_frames} frames of multi-frame images not scored (frame 1 of each is), "
+                      if summary.unscored_frames else "")
                    + f"{summary.skipped_files} files skipped, "
                    f"{summary.failed_files} failed; reports in {out}/ (worklist.pdf, summary.csv)")
         for row in summary.rows:

@@ -34,7 +34,7 @@ from typing import Iterator
 
 from .errors import UsageError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # How a state file of an older schema is brought up to date, step by step, when it is opened.
 _MIGRATIONS = {
@@ -47,6 +47,8 @@ _MIGRATIONS = {
     # 2 -> 3: a study keeps the appearance distance of its latest report and its caution (cxrscreen.appearance)
     2: ("ALTER TABLE studies ADD COLUMN appearance REAL",
         "ALTER TABLE studies ADD COLUMN appearance_caution TEXT NOT NULL DEFAULT ''"),
+    # 3 -> 4: a study keeps how many frames of its multi-frame images its latest report did not score
+    3: ("ALTER TABLE studies ADD COLUMN unscored_frames INTEGER NOT NULL DEFAULT 0",),
 }
 
 _SCHEMA = """
@@ -89,7 +91,8 @@ CREATE TABLE IF NOT EXISTS studies (
     updated REAL NOT NULL,
     warning TEXT NOT NULL DEFAULT '',
     appearance REAL,
-    appearance_caution TEXT NOT NULL DEFAULT ''
+    appearance_caution TEXT NOT NULL DEFAULT '',
+    unscored_frames INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS studies_status ON studies (status, last_arrival);
 CREATE TABLE IF NOT EXISTS reports (
@@ -146,6 +149,7 @@ class StudyRow:
     warning: str
     appearance: float | None
     appearance_caution: str
+    unscored_frames: int
 
 
 class Ledger:
@@ -315,7 +319,7 @@ class Ledger:
     def record_study(self, study_uid: str, *, version: int, report_base: str, report: str, score: float | None,
                      flag: str, threshold: float, model_sha256: str, identity: dict, outcomes: dict[int, tuple],
                      reason: str = "", warning: str = "", appearance: float | None = None,
-                     appearance_caution: str = "", now: float | None = None) -> None:
+                     appearance_caution: str = "", unscored_frames: int = 0, now: float | None = None) -> None:
         """Record a screened study in one transaction: its report version (or its failure) and its files.
 
         ``outcomes`` maps file ids to ``(status, step, tag, reason)``. ``report`` empty means no image
@@ -340,10 +344,10 @@ class Ledger:
                             sum(o[0] == "scored" for o in outcomes.values()), now))
                 db.execute("UPDATE studies SET status = ?, version = ?, report_base = ?, report = ?, score = ?, "
                            "flag = ?, patient_id = ?, accession = ?, study_date = ?, reason = ?, updated = ?, "
-                           "warning = ?, appearance = ?, appearance_caution = ? WHERE study_uid = ?",
+                           "warning = ?, appearance = ?, appearance_caution = ?, unscored_frames = ? WHERE study_uid = ?",
                            (status, version, report_base, report, score, flag, identity.get("patient_id", ""),
                             identity.get("accession", ""), identity.get("study_date", ""), reason, now,
-                            warning, appearance, appearance_caution, study_uid))
+                            warning, appearance, appearance_caution, unscored_frames, study_uid))
             else:
                 db.execute("UPDATE studies SET status = ?, reason = ?, updated = ? WHERE study_uid = ?",
                            (status, reason, now, study_uid))

@@ -70,6 +70,7 @@ class BatchSummary:
     flagged: int = 0
     outside_population: int = 0    # scored studies whose patient is outside the model card's age range
     unfamiliar: int = 0            # scored studies with an image unlike the training radiographs (appearance)
+    unscored_frames: int = 0       # frames 2..N of multi-frame images (only frame 1 is scored)
     scored_images: int = 0
     reused: int = 0
     skipped_files: int = 0
@@ -85,6 +86,7 @@ class BatchSummary:
     def to_json(self) -> dict:
         return {"studies": self.studies, "unscreened_studies": self.unscreened_studies, "flagged": self.flagged,
                 "outside_population": self.outside_population, "unfamiliar_studies": self.unfamiliar,
+                "unscored_frames": self.unscored_frames,
                 "scored_images": self.scored_images,
                 "reused_studies": self.reused, "skipped_files": self.skipped_files,
                 "failed_files": self.failed_files, "seconds": round(self.seconds, 2), **self.meta,
@@ -271,7 +273,9 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     for study in studies:
         key = keys[study.study_uid] = _study_key(study, run_key)
         previous = state.get(study.study_uid)
-        if previous and previous.get("key") == key and (out / previous["row"].get("report", "")).is_file():
+        # a row written by an older cxrscreen that lacks a column of today's rows is redone, not reused
+        if (previous and previous.get("key") == key and _ROW_COLUMNS <= previous["row"].keys()
+                and (out / previous["row"].get("report", "")).is_file()):
             reused_rows.append({**previous["row"], "reused": True})
             new_state[study.study_uid] = previous
             # files of the study that failed last time still failed: they must not vanish from the summary
@@ -326,6 +330,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     summary.flagged = sum(r["flag"] == "yes" for r in rows)
     summary.outside_population = sum(bool(r.get("warning")) for r in rows)
     summary.unfamiliar = sum(bool(r.get("appearance_caution")) for r in rows)
+    summary.unscored_frames = sum(r.get("unscored_frames") or 0 for r in rows)
     summary.scored_images = sum(len(r.images) for r in results)
     summary.reused = len(reused_rows)
     summary.skipped_files = sum(r["status"] == "skipped" for r in file_rows)
@@ -364,7 +369,10 @@ def study_row(study_uid: str, threshold: float, **fields) -> dict:
     return {"kind": "study", "rank": 0, "status": "", "flag": "no", "score": "", "threshold": threshold,
             "study_uid": study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
             "files": [], "path": "", "step": "", "tag": "", "reason": "", "warning": "", "appearance": "",
-            "appearance_caution": "", **fields}
+            "appearance_caution": "", "unscored_frames": "", **fields}
+
+
+_ROW_COLUMNS = study_row("", 0.0).keys()
 
 
 def _study_row(result: StudyResult, threshold: float) -> dict:
@@ -377,7 +385,8 @@ def _study_row(result: StudyResult, threshold: float) -> dict:
                      reason="; ".join(f"{o.path.name}: {o.reason}" for o in result.failed),
                      warning=result.warning if scored else "",
                      appearance=round(result.appearance, 3) if result.appearance is not None else "",
-                     appearance_caution=result.appearance_caution)
+                     appearance_caution=result.appearance_caution,
+                     unscored_frames=result.unscored_frames if scored else "")
 
 
 def rank_rows(rows: list[dict]) -> list[dict]:
@@ -408,7 +417,7 @@ def file_rows(outcomes: list[FileOutcome]) -> list[dict]:
              "study_uid": o.study_uid, "patient_id": o.patient_id, "accession": o.accession,
              "study_date": o.study_date, "report": "",
              "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason,
-             "warning": "", "appearance": "", "appearance_caution": ""}
+             "warning": "", "appearance": "", "appearance_caution": "", "unscored_frames": ""}
             for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]
 
 

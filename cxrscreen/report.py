@@ -62,6 +62,11 @@ class StudyResult:
         """The cautions of the study's images that are unlike the training radiographs, joined by ' | '."""
         return CAUTION_SEPARATOR.join(r.appearance_caution for r in self.images if r.appearance_caution)
 
+    @property
+    def unscored_frames(self) -> int:
+        """Frames of the study's multi-frame images that were not scored (only frame 1 of each is)."""
+        return sum(max(r.image.frames - 1, 0) for r in self.images)
+
 
 @contextmanager
 def atomic_write(path: Path, mode: str = "wb"):
@@ -210,17 +215,21 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     return path
 
 
-def brief_caution(warning: str, appearance_caution: str = "") -> str:
+def brief_caution(warning: str, appearance_caution: str = "", unscored_frames: int | str = 0) -> str:
     """A study's cautions in brief, for the worklist and the log: what precedes the colon of each
     (:meth:`cxrscreen.infer.Population.age_warning`: the patient's age and the model's range;
-    :meth:`cxrscreen.appearance.AppearanceReference.caution`: the image and its distance)."""
-    cautions = [warning, *appearance_caution.split(CAUTION_SEPARATOR)]
-    return CAUTION_SEPARATOR.join(c.split(":")[0] for c in cautions if c)
+    :meth:`cxrscreen.appearance.AppearanceReference.caution`: the image and its distance), and how many
+    frames of its multi-frame images were not scored."""
+    cautions = [c.split(":")[0] for c in (warning, *appearance_caution.split(CAUTION_SEPARATOR)) if c]
+    if unscored_frames:
+        n = int(unscored_frames)
+        cautions.append(f"{n} frame{'s' if n > 1 else ''} of multi-frame images not scored")
+    return CAUTION_SEPARATOR.join(cautions)
 
 
 SUMMARY_FIELDS = ("rank", "kind", "status", "flag", "score", "threshold", "study_uid", "patient_id", "accession",
                   "study_date", "report", "files", "path", "step", "tag", "reason", "warning", "appearance",
-                  "appearance_caution")
+                  "appearance_caution", "unscored_frames")
 
 
 def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
@@ -260,7 +269,8 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
         data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
                             f"{float(r['score']):.3f}", r["patient_id"], r["accession"], r["study_date"],
                             r["study_uid"][-24:], Path(r["report"]).name if r["report"] else r["status"],
-                            Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""))),
+                            Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""),
+                                                        r.get("unscored_frames", 0))),
                                       small)]
                            for r in chunk]
         table = Table(data, repeatRows=1, colWidths=[None] * 8 + [60 * mm])

@@ -28,12 +28,13 @@ def make_dicom(pixels: np.ndarray | None, *, seed: str = "x", modality: str = "D
                signed: bool = False, transfer_syntax: str = "1.2.840.10008.1.2.1",
                study_seed: str | None = None, patient_id: str = "SYNTH-0001",
                patient_name: str = "SYNTHETIC^PATIENT", body_part: str = "CHEST",
-               view_position: str = "PA", sop_class: str | None = None, **attributes):
+               view_position: str = "PA", sop_class: str | None = None, more_frames=(), **attributes):
     """Return a pydicom FileDataset holding ``pixels`` (or none, for non-image objects).
 
     ``attributes`` are set as DICOM keywords (``WindowCenter=...``). Compressed
     transfer syntaxes are encoded with pydicom's encoders (RLE, JPEG-LS, JPEG
-    2000), except JPEG baseline which is encoded with Pillow.
+    2000), except JPEG baseline which is encoded with Pillow. ``more_frames`` (arrays like ``pixels``)
+    follow ``pixels`` as frames 2..N of a multi-frame image (uncompressed transfer syntaxes only).
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import UID
@@ -76,10 +77,14 @@ def make_dicom(pixels: np.ndarray | None, *, seed: str = "x", modality: str = "D
         ds.BitsStored = bits_stored or ds.BitsAllocated
         ds.HighBit = ds.BitsStored - 1
         ds.PixelRepresentation = 1 if signed else 0
-        ds.PixelData = pixels.tobytes()
+        ds.PixelData = b"".join(np.asarray(f, dtype=pixels.dtype).tobytes() for f in (pixels, *more_frames))
+        if more_frames:
+            ds.NumberOfFrames = 1 + len(more_frames)
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
     ts = UID(transfer_syntax)
+    if more_frames and ts.is_compressed:
+        raise ValueError("more_frames: uncompressed transfer syntaxes only")
     if pixels is not None and ts.is_compressed:
         if ts == "1.2.840.10008.1.2.4.50":
             _encode_jpeg_baseline(ds, pixels)

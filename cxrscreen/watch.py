@@ -522,14 +522,15 @@ class Watcher:
         self.ledger.record_study(uid, version=version, report_base=base, report=report_name, score=score, flag=flag,
                                  threshold=self.threshold, model_sha256=self.model.sha256, identity=identity,
                                  outcomes=outcomes, reason=reason, warning=result.warning,
-                                 appearance=result.appearance, appearance_caution=result.appearance_caution)
+                                 appearance=result.appearance, appearance_caution=result.appearance_caution,
+                                 unscored_frames=result.unscored_frames)
         release(result)
         log.info(kv(event="study", uid=uid, version=version if report_name else None,
                     status="reported" if report_name else "failed", score=score, flag=flag or None,
                     images=len(result.images), failed=len(result.failed), skipped=len(result.study.skipped),
                     seconds=round(time.monotonic() - self._round_started, 2),
                     waited=round(time.time() - row.last_arrival, 1), report=report_name or None,
-                    caution=brief_caution(result.warning, result.appearance_caution) or None))
+                    caution=brief_caution(result.warning, result.appearance_caution, result.unscored_frames) or None))
         for f in self.ledger.study_files(uid):
             self._relocate(f)
 
@@ -587,6 +588,7 @@ class Watcher:
                                   report=s.report, version=s.version, pending_amendment=s.status == "pending",
                                   warning=s.warning, appearance=round(s.appearance, 3) if s.appearance is not None
                                   else "", appearance_caution=s.appearance_caution,
+                                  unscored_frames=s.unscored_frames if s.version else "",
                                   files=[f.location for f in self.ledger.study_files(s.study_uid)], reason=s.reason))
         outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
                                 study_uid=f.study_uid, patient_id=f.patient_id, accession=f.accession,

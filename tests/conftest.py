@@ -6,6 +6,14 @@ import numpy as np
 import pytest
 
 
+def pdf_text(path) -> str:
+    """The text of every page of a PDF (reports, the worklist), every run of white space one space:
+    a phrase reads the same wherever a table cell or a paragraph wrapped it."""
+    from pypdf import PdfReader
+
+    return " ".join(" ".join(page.extract_text() for page in PdfReader(path).pages).split())
+
+
 def phantom(rows: int = 96, columns: int = 80, top: int = 4095) -> np.ndarray:
     """A chest-like phantom in attenuation units: dark lungs, bright mediastinum and border."""
     y, x = np.mgrid[0:rows, 0:columns]

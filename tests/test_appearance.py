@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
+from conftest import pdf_text
+
 from cxrscreen.appearance import AppearanceReference, reference_path
 from cxrscreen.errors import ModelError
 
@@ -134,10 +136,7 @@ def test_the_default_model_cautions_on_test_patterns_and_not_on_the_samples(tmp_
     pattern = studies["vlut_04.dcm"]
     assert pattern["flag"] == "yes"              # still scored and flagged as the model says, with a caution
     assert "vlut_04.dcm is unlike the model's training radiographs" in pattern["appearance_caution"]
-    from pypdf import PdfReader
-
-    text = " ".join(page.extract_text() for page in PdfReader(tmp_path / "out" / pattern["report"]).pages)
-    assert "Caution: image vlut_04.dcm is unlike the model" in " ".join(text.split())
-    worklist = " ".join(page.extract_text() for page in PdfReader(tmp_path / "out" / "worklist.pdf").pages)
-    assert "image vlut_04.dcm is unlike the model's training radiographs (appearance distance" in " ".join(
-        worklist.split())
+    text = pdf_text(tmp_path / "out" / pattern["report"])
+    assert "Caution: image vlut_04.dcm is unlike the model" in text
+    worklist = pdf_text(tmp_path / "out" / "worklist.pdf")
+    assert "image vlut_04.dcm is unlike the model's training radiographs (appearance distance" in worklist

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import pdf_text
 from cxrscreen.cli import main
 from cxrscreen.explain import GradCam, _gradient_cam, find_gradcam_layer, members, overlay
 from cxrscreen.infer import load_model
 from cxrscreen.normalise import load_model_input
-from cxrscreen.pipeline import BatchOptions, run_batch
+from cxrscreen.pipeline import STATE_FILE, BatchOptions, run_batch
 from cxrscreen.report import report_filename, safe_name
 from cxrscreen.testing import make_dicom, save, uid_from
 
@@ -33,12 +35,6 @@ def inbox(tmp_path):
     box = tmp_path / "inbox"
     shutil.copytree(SAMPLES, box, ignore=shutil.ignore_patterns("*.py", "*.md"))
     return box
-
-
-def pdf_text(path: Path) -> str:
-    from pypdf import PdfReader
-
-    return "\n".join(page.extract_text() for page in PdfReader(path).pages)
 
 
 def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
@@ -156,21 +152,32 @@ def test_hostile_patient_ids_give_safe_unique_names(tmp_path, model, patient_id)
         assert name.split("_")[0].split(".")[0].upper() not in {"CON", "PRN", "AUX", "NUL"}
 
 
-def test_a_multi_frame_image_is_scored_on_its_first_frame_and_the_report_says_so(tmp_path, model, chest_pixels):
+def test_a_multi_frame_image_is_scored_on_its_first_frame_and_every_output_says_so(tmp_path, model, chest_pixels):
     other = np.random.default_rng(7).integers(0, 4096, chest_pixels.shape)     # frames 2 and 3: noise
-    box = tmp_path / "in"
+    box, out = tmp_path / "in", tmp_path / "out"
     save(make_dicom(chest_pixels, seed="single", bits_stored=12), box / "single.dcm")
-    ds = make_dicom(chest_pixels, seed="multi", bits_stored=12)
-    ds.NumberOfFrames = 3
-    ds.PixelData = b"".join(np.ascontiguousarray(f, dtype="<u2").tobytes() for f in (chest_pixels, other, other))
-    save(ds, box / "multi.dcm")
-    summary = run_batch([box], BatchOptions(out=tmp_path / "out", gradcam="none"), model=model)
+    save(make_dicom(chest_pixels, seed="multi", bits_stored=12, more_frames=[other, other]), box / "multi.dcm")
+    summary = run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)
     studies = {r["files"][0].rsplit("/", 1)[-1]: r for r in summary.rows if r["kind"] == "study"}
     assert studies["multi.dcm"]["status"] == studies["single.dcm"]["status"] == "scored"
     assert studies["multi.dcm"]["score"] == pytest.approx(studies["single.dcm"]["score"], abs=1e-6)
-    text = pdf_text(tmp_path / "out" / studies["multi.dcm"]["report"])
+    text = pdf_text(out / studies["multi.dcm"]["report"])
     assert "frame 1 of 3 was scored" in text and "the other 2 were not" in text
-    assert "frame 1 of" not in pdf_text(tmp_path / "out" / studies["single.dcm"]["report"])
+    assert "frame 1 of" not in pdf_text(out / studies["single.dcm"]["report"])
+    # the summary and the worklist say it too: a reader of the list alone knows frames went unscored
+    assert (studies["multi.dcm"]["unscored_frames"], studies["single.dcm"]["unscored_frames"]) == (2, 0)
+    assert summary.unscored_frames == 2 and json.loads((out / "summary.json").read_text())["unscored_frames"] == 2
+    with open(out / "summary.csv", newline="") as handle:
+        assert sorted(r["unscored_frames"] for r in csv.DictReader(handle) if r["kind"] == "study") == ["0", "2"]
+    assert "2 frames of multi-frame images not scored" in pdf_text(out / "worklist.pdf")
+    # rows saved by a cxrscreen that had no such column are redone, not reused with the column blank
+    state = json.loads((out / STATE_FILE).read_text())
+    for entry in state.values():
+        del entry["row"]["unscored_frames"]
+    (out / STATE_FILE).write_text(json.dumps(state))
+    again = run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)
+    assert again.reused == 0 and again.unscored_frames == 2
+    assert run_batch([box], BatchOptions(out=out, gradcam="none"), model=model).reused == 2
 
 
 def test_safe_name_rules():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import phantom
+from conftest import pdf_text, phantom
 from cxrscreen import watch as watch_module
 from cxrscreen.cli import main
 from cxrscreen.errors import UsageError
@@ -198,8 +198,6 @@ def test_a_burst_of_300_files_in_30_studies_is_fully_processed(dirs, model, tmp_
 
 
 def test_an_amended_study_gets_a_second_version_and_keeps_the_first(dirs, model, tmp_path):
-    from pypdf import PdfReader
-
     inbox, out = dirs
     archive = tmp_path / "archive"
     running = Running(WatchOptions(inbox, out, archive=archive, settle=0.5, rescan=0.5, gradcam="all"), model)
@@ -214,7 +212,7 @@ def test_an_amended_study_gets_a_second_version_and_keeps_the_first(dirs, model,
         running.close()
     v1, v2 = first[0], next(p for p in reports(out) if p != first[0])
     assert v2.name == v1.stem + ".v2.pdf" and v1.exists()
-    text = "\n".join(page.extract_text() for page in PdfReader(v2).pages)
+    text = pdf_text(v2)
     assert "Amended report, version 2" in text and "amended_001.dcm" in text
     assert "maximum over 2" in text       # the archived first image is screened again with the new one
     assert ledger_rows(out, "SELECT version, images FROM reports ORDER BY version") == [(1, 1), (2, 2)]
@@ -372,6 +370,22 @@ def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, m
     assert "adult.dcm is unlike the model's training radiographs" in rows["ADULT"]["appearance_caution"]
 
 
+def test_unscored_frames_of_a_multi_frame_image_are_in_the_summary_and_the_ledger_keeps_them(dirs, model):
+    inbox, out = dirs
+    write_study(inbox / "single", "single", images=1)
+    one_image_study(inbox, "multi", more_frames=[phantom(96, 96)] * 3)
+    options = WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True)
+    assert Watcher(options, model=model).run() == 0
+    rows = summary_studies(out)
+    assert (rows["MULTI"]["unscored_frames"], rows["SINGLE"]["unscored_frames"]) == (3, 0)
+    assert "3 frames of multi-frame images not scored" in pdf_text(out / "worklist.pdf")
+    # the next run rewrites the summary from the ledger alone
+    (out / "summary.json").unlink()
+    (inbox / "single" / "late.dcm").write_bytes((inbox / "single" / "single_000.dcm").read_bytes())
+    assert Watcher(options, model=model).run() == 0
+    assert summary_studies(out)["MULTI"]["unscored_frames"] == 3
+
+
 def test_worklist_lists_recent_studies_and_the_ledger_keeps_all(dirs, model):
     inbox, out = dirs
     write_study(inbox / "old", "old", images=1)
@@ -467,10 +481,11 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
     db.close()
     ledger = Ledger(path)
     try:
-        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
         old = ledger.file_at("/in/a.dcm")
         assert (old.study_uid, old.reason, old.patient_id) == ("1.2.3", "view LL", "")
-        assert ledger.study("1.2.3").warning == "" and ledger.study("1.2.3").appearance is None
+        migrated = ledger.study("1.2.3")
+        assert (migrated.warning, migrated.appearance, migrated.unscored_frames) == ("", None, 0)
         ledger.take_file(path="/in/b.dcm", size=1, mtime_ns=1, sha256="cd", study_uid="1.2.3", status="skipped",
                          patient_id="P1", accession="A1", study_date="20261122")
         new = ledger.file_at("/in/b.dcm")
@@ -481,7 +496,7 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
     with pytest.raises(UsageError, match="newer than this cxrscreen"):
         Ledger(path)
     fresh = Ledger(tmp_path / "fresh.sqlite")
-    assert fresh.get_meta("schema_version") == "3" and fresh.file_at("/nowhere") is None
+    assert fresh.get_meta("schema_version") == "4" and fresh.file_at("/nowhere") is None
     fresh.close()
 
 
