@@ -28,8 +28,8 @@ from .infer import LoadedModel, load_model
 from .ingest import group_studies, scan
 from .normalise import load_unit_image, to_model_input
 from .records import FileOutcome, Radiograph, Status, Study
-from .report import (ImageResult, StudyResult, atomic_write, report_filename, write_study_report, write_summary,
-                     write_worklist)
+from .report import (SUMMARY_FIELDS, ImageResult, StudyResult, atomic_write, report_filename, write_study_report,
+                     write_summary, write_worklist)
 
 STATE_FILE = ".cxrscreen-state.json"
 THUMBNAIL_SIDE = 512
@@ -274,7 +274,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
         key = keys[study.study_uid] = _study_key(study, run_key)
         previous = state.get(study.study_uid)
         # a row written by an older cxrscreen that lacks a column of today's rows is redone, not reused
-        if (previous and previous.get("key") == key and _ROW_COLUMNS <= previous["row"].keys()
+        if (previous and previous.get("key") == key and previous["row"].keys() >= set(SUMMARY_FIELDS)
                 and (out / previous["row"].get("report", "")).is_file()):
             reused_rows.append({**previous["row"], "reused": True})
             new_state[study.study_uid] = previous
@@ -366,13 +366,8 @@ def resolve_threshold(model: LoadedModel, threshold: float | None,
 def study_row(study_uid: str, threshold: float, **fields) -> dict:
     """A summary row of kind ``study``: every column, blank (not flagged) unless given in ``fields``.
     batch, watch and the rows of unscreened studies all build theirs here."""
-    return {"kind": "study", "rank": 0, "status": "", "flag": "no", "score": "", "threshold": threshold,
-            "study_uid": study_uid, "patient_id": "", "accession": "", "study_date": "", "report": "",
-            "files": [], "path": "", "step": "", "tag": "", "reason": "", "warning": "", "appearance": "",
-            "appearance_caution": "", "unscored_frames": "", **fields}
-
-
-_ROW_COLUMNS = study_row("", 0.0).keys()
+    return {**dict.fromkeys(SUMMARY_FIELDS, ""), "kind": "study", "rank": 0, "flag": "no", "threshold": threshold,
+            "study_uid": study_uid, "files": [], **fields}
 
 
 def _study_row(result: StudyResult, threshold: float) -> dict:
@@ -412,12 +407,11 @@ def _file_rows(studies: list[Study], loose: list[FileOutcome], results: list[Stu
 
 
 def file_rows(outcomes: list[FileOutcome]) -> list[dict]:
-    """Summary rows of skipped and failed files, failures first."""
-    return [{"kind": "file", "rank": "", "status": o.status.value, "flag": "", "score": "", "threshold": "",
+    """Summary rows of skipped and failed files, failures first (every column; the study's ones blank)."""
+    return [{**dict.fromkeys(SUMMARY_FIELDS, ""), "kind": "file", "status": o.status.value,
              "study_uid": o.study_uid, "patient_id": o.patient_id, "accession": o.accession,
-             "study_date": o.study_date, "report": "",
-             "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason,
-             "warning": "", "appearance": "", "appearance_caution": "", "unscored_frames": ""}
+             "study_date": o.study_date, "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag,
+             "reason": o.reason}
             for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]
 
 
