@@ -21,6 +21,7 @@ import numpy as np
 
 from . import __version__
 from .records import FileOutcome, Radiograph, Study
+from .typeset import markup, person_name
 
 DISCLAIMER = ("Decision support only, not a diagnosis. This screening score was produced by a machine-learning "
               "model and must be reviewed by a qualified radiologist together with the images and the clinical "
@@ -120,10 +121,10 @@ def _jpeg(arr: np.ndarray) -> io.BytesIO:
     return buffer
 
 
-def _p(text: str):
-    from xml.sax.saxutils import escape
-
-    return escape(str(text))
+def _p(text, *, bold: bool = False, italic: bool = False) -> str:
+    """Paragraph markup of any text, in any script (:func:`cxrscreen.typeset.markup`); ``bold`` and
+    ``italic`` say how the text stands (a ``<b>`` around it, an italic style)."""
+    return markup(str(text), bold=bold, italic=italic)
 
 
 def write_study_report(path: Path, result: StudyResult, *, threshold: float, operating_point: dict,
@@ -145,15 +146,20 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     flagged = score is not None and score >= threshold
     story = [Paragraph("Chest radiograph screening report", styles["Title"])]
     if amendment:
-        story += [Paragraph(f'<font color="#8a4b00"><b>{_p(amendment)}</b></font>', styles["BodyText"]),
+        story += [Paragraph(f'<font color="#8a4b00"><b>{_p(amendment, bold=True)}</b></font>', styles["BodyText"]),
                   Spacer(1, 3 * mm)]
+    cell = styles["BodyText"].clone("ident", fontSize=9, leading=11)
+
+    def value(text):
+        return Paragraph(_p(text or "-"), cell)
+
     ident = [
-        ["Patient ID", first.patient_id or "-", "Patient name", first.patient_name or "-"],
-        ["Birth date", first.patient_birth_date or "-", "Sex / age",
-         f"{first.patient_sex or '-'} / {first.patient_age or '-'}"],
-        ["Accession", first.accession or "-", "Study date", first.study_date or "-"],
-        ["Study", first.study_description or "-", "Modality", first.modality or first.kind.value.upper()],
-        ["Study UID", Paragraph(_p(study.study_uid), styles["BodyText"]), "", ""],
+        ["Patient ID", value(first.patient_id), "Patient name", value(person_name(first.patient_name))],
+        ["Birth date", value(first.patient_birth_date), "Sex / age",
+         value(f"{first.patient_sex or '-'} / {first.patient_age or '-'}")],
+        ["Accession", value(first.accession), "Study date", value(first.study_date)],
+        ["Study", value(first.study_description), "Modality", value(first.modality or first.kind.value.upper())],
+        ["Study UID", value(study.study_uid), "", ""],
     ]
     table = Table(ident, colWidths=[28 * mm, 60 * mm, 28 * mm, 60 * mm])
     table.setStyle(TableStyle([("SPAN", (1, 4), (3, 4)), ("FONTSIZE", (0, 0), (-1, -1), 9),
@@ -173,14 +179,15 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
                                f"image(s)); threshold <b>{threshold:.3f}</b>; operating point: {_p(op_text)}.",
                                styles["BodyText"]))
     for caution in filter(None, [result.warning, *result.appearance_caution.split(CAUTION_SEPARATOR)]):
-        story.append(Paragraph(f'<font color="#8a4b00"><b>Caution: {_p(caution)}.</b></font>',
+        story.append(Paragraph(f'<font color="#8a4b00"><b>Caution: {_p(caution, bold=True)}.</b></font>',
                                styles["BodyText"]))
     if population:
-        story.append(Paragraph(f"Model trained on: {_p(population)}.", styles["Italic"]))
+        story.append(Paragraph(f"Model trained on: {_p(population, italic=True)}.", styles["Italic"]))
     story.append(Spacer(1, 4 * mm))
     for item in result.images:
         img = item.image
-        label = (f"{_p(img.path.name)} - view {_p(img.view)}{', ' + _p(img.laterality) if img.laterality else ''}"
+        label = (f"{_p(img.path.name, bold=True, italic=True)} - view {_p(img.view)}"
+                 f"{', ' + _p(img.laterality) if img.laterality else ''}"
                  f" - score {item.score:.3f}"
                  + (f" - appearance {item.appearance:.2f}" if item.appearance is not None else ""))
         story.append(Paragraph(label, styles["Heading4"]))
@@ -205,7 +212,7 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
             story.append(Paragraph(f"{_p(o.path.name)}: {_p(o.status.value)} - {_p(o.reason)}"
                                    f"{' ' + _p(o.tag) if o.tag else ''}", styles["BodyText"]))
     story += [Spacer(1, 5 * mm), Paragraph(f"<b>{_p(DISCLAIMER)}</b>", styles["BodyText"]), Spacer(1, 2 * mm),
-              Paragraph(f"cxrscreen {__version__}; model {_p(model_name)} sha256 {model_sha256[:16]}...",
+              Paragraph(f"cxrscreen {__version__}; model {_p(model_name, italic=True)} sha256 {model_sha256[:16]}...",
                         styles["Italic"])]
     with atomic_write(path) as handle:
         doc = SimpleDocTemplate(handle, pagesize=A4, leftMargin=15 * mm, rightMargin=15 * mm,
@@ -267,14 +274,17 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
     for start in range(0, max(len(studies), 1), per_page):
         chunk = studies[start:start + per_page]
         data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
-                            f"{float(r['score']):.3f}", r["patient_id"], r["accession"], r["study_date"],
-                            r["study_uid"][-24:], Path(r["report"]).name if r["report"] else r["status"],
+                            f"{float(r['score']):.3f}", Paragraph(_p(r["patient_id"]), small),
+                            Paragraph(_p(r["accession"]), small), r["study_date"],
+                            r["study_uid"][-24:],
+                            Paragraph(_p(Path(r["report"]).name if r["report"] else r["status"]), small),
                             Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""),
                                                         r.get("unscored_frames", 0))),
                                       small)]
                            for r in chunk]
-        table = Table(data, repeatRows=1, colWidths=[None] * 8 + [60 * mm])
-        style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey)]
+        table = Table(data, repeatRows=1, colWidths=[w * mm for w in (7, 12, 10, 26, 26, 15, 42, 56, 52)])
+        style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey),
+                 ("VALIGN", (0, 0), (-1, -1), "TOP")]
         for i, r in enumerate(chunk, start=1):
             if r["flag"] == "yes":
                 style.append(("TEXTCOLOR", (1, i), (2, i), colors.HexColor("#b00020")))

@@ -75,7 +75,7 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     # the report PDF carries the study's identifiers and the disclaimer
     row = next(r for r in studies if r["patient_id"] == "CXR-0003")
     text = pdf_text(out / row["report"])
-    for expected in ("CXR-0003", "SAMPLE^CLEO", row["accession"], "20261101", "Decision support only",
+    for expected in ("CXR-0003", "SAMPLE, CLEO", row["accession"], "20261101", "Decision support only",
                      "not frontal", "sha256"):
         assert expected in text
     assert ("Likely pneumonia - review first" in text) == (row["flag"] == "yes")

@@ -1,0 +1,158 @@
+"""Text of any script in the PDFs: fonts, right-to-left order, CJK and DICOM person names.
+
+DICOM text is whatever the site's character set allows (PS3.5 6.1: Latin 1-5, Cyrillic, Greek,
+Hebrew, Arabic, Thai, Japanese, Korean, Chinese, UTF-8). The PDF standard fonts (Helvetica) show
+Windows-1252 only: a Polish, Greek, Russian or Japanese patient name came out as black boxes.
+A text they can show stays in them (nothing embedded); any other is set in DejaVu Sans (shipped
+with matplotlib, embedded as a subset: Latin, Greek, Cyrillic, Armenian, Georgian, Hebrew,
+Arabic), its Chinese, Japanese and Korean runs in the PDF standard Asian fonts (not embedded:
+every common viewer has or substitutes them; Adobe Reader may offer its free font pack), Hebrew
+and Arabic in visual order (Unicode bidi algorithm, Arabic letters in their joined forms). A
+text with a character none of these fonts has (Thai, Devanagari, ...) is not printed letter by
+letter with gaps, which could read as another name: it is replaced by a note naming the script
+(summary.csv keeps patient IDs and file names as they are; the name is in the DICOM header).
+
+Inputs: ``str`` from the DICOM header or file names. Outputs: reportlab Paragraph markup
+(:func:`markup`) and names for display (:func:`person_name`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import unicodedata
+from xml.sax.saxutils import escape
+
+log = logging.getLogger(__name__)
+
+FONT, BOLD, ITALIC, BOLD_ITALIC = "CxrSans", "CxrSans-Bold", "CxrSans-Oblique", "CxrSans-BoldOblique"
+_FILES = {FONT: "DejaVuSans.ttf", BOLD: "DejaVuSans-Bold.ttf", ITALIC: "DejaVuSans-Oblique.ttf",
+          BOLD_ITALIC: "DejaVuSans-BoldOblique.ttf"}
+# the PDF standard Asian fonts (Adobe-GB1, -Japan1, -Korea1): known to every PDF reader, never embedded
+CHINESE, JAPANESE, KOREAN = "STSong-Light", "HeiseiKakuGo-W5", "HYGothic-Medium"
+
+_HAN = ((0x2E80, 0x2FDF), (0x3000, 0x303F), (0x3400, 0x4DBF), (0x4E00, 0x9FA5), (0xF900, 0xFAFF),
+        (0xFE30, 0xFE4F), (0xFF00, 0xFFEF))   # what the fonts' UCS-2 maps cover: ideographs to U+9FA5 and ext. A
+_KANA = ((0x3040, 0x30FF), (0x31F0, 0x31FF), (0xFF65, 0xFF9F))
+_HANGUL = ((0x3130, 0x318F), (0xAC00, 0xD7A3))
+
+
+def _within(ch: str, ranges) -> bool:
+    code = ord(ch)
+    return any(lo <= code <= hi for lo, hi in ranges)
+
+
+def _cjk(ch: str) -> bool:
+    return _within(ch, _HAN) or _within(ch, _KANA) or _within(ch, _HANGUL)
+
+
+@functools.lru_cache(maxsize=1)
+def register_fonts() -> tuple[str, frozenset]:
+    """Register the fonts once; return the Unicode font's name and the code points it can draw.
+
+    When matplotlib's DejaVu files cannot be found (a broken install), the PDFs fall back to
+    Helvetica, with a warning in the log, and text outside Latin-1 is replaced by the note.
+    """
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+    from reportlab.pdfbase.ttfonts import TTFont
+
+    for name in (CHINESE, JAPANESE, KOREAN):
+        pdfmetrics.registerFont(UnicodeCIDFont(name))
+        pdfmetrics.registerFontFamily(name, normal=name, bold=name, italic=name, boldItalic=name)
+    try:
+        import matplotlib
+
+        folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+        fonts = {name: TTFont(name, os.path.join(folder, file)) for name, file in _FILES.items()}
+    except Exception as exc:  # noqa: BLE001 - any failure here means: no Unicode font, say so and go on
+        log.warning("DejaVu Sans not found (%s): PDFs are set in Helvetica, text outside Latin-1 is "
+                    "replaced by a note", exc)
+        latin1 = frozenset(range(0x20, 0x7F)) | frozenset(range(0xA0, 0x100))
+        return "Helvetica", latin1
+    for font in fonts.values():
+        pdfmetrics.registerFont(font)
+    pdfmetrics.registerFontFamily(FONT, normal=FONT, bold=BOLD, italic=ITALIC, boldItalic=BOLD_ITALIC)
+    # the four faces cover the same characters; a text is drawable when the regular and bold faces have it
+    drawable = frozenset(fonts[FONT].face.charToGlyph) & frozenset(fonts[BOLD].face.charToGlyph)
+    return FONT, drawable
+
+
+def _visual_order(text: str) -> str:
+    """Hebrew and Arabic in the order a left-to-right line shows them, Arabic letters joined."""
+    import arabic_reshaper
+    from bidi import get_display
+
+    if any(0x0600 <= ord(ch) <= 0x06FF or 0x0750 <= ord(ch) <= 0x077F for ch in text):
+        text = arabic_reshaper.reshape(text)
+    return get_display(text)
+
+
+def _right_to_left(text: str) -> bool:
+    return any(unicodedata.bidirectional(ch) in ("R", "AL") for ch in text)
+
+
+def _script(ch: str) -> str:
+    words = unicodedata.name(ch, "").split()        # THAI CHARACTER KO KAI -> Thai
+    if len(words) < 3:
+        return ""
+    return words[0] if len(words[0]) <= 3 else words[0].title()
+
+
+def markup(text: str, *, bold: bool = False, italic: bool = False) -> str:
+    """Paragraph markup that prints ``text`` as written, in any script the fonts have.
+
+    A text the standard PDF fonts can show (Windows-1252: English, French, German, Spanish...) is
+    left in the paragraph's font; any other is set in DejaVu Sans, in its bold and italic faces
+    when ``bold`` and ``italic`` say that the text stands in bold or italic (reportlab's
+    ``<font name>`` resets both, so they are set again inside it). Control characters are dropped; CJK runs get an Asian font (Japanese when the text has kana,
+    Korean when it has hangul, else Chinese, whose font has every unified ideograph); Hebrew and
+    Arabic are put in visual order. A text with a character no font has is replaced, whole, by
+    ``[not printable here: <script> text]``.
+    """
+    # composed (NFC): a decomposed u + diaeresis is the standard fonts' ü, and no shaping is needed to place it
+    text = unicodedata.normalize("NFC", "".join(ch for ch in str(text or "") if unicodedata.category(ch) != "Cc"))
+    try:
+        text.encode("cp1252")
+        return escape(text)          # the standard fonts have it: nothing to embed
+    except UnicodeEncodeError:
+        pass
+    base, drawable = register_fonts()
+    if _right_to_left(text):
+        text = _visual_order(text)
+    missing = [ch for ch in text if ord(ch) not in drawable and not _cjk(ch)]
+    if missing:
+        script = _script(missing[0])
+        return escape(f"[not printable here: {script + ' ' if script else ''}text]")
+    asian = (JAPANESE if any(_within(ch, _KANA) for ch in text)
+             else KOREAN if any(_within(ch, _HANGUL) for ch in text) else CHINESE)
+    start, end = ("<b>" if bold else "") + ("<i>" if italic else ""), ("</i>" if italic else "") + ("</b>" if bold else "")
+    out, run, run_cjk = [], [], False
+    for ch in text + "\0":
+        is_cjk = ch != "\0" and ord(ch) not in drawable and _cjk(ch)
+        if ch == "\0" or (run and is_cjk != run_cjk):
+            out.append(f'<font name="{asian if run_cjk else base}">{start}{escape("".join(run))}{end}</font>')
+            run = []
+        run_cjk = is_cjk
+        run.append(ch)
+    return "".join(out)
+
+
+def person_name(value: str) -> str:
+    """A DICOM PN value (PS3.5 6.2: ``family^given^middle^prefix^suffix``, up to three groups
+    separated by ``=``: alphabetic, ideographic, phonetic) as people write it:
+    ``Yamada^Tarou=山田^太郎=やまだ^たろう`` -> ``Yamada, Tarou (山田 太郎; やまだ たろう)``.
+    A value without ``^`` or ``=`` is returned as is."""
+    value = (value or "").strip()
+    if "^" not in value and "=" not in value:
+        return value
+    shown = []
+    for group in value.split("=")[:3]:
+        family, given, middle, prefix, suffix = ([p.strip() for p in group.split("^")] + [""] * 5)[:5]
+        rest = " ".join(p for p in (given, middle) if p)
+        comma = ", " if not any(_cjk(ch) for ch in group) else " "
+        core = comma.join(p for p in (family, rest) if p)
+        shown.append(" ".join(p for p in (prefix, core, suffix) if p))
+    first, *others = [s for s in shown if s] or [""]
+    return first + (f" ({'; '.join(others)})" if others else "")
