@@ -282,7 +282,7 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
                                                         r.get("unscored_frames", 0))),
                                       small)]
                            for r in chunk]
-        table = Table(data, repeatRows=1, colWidths=[w * mm for w in (7, 12, 10, 26, 26, 15, 42, 56, 52)])
+        table = Table(data, repeatRows=1, colWidths=[w * mm for w in (7, 12, 10, 24, 22, 15, 42, 70, 44)])
         style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey),
                  ("VALIGN", (0, 0), (-1, -1), "TOP")]
         for i, r in enumerate(chunk, start=1):
