@@ -20,6 +20,7 @@ Nothing is ever written next to the inputs, and inputs are opened read-only.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import warnings
@@ -33,6 +34,8 @@ import numpy as np
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax
 from .normalise import COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale
 from .records import FileKind, FileOutcome, Radiograph, Status, Study
+
+log = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (".part", ".partial", ".tmp", ".temp", "~", ".swp", ".crdownload")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
@@ -223,6 +226,50 @@ def _check_dimensions(rows: int, columns: int, path: Path, tag: str = "(0028,001
             f"pixels a side, at most {MAX_PIXELS:,} pixels)", path=path, step="validate", tag=tag)
 
 
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+
+
+def undeclared_utf8(ds) -> bool:
+    """True when the data set's text is UTF-8 but (0008,0005) Specific Character Set does not say so.
+
+    Without that attribute the text must be ASCII (PS3.5 6.1.2.1); pydicom then reads other bytes
+    as Latin-1, so a name a modality or an export tool wrote in UTF-8 and did not declare reads
+    ``MÃ¼ller``. When the character set is absent (or ``ISO_IR 6``) and every top-level text value
+    with bytes over 127 is valid UTF-8 (Latin-1 text almost never is: its accented letters are
+    single bytes that UTF-8 does not allow alone), the text is UTF-8. A file that declares a
+    character set is read as it says.
+    """
+    from pydicom.datadict import dictionary_VR
+
+    declared = ds.get_item(0x00080005)
+    value = getattr(declared, "value", None)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    values = value.split("\\") if isinstance(value, str) else list(value or [])
+    if any(str(v).strip() not in ("", "ISO_IR 6") for v in values):
+        return False
+    found = False
+    for tag in ds.keys():
+        element = ds.get_item(tag)
+        raw = getattr(element, "value", None)
+        if not isinstance(raw, bytes) or not any(b > 127 for b in raw):
+            continue
+        vr = element.VR
+        if vr is None:                       # implicit VR: the dictionary's
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue
+        if vr not in _TEXT_VRS:
+            continue
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        found = True
+    return found
+
+
 def _text(ds, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:
@@ -406,6 +453,14 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
             return colour_picture(record) or record
         # Large values (the pixel data) are deferred: the header is read, the pixels are not.
         ds = _dcmread(path, stop_before_pixels=False, force=True, defer_size=4096)
+        if undeclared_utf8(ds):
+            from pydicom.charset import convert_encodings
+
+            # in memory only (the file is never written); raw values decode with the read's character set
+            ds.SpecificCharacterSet = "ISO_IR 192"
+            ds.set_original_encoding(*ds.original_encoding, convert_encodings("ISO_IR 192"))
+            log.warning("%s: text in UTF-8 but (0008,0005) SpecificCharacterSet does not say so; read as "
+                        "UTF-8", path)
         try:
             record = _dicom_record(path, ds, stat)
         except _Skip as skip:

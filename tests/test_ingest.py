@@ -273,6 +273,39 @@ def test_records_keep_report_metadata(write_dicom, chest_pixels):
     assert rec.age_years == pytest.approx(1400 / 365.25)     # born 2023-01-01, seen 2026-11-01
 
 
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])     # explicit, implicit VR
+def test_text_in_undeclared_utf8_is_read_as_utf8(tmp_path, chest_pixels, syntax, caplog):
+    """No (0008,0005) means ASCII; a modality that wrote UTF-8 anyway gets its names read as written,
+    not as Latin-1 mojibake ('MÃ¼ller'); Latin-1 bytes stay Latin-1 and a declared set is obeyed."""
+    import hashlib
+
+    from pydicom.dataelem import DataElement
+
+    def written(file, *values):
+        ds = make_dicom(chest_pixels, seed=file, transfer_syntax=syntax)
+        for tag, vr, raw in values:
+            ds[tag] = DataElement(tag, vr, raw)
+        return save(ds, tmp_path / file)
+
+    utf8 = written("utf8.dcm", (0x00100010, "PN", "Müller^Jürgen".encode()),
+                   (0x00081030, "LO", "Thorax p.a. (Kinder), Łódź".encode()))
+    before = hashlib.sha256(utf8.read_bytes()).digest()
+    with caplog.at_level("WARNING", logger="cxrscreen.ingest"):
+        rec = read_record(utf8)
+    assert (rec.patient_name, rec.study_description) == ("Müller^Jürgen", "Thorax p.a. (Kinder), Łódź")
+    assert "SpecificCharacterSet does not say so" in caplog.text and "utf8.dcm" in caplog.text
+    assert hashlib.sha256(utf8.read_bytes()).digest() == before             # the input is never modified
+    latin1 = written("latin1.dcm", (0x00100010, "PN", "Müller^Jürgen".encode("latin-1")))
+    assert read_record(latin1).patient_name == "Müller^Jürgen"
+    # one value that is not UTF-8 means the file is not: nothing is re-read
+    mixed = written("mixed.dcm", (0x00100010, "PN", "Müller^Jürgen".encode()),
+                    (0x00081030, "LO", "Lunge rechts, Größe".encode("latin-1")))
+    assert read_record(mixed).study_description == "Lunge rechts, Größe"
+    declared = written("declared.dcm", (0x00080005, "CS", b"ISO_IR 100"),
+                       (0x00100010, "PN", "MÃ¼ller".encode("latin-1")))
+    assert read_record(declared).patient_name == "MÃ¼ller"                  # said Latin-1: read as Latin-1
+
+
 @pytest.mark.parametrize("age, birth, study, expected", [
     ("004Y", "", "", 4.0), ("018M", "", "", 1.5), ("070W", "", "", 70 * 7 / 365.25), ("010D", "", "", 10 / 365.25),
     ("", "20200101", "20250101", 5.0), ("", "20200101", "20250101T", 5.0), ("", "", "20250101", None),
