@@ -40,6 +40,9 @@ def screening_options(command):
         click.option("--include-lateral", is_flag=True, help="Also score lateral and other non-frontal views."),
         click.option("--any-body-part", is_flag=True,
                      help="Also score images whose BodyPartExamined is not chest."),
+        click.option("--dicom", is_flag=True,
+                     help="Also write each report as a DICOM Encapsulated PDF of its study (<report>.dcm), "
+                          "for the PACS."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -63,7 +66,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress and no per-run log lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable summary on stdout.")
 def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, gradcam, force, include_lateral, any_body_part,
-          quiet, as_json):
+          dicom, quiet, as_json):
     """Screen every radiograph under INPUT... and write one PDF report per study into --out."""
     from .pipeline import BatchOptions, run_batch
 
@@ -71,7 +74,7 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
         options = BatchOptions(out=out, model_path=model_path, threshold=threshold, calibration=calibration,
                                batch_size=batch_size,
                                workers=workers, gradcam=gradcam, force=force, include_lateral=include_lateral,
-                               any_body_part=any_body_part)
+                               any_body_part=any_body_part, dicom=dicom)
         bar = None
         show_bar = not quiet and not as_json and sys.stderr.isatty()
 
@@ -103,7 +106,8 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
                    + (f"{summary.unscored_frames} frames of multi-frame images not scored (frame 1 of each is), "
                       if summary.unscored_frames else "")
                    + f"{summary.skipped_files} files skipped, "
-                   f"{summary.failed_files} failed; reports in {out}/ (worklist.pdf, summary.csv)")
+                   f"{summary.failed_files} failed; reports in {out}/ (worklist.pdf, summary.csv"
+                   + (", a .dcm beside each PDF of a DICOM study" if dicom else "") + ")")
         for row in summary.rows:
             if row["kind"] == "file" and row["status"] == "failed":
                 click.echo(f"  FAILED {row['path']} [{row['step']}] {row['tag']}: {row['reason']}", err=True)
@@ -174,7 +178,7 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
 @click.option("--once", is_flag=True, help="Handle what is in the inbox now, then exit (for cron). "
                                           "Exit code 1 when a file failed.")
 def watch(inbox, out, archive, quarantine, settle, rescan, state, worklist_days, model_path, threshold, calibration, batch_size,
-          workers, gradcam, include_lateral, any_body_part, once):
+          workers, gradcam, include_lateral, any_body_part, dicom, once):
     """Screen studies as they arrive in INBOX, each exactly once; stop with SIGTERM or Ctrl-C."""
     import signal
     import threading
@@ -193,7 +197,7 @@ def watch(inbox, out, archive, quarantine, settle, rescan, state, worklist_days,
         options = WatchOptions(inbox=inbox, out=out, archive=archive, quarantine=quarantine, settle=settle,
                                rescan=rescan, state=state, worklist_days=worklist_days, model_path=model_path, threshold=threshold,
                                calibration=calibration, batch_size=batch_size, workers=workers, gradcam=gradcam,
-                               include_lateral=include_lateral, any_body_part=any_body_part, once=once)
+                               include_lateral=include_lateral, any_body_part=any_body_part, dicom=dicom, once=once)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         code = Watcher(options, stop=stop).run()

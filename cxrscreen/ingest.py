@@ -274,7 +274,7 @@ def _text(ds, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:
         return ""
-    if keyword == "PatientName":
+    if keyword in ("PatientName", "ReferringPhysicianName"):     # PN: every component group, as written
         return str(value).strip()
     if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
         value = value[0] if len(value) else ""
@@ -397,11 +397,14 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
     return Radiograph(
         path=path, kind=FileKind.DICOM, study_uid=study_uid,
         sop_uid=_text(ds, "SOPInstanceUID"), series_uid=_text(ds, "SeriesInstanceUID"),
-        patient_id=_text(ds, "PatientID"), patient_name=_text(ds, "PatientName"),
+        sop_class=_text(ds, "SOPClassUID"),
+        patient_id=_text(ds, "PatientID"), issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
         patient_birth_date=_text(ds, "PatientBirthDate"), patient_sex=_text(ds, "PatientSex"),
         patient_age=_text(ds, "PatientAge"),
         accession=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
-        study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality").upper(),
+        study_time=_text(ds, "StudyTime"), study_id=_text(ds, "StudyID"),
+        referring_physician=_text(ds, "ReferringPhysicianName"), study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality").upper(),
         body_part=_text(ds, "BodyPartExamined").upper(), view_position=_view_position(ds),
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         presentation_intent=_text(ds, "PresentationIntentType").upper()

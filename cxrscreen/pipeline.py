@@ -22,12 +22,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import __version__
+from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import CxrError, InputError, ModelError, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
 from .ingest import group_studies, scan
 from .normalise import load_unit_image, to_model_input
-from .records import FileOutcome, Radiograph, Status, Study
+from .records import FileKind, FileOutcome, Radiograph, Status, Study
 from .report import (SUMMARY_FIELDS, ImageResult, StudyResult, atomic_write, report_filename, write_study_report,
                      write_summary, write_worklist)
 
@@ -47,6 +48,7 @@ class BatchOptions:
     force: bool = False
     include_lateral: bool = False
     any_body_part: bool = False
+    dicom: bool = False                # also write each report as a DICOM Encapsulated PDF (cxrscreen.encapsulate)
 
     def __post_init__(self) -> None:
         check_screening_options(self.gradcam, self.batch_size, self.workers, self.threshold)
@@ -275,7 +277,8 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
         previous = state.get(study.study_uid)
         # a row written by an older cxrscreen that lacks a column of today's rows is redone, not reused
         if (previous and previous.get("key") == key and previous["row"].keys() >= set(SUMMARY_FIELDS)
-                and (out / previous["row"].get("report", "")).is_file()):
+                and (out / previous["row"].get("report", "")).is_file()
+                and (not options.dicom or _dicom_written(previous.get("dicom"), out))):
             reused_rows.append({**previous["row"], "reused": True})
             new_state[study.study_uid] = previous
             # files of the study that failed last time still failed: they must not vanish from the summary
@@ -300,6 +303,8 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
             write_study_report(path, result, threshold=threshold, operating_point=operating,
                                model_name=model.path.name, model_sha256=model.sha256,
                                population=model.card.trained_on)
+            if options.dicom:
+                write_encapsulated_pdf(out / dicom_report_name(path.name), path, result)
         finally:
             release(result)
 
@@ -311,8 +316,12 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
                 report_jobs.append(reporter.submit(write_report, result, out / row["report"]))
                 while len(report_jobs) > 2 * options.batch_size:
                     report_jobs.popleft().result()
+                dicom = (dicom_report_name(row["report"])
+                         if any(r.image.kind is FileKind.DICOM for r in result.images) else "")
                 new_state[result.study.study_uid] = {
                     "key": keys[result.study.study_uid], "row": row,
+                    # the DICOM report: its name, "" when the study has none to have (JPEG/PNG), None when not asked
+                    "dicom": dicom if options.dicom else None,
                     "failed": [{"path": str(o.path), "reason": o.reason, "step": o.step, "tag": o.tag}
                                for o in result.failed]}
             rows.append(row)
@@ -339,13 +348,18 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     summary.meta = {"tool_version": __version__, "model": str(model.path), "model_sha256": model.sha256,
                     "compute": model.compute, "threshold": threshold, "operating_point": operating,
                     "appearance_limit": model.appearance.limit if model.appearance else None,
-                    "calibration": calibration,
+                    "calibration": calibration, "dicom_reports": options.dicom,
                     "inputs": [str(p) for p in inputs]}
     write_summary(out, summary.rows, {k: v for k, v in summary.to_json().items() if k != "rows"})
     write_worklist(out / "worklist.pdf", summary.rows, summary.meta)
     with atomic_write(out / STATE_FILE, "w") as handle:
         json.dump(new_state, handle, indent=1, default=str)
     return summary
+
+
+def _dicom_written(name: str | None, out: Path) -> bool:
+    """Whether a reused study's DICOM report is there (or cannot be: a JPEG/PNG study)."""
+    return name == "" or (bool(name) and (out / name).is_file())
 
 
 def resolve_threshold(model: LoadedModel, threshold: float | None,

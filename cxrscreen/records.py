@@ -72,13 +72,18 @@ class Radiograph(_OfAStudy):
     study_uid: str
     sop_uid: str = ""
     series_uid: str = ""
+    sop_class: str = ""             # SOPClassUID, for references to the image (DICOM report)
     patient_id: str = ""
+    issuer_of_patient_id: str = ""
     patient_name: str = ""
     patient_birth_date: str = ""
     patient_sex: str = ""
     patient_age: str = ""           # PatientAge (0010,1010) as written, e.g. 004Y
     accession: str = ""
     study_date: str = ""
+    study_time: str = ""
+    study_id: str = ""
+    referring_physician: str = ""
     study_description: str = ""
     modality: str = ""
     body_part: str = ""

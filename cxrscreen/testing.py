@@ -20,7 +20,9 @@ BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"     # Basic Text SR Storage
 
 def uid_from(seed: str) -> str:
     """A valid, deterministic UID under the 2.25 root (PS3.5 B.2) from any string."""
-    return "2.25." + str(int(hashlib.sha256(seed.encode("utf-8")).hexdigest()[:32], 16))
+    from .encapsulate import derived_uid
+
+    return derived_uid(seed)
 
 
 def make_dicom(pixels: np.ndarray | None, *, seed: str = "x", modality: str = "DX",

@@ -14,8 +14,9 @@ The life of one file:
    ``settle`` seconds (and no unsettled file waits in the same folder, for at
    most ``HOLD_BACK_SETTLES`` settle periods). Studies that become ready together
    are screened in shared batches by one :class:`~cxrscreen.pipeline.Screener`;
-5. **reported**: the PDF is written under a name fixed by (study, version), then
-   one transaction records the version and the files' outcomes. A study that
+5. **reported**: the PDF (and with ``--dicom`` its Encapsulated PDF ``.dcm``) is
+   written under a name fixed by (study, version), then one transaction records
+   the version and the files' outcomes. A study that
    gains images after its report gets version 2, 3... (``<name>.v2.pdf``), the
    older reports kept;
 6. **moved** (optional): to ``--archive`` after the report, or to
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, read_record
@@ -78,6 +80,7 @@ class WatchOptions:
     gradcam: str = "all"
     include_lateral: bool = False
     any_body_part: bool = False
+    dicom: bool = False          # also write each report as a DICOM Encapsulated PDF (cxrscreen.encapsulate)
     once: bool = False
     worklist_days: float = 7.0   # summary/worklist window; 0 = every study the ledger holds
     max_images: int = 128        # per screening round: bounds how long SIGTERM waits for the round to end
@@ -501,7 +504,7 @@ class Watcher:
                 if outcome.status is Status.FAILED:
                     self.failed_files += 1
         version = row.version + 1
-        report_name, base, score, flag = "", row.report_base, result.score, ""
+        report_name, base, score, flag, dicom = "", row.report_base, result.score, "", None
         if result.images:
             base = base or report_filename(result.study)
             report_name = base if version == 1 else f"{Path(base).stem}.v{version}.pdf"
@@ -515,6 +518,9 @@ class Watcher:
                                operating_point=self.operating, model_name=self.model.path.name,
                                model_sha256=self.model.sha256, amendment=amendment,
                                population=self.model.card.trained_on)
+            if self.options.dicom:
+                dicom = write_encapsulated_pdf(self.out / dicom_report_name(report_name), self.out / report_name,
+                                               result, version=version)
             self.reports_written += 1
         first = result.study.first
         identity = first.identifiers() if first else {}
@@ -530,6 +536,7 @@ class Watcher:
                     images=len(result.images), failed=len(result.failed), skipped=len(result.study.skipped),
                     seconds=round(time.monotonic() - self._round_started, 2),
                     waited=round(time.time() - row.last_arrival, 1), report=report_name or None,
+                    dicom=dicom.name if dicom else None,
                     caution=brief_caution(result.warning, result.appearance_caution, result.unscored_frames) or None))
         for f in self.ledger.study_files(uid):
             self._relocate(f)

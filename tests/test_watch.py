@@ -386,6 +386,25 @@ def test_unscored_frames_of_a_multi_frame_image_are_in_the_summary_and_the_ledge
     assert summary_studies(out)["MULTI"]["unscored_frames"] == 3
 
 
+def test_dicom_reports_are_written_for_each_version_as_new_instances_of_one_series(dirs, model):
+    import pydicom
+
+    inbox, out = dirs
+    first = write_study(inbox / "d", "dicomrep", images=1)
+    options = WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", dicom=True, once=True)
+    assert Watcher(options, model=model).run() == 0
+    (v1,) = reports(out)
+    write_study(inbox / "d", "dicomrep", images=1, start=1)             # a late image: version 2
+    assert Watcher(options, model=model).run() == 0
+    v2 = next(p for p in reports(out) if p != v1)
+    one, two = (pydicom.dcmread(p.with_suffix(".dcm")) for p in (v1, v2))
+    assert one.StudyInstanceUID == two.StudyInstanceUID == pydicom.dcmread(first[0]).StudyInstanceUID
+    assert one.SeriesInstanceUID == two.SeriesInstanceUID and one.SOPInstanceUID != two.SOPInstanceUID
+    assert (one.InstanceNumber, two.InstanceNumber, len(two.SourceInstanceSequence)) == (1, 2, 2)
+    assert two.EncapsulatedDocument[:two.EncapsulatedDocumentLength] == v2.read_bytes()
+    assert "amended (version 2)" in two.DocumentTitle
+
+
 def test_worklist_lists_recent_studies_and_the_ledger_keeps_all(dirs, model):
     inbox, out = dirs
     write_study(inbox / "old", "old", images=1)

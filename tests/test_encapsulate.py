@@ -1,0 +1,132 @@
+"""Reports as DICOM Encapsulated PDF instances of their studies (--dicom)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import phantom
+from cxrscreen.encapsulate import ENCAPSULATED_PDF_STORAGE, encapsulated_pdf, write_encapsulated_pdf
+from cxrscreen.ingest import group_studies, read_record
+from cxrscreen.report import ImageResult, StudyResult
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Encapsulated PDF IOD (PS3.3 A.45.1): the type 1 and type 2 attributes of its modules
+TYPE_1 = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "SeriesInstanceUID", "SeriesNumber",
+          "ConversionType", "InstanceNumber", "BurnedInAnnotation", "MIMETypeOfEncapsulatedDocument",
+          "EncapsulatedDocument"]
+TYPE_2 = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber", "Manufacturer", "ContentDate", "ContentTime",
+          "AcquisitionDateTime", "DocumentTitle", "ConceptNameCodeSequence"]
+
+
+def _result(*paths) -> StudyResult:
+    studies, loose = group_studies(read_record(p) for p in paths)
+    assert len(studies) == 1 and not loose
+    return StudyResult(studies[0], [ImageResult(img, 0.5, None) for img in studies[0].images])
+
+
+def test_the_report_is_an_encapsulated_pdf_of_the_screened_study(tmp_path, write_dicom):
+    pixels = phantom(64, 64)
+    common = dict(study_seed="s", patient_id="PID-7", patient_name="Łukasiewicz^Żaneta",
+                  SpecificCharacterSet="ISO_IR 192", StudyTime="101500", StudyID="S42",
+                  ReferringPhysicianName="Nowak^Jan", IssuerOfPatientID="HOSP-A")
+    paths = [write_dicom(pixels, name="a.dcm", **common), write_dicom(pixels, name="b.dcm", view_position="AP", **common)]
+    result = _result(*paths)
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(b"%PDF-1.4 odd length")                      # 19 bytes: the OB value is padded to 20
+    path = write_encapsulated_pdf(tmp_path / "report.dcm", pdf, result)
+    ds = pydicom.dcmread(path)
+    source = pydicom.dcmread(paths[0])
+    for keyword in TYPE_1:
+        assert keyword in ds and ds.data_element(keyword).value not in (None, ""), keyword
+    for keyword in TYPE_2:
+        assert keyword in ds, keyword
+    assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID == ENCAPSULATED_PDF_STORAGE
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    # filed into the same patient and study as the images, in the study's own character set
+    for keyword in ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "ReferringPhysicianName",
+                    "AccessionNumber", "StudyDescription"):
+        assert str(ds.get(keyword)) == str(source.get(keyword)), keyword
+    assert str(ds.PatientName) == "Łukasiewicz^Żaneta" and ds.SpecificCharacterSet == "ISO_IR 192"
+    assert (ds.Modality, ds.ConversionType, ds.BurnedInAnnotation, ds.MIMETypeOfEncapsulatedDocument) == (
+        "DOC", "WSD", "YES", "application/pdf")
+    assert ds.EncapsulatedDocumentLength == 19 and ds.EncapsulatedDocument == b"%PDF-1.4 odd length\0"
+    assert {(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in ds.SourceInstanceSequence} == {
+        (pydicom.dcmread(p).SOPClassUID, pydicom.dcmread(p).SOPInstanceUID) for p in paths}
+    # the series is the same on every run, the instance new each time a report is written; amendments count up
+    again = encapsulated_pdf(b"%PDF", result, version=2)
+    assert again.SeriesInstanceUID == ds.SeriesInstanceUID and again.SOPInstanceUID != ds.SOPInstanceUID
+    assert again.InstanceNumber == 2 and "amended (version 2)" in again.DocumentTitle and ds.InstanceNumber == 1
+    # a report never comes back as an image to screen: cxrscreen skips it (no pixel data)
+    assert read_record(path).status.value == "skipped"
+
+
+def test_a_study_of_jpegs_has_no_dicom_identity_to_file_a_report_under(tmp_path):
+    import cv2
+
+    jpeg = tmp_path / "chest.jpg"
+    cv2.imwrite(str(jpeg), (phantom(64, 64) / 16).astype(np.uint8))
+    pdf = tmp_path / "r.pdf"
+    pdf.write_bytes(b"%PDF")
+    assert write_encapsulated_pdf(tmp_path / "r.dcm", pdf, _result(jpeg)) is None
+    assert not (tmp_path / "r.dcm").exists()
+
+
+@pytest.fixture(scope="module")
+def model():
+    from cxrscreen.infer import load_model
+
+    return load_model()
+
+
+def test_batch_dicom_writes_one_per_dicom_study_and_a_rerun_writes_the_missing(tmp_path, model):
+    from cxrscreen.pipeline import BatchOptions, run_batch
+
+    inbox = tmp_path / "inbox"
+    shutil.copytree(ROOT / "samples", inbox, ignore=shutil.ignore_patterns("*.py", "*.md"))
+    before = {p: hashlib.sha256(p.read_bytes()).digest() for p in inbox.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    plain = run_batch([inbox], BatchOptions(out=out, gradcam="none"), model=model)
+    assert not list(out.glob("*.dcm")) and plain.meta["dicom_reports"] is False
+    # asked later: the studies are redone for it, and every DICOM study gets its report
+    summary = run_batch([inbox], BatchOptions(out=out, gradcam="none", dicom=True), model=model)
+    assert summary.reused == 0
+    reports = [r for r in summary.rows if r["kind"] == "study" and r["report"]]
+    dicom_studies = [r for r in reports if r["patient_id"]]       # the JPEG study has no patient ID
+    assert summary.meta["dicom_reports"] is True and len(dicom_studies) == 5 and len(reports) == 6
+    for row in dicom_studies:
+        ds = pydicom.dcmread(out / Path(row["report"]).with_suffix(".dcm"))
+        assert ds.StudyInstanceUID == row["study_uid"] and ds.PatientID == row["patient_id"]
+        assert ds.EncapsulatedDocument[:ds.EncapsulatedDocumentLength] == (out / row["report"]).read_bytes()
+    assert len(list(out.glob("*.dcm"))) == 5                     # the JPEG study has none
+    # reused when all is there; a missing .dcm makes its study redone
+    assert run_batch([inbox], BatchOptions(out=out, gradcam="none", dicom=True), model=model).reused == 6
+    gone = out / Path(dicom_studies[0]["report"]).with_suffix(".dcm")
+    gone.unlink()
+    rerun = run_batch([inbox], BatchOptions(out=out, gradcam="none", dicom=True), model=model)
+    assert rerun.reused == 5 and gone.is_file()
+    assert {p: hashlib.sha256(p.read_bytes()).digest() for p in inbox.rglob("*") if p.is_file()} == before
+
+
+def test_both_commands_take_dicom(tmp_path, write_dicom):
+    from click.testing import CliRunner
+
+    from cxrscreen.cli import main
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    write_dicom(phantom(96, 96), name="inbox/one.dcm")
+    for command in (["batch", str(inbox), "--out", str(tmp_path / "b")],
+                    ["watch", str(inbox), "--out", str(tmp_path / "w"), "--once", "--settle", "0"]):
+        result = CliRunner().invoke(main, [*command, "--dicom", "--gradcam", "none"])
+        assert result.exit_code == 0, result.output
+        (dcm,) = (tmp_path / command[3]).glob("*.dcm")
+        assert pydicom.dcmread(dcm).Modality == "DOC"
