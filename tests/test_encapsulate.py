@@ -69,6 +69,21 @@ def test_the_report_is_an_encapsulated_pdf_of_the_screened_study(tmp_path, write
     assert read_record(path).status.value == "skipped"
 
 
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_dicom3tools_finds_no_error_in_the_encapsulated_pdf(tmp_path, write_dicom):
+    """An independent check of the IOD, where dicom3tools is installed (apt install dicom3tools)."""
+    import subprocess
+
+    result = _result(write_dicom(phantom(64, 64), name="a.dcm", patient_name="Иванов^Иван",
+                                 SpecificCharacterSet="ISO_IR 144"))
+    pdf = tmp_path / "r.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n%%EOF\n")
+    path = write_encapsulated_pdf(tmp_path / "r.dcm", pdf, result)
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    lines = (check.stdout + check.stderr).splitlines()
+    assert "EncapsulatedPDF" in lines and not [line for line in lines if line.startswith("Error")], lines
+
+
 def test_a_study_of_jpegs_has_no_dicom_identity_to_file_a_report_under(tmp_path):
     import cv2
 
