@@ -286,7 +286,7 @@ def _labeled_studies(data, include_lateral: bool = False):
         kept.append(study)
     digest = hashlib.sha256()
     for path, label in sorted((str(r.path), labels[s.study_uid]) for s in kept for r in s.images):
-        digest.update(f"{path}\t{label}\n".encode())
+        digest.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
     return kept, labels, excluded, digest.hexdigest()
 
 

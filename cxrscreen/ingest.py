@@ -283,7 +283,7 @@ def _text(ds, keyword: str) -> str:
 
 def _file_uid(path: Path) -> str:
     """A stable pseudo-StudyInstanceUID for a JPEG/PNG (each such file is its own study)."""
-    digest = hashlib.sha1(str(path.resolve()).encode("utf-8")).hexdigest()
+    digest = hashlib.sha1(os.fsencode(path.resolve())).hexdigest()     # the name as bytes: any name, UTF-8 or not
     return f"file-{digest[:20]}"
 
 

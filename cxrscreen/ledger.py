@@ -14,7 +14,11 @@ Tables:
 
 Every change is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) with
 ``synchronous=FULL``, so a ``kill -9`` or a power cut loses at most the change
-under way. Report files are written *before* the transaction that records them,
+under way. Text is UTF-8, except where a file's name is not (an SMB or NFS share
+with Latin-1 names): such a value (a path, or a reason naming the file) is stored
+as a BLOB of its bytes and read back as the same Python string (PEP 383
+surrogates), so that file is taken, moved and reported like any other; in the
+``sqlite3`` shell those values show as blobs. Report files are written *before* the transaction that records them,
 under a name fixed by (study, version): after a crash in between, the restart
 rewrites the same file rather than creating a second one. Moves are recorded
 before (``move_to``) and after (``location``) they happen, so an interrupted
@@ -152,6 +156,36 @@ class StudyRow:
     unscored_frames: int
 
 
+def _to_sqlite(value):
+    """A string sqlite3 cannot encode (a file name's undecodable bytes, kept as surrogates) as its bytes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape")
+    return value
+
+
+def _from_sqlite(value):
+    """Back from :func:`_to_sqlite`: the ledger has no BLOB column, so every bytes value was such a string."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose parameters and rows go through :func:`_to_sqlite` and :func:`_from_sqlite`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.row_factory = lambda cursor, row: tuple(_from_sqlite(v) for v in row)
+        # a TEXT value made from such a BLOB (reason || '...') decodes the same way instead of raising
+        self.text_factory = lambda data: data.decode("utf-8", "surrogateescape")
+
+    def execute(self, sql: str, parameters=()):
+        if isinstance(parameters, dict):
+            return super().execute(sql, {k: _to_sqlite(v) for k, v in parameters.items()})
+        return super().execute(sql, tuple(_to_sqlite(v) for v in parameters))
+
+
 class Ledger:
     """One daemon's state. Opening it takes an exclusive lock: two daemons never share a ledger."""
 
@@ -165,7 +199,7 @@ class Ledger:
             self._lock.close()
             raise UsageError(f"another cxrscreen watch is using the state file {self.path}") from None
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30, factory=_Connection)
             mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise UsageError(f"the state file {self.path} cannot use SQLite WAL mode (journal mode {mode}); "

@@ -105,11 +105,12 @@ def _run_key(model: LoadedModel, threshold: float, gradcam: str) -> str:
 def _study_key(study: Study, run_key: str) -> str:
     digest = hashlib.sha256(run_key.encode())
     for path in sorted(str(p) for p in study.source_files):
+        # surrogateescape: a file name that is not UTF-8 hashes as its bytes, where "strict" raised
         try:
             stat = Path(path).stat()
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode("utf-8", "surrogateescape"))
         except OSError:
-            digest.update(f"{path}|missing".encode())
+            digest.update(f"{path}|missing".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from .records import FileOutcome, Radiograph, Study
-from .typeset import markup, person_name
+from .typeset import markup, person_name, undecodable_as_hex
 
 DISCLAIMER = ("Decision support only, not a diagnosis. This screening score was produced by a machine-learning "
               "model and must be reviewed by a qualified radiologist together with the images and the clinical "
@@ -75,7 +75,9 @@ def atomic_write(path: Path, mode: str = "wb"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as handle:
+        # backslashreplace: the bytes of a file name that is not UTF-8 are written as \xNN, not an error
+        text = {"newline": "", "encoding": "utf-8", "errors": "backslashreplace"}
+        with os.fdopen(fd, mode, **({} if "b" in mode else text)) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -245,7 +247,8 @@ def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (";".join(v) if isinstance(v, list) else v) for k, v in row.items()})
+            writer.writerow({k: undecodable_as_hex(";".join(v) if isinstance(v, list) else v) if isinstance(v, (str, list))
+                             else v for k, v in row.items()})
     with atomic_write(out / "summary.json", "w") as handle:
         json.dump({**meta, "rows": rows}, handle, indent=2, default=str)
 

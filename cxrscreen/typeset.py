@@ -100,6 +100,15 @@ def _script(ch: str) -> str:
     return words[0] if len(words[0]) <= 3 else words[0].title()
 
 
+def undecodable_as_hex(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 (which Python keeps as lone
+    surrogates, PEP 383) written ``\\xNN``: printable, and encodable in UTF-8, where they raised."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:                   # a surrogate no file name gives: \\udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def markup(text: str, *, bold: bool = False, italic: bool = False) -> str:
     """Paragraph markup that prints ``text`` as written, in any script the fonts have.
 
@@ -113,6 +122,7 @@ def markup(text: str, *, bold: bool = False, italic: bool = False) -> str:
     """
     # composed (NFC): a decomposed u + diaeresis is the standard fonts' ü, and no shaping is needed to place it
     text = unicodedata.normalize("NFC", "".join(ch for ch in str(text or "") if unicodedata.category(ch) != "Cc"))
+    text = undecodable_as_hex(text)
     try:
         text.encode("cp1252")
         return escape(text)          # the standard fonts have it: nothing to embed

@@ -53,6 +53,7 @@ from .pipeline import (Screener, check_screening_options, file_rows, rank_rows, 
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import (StudyResult, atomic_write, brief_caution, report_filename, write_study_report, write_summary,
                      write_worklist)
+from .typeset import undecodable_as_hex
 
 log = logging.getLogger("cxrscreen.watch")
 
@@ -116,7 +117,7 @@ def kv(**fields) -> str:
     for key, value in fields.items():
         if value is None:
             continue
-        text = format(value, ".6g") if isinstance(value, float) else str(value)
+        text = format(value, ".6g") if isinstance(value, float) else undecodable_as_hex(str(value))
         if not text or any(c in text for c in ' "=\n\t'):
             text = json.dumps(text)
         parts.append(f"{key}={text}")

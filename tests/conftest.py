@@ -76,3 +76,17 @@ def colour_versions(side: int = 320) -> dict[str, np.ndarray]:
     hsv = np.dstack([hue, np.full_like(hue, 200), (grey * 255).astype(np.uint8)])
     versions["rainbow"] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     return versions
+
+
+def latin1_named(folder, name: str, data: bytes):
+    """Write ``data`` to a file whose name is ``name`` in Latin-1 bytes (not valid UTF-8), as an SMB or
+    NFS share with Latin-1 names shows them; skips where the filesystem refuses such names."""
+    import os
+
+    try:
+        path = os.fsencode(folder) + b"/" + name.encode("latin-1")
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        pytest.skip(f"this filesystem refuses names that are not UTF-8: {exc}")
+    return os.fsdecode(path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import pdf_text
+from conftest import latin1_named, pdf_text
 from cxrscreen.cli import main
 from cxrscreen.explain import GradCam, _gradient_cam, find_gradcam_layer, members, overlay
 from cxrscreen.infer import load_model
@@ -133,6 +133,26 @@ def test_rerun_redoes_a_study_that_gained_an_image_and_force_redoes_all(inbox, t
     assert len([f for f in redone["files"] if f.endswith(".dcm")]) == 2 and not redone.get("reused")
     third = run_batch([inbox], BatchOptions(out=out, gradcam="none", force=True), model=model)
     assert third.reused == 0
+
+
+def test_file_names_that_are_not_utf8_are_screened_listed_and_reused(tmp_path, model):
+    """A share mounted with Latin-1 names gives Python names it keeps as surrogates: they crashed the
+    state key and summary.csv. Now: screened, listed as \\xNN in the CSV and the PDFs, exact in the JSON."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    image = latin1_named(inbox, "Bild_ä.dcm", (SAMPLES / "study5_cr_jpeg_baseline" / "IM0001.dcm").read_bytes())
+    notes = latin1_named(inbox, "notes_ÿ.txt", b"not an image")
+    summary = run_batch([inbox], BatchOptions(out=out, gradcam="none", dicom=True), model=model)
+    (study,) = [r for r in summary.rows if r["kind"] == "study"]
+    (skipped,) = [r for r in summary.rows if r["kind"] == "file"]
+    assert study["status"] == "scored" and study["files"] == [image] and skipped["path"] == notes
+    text = (out / "summary.csv").read_text(encoding="utf-8")         # valid UTF-8 throughout
+    assert "Bild_\\xe4.dcm" in text and "notes_\\xff.txt" in text
+    listed = json.loads((out / "summary.json").read_text())["rows"]  # the exact names, to open the files by
+    assert {r["path"] for r in listed if r["kind"] == "file"} == {notes} and Path(notes).is_file()
+    assert "Bild_\\xe4.dcm - view" in pdf_text(out / study["report"])
+    assert "notes_\\xff.txt" in pdf_text(out / "worklist.pdf")
+    assert run_batch([inbox], BatchOptions(out=out, gradcam="none", dicom=True), model=model).reused == 1
 
 
 @pytest.mark.parametrize("patient_id", ["../../etc", "CON", "x" * 300, "a/b\\c:d*e?f\"g<h>i|j", "..", "\x00\x07"])

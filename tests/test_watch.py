@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import pdf_text, phantom
+from conftest import latin1_named, pdf_text, phantom
 from cxrscreen import watch as watch_module
 from cxrscreen.cli import main
 from cxrscreen.errors import UsageError
@@ -403,6 +403,26 @@ def test_dicom_reports_are_written_for_each_version_as_new_instances_of_one_seri
     assert (one.InstanceNumber, two.InstanceNumber, len(two.SourceInstanceSequence)) == (1, 2, 2)
     assert two.EncapsulatedDocument[:two.EncapsulatedDocumentLength] == v2.read_bytes()
     assert "amended (version 2)" in two.DocumentTitle
+
+
+def test_file_names_that_are_not_utf8_are_taken_reported_and_archived(dirs, model, tmp_path):
+    """SQLite cannot store such a name as text: the daemon crashed on it, and again on every restart."""
+    inbox, out = dirs
+    archive = tmp_path / "archive"
+    (inbox / "s").mkdir()
+    image = latin1_named(inbox / "s", "Bild_ä.dcm", write_study(tmp_path / "src", "latin", images=1)[0].read_bytes())
+    latin1_named(inbox / "s", "notes_ÿ.txt", b"not an image")
+    options = WatchOptions(inbox, out, archive=archive, settle=0.2, rescan=0.5, gradcam="none", dicom=True, once=True)
+    assert Watcher(options, model=model).run() == 0
+    moved = Path(str(image).replace(str(inbox), str(archive)))
+    assert moved.is_file() and not Path(image).exists() and len(list((archive / "s").iterdir())) == 2
+    assert summary_studies(out)["LATIN"]["status"] == "scored"
+    assert "notes_\\xff.txt" in pdf_text(out / "worklist.pdf")
+    # the ledger gives the exact names back: a restart finds everything handled, and a late image amends
+    write_study(inbox / "s", "latin", images=1, start=1)
+    assert Watcher(options, model=model).run() == 0
+    assert ledger_rows(out, "SELECT version, images FROM reports ORDER BY version") == [(1, 1), (2, 2)]
+    assert "Bild_\\xe4.dcm" in pdf_text(next(out.glob("*.v2.pdf")))
 
 
 def test_worklist_lists_recent_studies_and_the_ledger_keeps_all(dirs, model):
