@@ -25,6 +25,14 @@ def phantom(rows: int = 96, columns: int = 80, top: int = 4095) -> np.ndarray:
     return np.clip(np.rint(img * top), 0, top).astype(np.uint16)
 
 
+@pytest.fixture(scope="session")
+def model():
+    """The bundled default model, loaded once for the whole run (no test changes it)."""
+    from cxrscreen.infer import load_model
+
+    return load_model()
+
+
 @pytest.fixture
 def chest_pixels() -> np.ndarray:
     return phantom()

@@ -108,13 +108,6 @@ def test_a_card_that_names_a_missing_or_changed_reference_does_not_load(tmp_path
         load_model(model)
 
 
-@pytest.fixture(scope="module")
-def model():
-    from cxrscreen.infer import load_model
-
-    return load_model()
-
-
 def test_the_default_model_cautions_on_test_patterns_and_not_on_the_samples(tmp_path, model):
     from cxrscreen.pipeline import BatchOptions, run_batch
 

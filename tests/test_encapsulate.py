@@ -95,13 +95,6 @@ def test_a_study_of_jpegs_has_no_dicom_identity_to_file_a_report_under(tmp_path)
     assert not (tmp_path / "r.dcm").exists()
 
 
-@pytest.fixture(scope="module")
-def model():
-    from cxrscreen.infer import load_model
-
-    return load_model()
-
-
 def test_batch_dicom_writes_one_per_dicom_study_and_a_rerun_writes_the_missing(tmp_path, model):
     from cxrscreen.pipeline import BatchOptions, run_batch
 

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 from conftest import latin1_named, pdf_text
 from cxrscreen.cli import main
 from cxrscreen.explain import GradCam, _gradient_cam, find_gradcam_layer, members, overlay
-from cxrscreen.infer import load_model
 from cxrscreen.normalise import load_model_input
 from cxrscreen.pipeline import STATE_FILE, BatchOptions, run_batch
 from cxrscreen.report import report_filename, safe_name
@@ -22,11 +21,6 @@ from cxrscreen.testing import make_dicom, save, uid_from
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model()
 
 
 @pytest.fixture

@@ -23,16 +23,10 @@ from conftest import latin1_named, pdf_text, phantom
 from cxrscreen import watch as watch_module
 from cxrscreen.cli import main
 from cxrscreen.errors import UsageError
-from cxrscreen.infer import load_model
 from cxrscreen.testing import make_dicom, save
 from cxrscreen.watch import STATE_FILE, Watcher, WatchOptions, kv, move_file
 
 DEADLINE = 180.0
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model()
 
 
 def write_study(folder: Path, study: str, images: int = 1, *, start: int = 0, rows: int = 96) -> list[Path]:
