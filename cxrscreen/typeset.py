@@ -115,10 +115,11 @@ def markup(text: str, *, bold: bool = False, italic: bool = False) -> str:
     A text the standard PDF fonts can show (Windows-1252: English, French, German, Spanish...) is
     left in the paragraph's font; any other is set in DejaVu Sans, in its bold and italic faces
     when ``bold`` and ``italic`` say that the text stands in bold or italic (reportlab's
-    ``<font name>`` resets both, so they are set again inside it). Control characters are dropped; CJK runs get an Asian font (Japanese when the text has kana,
-    Korean when it has hangul, else Chinese, whose font has every unified ideograph); Hebrew and
-    Arabic are put in visual order. A text with a character no font has is replaced, whole, by
-    ``[not printable here: <script> text]``.
+    ``<font name>`` resets both, so they are set again inside it). Control characters are
+    dropped; CJK runs get an Asian font (Japanese when the text has kana, Korean when it has
+    hangul, else Chinese, whose font has the unified ideographs to U+9FA5 and extension A);
+    Hebrew and Arabic are put in visual order. A text with a character no font has is replaced,
+    whole, by ``[not printable here: <script> text]``.
     """
     # composed (NFC): a decomposed u + diaeresis is the standard fonts' ü, and no shaping is needed to place it
     text = unicodedata.normalize("NFC", "".join(ch for ch in str(text or "") if unicodedata.category(ch) != "Cc"))
