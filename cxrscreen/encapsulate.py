@@ -6,7 +6,8 @@ PDF Storage instance (PS3.3 A.45.1) that a PACS files into the screened study, n
 
 - Patient and General Study modules: copied from the study's first DICOM image (name, ID and its
   issuer, birth date, sex, Study Instance UID, date, time, ID, accession, referring physician,
-  description), so the report lands in the same patient and study;
+  description), so the report lands in the same patient and study, in the images' own Specific
+  Character Set when it can write them all (else UTF-8, ISO_IR 192);
 - Encapsulated Document Series: modality ``DOC``, one series per study for every cxrscreen report
   of it (its UID derived from the Study Instance UID), series number 9901;
 - Encapsulated Document: the PDF, ``application/pdf``, Burned In Annotation ``YES`` (the PDF
@@ -49,6 +50,28 @@ def report_series_uid(study_uid: str) -> str:
     return derived_uid(f"{study_uid}/cxrscreen screening reports")
 
 
+def _character_set(declared: str, values) -> str | list[str]:
+    """The images' own Specific Character Set when it can write every value (a PACS matches the report to
+    the patient by these strings, and an older one may not know UTF-8), else ISO_IR 192 (UTF-8)."""
+    import warnings
+
+    from pydicom.charset import convert_encodings, encode_string
+
+    wanted = [v for v in values if not v.isascii()]
+    if not declared:
+        return "ISO_IR 192" if wanted else ""
+    terms = declared.split("\\") if "\\" in declared else declared
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")          # pydicom warns, and replaces, where it cannot encode
+            encodings = convert_encodings(terms)
+            for value in wanted:
+                encode_string(value, encodings)
+    except (UserWarning, LookupError, ValueError):
+        return "ISO_IR 192"
+    return terms
+
+
 def encapsulated_pdf(pdf: bytes, result: StudyResult, *, version: int = 1, now: dt.datetime | None = None):
     """The Encapsulated PDF data set (a pydicom FileDataset) of ``pdf``, the report of ``result``;
     None when the study has no DICOM image."""
@@ -77,8 +100,9 @@ def encapsulated_pdf(pdf: bytes, result: StudyResult, *, version: int = 1, now: 
         "ReferringPhysicianName": first.referring_physician, "StudyID": first.study_id,
         "AccessionNumber": first.accession, "StudyDescription": first.study_description,
     }
-    if any(not value.isascii() for value in text.values()):
-        ds.SpecificCharacterSet = "ISO_IR 192"
+    charset = _character_set(first.character_set, text.values())
+    if charset:
+        ds.SpecificCharacterSet = charset
     # SOP Common (C.12.1)
     ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID

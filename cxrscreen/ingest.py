@@ -270,6 +270,14 @@ def undeclared_utf8(ds) -> bool:
     return found
 
 
+def _character_set(ds) -> str:
+    """(0008,0005) Specific Character Set as written, its values joined by a backslash."""
+    value = ds.get("SpecificCharacterSet", None)
+    if value is None:
+        return ""
+    return value.strip() if isinstance(value, str) else "\\".join(str(v).strip() for v in value)
+
+
 def _text(ds, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:
@@ -397,7 +405,7 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
     return Radiograph(
         path=path, kind=FileKind.DICOM, study_uid=study_uid,
         sop_uid=_text(ds, "SOPInstanceUID"), series_uid=_text(ds, "SeriesInstanceUID"),
-        sop_class=_text(ds, "SOPClassUID"),
+        sop_class=_text(ds, "SOPClassUID"), character_set=_character_set(ds),
         patient_id=_text(ds, "PatientID"), issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
         patient_name=_text(ds, "PatientName"),
         patient_birth_date=_text(ds, "PatientBirthDate"), patient_sex=_text(ds, "PatientSex"),

@@ -73,6 +73,7 @@ class Radiograph(_OfAStudy):
     sop_uid: str = ""
     series_uid: str = ""
     sop_class: str = ""             # SOPClassUID, for references to the image (DICOM report)
+    character_set: str = ""         # SpecificCharacterSet as written, values joined by "\\" (DICOM report)
     patient_id: str = ""
     issuer_of_patient_id: str = ""
     patient_name: str = ""

@@ -84,6 +84,32 @@ def test_dicom3tools_finds_no_error_in_the_encapsulated_pdf(tmp_path, write_dico
     assert "EncapsulatedPDF" in lines and not [line for line in lines if line.startswith("Error")], lines
 
 
+@pytest.mark.parametrize("charset, name", [
+    ("ISO_IR 100", "Müller^Jürgen"), (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    ("ISO_IR 144", "Иванов^Иван"), (None, "PLAIN^ASCII")])
+def test_the_report_keeps_the_character_set_of_the_images(tmp_path, write_dicom, charset, name):
+    """A PACS matches a report to its patient by these strings, and an older one may not read UTF-8."""
+    extra = {"SpecificCharacterSet": charset} if charset else {}
+    path = write_dicom(phantom(64, 64), name="a.dcm", patient_name=name, **extra)
+    ds = encapsulated_pdf(b"%PDF", _result(path))
+    written = tmp_path / "r.dcm"
+    ds.save_as(written, enforce_file_format=True)
+    back = pydicom.dcmread(written)
+    assert str(back.PatientName) == name
+    assert back.get("SpecificCharacterSet") == pydicom.dcmread(path).get("SpecificCharacterSet")
+    # the same bytes as the image's: what a PACS compares
+    assert back["PatientName"].value.original_string == pydicom.dcmread(path)["PatientName"].value.original_string
+
+
+def test_a_character_set_that_cannot_write_the_values_gives_way_to_utf8():
+    from cxrscreen.encapsulate import _character_set
+
+    assert _character_set("ISO_IR 100", ["Müller", "CHEST"]) == "ISO_IR 100"
+    assert _character_set("ISO_IR 100", ["Иванов"]) == "ISO_IR 192"
+    assert _character_set("ISO_IR 999", ["Müller"]) == "ISO_IR 192"        # a term pydicom does not know
+    assert _character_set("", ["Müller"]) == "ISO_IR 192" and _character_set("", ["CHEST"]) == ""
+
+
 def test_a_study_of_jpegs_has_no_dicom_identity_to_file_a_report_under(tmp_path):
     import cv2
 
