@@ -1,7 +1,7 @@
 """A study's PDF report as a DICOM Encapsulated PDF instance of that study, for the PACS.
 
 Inputs: the report PDF written by :func:`cxrscreen.report.write_study_report` and the study's
-:class:`~cxrscreen.report.StudyResult`. Output: ``<report>.dcm`` beside the PDF, an Encapsulated
+scored images (:class:`~cxrscreen.records.Radiograph`). Output: ``<report>.dcm`` beside the PDF, an Encapsulated
 PDF Storage instance (PS3.3 A.45.1) that a PACS files into the screened study, next to its images:
 
 - Patient and General Study modules: copied from the study's first DICOM image (name, ID and its
@@ -27,8 +27,10 @@ import hashlib
 from pathlib import Path
 
 from . import __version__
-from .records import FileKind
-from .report import StudyResult, atomic_write
+from typing import Sequence
+
+from .records import FileKind, Radiograph
+from .report import atomic_write
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 SERIES_NUMBER = 9901
@@ -72,14 +74,14 @@ def _character_set(declared: str, values) -> str | list[str]:
     return terms
 
 
-def encapsulated_pdf(pdf: bytes, result: StudyResult, *, version: int = 1, now: dt.datetime | None = None):
-    """The Encapsulated PDF data set (a pydicom FileDataset) of ``pdf``, the report of ``result``;
-    None when the study has no DICOM image."""
+def encapsulated_pdf(pdf: bytes, images: Sequence[Radiograph], *, version: int = 1, now: dt.datetime | None = None):
+    """The Encapsulated PDF data set (a pydicom FileDataset) of ``pdf``, the report of the study whose
+    scored images are ``images``; None when none of them is DICOM."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-    images = [r.image for r in result.images if r.image.kind is FileKind.DICOM]
+    images = [image for image in images if image.kind is FileKind.DICOM]
     if not images:
         return None
     first = images[0]
@@ -110,10 +112,10 @@ def encapsulated_pdf(pdf: bytes, result: StudyResult, *, version: int = 1, now: 
     for keyword, value in text.items():
         if value or keyword not in ("IssuerOfPatientID", "StudyDescription"):     # type 3: only when known
             setattr(ds, keyword, value)
-    ds.StudyInstanceUID = result.study.study_uid
+    ds.StudyInstanceUID = first.study_uid
     # Encapsulated Document Series (C.24.1), General Equipment (C.7.5.1), SC Equipment (C.8.6.1)
     ds.Modality = "DOC"
-    ds.SeriesInstanceUID = report_series_uid(result.study.study_uid)
+    ds.SeriesInstanceUID = report_series_uid(first.study_uid)
     ds.SeriesNumber = SERIES_NUMBER
     ds.SeriesDescription = "cxrscreen screening reports"
     ds.Manufacturer = "cxrscreen"
@@ -140,10 +142,11 @@ def encapsulated_pdf(pdf: bytes, result: StudyResult, *, version: int = 1, now: 
     return ds
 
 
-def write_encapsulated_pdf(path: Path, pdf_path: Path, result: StudyResult, *, version: int = 1) -> Path | None:
-    """Write the report ``pdf_path`` as ``path`` (an Encapsulated PDF instance of its study), atomically;
-    None, and nothing written, when the study has no DICOM image."""
-    ds = encapsulated_pdf(Path(pdf_path).read_bytes(), result, version=version)
+def write_encapsulated_pdf(path: Path, pdf_path: Path, images: Sequence[Radiograph], *,
+                           version: int = 1) -> Path | None:
+    """Write the report ``pdf_path`` of the study whose scored images are ``images`` as ``path`` (an
+    Encapsulated PDF instance of that study), atomically; None, and nothing written, when none is DICOM."""
+    ds = encapsulated_pdf(Path(pdf_path).read_bytes(), images, version=version)
     if ds is None:
         return None
     with atomic_write(Path(path), "wb") as handle:

@@ -278,8 +278,14 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
         previous = state.get(study.study_uid)
         # a row written by an older cxrscreen that lacks a column of today's rows is redone, not reused
         if (previous and previous.get("key") == key and previous["row"].keys() >= set(SUMMARY_FIELDS)
-                and (out / previous["row"].get("report", "")).is_file()
-                and (not options.dicom or _dicom_written(previous.get("dicom"), out))):
+                and (out / previous["row"].get("report", "")).is_file()):
+            if options.dicom and not _dicom_written(previous.get("dicom"), out):
+                # asked for now, or its .dcm was removed: made from the report already there, not re-scored
+                failed = {f["path"] for f in previous.get("failed", [])}
+                report = out / previous["row"]["report"]
+                written = write_encapsulated_pdf(out / dicom_report_name(report.name), report,
+                                                 [img for img in study.images if str(img.path) not in failed])
+                previous = {**previous, "dicom": written.name if written else ""}
             reused_rows.append({**previous["row"], "reused": True})
             new_state[study.study_uid] = previous
             # files of the study that failed last time still failed: they must not vanish from the summary
@@ -305,7 +311,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
                                model_name=model.path.name, model_sha256=model.sha256,
                                population=model.card.trained_on)
             if options.dicom:
-                write_encapsulated_pdf(out / dicom_report_name(path.name), path, result)
+                write_encapsulated_pdf(out / dicom_report_name(path.name), path, [r.image for r in result.images])
         finally:
             release(result)
 

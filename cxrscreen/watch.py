@@ -521,7 +521,7 @@ class Watcher:
                                population=self.model.card.trained_on)
             if self.options.dicom:
                 dicom = write_encapsulated_pdf(self.out / dicom_report_name(report_name), self.out / report_name,
-                                               result, version=version)
+                                               [r.image for r in result.images], version=version)
             self.reports_written += 1
         first = result.study.first
         identity = first.identifiers() if first else {}

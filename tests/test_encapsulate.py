@@ -13,7 +13,6 @@ import pytest
 from conftest import phantom
 from cxrscreen.encapsulate import ENCAPSULATED_PDF_STORAGE, encapsulated_pdf, write_encapsulated_pdf
 from cxrscreen.ingest import group_studies, read_record
-from cxrscreen.report import ImageResult, StudyResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +25,11 @@ TYPE_2 = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "AcquisitionDateTime", "DocumentTitle", "ConceptNameCodeSequence"]
 
 
-def _result(*paths) -> StudyResult:
+def _images(*paths):
+    """The scorable images of the one study these files make, as the reader gives them."""
     studies, loose = group_studies(read_record(p) for p in paths)
     assert len(studies) == 1 and not loose
-    return StudyResult(studies[0], [ImageResult(img, 0.5, None) for img in studies[0].images])
+    return studies[0].images
 
 
 def test_the_report_is_an_encapsulated_pdf_of_the_screened_study(tmp_path, write_dicom):
@@ -38,10 +38,10 @@ def test_the_report_is_an_encapsulated_pdf_of_the_screened_study(tmp_path, write
                   SpecificCharacterSet="ISO_IR 192", StudyTime="101500", StudyID="S42",
                   ReferringPhysicianName="Nowak^Jan", IssuerOfPatientID="HOSP-A")
     paths = [write_dicom(pixels, name="a.dcm", **common), write_dicom(pixels, name="b.dcm", view_position="AP", **common)]
-    result = _result(*paths)
+    images = _images(*paths)
     pdf = tmp_path / "report.pdf"
     pdf.write_bytes(b"%PDF-1.4 odd length")                      # 19 bytes: the OB value is padded to 20
-    path = write_encapsulated_pdf(tmp_path / "report.dcm", pdf, result)
+    path = write_encapsulated_pdf(tmp_path / "report.dcm", pdf, images)
     ds = pydicom.dcmread(path)
     source = pydicom.dcmread(paths[0])
     for keyword in TYPE_1:
@@ -62,7 +62,7 @@ def test_the_report_is_an_encapsulated_pdf_of_the_screened_study(tmp_path, write
     assert {(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in ds.SourceInstanceSequence} == {
         (pydicom.dcmread(p).SOPClassUID, pydicom.dcmread(p).SOPInstanceUID) for p in paths}
     # the series is the same on every run, the instance new each time a report is written; amendments count up
-    again = encapsulated_pdf(b"%PDF", result, version=2)
+    again = encapsulated_pdf(b"%PDF", images, version=2)
     assert again.SeriesInstanceUID == ds.SeriesInstanceUID and again.SOPInstanceUID != ds.SOPInstanceUID
     assert again.InstanceNumber == 2 and "amended (version 2)" in again.DocumentTitle and ds.InstanceNumber == 1
     # a report never comes back as an image to screen: cxrscreen skips it (no pixel data)
@@ -74,11 +74,11 @@ def test_dicom3tools_finds_no_error_in_the_encapsulated_pdf(tmp_path, write_dico
     """An independent check of the IOD, where dicom3tools is installed (apt install dicom3tools)."""
     import subprocess
 
-    result = _result(write_dicom(phantom(64, 64), name="a.dcm", patient_name="Иванов^Иван",
+    images = _images(write_dicom(phantom(64, 64), name="a.dcm", patient_name="Иванов^Иван",
                                  SpecificCharacterSet="ISO_IR 144"))
     pdf = tmp_path / "r.pdf"
     pdf.write_bytes(b"%PDF-1.4\n%%EOF\n")
-    path = write_encapsulated_pdf(tmp_path / "r.dcm", pdf, result)
+    path = write_encapsulated_pdf(tmp_path / "r.dcm", pdf, images)
     check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
     lines = (check.stdout + check.stderr).splitlines()
     assert "EncapsulatedPDF" in lines and not [line for line in lines if line.startswith("Error")], lines
@@ -91,7 +91,7 @@ def test_the_report_keeps_the_character_set_of_the_images(tmp_path, write_dicom,
     """A PACS matches a report to its patient by these strings, and an older one may not read UTF-8."""
     extra = {"SpecificCharacterSet": charset} if charset else {}
     path = write_dicom(phantom(64, 64), name="a.dcm", patient_name=name, **extra)
-    ds = encapsulated_pdf(b"%PDF", _result(path))
+    ds = encapsulated_pdf(b"%PDF", _images(path))
     written = tmp_path / "r.dcm"
     ds.save_as(written, enforce_file_format=True)
     back = pydicom.dcmread(written)
@@ -117,11 +117,11 @@ def test_a_study_of_jpegs_has_no_dicom_identity_to_file_a_report_under(tmp_path)
     cv2.imwrite(str(jpeg), (phantom(64, 64) / 16).astype(np.uint8))
     pdf = tmp_path / "r.pdf"
     pdf.write_bytes(b"%PDF")
-    assert write_encapsulated_pdf(tmp_path / "r.dcm", pdf, _result(jpeg)) is None
+    assert write_encapsulated_pdf(tmp_path / "r.dcm", pdf, _images(jpeg)) is None
     assert not (tmp_path / "r.dcm").exists()
 
 
-def test_batch_dicom_writes_one_per_dicom_study_and_a_rerun_writes_the_missing(tmp_path, model):
+def test_batch_dicom_writes_one_per_dicom_study_and_a_rerun_writes_the_missing_from_the_pdf(tmp_path, model):
     from cxrscreen.pipeline import BatchOptions, run_batch
 
     inbox = tmp_path / "inbox"
@@ -130,9 +130,9 @@ def test_batch_dicom_writes_one_per_dicom_study_and_a_rerun_writes_the_missing(t
     out = tmp_path / "out"
     plain = run_batch([inbox], BatchOptions(out=out, gradcam="none"), model=model)
     assert not list(out.glob("*.dcm")) and plain.meta["dicom_reports"] is False
-    # asked later: the studies are redone for it, and every DICOM study gets its report
+    # asked later: every DICOM study gets its report, made from the PDF already there (not re-scored)
     summary = run_batch([inbox], BatchOptions(out=out, gradcam="none", dicom=True), model=model)
-    assert summary.reused == 0
+    assert summary.reused == 6
     reports = [r for r in summary.rows if r["kind"] == "study" and r["report"]]
     dicom_studies = [r for r in reports if r["patient_id"]]       # the JPEG study has no patient ID
     assert summary.meta["dicom_reports"] is True and len(dicom_studies) == 5 and len(reports) == 6
@@ -141,12 +141,14 @@ def test_batch_dicom_writes_one_per_dicom_study_and_a_rerun_writes_the_missing(t
         assert ds.StudyInstanceUID == row["study_uid"] and ds.PatientID == row["patient_id"]
         assert ds.EncapsulatedDocument[:ds.EncapsulatedDocumentLength] == (out / row["report"]).read_bytes()
     assert len(list(out.glob("*.dcm"))) == 5                     # the JPEG study has none
-    # reused when all is there; a missing .dcm makes its study redone
+    # all there: nothing written; a removed .dcm is written again, from its PDF
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*.dcm")}
     assert run_batch([inbox], BatchOptions(out=out, gradcam="none", dicom=True), model=model).reused == 6
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.dcm")} == stamps
     gone = out / Path(dicom_studies[0]["report"]).with_suffix(".dcm")
     gone.unlink()
     rerun = run_batch([inbox], BatchOptions(out=out, gradcam="none", dicom=True), model=model)
-    assert rerun.reused == 5 and gone.is_file()
+    assert rerun.reused == 6 and gone.is_file()
     assert {p: hashlib.sha256(p.read_bytes()).digest() for p in inbox.rglob("*") if p.is_file()} == before
 
 
