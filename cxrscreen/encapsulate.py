@@ -25,10 +25,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from pathlib import Path
-
-from . import __version__
 from typing import Sequence
 
+from . import __version__
 from .records import FileKind, Radiograph
 from .report import atomic_write
 
@@ -78,7 +77,7 @@ def encapsulated_pdf(pdf: bytes, images: Sequence[Radiograph], *, version: int =
     """The Encapsulated PDF data set (a pydicom FileDataset) of ``pdf``, the report of the study whose
     scored images are ``images``; None when none of them is DICOM."""
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-    from pydicom.sequence import Sequence
+    from pydicom.sequence import Sequence as DicomSequence
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
     images = [image for image in images if image.kind is FileKind.DICOM]
@@ -127,7 +126,7 @@ def encapsulated_pdf(pdf: bytes, images: Sequence[Radiograph], *, version: int =
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
     ds.BurnedInAnnotation = "YES"
     ds.DocumentTitle = DOCUMENT_TITLE if version == 1 else f"{DOCUMENT_TITLE}, amended (version {version})"
-    ds.ConceptNameCodeSequence = Sequence()
+    ds.ConceptNameCodeSequence = DicomSequence()
     sources = []
     for image in images:
         if image.sop_class and image.sop_uid:
@@ -135,7 +134,7 @@ def encapsulated_pdf(pdf: bytes, images: Sequence[Radiograph], *, version: int =
             item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = image.sop_class, image.sop_uid
             sources.append(item)
     if sources:
-        ds.SourceInstanceSequence = Sequence(sources)
+        ds.SourceInstanceSequence = DicomSequence(sources)
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocumentLength = len(pdf)
     ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")      # OB values have even length
