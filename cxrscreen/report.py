@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from .records import FileOutcome, Radiograph, Study
-from .typeset import markup, person_name, undecodable_as_hex
+from .typeset import markup, paragraph, person_name, undecodable_as_hex
 
 DISCLAIMER = ("Decision support only, not a diagnosis. This screening score was produced by a machine-learning "
               "model and must be reviewed by a qualified radiologist together with the images and the clinical "
@@ -153,7 +153,7 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     cell = styles["BodyText"].clone("ident", fontSize=9, leading=11)
 
     def value(text):
-        return Paragraph(_p(text or "-"), cell)
+        return paragraph(text or "-", cell)
 
     ident = [
         ["Patient ID", value(first.patient_id), "Patient name", value(person_name(first.patient_name))],
@@ -211,8 +211,8 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     if others:
         story.append(Paragraph("Files of this study not scored", styles["Heading3"]))
         for o in others:
-            story.append(Paragraph(f"{_p(o.path.name)}: {_p(o.status.value)} - {_p(o.reason)}"
-                                   f"{' ' + _p(o.tag) if o.tag else ''}", styles["BodyText"]))
+            story.append(paragraph(f"{o.path.name}: {o.status.value} - {o.reason}{' ' + o.tag if o.tag else ''}",
+                                   styles["BodyText"], base="L"))
     story += [Spacer(1, 5 * mm), Paragraph(f"<b>{_p(DISCLAIMER)}</b>", styles["BodyText"]), Spacer(1, 2 * mm),
               Paragraph(f"cxrscreen {__version__}; model {_p(model_name, italic=True)} sha256 {model_sha256[:16]}...",
                         styles["Italic"])]
@@ -277,10 +277,10 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
     for start in range(0, max(len(studies), 1), per_page):
         chunk = studies[start:start + per_page]
         data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
-                            f"{float(r['score']):.3f}", Paragraph(_p(r["patient_id"]), small),
-                            Paragraph(_p(r["accession"]), small), r["study_date"],
+                            f"{float(r['score']):.3f}", paragraph(r["patient_id"], small),
+                            paragraph(r["accession"], small), r["study_date"],
                             r["study_uid"][-24:],
-                            Paragraph(_p(Path(r["report"]).name if r["report"] else r["status"]), small),
+                            paragraph(Path(r["report"]).name if r["report"] else r["status"], small),
                             Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""),
                                                         r.get("unscored_frames", 0))),
                                       small)]
@@ -298,8 +298,9 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
     if others:
         story += [Spacer(1, 4 * mm), Paragraph(f"Not screened: {len(others)} files (failed first)", styles["Heading3"])]
         data = [["Status", "File", "Study UID", "Step / tag", "Reason"]] + [
-            [r["status"], Paragraph(_p(Path(r["path"]).name), small), r["study_uid"][-24:],
-             Paragraph(_p(" ".join(x for x in (r["step"], r["tag"]) if x)), small), Paragraph(_p(r["reason"]), small)]
+            [r["status"], paragraph(Path(r["path"]).name, small), r["study_uid"][-24:],
+             Paragraph(_p(" ".join(x for x in (r["step"], r["tag"]) if x)), small),
+             paragraph(r["reason"], small, base="L")]
             for r in others]
         table = Table(data, repeatRows=1, colWidths=[16 * mm, 50 * mm, 42 * mm, 40 * mm, 98 * mm])
         style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey),

@@ -7,13 +7,15 @@ A text they can show stays in them (nothing embedded); any other is set in DejaV
 with matplotlib, embedded as a subset: Latin, Greek, Cyrillic, Armenian, Georgian, Hebrew,
 Arabic), its Chinese, Japanese and Korean runs in the PDF standard Asian fonts (not embedded:
 every common viewer has or substitutes them; Adobe Reader may offer its free font pack), Hebrew
-and Arabic in visual order (Unicode bidi algorithm, Arabic letters in their joined forms). A
+and Arabic in visual order (Unicode bidi algorithm, Arabic letters in their joined forms; a text
+that wraps is broken into lines in reading order first, then each line is reordered). A
 text with a character none of these fonts has (Thai, Devanagari, ...) is not printed letter by
 letter with gaps, which could read as another name: it is replaced by a note naming the script
 (summary.csv keeps patient IDs and file names as they are; the name is in the DICOM header).
 
 Inputs: ``str`` from the DICOM header or file names. Outputs: reportlab Paragraph markup
-(:func:`markup`) and names for display (:func:`person_name`).
+(:func:`markup`), a paragraph of one text that wraps right-to-left text in reading order
+(:func:`paragraph`), and names for display (:func:`person_name`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import logging
 import os
 import unicodedata
 from xml.sax.saxutils import escape
+
+from reportlab.platypus import Flowable
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +83,44 @@ def register_fonts() -> tuple[str, frozenset]:
     return FONT, drawable
 
 
-def _visual_order(text: str) -> str:
-    """Hebrew and Arabic in the order a left-to-right line shows them, Arabic letters joined."""
+@functools.lru_cache(maxsize=1)
+def _arabic_reshaper():
+    """arabic_reshaper with only the ligatures the font can draw (DejaVu Sans has lam-alef, not the
+    word ligatures such as U+FDF2 for Allah, which would make a name with Abdullah unprintable)."""
     import arabic_reshaper
+    from arabic_reshaper.ligatures import LIGATURES
+
+    drawable = register_fonts()[1]
+    return arabic_reshaper.ArabicReshaper(configuration={
+        name: all(ord(ch) in drawable for form in forms for ch in form) for name, (_, forms) in LIGATURES})
+
+
+def _joined(text: str) -> str:
+    """Arabic letters in their joined (presentation) forms; other text as it is. Still in reading order."""
+    if any(0x0600 <= ord(ch) <= 0x06FF or 0x0750 <= ord(ch) <= 0x077F for ch in text):
+        return _arabic_reshaper().reshape(text)
+    return text
+
+
+def _visual_order(text: str, base: str | None = None) -> str:
+    """One line of Hebrew and Arabic in the order a left-to-right line shows it (Unicode bidi
+    algorithm; ``base`` the paragraph's direction, "L" or "R", else the line's own)."""
     from bidi import get_display
 
-    if any(0x0600 <= ord(ch) <= 0x06FF or 0x0750 <= ord(ch) <= 0x077F for ch in text):
-        text = arabic_reshaper.reshape(text)
-    return get_display(text)
+    return get_display(text, base_dir=base)
 
 
 def _right_to_left(text: str) -> bool:
     return any(unicodedata.bidirectional(ch) in ("R", "AL") for ch in text)
+
+
+def _base_direction(text: str) -> str:
+    """The paragraph direction of ``text`` (Unicode bidi rules P2-P3): its first strong character's."""
+    for ch in text:
+        kind = unicodedata.bidirectional(ch)
+        if kind in ("L", "R", "AL"):
+            return "L" if kind == "L" else "R"
+    return "L"
 
 
 def _script(ch: str) -> str:
@@ -121,17 +151,25 @@ def markup(text: str, *, bold: bool = False, italic: bool = False) -> str:
     Hebrew and Arabic are put in visual order. A text with a character no font has is replaced,
     whole, by ``[not printable here: <script> text]``.
     """
+    return _markup(_clean(text), bold=bold, italic=italic, visual=False)
+
+
+def _clean(text) -> str:
     # composed (NFC): a decomposed u + diaeresis is the standard fonts' ü, and no shaping is needed to place it
     text = unicodedata.normalize("NFC", "".join(ch for ch in str(text or "") if unicodedata.category(ch) != "Cc"))
-    text = undecodable_as_hex(text)
+    return undecodable_as_hex(text)
+
+
+def _markup(text: str, *, bold: bool, italic: bool, visual: bool) -> str:
+    """:func:`markup` of a clean text; ``visual``: its right-to-left runs are already in visual order."""
     try:
         text.encode("cp1252")
         return escape(text)          # the standard fonts have it: nothing to embed
     except UnicodeEncodeError:
         pass
     base, drawable = register_fonts()
-    if _right_to_left(text):
-        text = _visual_order(text)
+    if not visual and _right_to_left(text):
+        text = _visual_order(_joined(text))
     missing = [ch for ch in text if ord(ch) not in drawable and not _cjk(ch)]
     if missing:
         script = _script(missing[0])
@@ -148,6 +186,98 @@ def markup(text: str, *, bold: bool = False, italic: bool = False) -> str:
         run_cjk = is_cjk
         run.append(ch)
     return "".join(out)
+
+
+def paragraph(text, style, *, bold: bool = False, italic: bool = False, base: str | None = None):
+    """A reportlab flowable of ``text`` alone, in any script (see :func:`markup`), in ``style``.
+
+    A text with Hebrew or Arabic in it is broken into lines in reading order for the width it is
+    given, and each line is then put in visual order (the bidi algorithm works line by line, UAX #9
+    L1-L2): a name too long for its cell reads first line first, where putting the whole text in
+    visual order and letting the paragraph wrap it would put its end on the first line. A
+    right-to-left text (its first strong letter Hebrew or Arabic) is aligned right. ``base="L"``
+    makes a sentence of the tool's own words (an English reason naming a Hebrew file) a
+    left-to-right paragraph whatever it starts with.
+    """
+    from reportlab.platypus import Paragraph
+
+    clean = _clean(text)
+    if _right_to_left(clean) and register_fonts()[0] == FONT:
+        return _ReadingOrder(_joined(clean), style, bold=bold, italic=italic, base=base)
+    return Paragraph(_markup(clean, bold=bold, italic=italic, visual=False), style)
+
+
+def _measure(text: str, font: str, size: float) -> float:
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+
+    drawable = register_fonts()[1]
+    wide = sum(1 for ch in text if ord(ch) not in drawable and _cjk(ch))      # an ideograph is one em
+    return stringWidth("".join(ch for ch in text if ord(ch) in drawable), font, size) + wide * size
+
+
+def reading_order_lines(text: str, width: float, font: str, size: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` points in ``font`` at ``size``,
+    in reading (logical) order; a word wider than a line is broken between its letters."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if _measure(candidate, font, size) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = word
+        while len(line) > 1 and _measure(line, font, size) > width:      # too long for any line: cut it
+            cut = 1
+            while cut < len(line) - 1 and _measure(line[:cut + 1], font, size) <= width:
+                cut += 1
+            lines.append(line[:cut])
+            line = line[cut:]
+    return lines + [line] if line or not lines else lines
+
+
+class _ReadingOrder(Flowable):
+    """A paragraph of one text with right-to-left runs, line-broken in reading order (see :func:`paragraph`)."""
+
+    def __init__(self, text: str, style, *, bold: bool, italic: bool, base: str | None):
+        from reportlab.lib.enums import TA_RIGHT
+
+        super().__init__()
+        self.text, self.bold, self.italic = text, bold, italic
+        self.base = base or _base_direction(text)
+        self.style = style.clone(style.name + "-rtl", alignment=TA_RIGHT) if self.base == "R" else style
+        self.lines: list[str] = []          # the visual lines of the last wrap
+        self._para = None
+
+    def _layout(self, width: float):
+        from reportlab.platypus import Paragraph
+
+        face = {(False, False): FONT, (True, False): BOLD, (False, True): ITALIC, (True, True): BOLD_ITALIC}
+        font = face[(self.bold, self.italic)]
+        usable = width - self.style.leftIndent - self.style.rightIndent
+        logical = reading_order_lines(self.text, usable, font, self.style.fontSize)
+        self.lines = [_visual_order(line, self.base) for line in logical]
+        body = "<br/>".join(_markup(line, bold=self.bold, italic=self.italic, visual=True) for line in self.lines)
+        self._para = Paragraph(body, self.style)
+
+    def wrap(self, availWidth, availHeight):
+        self._layout(availWidth)
+        self.width, self.height = self._para.wrap(availWidth, availHeight)
+        return self.width, self.height
+
+    def split(self, availWidth, availHeight):
+        self._layout(availWidth)
+        return self._para.split(availWidth, availHeight)
+
+    def draw(self):
+        self._para.drawOn(self.canv, 0, 0)
+
+    def getSpaceBefore(self):
+        return self.style.spaceBefore
+
+    def getSpaceAfter(self):
+        return self.style.spaceAfter
 
 
 def person_name(value: str) -> str:

@@ -54,6 +54,9 @@ def test_right_to_left_names_are_put_in_visual_order_and_arabic_letters_joined()
     assert hebrew == f'<font name="{FONT}">דוד^ןהכ</font>'
     arabic = markup("محمد")             # Muhammad, joined: initial, medial, medial, final forms, drawn right to left
     assert arabic == f'<font name="{FONT}">\ufeaa\ufee4\ufea4\ufee3</font>'
+    # Abdullah: letters joined, not the word ligature U+FDF2 that the font lacks (which made it unprintable)
+    assert markup("عبد الله") == f'<font name="{FONT}">\ufeea\ufee0\ufedf\ufe8d \ufeaa\ufe92\ufecb</font>'
+    assert "\ufef7" in markup("الأنصاري")          # lam-alef, which the font has, is still one glyph
 
 
 def test_a_script_no_font_has_is_named_not_printed_with_gaps():
@@ -102,3 +105,47 @@ def test_reports_print_names_of_every_character_set_in_embedded_unicode_fonts(re
         latin = key == "latin1"                 # Windows-1252 text stays in the standard fonts: nothing embedded
         assert any(f.endswith("+DejaVuSans") for f in fonts) is not latin, (key, fonts)
     assert all(pid in pdf_text(worklist) for *_, pid in NAMES.values())
+
+
+# Avraham Yehoshua Heschel Ben-Ami HaCohen of Jerusalem: long enough to wrap in the report's name cell
+LONG_HEBREW = "בן-עמי הכהן מירושלים^אברהם יהושע העשיל"
+
+
+def test_right_to_left_text_is_broken_into_lines_in_reading_order():
+    from bidi import get_display
+    from reportlab.lib.styles import getSampleStyleSheet
+    from reportlab.platypus import Paragraph
+
+    from cxrscreen.typeset import paragraph, reading_order_lines
+
+    style = getSampleStyleSheet()["BodyText"]
+    name = person_name(LONG_HEBREW)
+    lines = reading_order_lines(name, 80, FONT, 10)
+    assert len(lines) > 2 and " ".join(lines) == " ".join(name.split())
+    flow = paragraph(name, style)
+    flow.wrap(80, 1000)
+    # each line drawn is its own logical line in visual order, the first line holding the first words
+    assert flow.lines == [get_display(line, base_dir="R") for line in lines]
+    assert flow.lines[0].endswith(get_display("בן-עמי")) and flow.style.alignment == 2       # aligned right
+    # a word longer than the line is cut between letters, nothing lost
+    assert "".join(reading_order_lines("אבגדהוזחטיכלמנסעפצקרשת", 30, FONT, 10)) == "אבגדהוזחטיכלמנסעפצקרשת"
+    # the tool's own sentence naming a Hebrew file stays a left-to-right paragraph
+    sentence = paragraph("צילום.dcm: skipped - not a radiograph", style, base="L")
+    sentence.wrap(400, 100)
+    assert sentence.lines[0].startswith(get_display("צילום")) and sentence.style.alignment == 0
+    assert type(paragraph("Müller, Jürgen", style)) is Paragraph and type(paragraph("Иванов", style)) is Paragraph
+
+
+def test_a_long_hebrew_name_reads_first_line_first_in_the_report(tmp_path, write_dicom):
+    from cxrscreen.ingest import group_studies, read_record
+    from cxrscreen.report import ImageResult, StudyResult, write_study_report
+
+    pixels = phantom(64, 64)
+    record = read_record(write_dicom(pixels, name="he.dcm", patient_name=LONG_HEBREW, patient_id="PID-9",
+                                     SpecificCharacterSet="ISO_IR 138"))
+    (study,), _ = group_studies([record])
+    thumb = np.repeat((pixels[..., None] / 4095 * 255).astype(np.uint8), 3, axis=2)
+    path = write_study_report(tmp_path / "he.pdf", StudyResult(study, [ImageResult(study.first, 0.5, thumb, thumb)]),
+                              threshold=0.7, operating_point={}, model_name="m", model_sha256="0" * 64)
+    # pypdf reads each drawn line back into reading order: the name reads whole only when its lines are in order
+    assert f"Patient name {person_name(LONG_HEBREW)} Birth date" in pdf_text(path)
