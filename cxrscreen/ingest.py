@@ -412,7 +412,8 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         patient_age=_text(ds, "PatientAge"),
         accession=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
         study_time=_text(ds, "StudyTime"), study_id=_text(ds, "StudyID"),
-        referring_physician=_text(ds, "ReferringPhysicianName"), study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality").upper(),
+        referring_physician=_text(ds, "ReferringPhysicianName"), study_description=_text(ds, "StudyDescription"),
+        modality=_text(ds, "Modality").upper(),
         body_part=_text(ds, "BodyPartExamined").upper(), view_position=_view_position(ds),
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         presentation_intent=_text(ds, "PresentationIntentType").upper()

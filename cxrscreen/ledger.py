@@ -18,7 +18,8 @@ under way. Text is UTF-8, except where a file's name is not (an SMB or NFS share
 with Latin-1 names): such a value (a path, or a reason naming the file) is stored
 as a BLOB of its bytes and read back as the same Python string (PEP 383
 surrogates), so that file is taken, moved and reported like any other; in the
-``sqlite3`` shell those values show as blobs. Report files are written *before* the transaction that records them,
+``sqlite3`` shell those values show as blobs. Report files (the PDF, and with
+``--dicom`` its ``.dcm``) are written *before* the transaction that records them,
 under a name fixed by (study, version): after a crash in between, the restart
 rewrites the same file rather than creating a second one. Moves are recorded
 before (``move_to``) and after (``location``) they happen, so an interrupted
