@@ -41,6 +41,11 @@ def dicom_report_name(pdf_name: str) -> str:
     return str(Path(pdf_name).with_suffix(".dcm"))
 
 
+def dicom_images(images: Sequence[Radiograph]) -> list[Radiograph]:
+    """The images that give a report a DICOM identity to file under (the DICOM files; not JPEG/PNG)."""
+    return [image for image in images if image.kind is FileKind.DICOM]
+
+
 def derived_uid(text: str) -> str:
     """A valid UID under the 2.25 root (PS3.5 B.2) derived from ``text``: the same text, the same UID."""
     return "2.25." + str(int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:32], 16))
@@ -80,7 +85,7 @@ def encapsulated_pdf(pdf: bytes, images: Sequence[Radiograph], *, version: int =
     from pydicom.sequence import Sequence as DicomSequence
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-    images = [image for image in images if image.kind is FileKind.DICOM]
+    images = dicom_images(images)
     if not images:
         return None
     first = images[0]

@@ -22,13 +22,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import __version__
-from .encapsulate import dicom_report_name, write_encapsulated_pdf
+from .encapsulate import dicom_images, dicom_report_name, write_encapsulated_pdf
 from .errors import CxrError, InputError, ModelError, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
 from .ingest import group_studies, scan
 from .normalise import load_unit_image, to_model_input
-from .records import FileKind, FileOutcome, Radiograph, Status, Study
+from .records import FileOutcome, Radiograph, Status, Study
 from .report import (SUMMARY_FIELDS, ImageResult, StudyResult, atomic_write, report_filename, write_study_report,
                      write_summary, write_worklist)
 
@@ -323,8 +323,7 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
                 report_jobs.append(reporter.submit(write_report, result, out / row["report"]))
                 while len(report_jobs) > 2 * options.batch_size:
                     report_jobs.popleft().result()
-                dicom = (dicom_report_name(row["report"])
-                         if any(r.image.kind is FileKind.DICOM for r in result.images) else "")
+                dicom = dicom_report_name(row["report"]) if dicom_images([r.image for r in result.images]) else ""
                 new_state[result.study.study_uid] = {
                     "key": keys[result.study.study_uid], "row": row,
                     # the DICOM report: its name, "" when the study has none to have (JPEG/PNG), None when not asked
