@@ -69,15 +69,34 @@ class StudyResult:
         return sum(max(r.image.frames - 1, 0) for r in self.images)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system says it (Linux 4.7+)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)      # elsewhere: set and restore (a moment in which another thread could create a file)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_write(path: Path, mode: str = "wb"):
-    """Write to a temporary file beside ``path`` and rename it into place on success."""
+    """Write to a temporary file beside ``path`` and rename it into place on success.
+
+    The file gets the permissions a plain ``open()`` would give it (0666 less the umask), not
+    mkstemp's 0600: reports written by a service account must be readable by whom the site's
+    umask lets read them (a PACS sender, the radiologists' group)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # backslashreplace: the bytes of a file name that is not UTF-8 are written as \xNN, not an error
         text = {"newline": "", "encoding": "utf-8", "errors": "backslashreplace"}
         with os.fdopen(fd, mode, **({} if "b" in mode else text)) as handle:
+            os.chmod(tmp, 0o666 & ~_umask())
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

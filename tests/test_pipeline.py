@@ -129,6 +129,27 @@ def test_rerun_redoes_a_study_that_gained_an_image_and_force_redoes_all(inbox, t
     assert third.reused == 0
 
 
+def test_outputs_get_the_permissions_the_umask_gives_not_0600(tmp_path):
+    """mkstemp made every report 0600: a service account's reports were unreadable to the PACS sender
+    and the radiologists' group whatever the site's umask said."""
+    import os
+    import stat
+
+    from cxrscreen.report import atomic_write
+
+    previous = os.umask(0o027)
+    try:
+        with atomic_write(tmp_path / "a.pdf") as handle:
+            handle.write(b"%PDF")
+        os.umask(0o002)
+        with atomic_write(tmp_path / "b.csv", "w") as handle:
+            handle.write("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.pdf").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "b.csv").stat().st_mode) == 0o664
+
+
 def test_file_names_that_are_not_utf8_are_screened_listed_and_reused(tmp_path, model):
     """A share mounted with Latin-1 names gives Python names it keeps as surrogates: they crashed the
     state key and summary.csv. Now: screened, listed as \\xNN in the CSV and the PDFs, exact in the JSON."""
