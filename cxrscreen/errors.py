@@ -70,5 +70,10 @@ class ModelError(CxrError):
     """A model file or its card is missing, unreadable or inconsistent."""
 
 
+class OutputError(CxrError):
+    """The output folder cannot be written (disk full, quota, permissions, a read-only mount): the run
+    stops, since every later report would fail the same way."""
+
+
 class UsageError(CxrError):
     """The caller asked for something impossible (maps to exit code 2)."""

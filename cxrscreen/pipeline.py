@@ -14,7 +14,8 @@ import hashlib
 import json
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .encapsulate import dicom_images, dicom_report_name, write_encapsulated_pdf
-from .errors import CxrError, InputError, ModelError, UsageError
+from .errors import CxrError, InputError, ModelError, OutputError, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
 from .ingest import group_studies, scan
@@ -260,7 +261,8 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
         if not Path(item).exists():
             raise UsageError(f"input {item} does not exist")
     out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing(out, "create the output folder"):
+        out.mkdir(parents=True, exist_ok=True)
     model = model or load_model(options.model_path)
     threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration)
 
@@ -283,8 +285,9 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
                 # asked for now, or its .dcm was removed: made from the report already there, not re-scored
                 failed = {f["path"] for f in previous.get("failed", [])}
                 report = out / previous["row"]["report"]
-                written = write_encapsulated_pdf(out / dicom_report_name(report.name), report,
-                                                 [img for img in study.images if str(img.path) not in failed])
+                with _writing(out / dicom_report_name(report.name), "write the DICOM report"):
+                    written = write_encapsulated_pdf(out / dicom_report_name(report.name), report,
+                                                     [img for img in study.images if str(img.path) not in failed])
                 previous = {**previous, "dicom": written.name if written else ""}
             reused_rows.append({**previous["row"], "reused": True})
             new_state[study.study_uid] = previous
@@ -307,22 +310,35 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
 
     def write_report(result: StudyResult, path: Path) -> None:
         try:
-            write_study_report(path, result, threshold=threshold, operating_point=operating,
-                               model_name=model.path.name, model_sha256=model.sha256,
-                               population=model.card.trained_on)
+            with _writing(path, "write the report"):
+                write_study_report(path, result, threshold=threshold, operating_point=operating,
+                                   model_name=model.path.name, model_sha256=model.sha256,
+                                   population=model.card.trained_on)
             if options.dicom:
-                write_encapsulated_pdf(out / dicom_report_name(path.name), path, [r.image for r in result.images])
+                with _writing(out / dicom_report_name(path.name), "write the DICOM report"):
+                    write_encapsulated_pdf(out / dicom_report_name(path.name), path,
+                                           [r.image for r in result.images])
         finally:
             release(result)
 
+    def wait_for(job: tuple[str, Future]) -> None:
+        uid, future = job
+        try:
+            future.result()
+        except BaseException:
+            new_state.pop(uid, None)     # its report is not (all) there: the next run redoes the study
+            raise
+
+    stream = screener.screen(to_score, progress=progress)
     try:
-        for result in screener.screen(to_score, progress=progress):
+        for result in stream:
             results.append(result)
             row = _study_row(result, threshold)
             if result.images:
-                report_jobs.append(reporter.submit(write_report, result, out / row["report"]))
+                report_jobs.append((result.study.study_uid,
+                                    reporter.submit(write_report, result, out / row["report"])))
                 while len(report_jobs) > 2 * options.batch_size:
-                    report_jobs.popleft().result()
+                    wait_for(report_jobs.popleft())
                 dicom = dicom_report_name(row["report"]) if dicom_images([r.image for r in result.images]) else ""
                 new_state[result.study.study_uid] = {
                     "key": keys[result.study.study_uid], "row": row,
@@ -332,7 +348,22 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
                                for o in result.failed]}
             rows.append(row)
         while report_jobs:
-            report_jobs.popleft().result()   # a report that cannot be written is a tool error: raise it
+            wait_for(report_jobs.popleft())
+    except OutputError as exc:
+        # The output cannot be written (disk full, permissions): every later report would fail too, so
+        # stop, and keep the state of the studies already reported, so that a re-run goes on from them.
+        stream.close()
+        for job in report_jobs:
+            try:
+                wait_for(job)
+            except OutputError:
+                pass
+        try:
+            _save_state(out, new_state)
+            kept = f"{len(new_state)} studies reported are kept in {STATE_FILE}: a re-run goes on from them"
+        except OSError as again:
+            kept = f"the state of this run could not be saved either ({again.strerror or again}): a re-run redoes it"
+        raise OutputError(f"{exc.cause}; screening stopped, {kept}", path=exc.path, step=exc.step) from exc.__cause__
     finally:
         reporter.shutdown(wait=True)
 
@@ -356,11 +387,28 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
                     "appearance_limit": model.appearance.limit if model.appearance else None,
                     "calibration": calibration, "dicom_reports": options.dicom,
                     "inputs": [str(p) for p in inputs]}
-    write_summary(out, summary.rows, {k: v for k, v in summary.to_json().items() if k != "rows"})
-    write_worklist(out / "worklist.pdf", summary.rows, summary.meta)
-    with atomic_write(out / STATE_FILE, "w") as handle:
-        json.dump(new_state, handle, indent=1, default=str)
+    # the state first: when the summary cannot be written, a re-run reuses the reports and writes it
+    with _writing(out / STATE_FILE, "save the run's state"):
+        _save_state(out, new_state)
+    with _writing(out / "summary.csv", "write the summary"):
+        write_summary(out, summary.rows, {k: v for k, v in summary.to_json().items() if k != "rows"})
+    with _writing(out / "worklist.pdf", "write the worklist"):
+        write_worklist(out / "worklist.pdf", summary.rows, summary.meta)
     return summary
+
+
+def _save_state(out: Path, state: dict) -> None:
+    with atomic_write(out / STATE_FILE, "w") as handle:
+        json.dump(state, handle, indent=1, default=str)
+
+
+@contextmanager
+def _writing(path: Path, what: str):
+    """Turn an OSError while writing ``path`` into an OutputError that names it and the system's cause."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot {what}: {exc.strerror or exc}", path=path, step="write") from exc
 
 
 def _dicom_written(name: str | None, out: Path) -> bool:

@@ -129,6 +129,41 @@ def test_rerun_redoes_a_study_that_gained_an_image_and_force_redoes_all(inbox, t
     assert third.reused == 0
 
 
+def test_a_full_disk_stops_the_batch_with_its_cause_and_a_rerun_goes_on_from_what_was_reported(
+        inbox, tmp_path, model, monkeypatch):
+    """The output filling up mid-run was a traceback, and the run's state was lost with it: the re-run
+    redid every study. Now: one line naming the file and the cause, exit 1, the reported studies kept."""
+    import errno
+
+    from cxrscreen import pipeline
+
+    out = tmp_path / "out"
+    real, written = pipeline.write_study_report, []
+
+    def full_after_two(path, *args, **kwargs):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, *args, **kwargs)
+        written.append(path.name)
+
+    monkeypatch.setattr(pipeline, "write_study_report", full_after_two)
+    monkeypatch.setattr(pipeline, "load_model", lambda path=None: model)
+    result = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out), "--gradcam", "none", "--quiet"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    message = result.stderr.strip()
+    assert message.startswith(f"cxrscreen: error: {out}/") and "[write]" in message, message
+    assert "cannot write the report: No space left on device" in message
+    assert f"screening stopped, 2 studies reported are kept in {STATE_FILE}" in message
+    state = json.loads((out / STATE_FILE).read_text())
+    assert sorted(entry["row"]["report"] for entry in state.values()) == sorted(written)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*written, STATE_FILE])    # no temporary files
+
+    monkeypatch.setattr(pipeline, "write_study_report", real)
+    again = run_batch([inbox], BatchOptions(out=out, gradcam="none"), model=model)
+    assert again.reused == 2 and again.studies == 7 and again.exit_code == 0
+    assert all((out / r["report"]).is_file() for r in again.rows if r["kind"] == "study" and r["report"])
+
+
 def test_outputs_get_the_permissions_the_umask_gives_not_0600(tmp_path):
     """mkstemp made every report 0600: a service account's reports were unreadable to the PACS sender
     and the radiologists' group whatever the site's umask said."""
