@@ -176,7 +176,7 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
                    "(0: all; the ledger keeps everything).")
 @screening_options
 @click.option("--once", is_flag=True, help="Handle what is in the inbox now, then exit (for cron). "
-                                          "Exit code 1 when a file failed.")
+                                          "Exit code 1 when a file failed or an output could not be written.")
 def watch(inbox, out, archive, quarantine, settle, rescan, state, worklist_days, model_path, threshold, calibration, batch_size,
           workers, gradcam, include_lateral, any_body_part, dicom, once):
     """Screen studies as they arrive in INBOX, each exactly once; stop with SIGTERM or Ctrl-C."""

@@ -246,10 +246,12 @@ class Ledger:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # also when COMMIT itself failed (disk full, I/O error): SQLite may or may not have rolled back
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # ------------------------------------------------------------------ meta
 

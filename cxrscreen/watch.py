@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import stat as stat_module
 import threading
 import time
@@ -44,7 +45,7 @@ from pathlib import Path
 
 from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, read_record
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir
@@ -190,7 +191,8 @@ class Watcher:
         self.failed_files = 0
         self.reports_written = 0
         self._summary_due = False
-        self._summary_at = 0.0
+        self._summary_at = -SUMMARY_EVERY
+        self._summary_gap = 0.0      # SUMMARY_EVERY after a write failed: not a failing write every poll
         self._retry_after: dict[str, float] = {}   # study uid -> monotonic time, after an unexpected error
         self._round_started = time.monotonic()
         self.round_errors = 0
@@ -198,12 +200,19 @@ class Watcher:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.options.state_file)     # locked: one daemon per ledger
+        state = self.options.state_file
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.ledger = Ledger(state)     # locked: one daemon per ledger
+        except (sqlite3.Error, OSError) as exc:
+            raise OutputError(f"cannot open the ledger: {exc}", path=state, step="start") from exc
         try:
             for leftover in self.out.glob(".*.tmp"):     # atomic_write's temporary files, orphaned by a kill -9
                 leftover.unlink(missing_ok=True)
             return self._run()
+        except (sqlite3.Error, OSError) as exc:   # at start (once running, the loop pauses on these instead)
+            raise OutputError(f"cannot write the ledger or the output folder: {exc}", path=state,
+                              step="start") from exc
         finally:
             self.ledger.close()
 
@@ -215,11 +224,7 @@ class Watcher:
         self.screener = Screener(model, self.threshold, gradcam=o.gradcam, batch_size=o.batch_size,
                                  workers=o.workers)
         self._note_model(calibration)
-        for row in self.ledger.files_to_move():          # a move interrupted by a crash
-            self._finish_move(row, Path(row.move_to))
-        for row in self.ledger.handled_in_place():        # handled, but a crash (or no --archive then) left it
-            self._relocate(row)
-        self.known = self.ledger.known_locations()
+        self._recover()
         observer = self._start_observer()
         counts = self.ledger.counts()
         log.info(kv(event="start", inbox=self.inbox, out=self.out, state=o.state_file, model=model.path.name,
@@ -229,19 +234,37 @@ class Watcher:
         stopped_by = "once: inbox handled"
         try:
             next_rescan = 0.0
+            recover = False
             while not self.stop.is_set():
-                now = time.monotonic()
-                if now >= next_rescan or self._rescan_soon.is_set():
-                    self._rescan_soon.clear()
-                    self._rescan(now)
-                    next_rescan = now + o.rescan
-                self._drain_events(now)
-                self._settle()
-                if self._screen_ready():
-                    self._summary_due = True
-                busy = self._busy()
-                if self._summary_due and (not busy or time.monotonic() - self._summary_at > SUMMARY_EVERY):
-                    self._write_summary()
+                try:
+                    if recover:
+                        self._recover()
+                        recover = False
+                    now = time.monotonic()
+                    if now >= next_rescan or self._rescan_soon.is_set():
+                        self._rescan_soon.clear()
+                        self._rescan(now)
+                        next_rescan = now + o.rescan
+                    self._drain_events(now)
+                    self._settle()
+                    if self._screen_ready():
+                        self._summary_due = True
+                    busy = self._busy()
+                    since = time.monotonic() - self._summary_at
+                    if self._summary_due and (since > SUMMARY_EVERY or not busy and since > self._summary_gap):
+                        self._write_summary()
+                except (sqlite3.Error, OSError) as exc:
+                    # The ledger cannot be written (its disk is full, an I/O error): each step is one transaction,
+                    # so nothing is half-recorded. Wait, then go on as a restart would, without reloading the model.
+                    self.round_errors += 1
+                    log.error(kv(event="paused", error=f"{type(exc).__name__}: {exc}", ledger=o.state_file,
+                                 retry_in=None if o.once else RETRY_SECONDS))
+                    if o.once:
+                        stopped_by = "once: paused, the ledger could not be written"
+                        break
+                    recover = True
+                    self.stop.wait(RETRY_SECONDS)
+                    continue
                 if o.once and not busy:
                     break
                 self.stop.wait(o.poll)
@@ -257,7 +280,15 @@ class Watcher:
             log.info(kv(event="stop", reason=stopped_by, reports_written=self.reports_written,
                         failed_files=self.failed_files, pending_studies=counts["studies"].get("pending", 0),
                         unsettled_files=len(self.candidates)))
-        return 1 if o.once and (self.failed_files or self.round_errors) else 0
+        return 1 if o.once and (self.failed_files or self.round_errors or self._summary_due) else 0
+
+    def _recover(self) -> None:
+        """What a start does after a crash: finish interrupted moves, move handled files, re-read the ledger."""
+        for row in self.ledger.files_to_move():          # a move interrupted by a crash
+            self._finish_move(row, Path(row.move_to))
+        for row in self.ledger.handled_in_place():        # handled, but a crash (or no --archive then) left it
+            self._relocate(row)
+        self.known = self.ledger.known_locations()
 
     def _busy(self) -> bool:
         """Files still settling, or pending studies that are not waiting out an error."""
@@ -611,7 +642,13 @@ class Watcher:
                 "operating_point": self.operating,
                 "appearance_limit": self.model.appearance.limit if self.model.appearance else None,
                 "ledger": str(self.options.state_file), "worklist_days": days or "all", **self.ledger.counts()}
-        write_summary(self.out, rows, meta)
-        write_worklist(self.out / "worklist.pdf", rows, meta)
-        self._summary_due = False
         self._summary_at = time.monotonic()
+        try:
+            write_summary(self.out, rows, meta)
+            write_worklist(self.out / "worklist.pdf", rows, meta)
+        except OSError as exc:   # disk full, permissions: the reports and the ledger are what matter; try again later
+            log.error(kv(event="summary_failed", out=self.out, error=exc.strerror or str(exc),
+                         path=exc.filename, retry_in=SUMMARY_EVERY))
+            self._summary_gap = SUMMARY_EVERY
+            return
+        self._summary_due, self._summary_gap = False, 0.0

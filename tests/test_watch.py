@@ -342,6 +342,65 @@ def test_a_study_with_no_frontal_image_has_a_study_row_in_the_summary(dirs, mode
     assert [r["study_uid"] for r in rows if r["kind"] == "file"] == [side["study_uid"]]
 
 
+def test_a_full_output_disk_is_logged_and_retried_and_never_stops_the_daemon(dirs, model, monkeypatch, caplog):
+    """A summary that could not be written raised out of the daemon (systemd then restarted it into the
+    same error); a report that could not be written already failed only its round. Both are logged now,
+    the study stays pending, and the next start reports it."""
+    inbox, out = dirs
+    write_study(inbox / "a", "a")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "x"))
+
+    monkeypatch.setattr(watch_module, "write_study_report", full)
+    monkeypatch.setattr(watch_module, "write_summary", full)
+    options = WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True)
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        assert Watcher(options, model=model).run() == 1
+    assert "event=round_failed" in caplog.text and "event=summary_failed" in caplog.text
+    assert 'error="No space left on device"' in caplog.text
+    assert not reports(out) and ledger_rows(out, "SELECT status FROM studies") == [("pending",)]
+    monkeypatch.undo()
+    assert Watcher(options, model=model).run() == 0
+    assert len(reports(out)) == 1 and done_studies(out) == 1
+    assert json.loads((out / "summary.json").read_text())["studies"]["done"] == 1
+
+
+def test_a_full_ledger_disk_pauses_the_daemon_which_then_goes_on_and_loses_nothing(dirs, model, monkeypatch, caplog):
+    """The ledger's disk filling up (SQLite's "database or disk is full", made here by a page limit) raised
+    out of the daemon with a traceback. Now it pauses, then goes on as a restart would: every study once."""
+    inbox, out = dirs
+    for s in range(10):
+        write_study(inbox / f"s{s}", f"full{s}", images=3)
+    room = threading.Event()
+
+    class FullLedger(watch_module.Ledger):
+        def __init__(self, path):
+            super().__init__(path)
+            pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+            self.db.execute(f"PRAGMA max_page_count = {pages}")
+
+        def transaction(self):
+            if room.is_set():
+                self.db.execute("PRAGMA max_page_count = 1073741823")
+            return super().transaction()
+
+    monkeypatch.setattr(watch_module, "Ledger", FullLedger)
+    monkeypatch.setattr(watch_module, "RETRY_SECONDS", 0.5)
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        running = Running(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none"), model)
+        try:
+            wait_for(lambda: "event=paused" in caplog.text, "the daemon to pause")
+            assert 'error="OperationalError: database or disk is full"' in caplog.text
+            room.set()
+            wait_for(lambda: done_studies(out) == 10, "10 studies to be reported")
+        finally:
+            assert running.close() == 0
+    assert len(reports(out)) == 10
+    assert ledger_rows(out, "SELECT status, COUNT(*) FROM files GROUP BY status") == [("scored", 30)]
+    assert ledger_rows(out, "SELECT COUNT(*), COUNT(DISTINCT study_uid), MAX(version) FROM reports") == [(10, 10, 1)]
+
+
 def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, model):
     inbox, out = dirs
     write_study(inbox / "child", "child", images=1)
