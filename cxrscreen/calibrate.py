@@ -294,14 +294,17 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
                     prevalence: float | None = None, batch_size: int = 16, workers: int = 2, model=None) -> dict:
     """Score a labeled set as ``batch`` would, choose the threshold, write the calibration file and plot.
 
-    Raises :class:`cxrscreen.errors.UsageError` (exit code 2) for every refusal.
+    Raises :class:`cxrscreen.errors.UsageError` (exit code 2) for every refusal, and
+    :class:`cxrscreen.errors.OutputError` (exit code 1) when the calibration cannot be written
+    (a folder it may not write, found before scoring; a full disk).
     """
     import datetime as _dt
     import json
+    import os
     from pathlib import Path
 
     from . import __version__
-    from .errors import UsageError
+    from .errors import OutputError, UsageError
     from .infer import load_model
     from .pipeline import score_studies
     from .report import atomic_write
@@ -311,6 +314,12 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     if prevalence is not None and not 0 < prevalence < 1:
         raise UsageError(f"--prevalence {prevalence} is outside (0, 1)", step="calibration")
     model = model or load_model(model_path)
+    folder = Path(out).parent if out else model.path.parent
+    folder = next(f for f in (folder, *folder.parents) if f.exists())    # atomic_write makes the rest
+    if not os.access(folder, os.W_OK):    # known before scoring the whole set, not after
+        raise OutputError(f"cannot write the calibration in {folder}" + ("" if out else " beside the model")
+                          + ": permission denied" + ("" if out else "; give --out FILE"),
+                          path=folder, step="calibration")
     studies, labels, excluded, digest = _labeled_studies(data)
     scores, failed = score_studies(studies, model, batch_size=batch_size, workers=workers)
     excluded = list(excluded) + failed
@@ -346,10 +355,14 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     }
     stamp = created.replace(":", "").replace("-", "")[:15]
     out = Path(out) if out else model.path.parent / f"{model.path.stem}.calibration.{stamp}.json"
-    with atomic_write(out, "w") as handle:
-        json.dump(result, handle, indent=2)
     plot = out.with_suffix(".png")
-    _plot_calibration(plot, s, y, point)
+    try:
+        with atomic_write(out, "w") as handle:
+            json.dump(result, handle, indent=2)
+        _plot_calibration(plot, s, y, point)
+    except OSError as exc:
+        raise OutputError(f"cannot write the calibration: {exc.strerror or exc}", path=exc.filename or out,
+                          step="calibration") from exc
     result["file"], result["plot"] = str(out), str(plot)
     return result
 

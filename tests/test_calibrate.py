@@ -135,3 +135,33 @@ def test_a_csv_label_that_is_neither_class_is_refused_with_its_line(tmp_path):
     headless.write_text("a.jpg,1\n")
     with pytest.raises(UsageError, match="'path' and 'label'"):
         read_labeled_csv(headless)
+
+
+
+def test_a_calibration_that_cannot_be_written_is_an_error_naming_it_not_a_traceback(tmp_path, model_copy,
+                                                                                     monkeypatch):
+    """Beside a model installed read-only (site-packages), the write failed after scoring the whole set,
+    with a traceback. Now a folder that cannot be written is refused before scoring; a write that fails
+    anyway (here: --out under a plain file) is one line naming it; both exit 1."""
+    import os
+
+    from cxrscreen import pipeline
+
+    data = make_labeled(tmp_path / "site", 20, 20)
+    scored = []
+    real_score, real_access = pipeline.score_studies, os.access
+    monkeypatch.setattr(pipeline, "score_studies", lambda *a, **k: scored.append(1) or real_score(*a, **k))
+    # root may write anywhere, so the read-only folder is the model's folder made unwritable to os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: (Path(path) != model_copy.path.parent or mode != os.W_OK)
+                        and real_access(path, mode, **k))
+    args = ["calibrate", str(data), "--model", str(model_copy.path), "--bootstrap", "50"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and not scored, result.output
+    assert result.stderr.strip() == (f"cxrscreen: error: {model_copy.path.parent} [calibration]: cannot write the "
+                                     f"calibration in {model_copy.path.parent} beside the model: permission denied; "
+                                     "give --out FILE")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, [*args, "--out", str(blocker / "cal.json")])
+    assert result.exit_code == 1 and scored and "Traceback" not in result.output, result.output
+    assert result.stderr.startswith(f"cxrscreen: error: {blocker}") and "cannot write the calibration" in result.stderr
