@@ -10,8 +10,12 @@ last image is scored, and its pixels are released.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
+import os
+import socket
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +38,10 @@ from .report import (SUMMARY_FIELDS, ImageResult, StudyResult, atomic_write, rep
                      write_summary, write_worklist)
 
 STATE_FILE = ".cxrscreen-state.json"
+OUTPUT_LOCK = ".cxrscreen.lock"
 THUMBNAIL_SIDE = 512
+
+log = logging.getLogger("cxrscreen")
 
 
 @dataclass(frozen=True)
@@ -255,14 +262,21 @@ class Screener:
 
 def run_batch(inputs: list[Path], options: BatchOptions, *,
               progress: Callable[[int, int], None] | None = None, model: LoadedModel | None = None) -> BatchSummary:
-    """Screen every input; write reports, summary.csv/json and worklist.pdf into ``options.out``."""
+    """Screen every input; write reports, summary.csv/json and worklist.pdf into ``options.out``.
+
+    ``options.out`` is held for the whole run (:func:`output_lock`): a second batch, or a watch daemon,
+    writing into it at the same time is refused."""
     started = time.time()
     for item in inputs:
         if not Path(item).exists():
             raise UsageError(f"input {item} does not exist")
     out = Path(options.out)
-    with _writing(out, "create the output folder"):
-        out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "cxrscreen batch"):
+        return _run_batch(inputs, options, out, started, progress, model)
+
+
+def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: float,
+               progress: Callable[[int, int], None] | None, model: LoadedModel | None) -> BatchSummary:
     model = model or load_model(options.model_path)
     threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration)
 
@@ -395,6 +409,41 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     with _writing(out / "worklist.pdf", "write the worklist"):
         write_worklist(out / "worklist.pdf", summary.rows, summary.meta)
     return summary
+
+
+@contextmanager
+def output_lock(out: Path, who: str):
+    """Hold the output folder for one cxrscreen at a time, and clear what a killed run left there.
+
+    Two runs writing into one folder overwrite each other's reports, summary and state (cron starting
+    a batch while the last one still runs; a batch into a watch daemon's folder): the second is refused
+    (a UsageError naming the first, which the lock file holds). Once held, the temporary files of an
+    interrupted ``atomic_write`` (``.NAME.XXXX.tmp``) are removed: no other cxrscreen is writing them.
+    Where the filesystem has no locks (some network mounts), it goes on without, with a warning."""
+    with _writing(out, "create the output folder"):
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / OUTPUT_LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another cxrscreen"
+        handle.close()
+        raise UsageError(f"{out} is being written by {holder}: wait for it to finish, or give another --out",
+                         path=out) from None
+    except OSError as exc:
+        log.warning("cannot lock %s (%s): going on without; do not run two cxrscreen into it at once",
+                    out, exc.strerror or exc)
+    try:
+        handle.truncate(0)
+        handle.write(f"{who} (pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        for leftover in out.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        handle.close()      # and with it the lock
 
 
 def _save_state(out: Path, state: dict) -> None:

@@ -49,8 +49,8 @@ from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, read_record
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir
-from .pipeline import (Screener, check_screening_options, file_rows, rank_rows, release, resolve_threshold,
-                       study_row, unscreened_study_rows)
+from .pipeline import (Screener, check_screening_options, file_rows, output_lock, rank_rows, release,
+                       resolve_threshold, study_row, unscreened_study_rows)
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import (StudyResult, atomic_write, brief_caution, report_filename, write_study_report, write_summary,
                      write_worklist)
@@ -200,15 +200,18 @@ class Watcher:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
+        # --out is held while the daemon runs (no batch or second daemon writes into it), and the
+        # temporary files of reports that a kill -9 interrupted are cleared
+        with output_lock(self.out, f"cxrscreen watch of {self.inbox}"):
+            return self._run_locked()
+
+    def _run_locked(self) -> int:
         state = self.options.state_file
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
             self.ledger = Ledger(state)     # locked: one daemon per ledger
         except (sqlite3.Error, OSError) as exc:
             raise OutputError(f"cannot open the ledger: {exc}", path=state, step="start") from exc
         try:
-            for leftover in self.out.glob(".*.tmp"):     # atomic_write's temporary files, orphaned by a kill -9
-                leftover.unlink(missing_ok=True)
             return self._run()
         except (sqlite3.Error, OSError) as exc:   # at start (once running, the loop pauses on these instead)
             raise OutputError(f"cannot write the ledger or the output folder: {exc}", path=state,

@@ -15,7 +15,7 @@ from conftest import latin1_named, pdf_text
 from cxrscreen.cli import main
 from cxrscreen.explain import GradCam, _gradient_cam, find_gradcam_layer, members, overlay
 from cxrscreen.normalise import load_model_input
-from cxrscreen.pipeline import STATE_FILE, BatchOptions, run_batch
+from cxrscreen.pipeline import OUTPUT_LOCK, STATE_FILE, BatchOptions, run_batch
 from cxrscreen.report import report_filename, safe_name
 from cxrscreen.testing import make_dicom, save, uid_from
 
@@ -156,12 +156,39 @@ def test_a_full_disk_stops_the_batch_with_its_cause_and_a_rerun_goes_on_from_wha
     assert f"screening stopped, 2 studies reported are kept in {STATE_FILE}" in message
     state = json.loads((out / STATE_FILE).read_text())
     assert sorted(entry["row"]["report"] for entry in state.values()) == sorted(written)
-    assert sorted(p.name for p in out.iterdir()) == sorted([*written, STATE_FILE])    # no temporary files
+    assert sorted(p.name for p in out.iterdir()) == sorted([*written, STATE_FILE, OUTPUT_LOCK])   # no temporary files
 
     monkeypatch.setattr(pipeline, "write_study_report", real)
     again = run_batch([inbox], BatchOptions(out=out, gradcam="none"), model=model)
     assert again.reused == 2 and again.studies == 7 and again.exit_code == 0
     assert all((out / r["report"]).is_file() for r in again.rows if r["kind"] == "study" and r["report"])
+
+
+def test_an_output_folder_is_written_by_one_cxrscreen_at_a_time(tmp_path, model):
+    """Two runs into one folder (cron starting a batch while the last still runs, a batch into a watch
+    daemon's folder) overwrote each other's reports, summary and state. The second is refused now,
+    naming the first; a killed run's temporary files are cleared by the next."""
+    import re
+
+    from cxrscreen.errors import UsageError
+    from cxrscreen.pipeline import output_lock
+    from cxrscreen.watch import Watcher, WatchOptions
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    shutil.copytree(SAMPLES / "study6_plain_jpeg", inbox)
+    with output_lock(out, "cxrscreen watch of /srv/inbox"):
+        result = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert re.fullmatch(rf"cxrscreen: error: {out}: {out} is being written by cxrscreen watch of /srv/inbox "
+                            r"\(pid \d+ on .+, since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\): wait for it to finish, or "
+                            r"give another --out", result.stderr.strip()), result.stderr
+        with pytest.raises(UsageError, match="is being written by"):
+            Watcher(WatchOptions(tmp_path / "inbox", out, once=True), model=model).run()
+    orphan = out / ".x.pdf.k2j4l.tmp"          # what a kill -9 during atomic_write leaves
+    orphan.write_bytes(b"%PDF-half")
+    summary = run_batch([inbox], BatchOptions(out=out, gradcam="none"), model=model)
+    assert summary.studies == 1 and not orphan.exists()
+    assert (out / OUTPUT_LOCK).read_text().startswith("cxrscreen batch (pid ")
 
 
 def test_outputs_get_the_permissions_the_umask_gives_not_0600(tmp_path):
