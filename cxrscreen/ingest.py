@@ -37,6 +37,8 @@ from .records import FileKind, FileOutcome, Radiograph, Status, Study
 
 log = logging.getLogger(__name__)
 
+# files that only a cxrscreen output folder holds: batch's lock and state, watch's default ledger
+OUTPUT_MARKERS = (".cxrscreen.lock", ".cxrscreen-state.json", ".cxrscreen-watch.sqlite")
 IGNORED_SUFFIXES = (".part", ".partial", ".tmp", ".temp", "~", ".swp", ".crdownload")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 MAX_DIMENSION = 16384        # pixels per side; CR/DX detectors are under 5000
@@ -66,11 +68,20 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
 
 
+def is_output_folder(folder: Path | str) -> bool:
+    """Whether ``folder`` is where a cxrscreen writes (its lock, batch state or watch ledger is there)."""
+    return any(os.path.exists(os.path.join(folder, marker)) for marker in OUTPUT_MARKERS)
+
+
 def discover(inputs: Iterable[Path | str]) -> Iterator[Path]:
     """Yield every candidate file under ``inputs`` (files or folders), recursively and sorted.
 
     Symbolic links to files are followed; links to folders are not (no cycles).
-    Hidden and temporary files and folders are ignored (see :func:`is_ignored`).
+    Hidden and temporary files and folders are ignored (see :func:`is_ignored`), and so are
+    cxrscreen's own output folders (:func:`is_output_folder`), with a log line: a ``--out`` inside
+    the input would otherwise have its reports listed as skipped inputs, and its ``.dcm`` reports,
+    which carry the study's UID, would join the study they report and change it, so that every re-run
+    redid it.
     """
     for item in inputs:
         root = Path(item)
@@ -78,6 +89,10 @@ def discover(inputs: Iterable[Path | str]) -> Iterator[Path]:
             yield root
             continue
         for folder, dirs, files in os.walk(root, followlinks=False):
+            if is_output_folder(folder):
+                log.info("not scanning %s: a cxrscreen output folder (reports, not inputs)", folder)
+                dirs[:] = []
+                continue
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if not is_ignored(name):

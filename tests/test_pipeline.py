@@ -191,6 +191,22 @@ def test_an_output_folder_is_written_by_one_cxrscreen_at_a_time(tmp_path, model)
     assert (out / OUTPUT_LOCK).read_text().startswith("cxrscreen batch (pid ")
 
 
+def test_an_output_folder_inside_the_input_is_not_scanned_as_input(inbox, model):
+    """`batch /export --out /export/reports`: the re-run read its own reports as inputs; their .dcm carry
+    the study's UID, so every study gained a file and was redone, its new .dcm changing it again."""
+    out = inbox / "reports"
+    options = BatchOptions(out=out, gradcam="none", dicom=True)
+    first = run_batch([inbox], options, model=model)
+    old = inbox / "last-week"                 # an earlier run's folder: its state file marks it
+    shutil.copytree(out, old)
+    (old / ".cxrscreen.lock").unlink()
+    for run in (run_batch([inbox], options, model=model), run_batch([inbox], options, model=model)):
+        assert run.reused == 6 and run.studies == 7
+        assert [r["path"] for r in run.rows if r["kind"] == "file"] == \
+            [r["path"] for r in first.rows if r["kind"] == "file"]
+        assert not any("reports" in p or "last-week" in p for r in run.rows for p in [r["path"], *r["files"]])
+
+
 def test_outputs_get_the_permissions_the_umask_gives_not_0600(tmp_path):
     """mkstemp made every report 0600: a service account's reports were unreadable to the PACS sender
     and the radiologists' group whatever the site's umask said."""
