@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .records import FileOutcome, Radiograph, Study
+from .records import FileOutcome, Radiograph, Study, age_in_years
 from .typeset import markup, paragraph, person_name, undecodable_as_hex
 
 DISCLAIMER = ("Decision support only, not a diagnosis. This screening score was produced by a machine-learning "
@@ -142,6 +142,39 @@ def _jpeg(arr: np.ndarray) -> io.BytesIO:
     return buffer
 
 
+_AGE_UNITS = {"D": "day", "W": "week", "M": "month", "Y": "year"}
+
+
+def display_date(value: str) -> str:
+    """A DICOM date (DA, ``YYYYMMDD``, or the old ``YYYY.MM.DD``) as ``YYYY-MM-DD``; anything else as written."""
+    digits = value.strip().replace(".", "")
+    if len(digits) == 8 and digits.isdigit():
+        return f"{digits[:4]}-{digits[4:6]}-{digits[6:]}"
+    return value.strip()
+
+
+def display_time(value: str) -> str:
+    """A DICOM time (TM, ``HHMMSS.FFFFFF``, or the old ``HH:MM:SS``) as ``HH:MM:SS`` or ``HH:MM``; else as written."""
+    digits = value.strip().split(".")[0].replace(":", "")
+    if len(digits) in (4, 6) and digits.isdigit():
+        return ":".join(digits[i:i + 2] for i in range(0, len(digits), 2))
+    return value.strip()
+
+
+def display_age(patient_age: str, birth_date: str, study_date: str) -> str:
+    """The age as a reader says it: PatientAge (``003Y`` -> ``3 years``, ``018M`` -> ``18 months``), else from
+    the birth and study dates (marked so, in months under two years); "" when neither gives one."""
+    age = patient_age.strip().upper()
+    if len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNITS and age != "000Y":
+        n = int(age[:3])
+        return f"{n} {_AGE_UNITS[age[3]]}{'' if n == 1 else 's'}"
+    years = age_in_years("", birth_date, study_date)
+    if years is None:
+        return patient_age.strip()      # as written (000Y, or a malformed value), for the reader to judge
+    n, unit = (int(years * 12), "month") if years < 2 else (int(years), "year")
+    return f"{n} {unit}{'' if n == 1 else 's'} (from the birth date)"
+
+
 def _p(text, *, bold: bool = False, italic: bool = False) -> str:
     """Paragraph markup of any text, in any script (:func:`cxrscreen.typeset.markup`); ``bold`` and
     ``italic`` say how the text stands (a ``<b>`` around it, an italic style)."""
@@ -176,9 +209,11 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
 
     ident = [
         ["Patient ID", value(first.patient_id), "Patient name", value(person_name(first.patient_name))],
-        ["Birth date", value(first.patient_birth_date), "Sex / age",
-         value(f"{first.patient_sex or '-'} / {first.patient_age or '-'}")],
-        ["Accession", value(first.accession), "Study date", value(first.study_date)],
+        ["Birth date", value(display_date(first.patient_birth_date)), "Sex / age",
+         value(f"{first.patient_sex or '-'} / "
+               f"{display_age(first.patient_age, first.patient_birth_date, first.study_date) or '-'}")],
+        ["Accession", value(first.accession), "Study date",
+         value(" ".join(x for x in (display_date(first.study_date), display_time(first.study_time)) if x))],
         ["Study", value(first.study_description), "Modality", value(first.modality or first.kind.value.upper())],
         ["Study UID", value(study.study_uid), "", ""],
     ]
@@ -297,7 +332,7 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
         chunk = studies[start:start + per_page]
         data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
                             f"{float(r['score']):.3f}", paragraph(r["patient_id"], small),
-                            paragraph(r["accession"], small), r["study_date"],
+                            paragraph(r["accession"], small), display_date(r["study_date"]),
                             r["study_uid"][-24:],
                             paragraph(Path(r["report"]).name if r["report"] else r["status"], small),
                             Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""),

@@ -69,8 +69,10 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     # the report PDF carries the study's identifiers and the disclaimer
     row = next(r for r in studies if r["patient_id"] == "CXR-0003")
     text = pdf_text(out / row["report"])
-    for expected in ("CXR-0003", "SAMPLE, CLEO", row["accession"], "20261101", "Decision support only",
-                     "not frontal", "sha256"):
+    for expected in ("CXR-0003", "SAMPLE, CLEO", row["accession"], "Decision support only", "not frontal", "sha256",
+                     # dates, time and age as a reader writes them, the age worked out from the birth date
+                     "Birth date 2023-01-20", "Sex / age F / 3 years (from the birth date)",
+                     "Study date 2026-11-01 10:15:00"):
         assert expected in text
     assert ("Likely pneumonia - review first" in text) == (row["flag"] == "yes")
     assert ("No pneumonia flagged" in text) == (row["flag"] == "no")
@@ -87,6 +89,7 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     worklist = pdf_text(out / "worklist.pdf")
     assert f"Not screened: {len(files)} files" in worklist
     assert "7 studies, " in worklist and worklist.count(hand["study_uid"][-24:]) == 2
+    assert "2026-11-01" in worklist
     assert "patient aged 6 years" in worklist
     assert worklist.index("corrupt.dcm") < worklist.index("IM0002.dcm")
     for name in ("SR0001.dcm", "not frontal", "no pixel data"):
@@ -298,6 +301,20 @@ def test_safe_name_rules():
     assert safe_name("CON") == "x_CON"
     assert safe_name("") == "unknown"
     assert len(safe_name("y" * 300)) <= 60
+
+
+def test_dates_times_and_ages_read_as_a_reader_writes_them():
+    from cxrscreen.report import display_age, display_date, display_time
+
+    assert [display_date(d) for d in ("20230120", "2023.01.20", "2023", "")] == ["2023-01-20", "2023-01-20", "2023", ""]
+    assert [display_time(t) for t in ("143205.123", "1432", "14:32:05", "14", "")] == \
+        ["14:32:05", "14:32", "14:32:05", "14", ""]
+    assert [display_age(a, "", "") for a in ("003Y", "018M", "001D", "002W")] == \
+        ["3 years", "18 months", "1 day", "2 weeks"]
+    # 000Y is what modalities write for an unknown age: the dates decide, and without them it stays as written
+    assert display_age("000Y", "20230120", "20261101") == "3 years (from the birth date)"
+    assert display_age("", "20250120", "20261101") == "21 months (from the birth date)"
+    assert [display_age(a, "", "") for a in ("", "000Y", "3 yrs")] == ["", "000Y", "3 yrs"]
 
 
 def test_gradcam_shape_and_not_constant(model):
