@@ -420,7 +420,7 @@ def output_lock(out: Path, who: str):
     (a UsageError naming the first, which the lock file holds). Once held, the temporary files of an
     interrupted ``atomic_write`` (``.NAME.XXXX.tmp``) are removed: no other cxrscreen is writing them.
     Where the filesystem has no locks (some network mounts), it goes on without, with a warning."""
-    with _writing(out, "create the output folder"):
+    with _writing(out, "write into the output folder"):
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / OUTPUT_LOCK, "a+", encoding="utf-8")
     try:

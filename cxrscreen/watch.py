@@ -150,12 +150,16 @@ def move_file(src: Path, dest: Path) -> None:
         if exc.errno != errno.EXDEV:
             raise
         tmp = dest.with_name(f".{dest.name}.cxrscreen-tmp")
-        with open(src, "rb") as reader, open(tmp, "wb") as writer:
-            shutil.copyfileobj(reader, writer, 1 << 20)
-            writer.flush()
-            os.fsync(writer.fileno())
-        shutil.copystat(src, tmp)
-        os.replace(tmp, dest)
+        try:
+            with open(src, "rb") as reader, open(tmp, "wb") as writer:
+                shutil.copyfileobj(reader, writer, 1 << 20)
+                writer.flush()
+                os.fsync(writer.fileno())
+            shutil.copystat(src, tmp)
+            os.replace(tmp, dest)
+        except BaseException:       # a full archive disk: no half copy left behind to fill it further
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(dest.parent)
         os.unlink(src)
     else:

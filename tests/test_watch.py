@@ -622,6 +622,21 @@ def test_move_file_across_filesystems_copies_syncs_and_deletes(tmp_path, monkeyp
     assert not src.exists() and (tmp_path / "archive" / "a.dcm").read_bytes() == b"x" * 5000
     assert not list((tmp_path / "archive").glob(".*"))
 
+    # the archive's disk full half-way through the copy: the file stays, no half copy is left
+    src.write_bytes(b"y" * 5000)
+    real_copy = watch_module.shutil.copyfileobj
+
+    def full(reader, writer, length):
+        writer.write(reader.read(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    monkeypatch.setattr(watch_module.shutil, "copyfileobj", full)
+    with pytest.raises(OSError, match="No space left"):
+        move_file(src, tmp_path / "archive" / "b.dcm")
+    monkeypatch.setattr(watch_module.shutil, "copyfileobj", real_copy)
+    assert src.read_bytes() == b"y" * 5000 and sorted(p.name for p in (tmp_path / "archive").iterdir()) == ["a.dcm"]
+
 
 def test_log_lines_are_logfmt():
     line = kv(event="study", uid="1.2.3", score=0.123456789, flag="yes", report="a b.pdf", skipped=None)
