@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import re
+import stat as stat_module
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -454,6 +455,33 @@ class _Skip(Exception):
         self.reason, self.tag = reason, tag
 
 
+def _special_kind(mode: int) -> str:
+    """What a file that is neither a regular file nor a folder is, in words; "" for those two."""
+    for test, kind in ((stat_module.S_ISFIFO, "a FIFO (named pipe)"), (stat_module.S_ISSOCK, "a socket"),
+                       (stat_module.S_ISCHR, "a character device"), (stat_module.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return ""
+
+
+def _dangling(path: Path) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "a target"
+    return f"a symbolic link to {target}, which does not exist"
+
+
+def not_regular(path: Path | str) -> str:
+    """Why ``path`` must not be opened as an input file: a FIFO, socket or device (opening blocks or
+    streams forever), or a symbolic link whose target is missing; "" for a regular file, a folder, or a
+    path that is gone (its reader says so)."""
+    try:
+        return _special_kind(os.stat(path).st_mode)
+    except OSError:
+        return _dangling(Path(path)) if os.path.islink(path) else ""
+
+
 def read_record(path: Path | str, *, include_lateral: bool = False,
                 any_body_part: bool = False) -> Radiograph | FileOutcome:
     """Read one file's header and decide: a Radiograph to score, or a SKIPPED/FAILED outcome."""
@@ -462,7 +490,12 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
         try:
             stat = path.stat()
         except OSError as exc:
+            if path.is_symlink():
+                raise InputError(_dangling(path), path=path, step="read") from None
             raise InputError(f"cannot stat: {exc.strerror or exc}", path=path, step="read") from None
+        special = _special_kind(stat.st_mode)
+        if special:     # never opened: reading a FIFO, socket or device blocks or streams forever
+            return FileOutcome(path, Status.SKIPPED, f"{special}, not a regular file: not opened", step="discover")
         if stat.st_size == 0:
             raise InputError("empty file (0 bytes): the transfer failed or is still in progress",
                              path=path, step="read")

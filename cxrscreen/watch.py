@@ -47,7 +47,7 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import group_studies, is_ignored, read_record
+from .ingest import group_studies, is_ignored, not_regular, read_record
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir
 from .pipeline import (Screener, check_screening_options, file_rows, output_lock, rank_rows, release,
                        resolve_threshold, study_row, unscreened_study_rows)
@@ -131,6 +131,7 @@ class _Candidate:
     mtime_ns: int
     since: float                     # monotonic time this size/mtime was first seen
     unparsed_since: float | None = None
+    special: bool = False            # a FIFO, socket, device or dangling symbolic link: recorded, never opened
 
 
 @dataclass
@@ -372,20 +373,28 @@ class Watcher:
                     self._observe(os.path.normpath(os.path.join(folder, name)), now)
 
     def _observe(self, path: str, now: float) -> None:
+        special = False
         try:
             st = os.stat(path)
         except OSError:
-            self.candidates.pop(path, None)
+            try:
+                st = os.lstat(path)     # a symbolic link whose target is missing: listed, once it stays so
+            except OSError:
+                st = None
+            if st is None or not stat_module.S_ISLNK(st.st_mode):
+                self.candidates.pop(path, None)
+                return
+            special = True
+        if stat_module.S_ISDIR(st.st_mode):
             return
-        if not stat_module.S_ISREG(st.st_mode):
-            return
+        special = special or not stat_module.S_ISREG(st.st_mode)    # a FIFO, socket or device: never opened
         signature = (st.st_size, st.st_mtime_ns)
         if self.known.get(path) == signature:
             self.candidates.pop(path, None)
             return
         current = self.candidates.get(path)
-        if current is None or (current.size, current.mtime_ns) != signature:
-            self.candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now)
+        if current is None or (current.size, current.mtime_ns, current.special) != (*signature, special):
+            self.candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now, special=special)
 
     # ------------------------------------------------------------------ taking settled files
 
@@ -400,26 +409,31 @@ class Watcher:
 
     def _take(self, path: str, candidate: _Candidate, now: float) -> None:
         o = self.options
-        record = read_record(Path(path), include_lateral=o.include_lateral, any_body_part=o.any_body_part)
-        try:
-            st = os.stat(path)
-        except OSError:
-            self.candidates.pop(path, None)
-            return
-        if (st.st_size, st.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
-            self.candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now)   # changed while read
-            return
-        unparsed = isinstance(record, FileOutcome) and (record.status is Status.FAILED or record.step == "discover")
-        if unparsed:
-            if candidate.unparsed_since is None:
-                candidate.unparsed_since = now
-                log.debug(kv(event="unparsed", path=path, reason=record.reason, note="waiting, may be incomplete"))
-            if now - candidate.unparsed_since < UNPARSED_SETTLES * o.settle:
+        if candidate.special:       # read_record only stats these; a dangling link's target may still come
+            record, digest = read_record(Path(path)), ""
+            if now - candidate.since < (1 + UNPARSED_SETTLES) * o.settle and os.path.islink(path):
                 return
-        try:
-            digest = sha256_file(Path(path))
-        except OSError as exc:
-            record, digest = FileOutcome(Path(path), Status.FAILED, f"cannot read: {exc}", step="read"), ""
+        else:
+            record = read_record(Path(path), include_lateral=o.include_lateral, any_body_part=o.any_body_part)
+            try:
+                st = os.stat(path)
+            except OSError:
+                self.candidates.pop(path, None)
+                return
+            if (st.st_size, st.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
+                self.candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now)   # changed while read
+                return
+            unparsed = isinstance(record, FileOutcome) and (record.status is Status.FAILED or record.step == "discover")
+            if unparsed:
+                if candidate.unparsed_since is None:
+                    candidate.unparsed_since = now
+                    log.debug(kv(event="unparsed", path=path, reason=record.reason, note="waiting, may be incomplete"))
+                if now - candidate.unparsed_since < UNPARSED_SETTLES * o.settle:
+                    return
+            try:
+                digest = sha256_file(Path(path))
+            except OSError as exc:
+                record, digest = FileOutcome(Path(path), Status.FAILED, f"cannot read: {exc}", step="read"), ""
         fields = dict(status="", step="", tag="", reason="", **record.identifiers())
         if isinstance(record, Radiograph):
             earlier = self.ledger.file_with_hash(digest)
@@ -585,6 +599,8 @@ class Watcher:
     def _relocate(self, f: FileRow | None) -> None:
         """Move a handled file out of the inbox: failed -> quarantine, scored/skipped -> archive (if set)."""
         if f is None or f.location != f.inbox_path or f.status == "pending":
+            return
+        if not_regular(f.location):    # a FIFO or dangling link stays: a copy across filesystems would open it
             return
         root = self.options.quarantine if f.status == "failed" else self.options.archive
         if root is None:

@@ -386,6 +386,23 @@ def test_dicom_without_pixel_data(tmp_path):
     assert "Basic Text SR" in out.reason
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_is_listed_never_opened_and_a_dangling_link_names_its_target(tmp_path):
+    """A FIFO was listed as an 'empty file (0 bytes): the transfer failed or is still in progress'
+    (only its size of 0 kept it from being opened, which blocks); a symbolic link whose target is
+    missing as 'cannot stat'."""
+    os.mkfifo(tmp_path / "pipe.dcm")
+    (tmp_path / "dangling.dcm").symlink_to("/nonexistent/IM0001.dcm")
+    outcomes = {Path(o.path).name: o for o in scan([tmp_path])}
+    pipe, dangling = outcomes["pipe.dcm"], outcomes["dangling.dcm"]
+    assert (pipe.status, pipe.step) == (Status.SKIPPED, "discover")
+    assert pipe.reason == "a FIFO (named pipe), not a regular file: not opened"
+    assert (dangling.status, dangling.step) == (Status.FAILED, "read")
+    assert dangling.reason == "a symbolic link to /nonexistent/IM0001.dcm, which does not exist"
+    assert ingest.not_regular(tmp_path / "pipe.dcm") and ingest.not_regular(tmp_path / "dangling.dcm")
+    assert ingest.not_regular(tmp_path) == ingest.not_regular(tmp_path / "gone") == ""
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_unreadable_file_permissions(tmp_path, chest_pixels):
     path = save(make_dicom(chest_pixels), tmp_path / "locked.dcm")

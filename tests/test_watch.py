@@ -401,6 +401,34 @@ def test_a_full_ledger_disk_pauses_the_daemon_which_then_goes_on_and_loses_nothi
     assert ledger_rows(out, "SELECT COUNT(*), COUNT(DISTINCT study_uid), MAX(version) FROM reports") == [(10, 10, 1)]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_and_a_dangling_link_in_the_inbox_are_listed_and_left_in_place(dirs, model, tmp_path):
+    """The daemon ignored both without a word (batch listed them): a study file exported as a link to
+    storage that is not mounted was missing from every list. Now both are in the ledger and the summary,
+    neither is opened (a FIFO would block the daemon) nor moved, and the study beside them is reported."""
+    inbox, out = dirs
+    write_study(inbox / "a", "fifo")
+    os.mkfifo(inbox / "a" / "pipe.dcm")
+    (inbox / "a" / "IM0002.dcm").symlink_to("/mnt/offline-storage/IM0002.dcm")
+    options = WatchOptions(inbox, out, archive=tmp_path / "archive", quarantine=tmp_path / "quarantine",
+                           settle=0.2, rescan=0.5, gradcam="none", once=True)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", Watcher(options, model=model).run()),
+                              daemon=True)
+    thread.start()
+    thread.join(DEADLINE)
+    assert not thread.is_alive(), "the daemon blocked (on opening the FIFO?)"
+    assert result["code"] == 1 and done_studies(out) == 1
+    files = {Path(r["path"]).name: r for r in json.loads((out / "summary.json").read_text())["rows"]
+             if r["kind"] == "file"}
+    assert (files["pipe.dcm"]["status"], files["pipe.dcm"]["reason"]) == \
+        ("skipped", "a FIFO (named pipe), not a regular file: not opened")
+    assert (files["IM0002.dcm"]["status"], files["IM0002.dcm"]["reason"]) == \
+        ("failed", "a symbolic link to /mnt/offline-storage/IM0002.dcm, which does not exist")
+    assert (inbox / "a" / "pipe.dcm").exists() and (inbox / "a" / "IM0002.dcm").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "archive").rglob("*.dcm")) == ["fifo_000.dcm"]
+
+
 def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, model):
     inbox, out = dirs
     write_study(inbox / "child", "child", images=1)
