@@ -271,6 +271,9 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
         if not Path(item).exists():
             raise UsageError(f"input {item} does not exist")
     out = Path(options.out)
+    if any(out.exists() and Path(item).is_dir() and out.samefile(item) for item in inputs):
+        raise UsageError(f"--out {out} is the folder to screen: give the reports a folder of their own "
+                         "(it may lie inside the one screened)")
     with output_lock(out, "cxrscreen batch"):
         return _run_batch(inputs, options, out, started, progress, model)
 

@@ -109,6 +109,8 @@ def test_usage_errors_exit_2(tmp_path):
                                 "--threshold", "7"]).exit_code == 2
     assert runner.invoke(main, ["batch", str(tmp_path), "--out", str(tmp_path / "o"),
                                 "--gradcam", "some"]).exit_code == 2
+    same = runner.invoke(main, ["batch", str(tmp_path), "--out", str(tmp_path / ".")])
+    assert same.exit_code == 2 and "is the folder to screen" in same.output
 
 
 def test_rerun_redoes_a_study_that_gained_an_image_and_force_redoes_all(inbox, tmp_path, model):
