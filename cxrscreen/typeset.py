@@ -35,6 +35,9 @@ _FILES = {FONT: "DejaVuSans.ttf", BOLD: "DejaVuSans-Bold.ttf", ITALIC: "DejaVuSa
           BOLD_ITALIC: "DejaVuSans-BoldOblique.ttf"}
 # the PDF standard Asian fonts (Adobe-GB1, -Japan1, -Korea1): known to every PDF reader, never embedded
 CHINESE, JAPANESE, KOREAN = "STSong-Light", "HeiseiKakuGo-W5", "HYGothic-Medium"
+# the most characters of one text a PDF shows: DICOM's longest identifying values (a PN's three groups of
+# 64, an LO of 64) fit, and a worklist cell of this many still fits a page
+MAX_CHARS = 300
 
 _HAN = ((0x2E80, 0x2FDF), (0x3000, 0x303F), (0x3400, 0x4DBF), (0x4E00, 0x9FA5), (0xF900, 0xFAFF),
         (0xFE30, 0xFE4F), (0xFF00, 0xFFEF))   # what the fonts' UCS-2 maps cover: ideographs to U+9FA5 and ext. A
@@ -157,7 +160,12 @@ def markup(text: str, *, bold: bool = False, italic: bool = False) -> str:
 def _clean(text) -> str:
     # composed (NFC): a decomposed u + diaeresis is the standard fonts' ü, and no shaping is needed to place it
     text = unicodedata.normalize("NFC", "".join(ch for ch in str(text or "") if unicodedata.category(ch) != "Cc"))
-    return undecodable_as_hex(text)
+    text = undecodable_as_hex(text)
+    if len(text) > MAX_CHARS:
+        # a malformed header's 20,000-character name made a table row taller than a page, and reportlab
+        # stopped the whole batch with a LayoutError; the summary keeps the whole value
+        text = f"{text[:MAX_CHARS]}... [{len(text):,} characters, shortened here]"
+    return text
 
 
 def _markup(text: str, *, bold: bool, italic: bool, visual: bool) -> str:

@@ -270,6 +270,28 @@ def test_hostile_patient_ids_give_safe_unique_names(tmp_path, model, patient_id)
         assert name.split("_")[0].split(".")[0].upper() not in {"CON", "PRN", "AUX", "NUL"}
 
 
+def test_overlong_header_values_are_shortened_in_the_pdfs_not_a_crash(tmp_path, model, chest_pixels):
+    """A malformed header's 20,000-character name made the report's identity row taller than a page:
+    reportlab raised LayoutError and the whole batch stopped. The PDFs shorten such a value, saying so;
+    summary.json keeps it whole."""
+    import warnings
+
+    box, out = tmp_path / "in", tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # pydicom warns of values longer than their VR allows
+        ds = make_dicom(chest_pixels, seed="long", patient_id="P" * 5000)
+        ds.PatientName, ds.StudyDescription = "A" * 20000, "CHEST PA " * 3000
+        save(ds, box / "long.dcm")
+    summary = run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)
+    study = next(r for r in summary.rows if r["kind"] == "study")
+    assert summary.exit_code == 0 and study["patient_id"] == "P" * 5000
+    report, worklist = pdf_text(out / study["report"]), pdf_text(out / "worklist.pdf")
+    for text in ("[20,000 characters, shortened here]", "[26,999 characters, shortened here]",
+                 "[5,000 characters, shortened here]"):
+        assert text in report
+    assert "[5,000 characters, shortened here]" in worklist
+
+
 def test_a_multi_frame_image_is_scored_on_its_first_frame_and_every_output_says_so(tmp_path, model, chest_pixels):
     other = np.random.default_rng(7).integers(0, 4096, chest_pixels.shape)     # frames 2 and 3: noise
     box, out = tmp_path / "in", tmp_path / "out"
