@@ -106,11 +106,16 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
                    + (f"{summary.unscored_frames} frames of multi-frame images not scored (frame 1 of each is), "
                       if summary.unscored_frames else "")
                    + f"{summary.skipped_files} files skipped, "
-                   f"{summary.failed_files} failed; reports in {out}/ (worklist.pdf, summary.csv"
+                   f"{summary.failed_files} failed; "
+                   + (f"{summary.failed_reports} reports could not be made; " if summary.failed_reports else "")
+                   + f"reports in {out}/ (worklist.pdf, summary.csv"
                    + (", a .dcm beside each PDF of a DICOM study" if dicom else "") + ")")
         for row in summary.rows:
             if row["kind"] == "file" and row["status"] == "failed":
                 click.echo(f"  FAILED {row['path']} [{row['step']}] {row['tag']}: {row['reason']}", err=True)
+            elif row["kind"] == "study" and row["step"] == "report":
+                click.echo(f"  FAILED study {row['study_uid']} (patient {row['patient_id'] or '-'}) [report]: "
+                           f"{row['reason']}", err=True)
     sys.exit(summary.exit_code)
 
 

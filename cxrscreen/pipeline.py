@@ -85,13 +85,14 @@ class BatchSummary:
     reused: int = 0
     skipped_files: int = 0
     failed_files: int = 0
+    failed_reports: int = 0        # scored studies whose report could not be made (their rows say why)
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
         """0 when every input was scored or deliberately skipped, 1 when some failed."""
-        return 1 if self.failed_files else 0
+        return 1 if self.failed_files or self.failed_reports else 0
 
     def to_json(self) -> dict:
         return {"studies": self.studies, "unscreened_studies": self.unscreened_studies, "flagged": self.flagged,
@@ -99,7 +100,8 @@ class BatchSummary:
                 "unscored_frames": self.unscored_frames,
                 "scored_images": self.scored_images,
                 "reused_studies": self.reused, "skipped_files": self.skipped_files,
-                "failed_files": self.failed_files, "seconds": round(self.seconds, 2), **self.meta,
+                "failed_files": self.failed_files, "failed_reports": self.failed_reports,
+                "seconds": round(self.seconds, 2), **self.meta,
                 "rows": self.rows}
 
 
@@ -338,13 +340,21 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
         finally:
             release(result)
 
-    def wait_for(job: tuple[str, Future]) -> None:
-        uid, future = job
+    def wait_for(job: tuple[str, Future, dict]) -> None:
+        uid, future, row = job
         try:
             future.result()
-        except BaseException:
+        except Exception as exc:
             new_state.pop(uid, None)     # its report is not (all) there: the next run redoes the study
-            raise
+            if isinstance(exc, OutputError):
+                raise
+            # A report that cannot be made (a bug, an input no test foresaw) fails its study, not the batch:
+            # the row keeps its score and flag, says why, and the run exits 1.
+            log.error("the report of study %s could not be made", uid, exc_info=exc)
+            made = (out / row["report"]).is_file()      # the PDF, when only its .dcm failed
+            row.update(status="failed", step="report", report=row["report"] if made else "",
+                       reason="; ".join(x for x in (row["reason"], f"its report could not be made: "
+                                                    f"{type(exc).__name__}: {exc}") if x))
 
     stream = screener.screen(to_score, progress=progress)
     try:
@@ -353,7 +363,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
             row = _study_row(result, threshold)
             if result.images:
                 report_jobs.append((result.study.study_uid,
-                                    reporter.submit(write_report, result, out / row["report"])))
+                                    reporter.submit(write_report, result, out / row["report"]), row))
                 while len(report_jobs) > 2 * options.batch_size:
                     wait_for(report_jobs.popleft())
                 dicom = dicom_report_name(row["report"]) if dicom_images([r.image for r in result.images]) else ""
@@ -398,6 +408,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     summary.reused = len(reused_rows)
     summary.skipped_files = sum(r["status"] == "skipped" for r in file_rows)
     summary.failed_files = sum(r["status"] == "failed" for r in file_rows)
+    summary.failed_reports = sum(r["step"] == "report" for r in rows)
     summary.seconds = time.time() - started
     summary.meta = {"tool_version": __version__, "model": str(model.path), "model_sha256": model.sha256,
                     "compute": model.compute, "threshold": threshold, "operating_point": operating,

@@ -199,6 +199,7 @@ class Watcher:
         self._summary_at = -SUMMARY_EVERY
         self._summary_gap = 0.0      # SUMMARY_EVERY after a write failed: not a failing write every poll
         self._retry_after: dict[str, float] = {}   # study uid -> monotonic time, after an unexpected error
+        self._report_failures: dict[str, int] = {}  # study uid -> reports of it that could not be made
         self._round_started = time.monotonic()
         self.round_errors = 0
 
@@ -511,12 +512,30 @@ class Watcher:
         stream = self.screener.screen(studies)
         try:
             for result in stream:
-                self._record(result, works[result.study.study_uid])
+                try:
+                    self._record(result, works[result.study.study_uid])
+                except (sqlite3.Error, OSError):
+                    raise       # the disk or the ledger: the round fails, and its studies wait (see _screen_ready)
+                except Exception as exc:    # this study's report cannot be made: it alone waits, the round goes on
+                    self._report_failed(result, exc)
                 if self.stop.is_set():
                     log.info(kv(event="abandon", note="stopping: the rest of this round stays pending"))
                     break
         finally:
             stream.close()
+
+    def _report_failed(self, result: StudyResult, exc: Exception) -> None:
+        """A study whose report could not be made (a bug, an input no test foresaw) stays pending and is
+        tried again later, each time twice as late (up to an hour), so that it neither blocks the studies
+        screened with it nor fills the log; the summary lists it as pending."""
+        uid = result.study.study_uid
+        release(result)
+        self.round_errors += 1
+        tries = self._report_failures[uid] = self._report_failures.get(uid, 0) + 1
+        delay = min(RETRY_SECONDS * 2 ** (tries - 1), 3600.0)
+        self._retry_after[uid] = time.monotonic() + delay
+        log.error(kv(event="report_failed", uid=uid, error=f"{type(exc).__name__}: {exc}", tries=tries,
+                     retry_in=round(delay, 1)), exc_info=exc)
 
     def _study_items(self, row: StudyRow, files: list[FileRow]) -> list[Radiograph | FileOutcome] | None:
         """The study's files as records to screen or outcomes to list; None to wait (a file is changing)."""

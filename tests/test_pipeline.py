@@ -212,6 +212,39 @@ def test_an_output_folder_inside_the_input_is_not_scanned_as_input(inbox, model)
         assert not any("reports" in p or "last-week" in p for r in run.rows for p in [r["path"], *r["files"]])
 
 
+def test_a_report_that_cannot_be_made_fails_its_study_not_the_batch(inbox, tmp_path, model, monkeypatch):
+    """An exception while making one report (a reportlab LayoutError was one) ended the whole batch in a
+    traceback. Now that study's row keeps its score, says why, and the run exits 1; the re-run retries it."""
+    from cxrscreen import pipeline
+
+    out = tmp_path / "out"
+    real = pipeline.write_study_report
+
+    def broken_for_one(path, result, **kwargs):
+        if result.study.first.patient_id == "CXR-0005":
+            raise RuntimeError("no room for the overlay")
+        return real(path, result, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_study_report", broken_for_one)
+    monkeypatch.setattr(pipeline, "load_model", lambda path=None: model)
+    result = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out), "--gradcam", "none", "--json"])
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["failed_reports"] == 1 and summary["failed_files"] == 0
+    row = next(r for r in summary["rows"] if r["kind"] == "study" and r["patient_id"] == "CXR-0005")
+    assert (row["status"], row["step"], row["report"]) == ("failed", "report", "") and row["score"] > 0.5
+    assert row["reason"] == "its report could not be made: RuntimeError: no room for the overlay"
+    reported = [r for r in summary["rows"] if r["kind"] == "study" and r["report"]]
+    assert len(reported) == 5 and all((out / r["report"]).is_file() for r in reported)
+    assert "CXR-0005" in pdf_text(out / "worklist.pdf")
+    result = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out), "--gradcam", "none"])
+    assert "FAILED study " in result.stderr and "(patient CXR-0005) [report]: its report could not be" in result.stderr
+
+    monkeypatch.setattr(pipeline, "write_study_report", real)
+    again = run_batch([inbox], BatchOptions(out=out, gradcam="none"), model=model)
+    assert again.exit_code == 0 and again.reused == 5 and again.failed_reports == 0
+
+
 def test_outputs_get_the_permissions_the_umask_gives_not_0600(tmp_path):
     """mkstemp made every report 0600: a service account's reports were unreadable to the PACS sender
     and the radiologists' group whatever the site's umask said."""

@@ -429,6 +429,38 @@ def test_a_fifo_and_a_dangling_link_in_the_inbox_are_listed_and_left_in_place(di
     assert sorted(p.name for p in (tmp_path / "archive").rglob("*.dcm")) == ["fifo_000.dcm"]
 
 
+def test_a_report_that_cannot_be_made_waits_alone_and_does_not_block_its_round(dirs, model, monkeypatch, caplog):
+    """An exception while making one study's report failed the whole round, and the round was retried with
+    that study in it: a study whose report always failed held back the studies screened with it."""
+    inbox, out = dirs
+    for name in ("poison", "good1", "good2"):
+        write_study(inbox / name, name)
+    broken = threading.Event()
+    broken.set()
+    real = watch_module.write_study_report
+
+    def broken_for_one(path, result, **kwargs):
+        if broken.is_set() and result.study.first.patient_id == "POISON":
+            raise RuntimeError("no room for the overlay")
+        return real(path, result, **kwargs)
+
+    monkeypatch.setattr(watch_module, "write_study_report", broken_for_one)
+    monkeypatch.setattr(watch_module, "RETRY_SECONDS", 0.3)
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        running = Running(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none"), model)
+        try:
+            wait_for(lambda: done_studies(out) == 2, "the two other studies to be reported")
+            wait_for(lambda: caplog.text.count("event=report_failed") >= 2, "the study to be tried again")
+            assert 'error="RuntimeError: no room for the overlay"' in caplog.text and "tries=2" in caplog.text
+            assert ledger_rows(out, "SELECT DISTINCT s.status FROM studies s JOIN files f USING (study_uid) "
+                                    "WHERE f.patient_id = 'POISON'") == [("pending",)]
+            broken.clear()
+            wait_for(lambda: done_studies(out) == 3, "the study to be reported once it can be")
+        finally:
+            running.close()
+    assert ledger_rows(out, "SELECT COUNT(*), MAX(version) FROM reports") == [(3, 1)] and len(reports(out)) == 3
+
+
 def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, model):
     inbox, out = dirs
     write_study(inbox / "child", "child", images=1)
