@@ -46,6 +46,23 @@ def test_patient_ids_from_kermany_names():
     assert D.patient_id("NORMAL2-IM-0468-0001.jpeg") == "NORMAL2-IM-0468"
 
 
+def test_files_that_are_not_images_or_cannot_be_decoded_are_left_out_and_listed(labeled_folder):
+    """A non-image vanished from the data without a word, and a corrupt JPEG stopped a training run when
+    its batch came. Now both are left out before training, each with its reason."""
+    folder = labeled_folder / "train"
+    before = D.list_examples(folder)
+    good = next((folder / "PNEUMONIA").iterdir()).read_bytes()
+    (folder / "NORMAL" / "notes.txt").write_text("scanned at 300 dpi")
+    (folder / "PNEUMONIA" / "person90_virus_cut.jpeg").write_bytes(good[:300])                  # header cut
+    (folder / "PNEUMONIA" / "person91_virus_body.jpeg").write_bytes(good[:len(good) * 2 // 3])  # scan cut
+    excluded: list[dict] = []
+    assert D.list_examples(folder, excluded, workers=2) == before
+    reasons = {Path(item["path"]).name: item["reason"] for item in excluded}
+    assert reasons["notes.txt"] == "not a DICOM, JPEG or PNG file"
+    assert sorted(reasons) == ["notes.txt", "person90_virus_cut.jpeg", "person91_virus_body.jpeg"]
+    assert all(reasons.values())
+
+
 def test_patient_split_never_leaks_and_is_seeded(labeled_folder):
     examples = D.list_examples(labeled_folder / "train")
     train, val = D.patient_split(examples, 0.3, seed=7)
@@ -108,6 +125,7 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
     assert written["preprocessing"]["input_size"] == [64, 64] and written["preprocessing"]["equalize"] == "clahe"
     assert written["threshold"]["chosen_on"] == "validation"
     assert written["metrics"]["test"]["n_positive"] == 4 and written["data"]["horizontal_flips"] is False
+    assert written["data"]["excluded"] == []
     with zipfile.ZipFile(out) as archive:      # saved for inference: no optimizer state
         weights = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
         assert "optimizer" not in weights

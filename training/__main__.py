@@ -15,6 +15,9 @@ import click  # noqa: E402
 @click.group()
 def cli() -> None:
     """Train and evaluate cxrscreen models."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
 
 @cli.command()
@@ -83,7 +86,8 @@ def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_s
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({"model": str(out), "threshold": card["threshold"]["value"],
                            "validation": _short(card["metrics"]["validation"]),
-                           "test": _short(card["metrics"]["test"])}, indent=2))
+                           "test": _short(card["metrics"]["test"]),
+                           "excluded_files": len(card["data"]["excluded"])}, indent=2))
 
 
 def _test_choice(test_dir, no_test: bool):

@@ -22,16 +22,21 @@ be shown in practice.
 from __future__ import annotations
 
 import csv
+import logging
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cxrscreen.calibrate import read_labeled_csv
+from cxrscreen.errors import CxrError
 from cxrscreen.ingest import discover, sniff
 from cxrscreen.normalise import PreprocessSpec, equalize_input, load_model_input, load_unit_image, resize_to_input
+
+log = logging.getLogger("training")
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^(NORMAL2-IM-\d+)"), re.compile(r"^(IM-\d+)"))
@@ -54,20 +59,53 @@ def patient_id(path: Path | str) -> str:
     return Path(name).stem
 
 
-def list_examples(source: Path | str) -> list[Example]:
-    """Examples from ``DIR/{NORMAL,PNEUMONIA}/**`` (JPEG/PNG/DICOM, any depth) or a CSV of ``path,label``."""
+def list_examples(source: Path | str, excluded: list[dict] | None = None, *, workers: int = 2) -> list[Example]:
+    """Examples from ``DIR/{NORMAL,PNEUMONIA}/**`` (JPEG/PNG/DICOM, any depth) or a CSV of ``path,label``.
+
+    Every image is decoded once here, as training and scoring will decode it: a file that is not an
+    image, or cannot be read or decoded (truncated, corrupt), is left out, with a warning, and appended
+    to ``excluded`` as ``{"path", "reason"}`` for the card. Before, a non-image vanished without a word,
+    and a corrupt image stopped the run when its batch came, minutes or an hour in.
+    """
     source = Path(source)
-    out = []
+    candidates: list[Example] = []
+    left_out: list[dict] = []
     if source.is_file() and source.suffix.lower() == ".csv":
-        return [Example(path, label, patient or patient_id(path)) for path, label, patient in read_labeled_csv(source)]
-    for value, name in enumerate(CLASSES):
-        folder = source / name
-        if not folder.is_dir():
-            raise SystemExit(f"{folder} not found: expected {source}/NORMAL and {source}/PNEUMONIA")
-        for path in discover([folder]):
-            if sniff(path) is not None:
-                out.append(Example(path, value, patient_id(path)))
-    return out
+        candidates = [Example(path, label, patient or patient_id(path))
+                      for path, label, patient in read_labeled_csv(source)]
+    else:
+        for value, name in enumerate(CLASSES):
+            folder = source / name
+            if not folder.is_dir():
+                raise SystemExit(f"{folder} not found: expected {source}/NORMAL and {source}/PNEUMONIA")
+            for path in discover([folder]):
+                try:
+                    kind = sniff(path)
+                except CxrError as exc:
+                    left_out.append({"path": str(path), "reason": exc.cause})
+                    continue
+                if kind is None:
+                    left_out.append({"path": str(path), "reason": "not a DICOM, JPEG or PNG file"})
+                else:
+                    candidates.append(Example(path, value, patient_id(path)))
+
+    def unreadable(example: Example) -> str:
+        try:
+            load_unit_image(example.path)
+        except CxrError as exc:
+            return exc.cause
+        except Exception as exc:       # a decoder's own error: this file is left out, the run goes on
+            return f"{type(exc).__name__}: {exc}"
+        return ""
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cxr-check") as pool:
+        reasons = list(pool.map(unreadable, candidates))
+    left_out += [{"path": str(e.path), "reason": why} for e, why in zip(candidates, reasons) if why]
+    for item in left_out:
+        log.warning("left out %s: %s", item["path"], item["reason"])
+    if excluded is not None:
+        excluded.extend(left_out)
+    return [e for e, why in zip(candidates, reasons) if not why]
 
 
 def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int = 1337):

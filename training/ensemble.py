@@ -63,7 +63,9 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
                          step="ensemble")
     data_dir = Path(data_dir)
     train_source = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
-    train, val = D.patient_split(D.list_examples(train_source), float(val_fraction), int(split_seed))
+    excluded: list[dict] = []
+    train, val = D.patient_split(D.list_examples(train_source, excluded, workers=workers), float(val_fraction),
+                                 int(split_seed))
     expected = D.split_names(train=train, validation=val)
     for member, card in zip(loaded, cards):
         split_file = member.path.parent / str((card.get("data") or {}).get("split_file", ""))
@@ -103,4 +105,4 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
     curves = {f"member {i}": (card.get("training") or {}).get("history") or {} for i, card in enumerate(cards)}
     return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
                   test_dir=test_dir, target_sensitivity=target_sensitivity, batch_size=batch_size,
-                  workers=workers, curves=curves)
+                  workers=workers, curves=curves, excluded=excluded)

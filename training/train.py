@@ -124,7 +124,8 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
     spec = PreprocessSpec(input_size=(config.input_size, config.input_size), equalize=config.equalize)
     data_dir = Path(data_dir)
     train_source = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
-    examples = D.list_examples(train_source)
+    excluded: list[dict] = []
+    examples = D.list_examples(train_source, excluded, workers=config.workers)
     split_seed = config.seed if config.split_seed is None else config.split_seed
     if config.max_examples:
         rng = random.Random(split_seed)
@@ -185,17 +186,20 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
     }
     return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
                   test_dir=test_dir, target_sensitivity=config.target_sensitivity, batch_size=config.batch_size,
-                  workers=config.workers, curves={"": history})
+                  workers=config.workers, curves={"": history}, excluded=excluded)
 
 
 def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val, split_file: Path,
            test_dir: Path | str | None | bool, target_sensitivity: float, batch_size: int, workers: int,
-           curves: dict[str, dict]) -> dict:
+           curves: dict[str, dict], excluded: list[dict] = ()) -> dict:
     """Threshold on validation, score test (if any), save the model and write card and plots.
 
     Shared by a single fit and an ensemble; ``card`` holds what only the caller knows. ``test_dir``
-    None means ``data_dir/test`` when it exists; False means no test split at all.
+    None means ``data_dir/test`` when it exists; False means no test split at all. ``excluded``: the
+    training folder's files that :func:`training.data.list_examples` left out; the card lists them
+    with the test folder's.
     """
+    excluded = [{"split": "train", **item} for item in excluded]
     val_scores, val_labels = score_examples(model, val, spec, batch_size, workers)
     threshold = threshold_for_sensitivity(val_scores, val_labels, target_sensitivity)
     val_point = operating_point(val_scores, val_labels, threshold)
@@ -203,7 +207,9 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     if test_dir is None and (data_dir / "test").is_dir():
         test_dir = data_dir / "test"
     if test_dir:
-        test = D.list_examples(test_dir)
+        left_out: list[dict] = []
+        test = D.list_examples(test_dir, left_out, workers=workers)
+        excluded += [{"split": "test", **item} for item in left_out]
         test_scores, test_labels = score_examples(model, test, spec, batch_size, workers)
         test_point = operating_point(test_scores, test_labels, threshold)
         test_counts = _counts(test)
@@ -222,7 +228,8 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
         "data": {"source": str(data_dir), "split": "patient-level, seeded, stratified by class; test split "
                  "never used for training, selection or threshold", "split_file": split_file.name,
                  "train": _counts(train), "validation": _counts(val), "test": test_counts,
-                 "horizontal_flips": False},
+                 # files of the folders that are not images or could not be decoded: not in any count
+                 "excluded": excluded, "horizontal_flips": False},
         "metrics": {"validation": val_point.to_json(), "test": test_point.to_json() if test_point else None},
     }
     from cxrscreen.appearance import COMPONENTS
@@ -407,10 +414,13 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
     if abs(val_auc - card["metrics"]["validation"]["auc"]) > 1e-4:
         raise SystemExit(f"validation AUC {val_auc:.5f} does not reproduce the card's "
                          f"{card['metrics']['validation']['auc']:.5f}: model, card or data changed")
-    test = D.list_examples(test_dir)
+    left_out: list[dict] = []
+    test = D.list_examples(test_dir, left_out, workers=workers)
     test_scores, test_labels = score_examples(loaded.keras_model, test, spec, batch_size, workers)
     point = operating_point(test_scores, test_labels, threshold)
     card["metrics"]["test"] = point.to_json()
+    card["data"]["excluded"] = [*(item for item in card["data"].get("excluded") or [] if item["split"] != "test"),
+                                *({"split": "test", **item} for item in left_out)]
     card["data"]["test"] = {**_counts(test), "source": str(test_dir),
                             "scored": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     _plot_roc(model_path.parent / f"{model_path.stem}.roc.png", val_scores, val_labels, test_scores, test_labels,
@@ -424,8 +434,9 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32)
     from cxrscreen.infer import load_model
 
     loaded = load_model(model_path)
-    examples = D.list_examples(data_dir)
+    excluded: list[dict] = []
+    examples = D.list_examples(data_dir, excluded)
     scores, labels = score_examples(loaded.keras_model, examples, loaded.card.preprocessing, batch_size)
     point = operating_point(scores, labels, loaded.card.threshold)
-    return {"model": str(model_path), "data": str(data_dir), **point.to_json(),
+    return {"model": str(model_path), "data": str(data_dir), **point.to_json(), "excluded": excluded,
             "scores": scores.tolist(), "labels": labels.tolist()}
