@@ -16,6 +16,7 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -307,6 +308,15 @@ def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
         json.dump({**meta, "rows": rows}, handle, indent=2, default=str)
 
 
+def _report_link(report: str, style):
+    """The report's file name as a link that opens it (a PDF GoToR action to the file beside the worklist:
+    Acrobat, browsers' viewers, Evince and Okular follow it). Report names are ASCII by construction."""
+    from reportlab.platypus import Paragraph
+
+    name = escape(Path(report).name, {'"': "&quot;"})
+    return Paragraph(f'<a href="pdf:{name}" color="#1a4f9c">{name}</a>', style)
+
+
 def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50) -> None:
     """A risk-sorted overview: flagged studies first, then by score; 50 studies a page. After the
     studies, every file that was not screened (failed, then skipped) with its study and the reason,
@@ -334,7 +344,7 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
                             f"{float(r['score']):.3f}", paragraph(r["patient_id"], small),
                             paragraph(r["accession"], small), display_date(r["study_date"]),
                             r["study_uid"][-24:],
-                            paragraph(Path(r["report"]).name if r["report"] else r["status"], small),
+                            _report_link(r["report"], small) if r["report"] else paragraph(r["status"], small),
                             Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""),
                                                         r.get("unscored_frames", 0))),
                                       small)]

@@ -90,6 +90,11 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     assert f"Not screened: {len(files)} files" in worklist
     assert "7 studies, " in worklist and worklist.count(hand["study_uid"][-24:]) == 2
     assert "2026-11-01" in worklist
+    # each report's name in the worklist opens it: a link to the file beside the worklist (PDF GoToR)
+    from pypdf import PdfReader
+
+    links = [a.get_object()["/A"] for page in PdfReader(out / "worklist.pdf").pages for a in page.get("/Annots", [])]
+    assert [(a["/S"], a["/F"]) for a in links] == [("/GoToR", r["report"]) for r in studies]
     assert "patient aged 6 years" in worklist
     assert worklist.index("corrupt.dcm") < worklist.index("IM0002.dcm")
     for name in ("SR0001.dcm", "not frontal", "no pixel data"):
