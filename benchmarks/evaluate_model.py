@@ -61,6 +61,8 @@ def main() -> int:
     ci = bootstrap(scores, labels, result["threshold"], args.bootstrap)
     print(f"model {args.model.name} on {args.data} (n={len(labels)}: {int((labels == 0).sum())} NORMAL, "
           f"{int(labels.sum())} PNEUMONIA), threshold {result['threshold']:.4f} chosen on validation")
+    for item in result["excluded"]:     # not images, or not decodable: not in n, and said so
+        print(f"  excluded {item['path']}: {item['reason']}")
     for key in ("auc", "sensitivity", "specificity", "accuracy"):
         lo, hi = ci[key]
         print(f"  {key:12s} {getattr(point, key):.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
