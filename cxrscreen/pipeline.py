@@ -436,12 +436,12 @@ def output_lock(out: Path, who: str):
     Where the filesystem has no locks (some network mounts), it goes on without, with a warning."""
     with _writing(out, "write into the output folder"):
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / OUTPUT_LOCK, "a+", encoding="utf-8")
+        handle = open(out / OUTPUT_LOCK, "a+b", buffering=0)     # unbuffered: nothing left to flush at close
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another cxrscreen"
+        holder = handle.read().decode("utf-8", "replace").strip() or "another cxrscreen"
         handle.close()
         raise UsageError(f"{out} is being written by {holder}: wait for it to finish, or give another --out",
                          path=out) from None
@@ -449,10 +449,12 @@ def output_lock(out: Path, who: str):
         log.warning("cannot lock %s (%s): going on without; do not run two cxrscreen into it at once",
                     out, exc.strerror or exc)
     try:
-        handle.truncate(0)
-        handle.write(f"{who} (pid {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        handle.flush()
+        try:        # who holds it, for the message of the one refused; a full disk only loses that
+            handle.truncate(0)
+            handle.write(f"{who} (pid {os.getpid()} on {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass
         for leftover in out.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
         yield
