@@ -169,6 +169,9 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
               help="Move each input here once its study's report is written (default: leave inputs in place).")
 @click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path),
               help="Move files that fail here, each with a .reason.txt beside it.")
+@click.option("--remove-empty-folders", is_flag=True,
+              help="Remove folders of the inbox that have stayed empty for an hour (with --archive, a PACS "
+                   "that makes a folder per study otherwise leaves thousands, which slow every rescan).")
 @click.option("--settle", default=10.0, show_default=True, type=float,
               help="Seconds a file's size and mtime must stay unchanged, and a study must get no new file, "
                    "before it is screened.")
@@ -182,7 +185,7 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
 @screening_options
 @click.option("--once", is_flag=True, help="Handle what is in the inbox now, then exit (for cron). "
                                           "Exit code 1 when a file failed or an output could not be written.")
-def watch(inbox, out, archive, quarantine, settle, rescan, state, worklist_days, model_path, threshold, calibration, batch_size,
+def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan, state, worklist_days, model_path, threshold, calibration, batch_size,
           workers, gradcam, include_lateral, any_body_part, dicom, once):
     """Screen studies as they arrive in INBOX, each exactly once; stop with SIGTERM or Ctrl-C."""
     import signal
@@ -202,7 +205,8 @@ def watch(inbox, out, archive, quarantine, settle, rescan, state, worklist_days,
         options = WatchOptions(inbox=inbox, out=out, archive=archive, quarantine=quarantine, settle=settle,
                                rescan=rescan, state=state, worklist_days=worklist_days, model_path=model_path, threshold=threshold,
                                calibration=calibration, batch_size=batch_size, workers=workers, gradcam=gradcam,
-                               include_lateral=include_lateral, any_body_part=any_body_part, dicom=dicom, once=once)
+                               include_lateral=include_lateral, any_body_part=any_body_part, dicom=dicom, once=once,
+                               remove_empty_folders=remove_empty_folders)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         code = Watcher(options, stop=stop).run()

@@ -61,6 +61,7 @@ log = logging.getLogger("cxrscreen.watch")
 STATE_FILE = ".cxrscreen-watch.sqlite"
 UNPARSED_SETTLES = 3         # an unparseable, unchanging file is failed after this many more settle periods
 HOLD_BACK_SETTLES = 10       # a ready study waits at most this long for unsettled files in its folder
+EMPTY_FOLDER_AGE = 3600.0    # --remove-empty-folders: seconds an inbox folder must stay empty and unchanged
 SUMMARY_EVERY = 30.0         # seconds between summary/worklist rewrites while busy
 RETRY_SECONDS = 60.0         # a round that failed with a tool error is retried after this long
 
@@ -83,6 +84,7 @@ class WatchOptions:
     include_lateral: bool = False
     any_body_part: bool = False
     dicom: bool = False          # also write each report as a DICOM Encapsulated PDF (cxrscreen.encapsulate)
+    remove_empty_folders: bool = False   # folders of the inbox empty for EMPTY_FOLDER_AGE are removed
     once: bool = False
     worklist_days: float = 7.0   # summary/worklist window; 0 = every study the ledger holds
     max_images: int = 128        # per screening round: bounds how long SIGTERM waits for the round to end
@@ -367,11 +369,26 @@ class Watcher:
             self._observe(path, now)
 
     def _rescan(self, now: float) -> None:
+        root = os.path.normpath(self.inbox)
         for folder, dirs, files in os.walk(self.inbox):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            if self.options.remove_empty_folders and not dirs and not files and os.path.normpath(folder) != root:
+                self._remove_if_stale(folder)
             for name in sorted(files):
                 if not is_ignored(name):
                     self._observe(os.path.normpath(os.path.join(folder, name)), now)
+
+    def _remove_if_stale(self, folder: str) -> None:
+        """Remove an inbox folder left empty (a PACS that makes one per study, its files archived) once it
+        has not changed for EMPTY_FOLDER_AGE: thousands of them make every rescan slow, on NFS very slow.
+        rmdir removes only an empty folder, so a file that has just arrived keeps it."""
+        try:
+            if time.time() - os.stat(folder).st_mtime < EMPTY_FOLDER_AGE:
+                return
+            os.rmdir(folder)
+        except OSError:
+            return
+        log.info(kv(event="folder_removed", path=folder, note="empty and unchanged for an hour or more"))
 
     def _observe(self, path: str, now: float) -> None:
         special = False

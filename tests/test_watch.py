@@ -461,6 +461,26 @@ def test_a_report_that_cannot_be_made_waits_alone_and_does_not_block_its_round(d
     assert ledger_rows(out, "SELECT COUNT(*), MAX(version) FROM reports") == [(3, 1)] and len(reports(out)) == 3
 
 
+def test_remove_empty_folders_removes_only_folders_empty_and_unchanged_for_an_hour(dirs, model, tmp_path):
+    """With --archive, a PACS that makes a folder per study left thousands of empty folders in the inbox,
+    and every rescan walked them (on NFS, a round trip each)."""
+    inbox, out = dirs
+    write_study(inbox / "study", "tidy")
+    hour_ago = time.time() - 2 * watch_module.EMPTY_FOLDER_AGE
+    old, fresh, busy = inbox / "2026" / "old", inbox / "fresh", inbox / "busy"
+    for folder in (old, fresh, busy):
+        folder.mkdir(parents=True)
+    (busy / "IM0001.dcm.part").write_bytes(b"half a transfer")     # a transfer in progress keeps its folder
+    for folder in (old, busy):
+        os.utime(folder, (hour_ago, hour_ago))
+    options = dict(archive=tmp_path / "archive", settle=0.2, rescan=0.3, gradcam="none", once=True)
+    assert Watcher(WatchOptions(inbox, out, **options), model=model).run() == 0
+    assert old.is_dir() and fresh.is_dir() and not (inbox / "study" / "tidy_000.dcm").exists()   # off by default
+    assert Watcher(WatchOptions(inbox, out, remove_empty_folders=True, **options), model=model).run() == 0
+    assert not old.exists() and fresh.is_dir() and busy.is_dir() and inbox.is_dir()
+    assert (inbox / "study").is_dir()       # emptied by the archive just now: removed an hour later
+
+
 def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, model):
     inbox, out = dirs
     write_study(inbox / "child", "child", images=1)
