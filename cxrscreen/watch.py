@@ -236,6 +236,8 @@ class Watcher:
                                  workers=o.workers)
         self._note_model(calibration)
         self._recover()
+        if o.dicom:
+            self._backfill_dicom()
         observer = self._start_observer()
         counts = self.ledger.counts()
         log.info(kv(event="start", inbox=self.inbox, out=self.out, state=o.state_file, model=model.path.name,
@@ -300,6 +302,39 @@ class Watcher:
         for row in self.ledger.handled_in_place():        # handled, but a crash (or no --archive then) left it
             self._relocate(row)
         self.known = self.ledger.known_locations()
+
+    def _backfill_dicom(self) -> None:
+        """With --dicom, once: the current report of each study reported before the daemon ran with
+        --dicom gets its .dcm, made from the PDF and the study's scored images, read where the ledger says
+        they are now (the archive). A study read from JPEG/PNG has none to have (its UID is ours: "file-...",
+        never a DICOM UID, which is digits and dots)."""
+        missing = [s for s in self.ledger.studies("done")
+                   if s.report and not s.study_uid.startswith("file-") and (self.out / s.report).is_file()
+                   and not (self.out / dicom_report_name(s.report)).exists()]
+        if missing:
+            log.info(kv(event="dicom_backfill", studies=len(missing), note="reported before --dicom"))
+        for row in missing:
+            if self.stop.is_set():
+                return
+            images = []
+            for f in self.ledger.study_files(row.study_uid):
+                if f.status == "scored" and f.version == row.version:
+                    record = read_record(Path(f.location), include_lateral=True, any_body_part=True)
+                    if isinstance(record, Radiograph):
+                        images.append(dataclasses.replace(record, study_uid=row.study_uid))
+            try:
+                written = write_encapsulated_pdf(self.out / dicom_report_name(row.report), self.out / row.report,
+                                                 images, version=row.version) if images else None
+            except OSError:
+                raise       # the disk: the start fails, naming it
+            except Exception as exc:     # this study's .dcm only; the daemon goes on
+                log.error(kv(event="dicom_backfill_failed", uid=row.study_uid, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            if written is None:
+                log.warning(kv(event="dicom_backfill_failed", uid=row.study_uid,
+                               error="none of its scored images is where the ledger says, as DICOM"))
+            else:
+                log.info(kv(event="dicom_backfilled", uid=row.study_uid, dicom=written.name))
 
     def _busy(self) -> bool:
         """Files still settling, or pending studies that are not waiting out an error."""

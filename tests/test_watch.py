@@ -538,6 +538,32 @@ def test_dicom_reports_are_written_for_each_version_as_new_instances_of_one_seri
     assert "amended (version 2)" in two.DocumentTitle
 
 
+def test_dicom_reports_are_back_filled_once_for_studies_reported_before_dicom(dirs, model, tmp_path, caplog):
+    """Turning --dicom on gave no .dcm to the studies the daemon had reported before: a site that chose
+    to send reports to its PACS had a gap of every earlier study. Now the next start writes them, from the
+    PDF and the archived images, once; a JPEG study has none to have."""
+    import cv2
+    import pydicom
+
+    inbox, out = dirs
+    (original,) = write_study(inbox / "d", "backfill")
+    cv2.imwrite(str(inbox / "export.jpg"), phantom(96, 96).astype("uint8"))
+    options = dict(archive=tmp_path / "archive", settle=0.2, rescan=0.5, gradcam="none", once=True)
+    sop = pydicom.dcmread(original).SOPInstanceUID
+    assert Watcher(WatchOptions(inbox, out, **options), model=model).run() == 0
+    assert len(reports(out)) == 2 and not list(out.glob("*.dcm")) and not original.exists()   # archived
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        assert Watcher(WatchOptions(inbox, out, dicom=True, **options), model=model).run() == 0
+    (dcm,) = out.glob("*.dcm")
+    report = pydicom.dcmread(dcm)
+    assert report.EncapsulatedDocument[:report.EncapsulatedDocumentLength] == dcm.with_suffix(".pdf").read_bytes()
+    assert [item.ReferencedSOPInstanceUID for item in report.SourceInstanceSequence] == [sop]
+    assert "event=dicom_backfill studies=1" in caplog.text and "event=dicom_backfilled" in caplog.text
+    written = dcm.stat().st_mtime_ns
+    assert Watcher(WatchOptions(inbox, out, dicom=True, **options), model=model).run() == 0
+    assert dcm.stat().st_mtime_ns == written and len(list(out.glob("*.dcm"))) == 1
+
+
 def test_file_names_that_are_not_utf8_are_taken_reported_and_archived(dirs, model, tmp_path):
     """SQLite cannot store such a name as text: the daemon crashed on it, and again on every restart."""
     inbox, out = dirs
