@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 SCHEMA_VERSION = 4
 
@@ -187,6 +187,18 @@ class _Connection(sqlite3.Connection):
         return super().execute(sql, tuple(_to_sqlite(v) for v in parameters))
 
 
+_DISK_ERRORS = {"SQLITE_FULL": "disk is full", "SQLITE_IOERR": "disk I/O error",
+                "SQLITE_READONLY": "readonly database", "SQLITE_CANTOPEN": "unable to open database file"}
+
+
+def _disk_error(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed for its disk's sake (full, I/O, read-only, cannot open), not the file's."""
+    name = getattr(exc, "sqlite_errorname", None)   # Python 3.11+, extended codes too (SQLITE_IOERR_WRITE)
+    if name:
+        return name.startswith(tuple(_DISK_ERRORS))
+    return any(text in str(exc) for text in _DISK_ERRORS.values())     # Python 3.10: the message
+
+
 class Ledger:
     """One daemon's state. Opening it takes an exclusive lock: two daemons never share a ledger."""
 
@@ -209,7 +221,9 @@ class Ledger:
             self._create_or_migrate()
         except sqlite3.DatabaseError as exc:
             self.close()
-            raise UsageError(f"cannot use the state file {self.path}: {exc}") from None
+            if _disk_error(exc):        # its disk: full, read-only, an I/O error (exit 1, not a usage error)
+                raise OutputError(f"cannot use the state file: {exc}", path=self.path, step="start") from None
+            raise UsageError(f"cannot use the state file {self.path}: {exc}") from None    # not a database...
         except BaseException:
             self.close()
             raise

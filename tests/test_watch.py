@@ -652,6 +652,25 @@ def test_a_second_daemon_on_the_same_ledger_is_refused(tmp_path):
         first.close()
 
 
+def test_a_ledger_whose_disk_is_full_at_start_is_an_output_error_not_a_usage_error(tmp_path, monkeypatch):
+    """Exit 1 (the disk), not 2 (the command line); a file that is not a database stays a usage error."""
+    import sqlite3
+
+    from cxrscreen.errors import OutputError
+    from cxrscreen.ledger import Ledger
+
+    def full(self):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Ledger, "_create_or_migrate", full)
+    with pytest.raises(OutputError, match="cannot use the state file: database or disk is full"):
+        Ledger(tmp_path / "full.sqlite")
+    monkeypatch.undo()
+    (tmp_path / "text.sqlite").write_text("not a database, but long enough to be read as one" * 100)
+    with pytest.raises(UsageError, match="cannot use the state file"):
+        Ledger(tmp_path / "text.sqlite")
+
+
 def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
     import sqlite3
 
