@@ -215,5 +215,41 @@ def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan,
     sys.exit(code)
 
 
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--state", type=click.Path(dir_okay=False, path_type=Path),
+              help="The daemon's ledger, when it runs with --state (default: OUT/.cxrscreen-watch.sqlite).")
+@click.option("--max-wait", default=30.0, show_default=True, type=float,
+              help="Minutes a study may wait after its last file before the check fails.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def status(out, state, max_wait, as_json):
+    """Check a watch daemon from its ledger, for monitoring: exit 0 healthy, 1 not (no daemon running,
+    or a study waiting too long)."""
+    import datetime as dt
+
+    from .watch import health
+
+    try:
+        result = health(out, state, max_wait=max_wait * 60)
+    except CxrError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        n = result["studies"]
+        wait = result["oldest_pending_wait_s"]
+        last = result["last_report_at"]
+        daemon = f"running: {result['holder'] or 'holder unknown'}" if result["running"] else "NOT running"
+        click.echo(f"daemon: {daemon}")
+        click.echo(f"studies: {n['done']} reported, {n['pending']} pending"
+                   + (f" (the oldest waiting {wait / 60:.1f} min since its last file)" if wait is not None else "")
+                   + f", {n['failed']} with nothing screenable")
+        click.echo("last report: " + (dt.datetime.fromtimestamp(last).strftime("%Y-%m-%d %H:%M:%S") if last
+                                      else "none yet"))
+        click.echo(f"files failed in the last 24 h: {result['failed_files_24h']}")
+        click.echo("OK" if result["healthy"] else "ATTENTION: " + "; ".join(result["problems"]))
+    sys.exit(0 if result["healthy"] else 1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -49,8 +49,8 @@ from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, not_regular, read_record
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir
-from .pipeline import (Screener, check_screening_options, file_rows, output_lock, rank_rows, release,
-                       resolve_threshold, study_row, unscreened_study_rows)
+from .pipeline import (OUTPUT_LOCK, Screener, check_screening_options, file_rows, output_lock, rank_rows,
+                       release, resolve_threshold, study_row, unscreened_study_rows)
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import (StudyResult, atomic_write, brief_caution, report_filename, write_study_report, write_summary,
                      write_worklist)
@@ -112,6 +112,57 @@ class WatchOptions:
     @property
     def state_file(self) -> Path:
         return Path(self.state) if self.state else Path(self.out) / STATE_FILE
+
+
+def health(out: Path | str, state: Path | str | None = None, *, max_wait: float = 1800.0,
+           now: float | None = None) -> dict:
+    """What a monitoring check needs to know about a watch daemon, read from its ledger without
+    disturbing it (SQLite read-only; the daemon's lock is only tested): whether a daemon holds the
+    ledger, the studies by status, how long the oldest pending study has waited since its last file,
+    when the last report was written, and the files failed in the last 24 hours. ``healthy`` is false,
+    with the reasons in ``problems``, when no daemon runs or a study has waited over ``max_wait``
+    seconds (a study is due ``--settle`` seconds after its last file)."""
+    import fcntl
+    import sqlite3
+
+    state_file = Path(state) if state else Path(out) / STATE_FILE
+    if not state_file.is_file():
+        raise UsageError(f"no watch ledger at {state_file} (give --state if the daemon runs with one)")
+    now = time.time() if now is None else now
+    running, holder = False, ""
+    try:
+        with open(f"{state_file}.lock", "rb") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                running = True
+    except FileNotFoundError:
+        pass
+    if running:
+        try:
+            holder = (Path(out) / OUTPUT_LOCK).read_bytes().decode("utf-8", "replace").strip()
+        except OSError:
+            pass
+    db = sqlite3.connect(f"{state_file.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        studies = dict(db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())
+        oldest = db.execute("SELECT MIN(last_arrival) FROM studies WHERE status = 'pending'").fetchone()[0]
+        last_report = db.execute("SELECT MAX(created) FROM reports").fetchone()[0]
+        failed_day = db.execute("SELECT COUNT(*) FROM files WHERE status = 'failed' AND taken_at >= ?",
+                                (now - 86400,)).fetchone()[0]
+    finally:
+        db.close()
+    waited = max(0.0, now - oldest) if oldest is not None else None
+    problems = []
+    if not running:
+        problems.append("no watch daemon holds this ledger")
+    if waited is not None and waited > max_wait:
+        problems.append(f"a study has waited {waited / 60:.0f} min since its last file (limit {max_wait / 60:.0f})")
+    return {"ledger": str(state_file), "running": running, "holder": holder,
+            "studies": {k: studies.get(k, 0) for k in ("done", "pending", "failed")},
+            "oldest_pending_wait_s": round(waited, 1) if waited is not None else None,
+            "last_report_at": last_report, "failed_files_24h": failed_day,
+            "healthy": not problems, "problems": problems}
 
 
 def kv(**fields) -> str:

@@ -481,6 +481,39 @@ def test_remove_empty_folders_removes_only_folders_empty_and_unchanged_for_an_ho
     assert (inbox / "study").is_dir()       # emptied by the archive just now: removed an hour later
 
 
+def test_status_checks_a_daemon_from_its_ledger_for_monitoring(dirs, model):
+    """A stopped daemon, or one that took a study and never screened it, was visible only by reading its
+    log: `cxrscreen status OUT` says so from the ledger, and exits 1, for a monitoring system."""
+    from cxrscreen.ledger import Ledger
+
+    inbox, out = dirs
+    write_study(inbox / "a", "status")
+    running = Running(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none"), model)
+    try:
+        wait_for(lambda: done_studies(out) == 1, "the study to be reported")
+        result = CliRunner().invoke(main, ["status", str(out), "--json"])
+        assert result.exit_code == 0, result.output
+        state = json.loads(result.stdout)
+        assert state["running"] and state["holder"].startswith(f"cxrscreen watch of {inbox} (pid ")
+        assert state["studies"] == {"done": 1, "pending": 0, "failed": 0} and state["last_report_at"] > 0
+        assert state["healthy"] and state["problems"] == []
+    finally:
+        running.close()
+    stopped = CliRunner().invoke(main, ["status", str(out)])
+    assert stopped.exit_code == 1 and "daemon: NOT running" in stopped.output
+    assert "ATTENTION: no watch daemon holds this ledger" in stopped.output
+    ledger = Ledger(out / STATE_FILE)        # holds the ledger as a daemon does; a study taken two hours ago
+    try:
+        ledger.take_file(path=str(inbox / "late.dcm"), size=1, mtime_ns=1, sha256="0" * 64, study_uid="1.2.3",
+                         status="pending", now=time.time() - 7200)
+        late = CliRunner().invoke(main, ["status", str(out), "--json"])
+    finally:
+        ledger.close()
+    assert late.exit_code == 1
+    assert json.loads(late.stdout)["problems"] == ["a study has waited 120 min since its last file (limit 30)"]
+    assert CliRunner().invoke(main, ["status", str(inbox)]).exit_code == 2     # no ledger there
+
+
 def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, model):
     inbox, out = dirs
     write_study(inbox / "child", "child", images=1)
