@@ -143,15 +143,18 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
             holder = (Path(out) / OUTPUT_LOCK).read_bytes().decode("utf-8", "replace").strip()
         except OSError:
             pass
-    db = sqlite3.connect(f"{state_file.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     try:
-        studies = dict(db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())
-        oldest = db.execute("SELECT MIN(last_arrival) FROM studies WHERE status = 'pending'").fetchone()[0]
-        last_report = db.execute("SELECT MAX(created) FROM reports").fetchone()[0]
-        failed_day = db.execute("SELECT COUNT(*) FROM files WHERE status = 'failed' AND taken_at >= ?",
-                                (now - 86400,)).fetchone()[0]
-    finally:
-        db.close()
+        db = sqlite3.connect(f"{state_file.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            studies = dict(db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())
+            oldest = db.execute("SELECT MIN(last_arrival) FROM studies WHERE status = 'pending'").fetchone()[0]
+            last_report = db.execute("SELECT MAX(created) FROM reports").fetchone()[0]
+            failed_day = db.execute("SELECT COUNT(*) FROM files WHERE status = 'failed' AND taken_at >= ?",
+                                    (now - 86400,)).fetchone()[0]
+        finally:
+            db.close()
+    except (sqlite3.Error, ValueError) as exc:   # unreadable to this user, or not a ledger: the check fails
+        raise OutputError(f"cannot read the ledger: {exc}", path=state_file, step="status") from None
     waited = max(0.0, now - oldest) if oldest is not None else None
     problems = []
     if not running:

@@ -512,6 +512,9 @@ def test_status_checks_a_daemon_from_its_ledger_for_monitoring(dirs, model):
     assert late.exit_code == 1
     assert json.loads(late.stdout)["problems"] == ["a study has waited 120 min since its last file (limit 30)"]
     assert CliRunner().invoke(main, ["status", str(inbox)]).exit_code == 2     # no ledger there
+    (inbox / STATE_FILE).write_text("not a ledger" * 100)                     # one it cannot read: exit 1, one line
+    unreadable = CliRunner().invoke(main, ["status", str(inbox)])
+    assert unreadable.exit_code == 1 and "[status]: cannot read the ledger: " in unreadable.output
 
 
 def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, model):
