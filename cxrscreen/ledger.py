@@ -199,13 +199,29 @@ def _disk_error(exc: sqlite3.Error) -> bool:
     return any(text in str(exc) for text in _DISK_ERRORS.values())     # Python 3.10: the message
 
 
+def _lock_path(path: Path | str) -> str:
+    return f"{path}.lock"
+
+
+def in_use(path: Path | str) -> bool:
+    """Whether a daemon holds the ledger at ``path`` (its lock is tested, never taken for long)."""
+    try:
+        with open(_lock_path(path), "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
 class Ledger:
     """One daemon's state. Opening it takes an exclusive lock: two daemons never share a ledger."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(f"{self.path}.lock", "a+")
+        self._lock = open(_lock_path(self.path), "a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -440,11 +440,9 @@ def output_lock(out: Path, who: str):
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().decode("utf-8", "replace").strip() or "another cxrscreen"
         handle.close()
-        raise UsageError(f"{out} is being written by {holder}: wait for it to finish, or give another --out",
-                         path=out) from None
+        raise UsageError(f"{out} is being written by {lock_holder(out) or 'another cxrscreen'}: wait for it to "
+                         "finish, or give another --out", path=out) from None
     except OSError as exc:
         log.warning("cannot lock %s (%s): going on without; do not run two cxrscreen into it at once",
                     out, exc.strerror or exc)
@@ -460,6 +458,14 @@ def output_lock(out: Path, who: str):
         yield
     finally:
         handle.close()      # and with it the lock
+
+
+def lock_holder(out: Path | str) -> str:
+    """The line the run holding ``out`` wrote into its lock file (command, pid, host, since); "" if none."""
+    try:
+        return (Path(out) / OUTPUT_LOCK).read_bytes().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
 
 
 def _save_state(out: Path, state: dict) -> None:

@@ -41,15 +41,24 @@ class _OfAStudy:
 _AGE_UNIT_DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
 
+def parse_patient_age(patient_age: str) -> tuple[int, str] | None:
+    """PatientAge (AS, ``nnnD/W/M/Y``) as (number, unit letter); None when absent, malformed or ``000Y``
+    (what many modalities write for an unknown age: an infant's is given in D, W or M)."""
+    age = patient_age.strip().upper()
+    if len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNIT_DAYS and age != "000Y":
+        return int(age[:3]), age[3]
+    return None
+
+
 def age_in_years(patient_age: str, birth_date: str, study_date: str) -> float | None:
     """The patient's age at the study in years: from PatientAge (``nnnD/W/M/Y``), else from the birth and
     study dates (``YYYYMMDD``); None when neither gives a plausible age.
 
     ``000Y`` is what many modalities write when they do not know the age (an infant's is given in
     D, W or M), so it counts as no PatientAge: the dates decide, and without them the age is unknown."""
-    age = patient_age.strip().upper()
-    if len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNIT_DAYS and age != "000Y":
-        return int(age[:3]) * _AGE_UNIT_DAYS[age[3]] / 365.25
+    parsed = parse_patient_age(patient_age)
+    if parsed:
+        return parsed[0] * _AGE_UNIT_DAYS[parsed[1]] / 365.25
     try:
         born = dt.datetime.strptime(birth_date.strip()[:8], "%Y%m%d").date()
         seen = dt.datetime.strptime(study_date.strip()[:8], "%Y%m%d").date()

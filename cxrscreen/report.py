@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from . import __version__
-from .records import FileOutcome, Radiograph, Study, age_in_years
+from .records import FileOutcome, Radiograph, Study, age_in_years, parse_patient_age
 from .typeset import markup, paragraph, person_name, undecodable_as_hex
 
 DISCLAIMER = ("Decision support only, not a diagnosis. This screening score was produced by a machine-learning "
@@ -165,10 +165,10 @@ def display_time(value: str) -> str:
 def display_age(patient_age: str, birth_date: str, study_date: str) -> str:
     """The age as a reader says it: PatientAge (``003Y`` -> ``3 years``, ``018M`` -> ``18 months``), else from
     the birth and study dates (marked so, in months under two years); "" when neither gives one."""
-    age = patient_age.strip().upper()
-    if len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNITS and age != "000Y":
-        n = int(age[:3])
-        return f"{n} {_AGE_UNITS[age[3]]}{'' if n == 1 else 's'}"
+    parsed = parse_patient_age(patient_age)
+    if parsed:
+        n, unit = parsed
+        return f"{n} {_AGE_UNITS[unit]}{'' if n == 1 else 's'}"
     years = age_in_years("", birth_date, study_date)
     if years is None:
         return patient_age.strip()      # as written (000Y, or a malformed value), for the reader to judge

@@ -48,9 +48,9 @@ from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, not_regular, read_record
-from .ledger import FileRow, Ledger, StudyRow, fsync_dir
-from .pipeline import (OUTPUT_LOCK, Screener, check_screening_options, file_rows, output_lock, rank_rows,
-                       release, resolve_threshold, study_row, unscreened_study_rows)
+from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
+from .pipeline import (Screener, check_screening_options, file_rows, lock_holder, output_lock, rank_rows, release,
+                       resolve_threshold, study_row, unscreened_study_rows)
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import (StudyResult, atomic_write, brief_caution, report_filename, write_study_report, write_summary,
                      write_worklist)
@@ -122,27 +122,12 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
     when the last report was written, and the files failed in the last 24 hours. ``healthy`` is false,
     with the reasons in ``problems``, when no daemon runs or a study has waited over ``max_wait``
     seconds (a study is due ``--settle`` seconds after its last file)."""
-    import fcntl
-    import sqlite3
-
     state_file = Path(state) if state else Path(out) / STATE_FILE
     if not state_file.is_file():
         raise UsageError(f"no watch ledger at {state_file} (give --state if the daemon runs with one)")
     now = time.time() if now is None else now
-    running, holder = False, ""
-    try:
-        with open(f"{state_file}.lock", "rb") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                running = True
-    except FileNotFoundError:
-        pass
-    if running:
-        try:
-            holder = (Path(out) / OUTPUT_LOCK).read_bytes().decode("utf-8", "replace").strip()
-        except OSError:
-            pass
+    running = in_use(state_file)
+    holder = lock_holder(out) if running else ""
     try:
         db = sqlite3.connect(f"{state_file.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
