@@ -177,6 +177,7 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
+    full_precision()
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:
@@ -194,6 +195,42 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
         appearance = AppearanceReference.load(path.parent / section["file"], section.get("sha256", ""))
     return LoadedModel(path=path, card=card, sha256=sha256_file(path), keras_model=model, compute=compute_device(),
                        appearance=appearance)
+
+
+def full_precision() -> str:
+    """Make float32 convolutions and matrix products of the Keras backend compute in full float32 on
+    every device, and return the setting made (for the log and the tests).
+
+    NVIDIA GPUs since Ampere compute them in TF32 (a 10-bit mantissa) by default under JAX,
+    PyTorch's cuDNN convolutions and TensorFlow. Measured on an H100 (``benchmarks/screening_devices.py``,
+    629 studies): JAX and PyTorch scores moved by up to 4.2e-3 (mean 3.5e-4) from TensorFlow's on the
+    CPU, and by 2e-6 with full precision, at no visible cost (the model is small: the GPU is not
+    where screening waits). The threshold was chosen on float32 scores, so in TF32 a study near it
+    could be flagged on one server and not on another. Idempotent; a no-op on a CPU."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+        return "jax_default_matmul_precision=highest"
+    if backend == "torch":
+        import torch
+
+        if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.cuda.matmul.fp32_precision = "ieee"       # torch >= 2.9
+            torch.backends.cudnn.conv.fp32_precision = "ieee"
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        return "torch matmul and cuDNN convolutions: fp32 (ieee), no TF32"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        return "tensorflow: TensorFloat-32 execution off"
+    return f"{backend}: left as it is"
 
 
 def accelerators() -> list[str]:

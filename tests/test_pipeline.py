@@ -429,8 +429,15 @@ from cxrscreen.normalise import load_model_input
 model = load_model()
 images = np.stack([load_model_input(p, model.card.preprocessing) for p in sys.argv[1:]])
 scores, cams = GradCam(model.keras_model)(images)
+import keras
+if keras.backend.backend() == "jax":
+    import jax
+    precision = [jax.config.jax_default_matmul_precision]
+else:
+    import torch
+    precision = [torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision]
 print(json.dumps({"compute": model.compute, "predict": model.predict(images).tolist(),
-                  "scores": scores.tolist(), "cams": cams.tolist()}))
+                  "scores": scores.tolist(), "cams": cams.tolist(), "precision": precision}))
 """
 
 
@@ -455,10 +462,15 @@ def test_screening_gives_the_same_scores_and_heatmaps_on_every_keras_backend(bac
     assert done.returncode == 0, done.stderr[-3000:]
     other = json.loads(done.stdout.strip().splitlines()[-1])
     assert other["compute"] == f"{backend} on CPU"
+    # on a GPU these backends would compute convolutions in TF32 unless told otherwise (see full_precision)
+    assert other["precision"] == (["highest"] if backend == "jax" else ["ieee", "ieee"])
     np.testing.assert_allclose(other["scores"], scores, atol=1e-5)
     np.testing.assert_allclose(other["predict"], scores, atol=1e-5)
     np.testing.assert_allclose(other["cams"], cams, atol=1e-4)
     assert model.compute.startswith("tensorflow on ")
+    import tensorflow as tf
+
+    assert not tf.config.experimental.tensor_float_32_execution_enabled()
 
 
 def test_report_filename_is_unique_per_study():
