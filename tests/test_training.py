@@ -184,6 +184,13 @@ def test_gpu_path_trains_in_mixed_precision_and_saves_a_float32_model(labeled_fo
     assert loaded.card.population is None and loaded.card.trained_on == ""   # a card that does not say whom
     score = loaded.predict(np.zeros((1, 64, 64, 1), np.float32))
     assert score.dtype == np.float64 and 0 <= score[0] <= 1
+    # the threshold and the validation figures are those of the saved float32 model, the one screened,
+    # not of the float16 model training left in memory
+    val = D.split_examples(out.parent / card["data"]["split_file"], "validation")
+    scores = loaded.predict(np.stack([load_model_input(e.path, loaded.card.preprocessing) for e in val]))
+    labels = np.array([e.label for e in val])
+    assert card["threshold"]["value"] == threshold_for_sensitivity(scores, labels, 0.95)
+    assert card["metrics"]["validation"] == operating_point(scores, labels, card["threshold"]["value"]).to_json()
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")

@@ -200,7 +200,11 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     with the test folder's.
     """
     excluded = [{"split": "train", **item} for item in excluded]
-    val_scores, val_labels = score_examples(model, val, spec, batch_size, workers)
+    save_for_inference(model, out)
+    # Threshold and metrics come from the saved float32 model as screening loads and runs it: the model in
+    # memory computes in float16 after a mixed-precision (GPU) fit, and its scores are not the ones screened.
+    saved = load_for_scoring(out)
+    val_scores, val_labels = score_examples(saved, val, spec, batch_size, workers)
     threshold = threshold_for_sensitivity(val_scores, val_labels, target_sensitivity)
     val_point = operating_point(val_scores, val_labels, threshold)
     test_point, test_counts, test_scores, test_labels = None, None, None, None
@@ -210,13 +214,12 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
         left_out: list[dict] = []
         test = D.list_examples(test_dir, left_out, workers=workers)
         excluded += [{"split": "test", **item} for item in left_out]
-        test_scores, test_labels = score_examples(model, test, spec, batch_size, workers)
+        test_scores, test_labels = score_examples(saved, test, spec, batch_size, workers)
         test_point = operating_point(test_scores, test_labels, threshold)
         test_counts = _counts(test)
     _plot_roc(out.parent / f"{out.stem}.roc.png", val_scores, val_labels, test_scores, test_labels, threshold)
     _plot_curves(out.parent / f"{out.stem}.training_curves.png", curves)
 
-    save_for_inference(model, out)
     card = {
         **card,
         "model_sha256": sha256_file(out),
@@ -261,13 +264,11 @@ def write_appearance(model_path: Path | str, card: dict, train, val, *, batch_si
     model is measured, as screening will use it."""
     import hashlib
 
-    import keras
-
     from cxrscreen.appearance import COMPONENTS, AppearanceReference, reference_path
 
     model_path = Path(model_path)
     spec, layer = PreprocessSpec.from_json(card["preprocessing"]), card["gradcam_layer"]
-    model = keras.saving.load_model(model_path, compile=False)
+    model = load_for_scoring(model_path)
     components = components or COMPONENTS
     reference = AppearanceReference.fit(pooled_features(model, train, spec, batch_size, workers, layer),
                                         pooled_features(model, val, spec, batch_size, workers, layer), components)
@@ -307,6 +308,17 @@ def save_for_inference(model, out: Path) -> None:
     fresh = keras.Model.from_config(float32_config(model.get_config()))
     fresh.set_weights(model.get_weights())
     fresh.save(out)
+
+
+def load_for_scoring(path: Path | str):
+    """A saved model as screening runs it: float32 layers, and full float32 precision on a GPU
+    (:func:`cxrscreen.infer.full_precision`; TF32 moves scores by up to a few thousandths)."""
+    import keras
+
+    from cxrscreen.infer import full_precision
+
+    full_precision()
+    return keras.saving.load_model(path, compile=False)
 
 
 def float32_config(config):
