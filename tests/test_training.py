@@ -213,6 +213,36 @@ def test_record_test_scores_the_test_split_once_into_the_card(labeled_folder, tm
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
+def test_rethreshold_chooses_the_threshold_again_from_the_saved_model(labeled_folder, tmp_path):
+    """A card whose threshold is not the one its saved model's validation scores give (a GPU fit before
+    12338ea took it from float16 scores) is corrected; its test figures are measured at the new one."""
+    from training.train import FitConfig, evaluate, fit, rethreshold
+
+    out = tmp_path / "rt" / "rt.keras"
+    config = FitConfig(input_size=32, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3, workers=1)
+    fit(labeled_folder, out, config, test_dir=labeled_folder / "test")
+    right = json.loads(card_path(out).read_text())
+    assert rethreshold(out, labeled_folder / "test") == right            # already right: unchanged, on disk too
+    assert json.loads(card_path(out).read_text()) == right
+    wrong = json.loads(json.dumps(right))
+    wrong["threshold"]["value"] = right["threshold"]["value"] - 1e-3     # as a float16 score would put it
+    wrong["metrics"]["test"]["sensitivity"] = 0.123
+    card_path(out).write_text(json.dumps(wrong))
+    with pytest.raises(SystemExit, match="--test"):
+        rethreshold(out)
+    card = rethreshold(out, labeled_folder / "test")
+    assert json.loads(card_path(out).read_text()) == card
+    assert card["threshold"]["value"] == right["threshold"]["value"]
+    assert card["metrics"]["validation"] == right["metrics"]["validation"] == card["threshold"]["validation"]
+    assert card["metrics"]["test"] == right["metrics"]["test"]
+    assert card["metrics"]["test"]["threshold"] == evaluate(out, labeled_folder / "test")["threshold"]
+    corrected = card["threshold"]["corrected"]
+    assert corrected["previous"] == wrong["threshold"]["value"]
+    assert corrected["previous_test"]["sensitivity"] == 0.123 and "rescored" in card["data"]["test"]
+    assert load_model(out).card.threshold == right["threshold"]["value"]
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
 def test_the_appearance_reference_is_fitted_on_the_split_and_screening_measures_the_same(labeled_folder, tmp_path):
     from cxrscreen.pipeline import Screener
     from cxrscreen.ingest import group_studies, scan

@@ -1,4 +1,5 @@
-"""python -m training {fit,ensemble,evaluate,backbones,convert-lite} (run from the repository root)."""
+"""python -m training {fit,ensemble,evaluate,rethreshold,appearance,backbones,convert-lite} (run from the
+repository root)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,28 @@ def evaluate(model_path, data_dir, batch_size, record):
     result.pop("scores")
     result.pop("labels")
     click.echo(json.dumps(result, indent=2))
+
+
+@cli.command()
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--test", "test_dir", type=click.Path(exists=True, path_type=Path),
+              help="The labeled test folder, when the card has test metrics: they are measured again at the "
+                   "new threshold.")
+@click.option("--batch-size", default=32, show_default=True)
+def rethreshold(model_path, test_dir, batch_size):
+    """Choose the card's threshold again from the saved model's validation scores (cards of GPU fits made
+    before this command existed took it from float16 scores)."""
+    from cxrscreen.infer import card_path
+
+    from .train import rethreshold as run_rethreshold
+
+    before = json.loads(card_path(model_path).read_text())["threshold"]["value"]
+    card = run_rethreshold(model_path, test_dir, batch_size)
+    click.echo(json.dumps({"model": str(model_path), "threshold": card["threshold"]["value"], "previous": before,
+                           "validation": _short(card["metrics"]["validation"]),
+                           "test": _short(card["metrics"]["test"])}, indent=2))
+    if card["threshold"]["value"] == before:
+        click.echo("the threshold is already the one the saved model's validation scores give: card unchanged")
 
 
 @cli.command()

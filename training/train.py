@@ -441,6 +441,61 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
     return card
 
 
+def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batch_size: int = 32,
+                workers: int = 2) -> dict:
+    """Choose a card's threshold again from the saved model's own validation scores, and write it.
+
+    For cards written before the fix of 12338ea: a mixed-precision (GPU) fit took the threshold from
+    the float16 scores of the model in memory, while screening runs the saved float32 model, whose
+    validation sensitivity at that threshold can miss the card's target. The validation images are
+    re-scored from the split file as screening runs the model (:func:`load_for_scoring`) and the
+    threshold chosen by the card's rule (its target sensitivity). A card with test metrics measured them
+    at the old threshold: they are measured again at the new one (``test_dir`` is required then; nothing
+    is chosen on it), and the old threshold and figures are kept under ``threshold.corrected``. A card
+    whose threshold is already right is left as it is. Returns the card.
+    """
+    model_path = Path(model_path)
+    card = json.loads(card_path(model_path).read_text())
+    old = card["threshold"]
+    if (card.get("metrics") or {}).get("test") and test_dir is None:
+        raise SystemExit(f"{card_path(model_path)} has test metrics measured at the old threshold: give the test "
+                         "folder (--test) to measure them again at the new one")
+    model = load_for_scoring(model_path)
+    spec = PreprocessSpec.from_json(card["preprocessing"])
+    (val,) = _split_here(model_path.parent / card["data"]["split_file"], "validation")
+    val_scores, val_labels = score_examples(model, val, spec, batch_size, workers)
+    val_auc = operating_point(val_scores, val_labels, old["value"]).auc
+    # looser than record_test's 1e-4: the old card's figures may come from float16 scores
+    if abs(val_auc - card["metrics"]["validation"]["auc"]) > 1e-3:
+        raise SystemExit(f"validation AUC {val_auc:.5f} does not reproduce the card's "
+                         f"{card['metrics']['validation']['auc']:.5f}: model, card or data changed")
+    threshold = threshold_for_sensitivity(val_scores, val_labels, old["target_sensitivity"])
+    if threshold == old["value"]:
+        return card
+    val_point = operating_point(val_scores, val_labels, threshold)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    corrected = {"previous": old["value"], "date": now,
+                 "reason": "the previous threshold came from the float16 scores of a mixed-precision fit's model "
+                           "in memory; chosen again on the saved float32 model's validation scores",
+                 "previous_on_saved_model": operating_point(val_scores, val_labels, old["value"]).to_json()}
+    test_scores = test_labels = None
+    if test_dir is not None:
+        left_out: list[dict] = []
+        test = D.list_examples(test_dir, left_out, workers=workers)
+        test_scores, test_labels = score_examples(model, test, spec, batch_size, workers)
+        if card["metrics"].get("test"):
+            corrected["previous_test"] = card["metrics"]["test"]
+            card["data"]["test"] = {**(card["data"].get("test") or {}), **_counts(test), "source": str(test_dir),
+                                    "rescored": f"{now}: at the corrected threshold (nothing chosen on it)"}
+            card["metrics"]["test"] = operating_point(test_scores, test_labels, threshold).to_json()
+    card["threshold"] = {**old, "value": threshold, "validation": val_point.to_json(), "corrected": corrected}
+    card["metrics"]["validation"] = val_point.to_json()
+    _plot_roc(model_path.parent / f"{model_path.stem}.roc.png", val_scores, val_labels, test_scores, test_labels,
+              threshold)
+    card_path(model_path).write_text(json.dumps(card, indent=2, default=str))
+    return card
+
+
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32) -> dict:
     """Score a labeled folder with a saved model at its card's threshold."""
     from cxrscreen.infer import load_model
