@@ -36,7 +36,7 @@ def build_folder(target: Path, n: int, data: Path) -> list[Path]:
 
     target.mkdir(parents=True)
     sources = sorted(data.rglob("*.jpeg")) if data.is_dir() else []
-    dicoms = [p for p in (ROOT / "samples").rglob("*") if p.is_file() and p.suffix not in (".py", ".md", ".jpg")]
+    dicoms = sorted(p for p in (ROOT / "samples").rglob("*") if p.is_file() and p.suffix not in (".py", ".md", ".jpg"))
     files, i = [], 0
     while len(files) < n:
         for src in sources:

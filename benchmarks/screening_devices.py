@@ -18,11 +18,22 @@ backend found one, again with it hidden (see ``_child.py``). Each run gives:
 
 The baseline is the first run on a CPU (TensorFlow on the CPU when it is installed: what
 ``cxrscreen batch`` does by default on a CPU server); every other run is printed as a ratio to it.
+
+A GPU machine may have no TensorFlow (a JAX or PyTorch image). To compare its scores with
+TensorFlow's all the same, save a run on a machine that has it and hand the file to the other:
+
+    python benchmarks/screening_devices.py --backends tensorflow --save tf-cpu.json        # CPU server
+    python benchmarks/screening_devices.py --backends jax,torch --reference tf-cpu.json   # GPU machine
+
+With ``--reference`` the score columns compare every run with the reference file's baseline (the
+speed ratios stay within this run: another machine's speed is no baseline). Studies are matched
+by their first file's name, which is the same on both machines for the same ``--n`` and data.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -65,7 +76,7 @@ with tempfile.TemporaryDirectory() as out:
 print(json.dumps({"compute": model.compute, "gpu": bool(accelerators()), "model_images_per_s": model_rate,
                   "end_to_end_images_per_s": summary.scored_images / elapsed, "scored": summary.scored_images,
                   "failed": summary.failed_files, "seconds": elapsed, "threshold": model.card.threshold,
-                  "scores": {r["study_uid"]: r["score"] for r in summary.rows
+                  "scores": {min(Path(f).name for f in r["files"]): r["score"] for r in summary.rows
                              if r["kind"] == "study" and r["status"] == "scored"}}))
 """
 
@@ -80,7 +91,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--backends", default="tensorflow,jax,torch",
                         help="comma-separated Keras backends; those not installed are left out")
+    parser.add_argument("--save", type=Path, help="write every run (figures and study scores) to this JSON file")
+    parser.add_argument("--reference", type=Path,
+                        help="a file written by --save on another machine: compare scores and flags with its baseline")
     args = parser.parse_args()
+    reference = None
+    if args.reference is not None:
+        saved = json.loads(args.reference.read_text())
+        reference = next((r for r in saved["runs"] if not r["gpu"]), saved["runs"][0])
     backends = [b for b in args.backends.split(",") if importlib.util.find_spec(b) is not None]
     if not backends:
         raise SystemExit(f"none of {args.backends} is installed")
@@ -99,24 +117,33 @@ def main() -> None:
         shutil.rmtree(work)
 
     base = next((r for r in runs if not r["gpu"]), runs[0])
+    if args.save is not None:
+        args.save.write_text(json.dumps({"files": len(files), "batch_size": args.batch_size, "cpus": os.cpu_count(),
+                                         "runs": runs}, indent=1))
+    against = reference or base
     print(f"{len(files)} files, batch {args.batch_size}, {args.workers} decode workers, {os.cpu_count()} CPUs; "
           f"Grad-CAM on every image; baseline: {base['compute']}")
+    if reference is not None:
+        print(f"scores and flags against {reference['compute']} from {args.reference} "
+              f"({len(reference['scores'])} studies)")
+    which = "reference" if reference is not None else "baseline"
     print("| compute | model (images/s) | end to end (images/s) | ratio to baseline (model, end to end) "
-          "| scores against baseline (largest, mean difference) | flags that differ |")
+          f"| scores against {which} (largest, mean difference) | flags that differ |")
     print("|---|---|---|---|---|---|")
     for r in runs:
-        both = sorted(set(r["scores"]) & set(base["scores"]))
-        differences = [abs(float(r["scores"][uid]) - float(base["scores"][uid])) for uid in both]
-        flips = sum((float(r["scores"][uid]) >= r["threshold"]) != (float(base["scores"][uid]) >= base["threshold"])
-                    for uid in both)
+        both = sorted(set(r["scores"]) & set(against["scores"]))
+        differences = [abs(float(r["scores"][key]) - float(against["scores"][key])) for key in both]
+        flips = sum((float(r["scores"][key]) >= r["threshold"]) != (float(against["scores"][key]) >= against["threshold"])
+                    for key in both)
         print(f"| {r['compute']} | {r['model_images_per_s']:.0f} | {r['end_to_end_images_per_s']:.1f} "
               f"| {r['model_images_per_s'] / base['model_images_per_s']:.2f}x, "
               f"{r['end_to_end_images_per_s'] / base['end_to_end_images_per_s']:.2f}x "
               f"| {max(differences, default=0):.1e}, {sum(differences) / max(len(differences), 1):.1e} "
               f"| {flips} of {len(both)} |")
-    failed = [r["compute"] for r in runs if r["failed"] or r["scored"] != base["scored"]]
+    failed = [r["compute"] for r in runs if r["failed"] or r["scored"] != against["scored"]
+              or set(r["scores"]) != set(against["scores"])]
     if failed:
-        print(f"runs that did not score the same images as the baseline: {', '.join(failed)}")
+        print(f"runs that did not score the same images and studies as the {which}: {', '.join(failed)}")
     if not any(r["gpu"] for r in runs):
         print("no accelerator found: CPU figures only")
 
