@@ -77,6 +77,9 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     assert ("Likely pneumonia - review first" in text) == (row["flag"] == "yes")
     assert ("No pneumonia flagged" in text) == (row["flag"] == "no")
     assert "Model trained on: Pediatric chest radiographs" in text and "Caution" not in text
+    # its pictures are binary JPEG streams, not ASCII85 text (a fifth larger, and slow to encode)
+    raw = (out / row["report"]).read_bytes()
+    assert b"/DCTDecode" in raw and b"/ASCII85Decode" not in raw
 
     # a patient outside the card's ages (1-5 years) is scored, with a caution in the row, report and worklist
     assert summary["outside_population"] == 1
