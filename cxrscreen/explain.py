@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .infer import pad_batch
+
 
 def members(model) -> list:
     """The member models of an ensemble, or ``[model]`` for a single model."""
@@ -53,8 +55,9 @@ class GradCam:
     backend only; elsewhere a clear error).
     """
 
-    def __init__(self, model, layer_name: str | None = None) -> None:
+    def __init__(self, model, layer_name: str | None = None, batch_size: int | None = None) -> None:
         self.layer_name = layer_name or find_gradcam_layer(model)
+        self.batch_size = batch_size      # the run's full batch: smaller ones are padded (infer.bucket_size)
         parts = members(model)
         kernels = [_pooled_head_kernel(member, self.layer_name) for member in parts]
         if all(kernel is not None for kernel in kernels):
@@ -73,9 +76,12 @@ class GradCam:
         """``(scores, heatmaps, pooled)``: ``pooled`` (N, channels) is the global average of the (first)
         member's feature map, what its classifier reads (:mod:`cxrscreen.appearance` measures it); None
         on the gradient path."""
-        out = self._run(np.asarray(batch, dtype=np.float32))
-        scores, cams = np.asarray(out[0], dtype=np.float64).reshape(-1), np.asarray(out[1], dtype=np.float32)
-        return scores, cams, (np.asarray(out[2], dtype=np.float64) if len(out) > 2 else None)
+        batch = np.asarray(batch, dtype=np.float32)
+        n = len(batch)
+        out = self._run(pad_batch(batch, self.batch_size))
+        scores = np.asarray(out[0], dtype=np.float64).reshape(-1)[:n]
+        cams = np.asarray(out[1], dtype=np.float32)[:n]
+        return scores, cams, (np.asarray(out[2], dtype=np.float64)[:n] if len(out) > 2 else None)
 
 
 def _unit_peak(cams: np.ndarray) -> np.ndarray:

@@ -160,11 +160,34 @@ class LoadedModel:
     def input_size(self) -> tuple[int, int]:
         return self.card.preprocessing.input_size
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """P(pneumonia) for a batch of model inputs (N, H, W, 1), through Keras' compiled predict step
-        (an eager call runs layer by layer in Python and is several times slower)."""
-        out = self.keras_model.predict_on_batch(np.asarray(batch, dtype=np.float32))
-        return np.asarray(out, dtype=np.float64).reshape(-1)
+        (an eager call runs layer by layer in Python and is several times slower). The batch is padded
+        to :func:`bucket_size` (``batch_size``: the run's full batch)."""
+        batch = np.asarray(batch, dtype=np.float32)
+        out = self.keras_model.predict_on_batch(pad_batch(batch, batch_size))
+        return np.asarray(out, dtype=np.float64).reshape(-1)[: len(batch)]
+
+
+def bucket_size(n: int, batch_size: int | None = None) -> int:
+    """The size a batch of ``n`` images is padded to: the next power of two, but at most the run's
+    ``batch_size`` when ``n`` fits in it.
+
+    A compiled backend compiles once per batch shape: XLA under JAX (on a GPU with autotuning, seconds
+    each), TensorFlow's traces too. Unpadded, every run's last batch and every watch round of another
+    size was a new shape; padded, a run sees at most log2(batch size) + 1 shapes, for at most twice
+    the work on a batch that is not full."""
+    size = 1 << max(0, n - 1).bit_length()
+    return min(size, batch_size) if batch_size and n <= batch_size else size
+
+
+def pad_batch(batch: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """``batch`` followed by blank images up to :func:`bucket_size` (each image is scored on its own:
+    the padding changes no other image's result; callers keep the first ``len(batch)`` outputs)."""
+    size = bucket_size(len(batch), batch_size)
+    if size == len(batch):
+        return batch
+    return np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
 
 
 def load_model(path: Path | str | None = None) -> LoadedModel:

@@ -186,7 +186,8 @@ class Screener:
         self.batch_size, self.workers, self.thumbnails = batch_size, workers, thumbnails
         self.appearance = model.appearance
         wanted = gradcam != "none" or self.appearance is not None
-        self.cam = GradCam(model.keras_model, model.card.gradcam_layer or None) if wanted else None
+        self.cam = (GradCam(model.keras_model, model.card.gradcam_layer or None, batch_size=batch_size)
+                    if wanted else None)
         if self.appearance is not None and self.cam.method != "forward":
             raise ModelError(f"{model.path}: the card names an appearance reference, but the model's head is not "
                              f"global pooling and one Dense unit, whose pooled features it measures",
@@ -223,7 +224,7 @@ class Screener:
                 if self.appearance is not None:
                     distances = [float(d) for d in self.appearance.distances(pooled)]
             else:
-                scores = self.model.predict(inputs)
+                scores = self.model.predict(inputs, self.batch_size)
                 hot = [i for i, s in enumerate(scores) if s >= self.threshold] if self.gradcam == "flagged" else []
                 if hot:
                     _, cams = self.cam(inputs[hot])

@@ -409,6 +409,32 @@ def test_gradcam_shape_and_not_constant(model):
     assert picture.shape == (224, 224, 3) and picture.dtype == np.uint8
 
 
+def test_batches_are_padded_to_a_few_shapes_and_padding_changes_no_score(model):
+    """A compiled backend compiles once per batch shape (XLA on a GPU: seconds each): a run's last
+    batch and every watch round are padded to a power of two or the run's batch size."""
+    from cxrscreen.infer import bucket_size
+
+    assert [bucket_size(n, 16) for n in (1, 2, 3, 5, 9, 15, 16)] == [1, 2, 4, 8, 16, 16, 16]
+    assert [bucket_size(n, 24) for n in (13, 17, 24)] == [16, 24, 24]
+    assert bucket_size(3) == 4 and bucket_size(40, 32) == 64       # larger than the run's batch: next power
+    assert len({bucket_size(n, 32) for n in range(1, 33)}) == 6
+    paths = [SAMPLES / "study1_cr_mono1_j2k" / "IM0001.dcm", SAMPLES / "study5_cr_jpeg_baseline" / "IM0001.dcm",
+             SAMPLES / "study6_plain_jpeg" / "chest_export.jpg"]
+    images = np.stack([load_model_input(p, model.card.preprocessing) for p in paths])
+    cam = GradCam(model.keras_model, batch_size=16)
+    shapes = []
+    compiled = cam._run
+    cam._run = lambda batch: shapes.append(batch.shape[0]) or compiled(batch)
+    scores, cams, pooled = cam.run(images)
+    assert shapes == [4] and scores.shape == (3,) and cams.shape[0] == 3 and pooled.shape[0] == 3
+    for i in range(3):                                  # each image alone (padded to 1: no padding)
+        alone, alone_cam, _ = cam.run(images[i:i + 1])
+        np.testing.assert_allclose(alone, scores[i:i + 1], atol=1e-6)
+        np.testing.assert_allclose(alone_cam, cams[i:i + 1], atol=1e-5)
+    assert shapes == [4, 1, 1, 1]
+    np.testing.assert_allclose(model.predict(images, 16), scores, atol=1e-5)
+
+
 def test_gradcam_of_other_heads_differentiates():
     """A head that is not pooling + one Dense unit (here Flatten) takes the gradient path; the
     forward path would be wrong for it."""
