@@ -65,8 +65,11 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Redo studies whose inputs and model are unchanged.")
 @click.option("--quiet", is_flag=True, help="No progress and no per-run log lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable summary on stdout.")
+@click.option("--report-processes", type=click.IntRange(min=0), default=None,
+              help="Processes that write the PDF reports; 0: a thread of this one [default: one per 4 CPUs, "
+                   "at most 4, for 64 studies or more; else 0].")
 def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, gradcam, force, include_lateral, any_body_part,
-          dicom, quiet, as_json):
+          dicom, quiet, as_json, report_processes):
     """Screen every radiograph under INPUT... and write one PDF report per study into --out."""
     from .pipeline import BatchOptions, run_batch
 
@@ -74,7 +77,7 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
         options = BatchOptions(out=out, model_path=model_path, threshold=threshold, calibration=calibration,
                                batch_size=batch_size,
                                workers=workers, gradcam=gradcam, force=force, include_lateral=include_lateral,
-                               any_body_part=any_body_part, dicom=dicom)
+                               any_body_part=any_body_part, dicom=dicom, report_processes=report_processes)
         bar = None
         show_bar = not quiet and not as_json and sys.stderr.isatty()
 

@@ -11,6 +11,7 @@ last image is scored, and its pixels are released.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -18,7 +19,9 @@ import os
 import socket
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +60,39 @@ class BatchOptions:
     include_lateral: bool = False
     any_body_part: bool = False
     dicom: bool = False                # also write each report as a DICOM Encapsulated PDF (cxrscreen.encapsulate)
+    report_processes: int | None = None    # None: report_processes(); 0: a thread of this process
 
     def __post_init__(self) -> None:
         check_screening_options(self.gradcam, self.batch_size, self.workers, self.threshold)
+        if self.report_processes is not None and self.report_processes < 0:
+            raise UsageError("--report-processes must be 0 (a thread) or more")
+
+
+# Fewer studies than this are reported by a thread: starting a process costs about a second.
+PROCESS_REPORTS_FROM = 64
+
+
+def report_processes(studies: int, cpus: int | None = None) -> int:
+    """How many processes write the PDF reports of ``studies`` new studies by default: one per four CPUs,
+    at most four, from ``PROCESS_REPORTS_FROM`` studies; else 0 (a thread of the screening process).
+
+    reportlab is pure Python: one thread writes about 70 reports a second, and on a GPU server it is what
+    the run waits for. A machine of two CPUs gets 0: there the model needs both."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus // 4) if studies >= PROCESS_REPORTS_FROM else 0
+
+
+def make_report(path: Path, result: StudyResult, *, threshold: float, operating_point: dict, model_name: str,
+                model_sha256: str, population: str, dicom: Path | None) -> None:
+    """Write one study's PDF report (and its DICOM copy at ``dicom``), in this process or in a report
+    process (module level, so that it pickles)."""
+    with _writing(path, "write the report"):
+        write_study_report(path, result, threshold=threshold, operating_point=operating_point,
+                           model_name=model_name, model_sha256=model_sha256, population=population)
+    if dicom is not None:
+        with _writing(dicom, "write the DICOM report"):
+            write_encapsulated_pdf(dicom, path, [r.image for r in result.images])
 
 
 def check_screening_options(gradcam: str, batch_size: int, workers: int, threshold: float | None) -> None:
@@ -323,26 +356,31 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     rows: list[dict] = []
     results: list[StudyResult] = []
 
-    # Reports are written by one background thread: reportlab is Python-bound while inference runs in
-    # TensorFlow's threads with the GIL released, so the two overlap. At most 2 batches of reports wait.
-    reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report")
+    # Reports are written in the background while the model scores: by one thread (reportlab is
+    # Python-bound, inference runs in the backend's threads with the GIL released), or, for a large run on
+    # a machine with CPUs to spare, by report processes (report_processes()). At most 2 batches wait.
+    processes = (options.report_processes if options.report_processes is not None
+                 else report_processes(len(to_score)))
+    reporter: Executor = (ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+                          if processes else ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report"))
     report_jobs: deque = deque()
 
-    def write_report(result: StudyResult, path: Path) -> None:
+    def write_report(result: StudyResult, path: Path) -> Future:
+        nonlocal reporter
+        job = functools.partial(make_report, path, result, threshold=threshold, operating_point=operating,
+                                model_name=model.path.name, model_sha256=model.sha256,
+                                population=model.card.trained_on,
+                                dicom=out / dicom_report_name(path.name) if options.dicom else None)
         try:
-            with _writing(path, "write the report"):
-                write_study_report(path, result, threshold=threshold, operating_point=operating,
-                                   model_name=model.path.name, model_sha256=model.sha256,
-                                   population=model.card.trained_on)
-            if options.dicom:
-                with _writing(out / dicom_report_name(path.name), "write the DICOM report"):
-                    write_encapsulated_pdf(out / dicom_report_name(path.name), path,
-                                           [r.image for r in result.images])
-        finally:
-            release(result)
+            return reporter.submit(job)
+        except BrokenProcessPool:       # a report process died (killed, out of memory): go on in a thread
+            log.warning("a report process stopped; the remaining reports are written by this process")
+            reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report")
+            return reporter.submit(job)
 
-    def wait_for(job: tuple[str, Future, dict]) -> None:
-        uid, future, row = job
+    def wait_for(job: tuple[StudyResult, Future, dict]) -> None:
+        result, future, row = job
+        uid = result.study.study_uid
         try:
             future.result()
         except Exception as exc:
@@ -356,6 +394,8 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
             row.update(status="failed", step="report", report=row["report"] if made else "",
                        reason="; ".join(x for x in (row["reason"], f"its report could not be made: "
                                                     f"{type(exc).__name__}: {exc}") if x))
+        finally:
+            release(result)
 
     stream = screener.screen(to_score, progress=progress)
     try:
@@ -363,8 +403,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
             results.append(result)
             row = _study_row(result, threshold)
             if result.images:
-                report_jobs.append((result.study.study_uid,
-                                    reporter.submit(write_report, result, out / row["report"]), row))
+                report_jobs.append((result, write_report(result, out / row["report"]), row))
                 while len(report_jobs) > 2 * options.batch_size:
                     wait_for(report_jobs.popleft())
                 dicom = dicom_report_name(row["report"]) if dicom_images([r.image for r in result.images]) else ""

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from conftest import latin1_named, pdf_text
 from cxrscreen.cli import main
+from cxrscreen.errors import OutputError
 from cxrscreen.explain import GradCam, _gradient_cam, find_gradcam_layer, members, overlay
 from cxrscreen.normalise import load_model_input
 from cxrscreen.pipeline import OUTPUT_LOCK, STATE_FILE, BatchOptions, run_batch
@@ -175,6 +176,37 @@ def test_a_full_disk_stops_the_batch_with_its_cause_and_a_rerun_goes_on_from_wha
     again = run_batch([inbox], BatchOptions(out=out, gradcam="none"), model=model)
     assert again.reused == 2 and again.studies == 7 and again.exit_code == 0
     assert all((out / r["report"]).is_file() for r in again.rows if r["kind"] == "study" and r["report"])
+
+
+def test_report_processes_write_the_same_reports_and_their_errors_stop_the_batch(inbox, tmp_path, model):
+    """On a machine with CPUs to spare a large run's reports are written by processes (reportlab is pure
+    Python: one thread was what a GPU run waited for). They write what a thread writes, and an output
+    error in one of them stops the batch as it does in a thread."""
+    from cxrscreen.pipeline import PROCESS_REPORTS_FROM, report_processes
+
+    assert [report_processes(n, cpus) for n, cpus in ((PROCESS_REPORTS_FROM - 1, 16), (PROCESS_REPORTS_FROM, 16),
+                                                      (1000, 2), (1000, 8), (1000, 64))] == [0, 4, 0, 2, 4]
+    runs = {}
+    for processes in (0, 2):
+        out = tmp_path / f"out{processes}"
+        summary = run_batch([inbox], BatchOptions(out=out, dicom=True, report_processes=processes), model=model)
+        assert summary.exit_code == 0 and summary.studies == 7
+        runs[processes] = (out, [{k: v for k, v in r.items() if k != "files"} for r in summary.rows])
+    (thread_out, thread_rows), (process_out, process_rows) = runs[0], runs[2]
+    assert process_rows == thread_rows
+    reports = [r["report"] for r in thread_rows if r["kind"] == "study" and r["report"]]
+    assert len(reports) == 6
+    for name in reports:
+        assert pdf_text(process_out / name) == pdf_text(thread_out / name)
+        assert (process_out / name).stat().st_size == pytest.approx((thread_out / name).stat().st_size, rel=0.01)
+    assert sorted(p.name for p in process_out.glob("*.dcm")) == sorted(p.name for p in thread_out.glob("*.dcm"))
+
+    out = tmp_path / "blocked"
+    (out / reports[0]).mkdir(parents=True)       # a folder where a report goes: its rename fails (EISDIR)
+    with pytest.raises(OutputError) as raised:
+        run_batch([inbox], BatchOptions(out=out, gradcam="none", report_processes=2), model=model)
+    assert raised.value.path == out / reports[0] and raised.value.step == "write"
+    assert "cannot write the report" in raised.value.cause and "screening stopped" in raised.value.cause
 
 
 def test_an_output_folder_is_written_by_one_cxrscreen_at_a_time(tmp_path, model):
