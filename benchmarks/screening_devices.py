@@ -49,6 +49,7 @@ import json, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 folder, batch, workers = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+processes = None if sys.argv[5] == "auto" else int(sys.argv[5])
 import numpy as np
 from cxrscreen.explain import GradCam
 from cxrscreen.infer import accelerators, load_model
@@ -71,7 +72,7 @@ model_rate = reps * batch / (time.perf_counter() - started)
 with tempfile.TemporaryDirectory() as out:
     started = time.perf_counter()
     summary = run_batch([folder], BatchOptions(out=Path(out), gradcam="all", force=True, batch_size=batch,
-                                               workers=workers), model=model)
+                                               workers=workers, report_processes=processes), model=model)
     elapsed = time.perf_counter() - started
 print(json.dumps({"compute": model.compute, "gpu": bool(accelerators()), "model_images_per_s": model_rate,
                   "end_to_end_images_per_s": summary.scored_images / elapsed, "scored": summary.scored_images,
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--backends", default="tensorflow,jax,torch",
                         help="comma-separated Keras backends; those not installed are left out")
+    parser.add_argument("--report-processes", default="auto",
+                        help="the batch option (auto: cxrscreen.pipeline.report_processes; 0: a thread)")
     parser.add_argument("--save", type=Path, help="write every run (figures and study scores) to this JSON file")
     parser.add_argument("--reference", type=Path,
                         help="a file written by --save on another machine: compare scores and flags with its baseline")
@@ -107,7 +110,7 @@ def main() -> None:
     runs = []
     try:
         files = build_folder(work / "inbox", args.n, args.data)
-        child = [str(ROOT), str(work / "inbox"), str(args.batch_size), str(args.workers)]
+        child = [str(ROOT), str(work / "inbox"), str(args.batch_size), str(args.workers), args.report_processes]
         for backend in backends:
             found = measure(CHILD, child, hide_accelerator=False, KERAS_BACKEND=backend)
             runs.append(found)
@@ -121,8 +124,8 @@ def main() -> None:
         args.save.write_text(json.dumps({"files": len(files), "batch_size": args.batch_size, "cpus": os.cpu_count(),
                                          "runs": runs}, indent=1))
     against = reference or base
-    print(f"{len(files)} files, batch {args.batch_size}, {args.workers} decode workers, {os.cpu_count()} CPUs; "
-          f"Grad-CAM on every image; baseline: {base['compute']}")
+    print(f"{len(files)} files, batch {args.batch_size}, {args.workers} decode workers, {os.cpu_count()} CPUs, "
+          f"report processes {args.report_processes}; Grad-CAM on every image; baseline: {base['compute']}")
     if reference is not None:
         print(f"scores and flags against {reference['compute']} from {args.reference} "
               f"({len(reference['scores'])} studies)")
