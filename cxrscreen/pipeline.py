@@ -83,6 +83,17 @@ def report_processes(studies: int, cpus: int | None = None) -> int:
     return min(4, cpus // 4) if studies >= PROCESS_REPORTS_FROM else 0
 
 
+def report_executor(processes: int) -> Executor:
+    """``processes`` report processes (spawned: the model's threads are not forked), or one thread when 0
+    or when this system cannot run them (no working semaphores, e.g. a container without /dev/shm)."""
+    if processes:
+        try:
+            return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        except (OSError, ImportError, NotImplementedError) as exc:
+            log.warning("report processes unavailable (%s): the reports are written by a thread", exc)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report")
+
+
 def make_report(path: Path, result: StudyResult, *, threshold: float, operating_point: dict, model_name: str,
                 model_sha256: str, population: str, dicom: Path | None) -> None:
     """Write one study's PDF report (and its DICOM copy at ``dicom``), in this process or in a report
@@ -359,30 +370,32 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     # Reports are written in the background while the model scores: by one thread (reportlab is
     # Python-bound, inference runs in the backend's threads with the GIL released), or, for a large run on
     # a machine with CPUs to spare, by report processes (report_processes()). At most 2 batches wait.
-    processes = (options.report_processes if options.report_processes is not None
-                 else report_processes(len(to_score)))
-    reporter: Executor = (ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-                          if processes else ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report"))
+    reporter = report_executor(options.report_processes if options.report_processes is not None
+                               else report_processes(len(to_score)))
     report_jobs: deque = deque()
 
-    def write_report(result: StudyResult, path: Path) -> Future:
+    def write_report(result: StudyResult, path: Path) -> tuple[Future, Callable[[], None]]:
         nonlocal reporter
         job = functools.partial(make_report, path, result, threshold=threshold, operating_point=operating,
                                 model_name=model.path.name, model_sha256=model.sha256,
                                 population=model.card.trained_on,
                                 dicom=out / dicom_report_name(path.name) if options.dicom else None)
         try:
-            return reporter.submit(job)
+            return reporter.submit(job), job
         except BrokenProcessPool:       # a report process died (killed, out of memory): go on in a thread
-            log.warning("a report process stopped; the remaining reports are written by this process")
-            reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report")
-            return reporter.submit(job)
+            log.warning("a report process stopped; the remaining reports are written by a thread")
+            reporter.shutdown(wait=False)
+            reporter = report_executor(0)
+            return reporter.submit(job), job
 
-    def wait_for(job: tuple[StudyResult, Future, dict]) -> None:
-        result, future, row = job
+    def wait_for(job: tuple[StudyResult, Future, dict, Callable[[], None]]) -> None:
+        result, future, row, make = job
         uid = result.study.study_uid
         try:
-            future.result()
+            try:
+                future.result()
+            except BrokenProcessPool:   # its process died before writing it: written here instead
+                make()
         except Exception as exc:
             new_state.pop(uid, None)     # its report is not (all) there: the next run redoes the study
             if isinstance(exc, OutputError):
@@ -403,7 +416,8 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
             results.append(result)
             row = _study_row(result, threshold)
             if result.images:
-                report_jobs.append((result, write_report(result, out / row["report"]), row))
+                future, make = write_report(result, out / row["report"])
+                report_jobs.append((result, future, row, make))
                 while len(report_jobs) > 2 * options.batch_size:
                     wait_for(report_jobs.popleft())
                 dicom = dicom_report_name(row["report"]) if dicom_images([r.image for r in result.images]) else ""

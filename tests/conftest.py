@@ -98,3 +98,16 @@ def latin1_named(folder, name: str, data: bytes):
     except OSError as exc:
         pytest.skip(f"this filesystem refuses names that are not UTF-8: {exc}")
     return os.fsdecode(path)
+
+
+def die_in_a_report_process(path, result, *, dicom, **kwargs):
+    """Stands in for ``cxrscreen.pipeline.make_report`` in the test of a report process that dies (the
+    OOM killer): exits at once in a report process, and writes the PDF report anywhere else."""
+    import multiprocessing
+    import os
+
+    from cxrscreen.report import write_study_report
+
+    if multiprocessing.parent_process() is not None:
+        os._exit(9)
+    write_study_report(path, result, **kwargs)

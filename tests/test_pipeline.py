@@ -209,6 +209,20 @@ def test_report_processes_write_the_same_reports_and_their_errors_stop_the_batch
     assert "cannot write the report" in raised.value.cause and "screening stopped" in raised.value.cause
 
 
+def test_reports_of_a_report_process_that_dies_are_written_all_the_same(inbox, tmp_path, model, monkeypatch):
+    """A report process killed (out of memory, by hand) breaks the pool: the reports it had are written by
+    the screening process, the rest by a thread; no study fails for it."""
+    from conftest import die_in_a_report_process
+    from cxrscreen import pipeline
+
+    monkeypatch.setattr(pipeline, "make_report", die_in_a_report_process)
+    out = tmp_path / "out"
+    summary = run_batch([inbox], BatchOptions(out=out, gradcam="none", report_processes=2), model=model)
+    assert summary.exit_code == 0 and summary.failed_reports == 0
+    reports = [r["report"] for r in summary.rows if r["kind"] == "study" and r["report"]]
+    assert len(reports) == 6 and all((out / name).is_file() for name in reports)
+
+
 def test_an_output_folder_is_written_by_one_cxrscreen_at_a_time(tmp_path, model):
     """Two runs into one folder (cron starting a batch while the last still runs, a batch into a watch
     daemon's folder) overwrote each other's reports, summary and state. The second is refused now,
