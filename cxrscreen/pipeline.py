@@ -15,11 +15,11 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import socket
 import time
 from collections import deque
-import multiprocessing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
