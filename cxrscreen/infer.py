@@ -220,16 +220,16 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
                        appearance=appearance)
 
 
-def full_precision() -> str:
+def full_precision() -> None:
     """Make float32 convolutions and matrix products of the Keras backend compute in full float32 on
-    every device, and return the setting made (for the log and the tests).
+    every device.
 
     NVIDIA GPUs since Ampere compute them in TF32 (a 10-bit mantissa) by default under JAX,
     PyTorch's cuDNN convolutions and TensorFlow. Measured on an H100 (``benchmarks/screening_devices.py``,
     629 studies): JAX and PyTorch scores moved by up to 4.2e-3 (mean 3.5e-4) from TensorFlow's on the
     CPU, and by 2e-6 with full precision, at no visible cost (the model is small: the GPU is not
     where screening waits). The threshold was chosen on float32 scores, so in TF32 a study near it
-    could be flagged on one server and not on another. Idempotent; a no-op on a CPU."""
+    could be flagged on one server and not on another. Idempotent; without effect on a CPU."""
     import keras
 
     backend = keras.backend.backend()
@@ -237,8 +237,7 @@ def full_precision() -> str:
         import jax
 
         jax.config.update("jax_default_matmul_precision", "highest")
-        return "jax_default_matmul_precision=highest"
-    if backend == "torch":
+    elif backend == "torch":
         import torch
 
         if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
@@ -247,13 +246,10 @@ def full_precision() -> str:
         else:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        return "torch matmul and cuDNN convolutions: fp32 (ieee), no TF32"
-    if backend == "tensorflow":
+    elif backend == "tensorflow":
         import tensorflow as tf
 
         tf.config.experimental.enable_tensor_float_32_execution(False)
-        return "tensorflow: TensorFloat-32 execution off"
-    return f"{backend}: left as it is"
 
 
 def accelerators() -> list[str]:
