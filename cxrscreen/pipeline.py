@@ -60,7 +60,10 @@ class BatchOptions:
     include_lateral: bool = False
     any_body_part: bool = False
     dicom: bool = False                # also write each report as a DICOM Encapsulated PDF (cxrscreen.encapsulate)
-    report_processes: int | None = None    # None: report_processes(); 0: a thread of this process
+    # Processes that write the reports: 0, a thread of this process; None, report_processes() decides (what
+    # the CLI asks for). Not by default in the library: a report process is spawned, and spawning runs the
+    # caller's main script again in it unless that script guards itself with `if __name__ == "__main__":`.
+    report_processes: int | None = 0
 
     def __post_init__(self) -> None:
         check_screening_options(self.gradcam, self.batch_size, self.workers, self.threshold)
