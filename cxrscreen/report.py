@@ -26,7 +26,7 @@ from .typeset import markup, paragraph, person_name, undecodable_as_hex
 
 # Images go into the PDFs as binary streams, not ASCII85 text: 20% smaller reports, and without
 # reportlab's C accelerators (rl_accel) the encoding alone took a third of the time a report takes.
-import reportlab.rl_config  # noqa: E402
+import reportlab.rl_config
 
 reportlab.rl_config.useA85 = 0
 

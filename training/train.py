@@ -420,12 +420,7 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
         raise SystemExit(f"{card_path(model_path)} already has test metrics: the test split is scored once")
     loaded = load_model(model_path)
     spec, threshold = loaded.card.preprocessing, loaded.card.threshold
-    (val,) = _split_here(model_path.parent / card["data"]["split_file"], "validation")
-    val_scores, val_labels = score_examples(loaded.keras_model, val, spec, batch_size, workers)
-    val_auc = operating_point(val_scores, val_labels, threshold).auc
-    if abs(val_auc - card["metrics"]["validation"]["auc"]) > 1e-4:
-        raise SystemExit(f"validation AUC {val_auc:.5f} does not reproduce the card's "
-                         f"{card['metrics']['validation']['auc']:.5f}: model, card or data changed")
+    val_scores, val_labels = _validation_scores(loaded.keras_model, model_path, card, spec, batch_size, workers)
     left_out: list[dict] = []
     test = D.list_examples(test_dir, left_out, workers=workers)
     test_scores, test_labels = score_examples(loaded.keras_model, test, spec, batch_size, workers)
@@ -439,6 +434,19 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
               threshold)
     card_path(model_path).write_text(json.dumps(card, indent=2, default=str))
     return card
+
+
+def _validation_scores(model, model_path: Path, card: dict, spec: PreprocessSpec, batch_size: int, workers: int,
+                       tolerance: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """``model``'s scores and the labels of the validation images of the card's split file; refuses when
+    their AUC is not the card's within ``tolerance`` (other data, or a changed model)."""
+    (val,) = _split_here(model_path.parent / card["data"]["split_file"], "validation")
+    scores, labels = score_examples(model, val, spec, batch_size, workers)
+    auc = operating_point(scores, labels, card["threshold"]["value"]).auc
+    if abs(auc - card["metrics"]["validation"]["auc"]) > tolerance:
+        raise SystemExit(f"validation AUC {auc:.5f} does not reproduce the card's "
+                         f"{card['metrics']['validation']['auc']:.5f}: model, card or data changed")
+    return scores, labels
 
 
 def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batch_size: int = 32,
@@ -462,13 +470,8 @@ def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batc
                          "folder (--test) to measure them again at the new one")
     model = load_for_scoring(model_path)
     spec = PreprocessSpec.from_json(card["preprocessing"])
-    (val,) = _split_here(model_path.parent / card["data"]["split_file"], "validation")
-    val_scores, val_labels = score_examples(model, val, spec, batch_size, workers)
-    val_auc = operating_point(val_scores, val_labels, old["value"]).auc
-    # looser than record_test's 1e-4: the old card's figures may come from float16 scores
-    if abs(val_auc - card["metrics"]["validation"]["auc"]) > 1e-3:
-        raise SystemExit(f"validation AUC {val_auc:.5f} does not reproduce the card's "
-                         f"{card['metrics']['validation']['auc']:.5f}: model, card or data changed")
+    # looser than record_test's check: the old card's figures may come from float16 scores
+    val_scores, val_labels = _validation_scores(model, model_path, card, spec, batch_size, workers, tolerance=1e-3)
     threshold = threshold_for_sensitivity(val_scores, val_labels, old["target_sensitivity"])
     if threshold == old["value"]:
         return card
@@ -479,15 +482,13 @@ def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batc
                            "in memory; chosen again on the saved float32 model's validation scores",
                  "previous_on_saved_model": operating_point(val_scores, val_labels, old["value"]).to_json()}
     test_scores = test_labels = None
-    if test_dir is not None:
-        left_out: list[dict] = []
-        test = D.list_examples(test_dir, left_out, workers=workers)
+    if card["metrics"].get("test"):         # measured again at the new threshold (test_dir checked above)
+        test = D.list_examples(test_dir, [], workers=workers)
         test_scores, test_labels = score_examples(model, test, spec, batch_size, workers)
-        if card["metrics"].get("test"):
-            corrected["previous_test"] = card["metrics"]["test"]
-            card["data"]["test"] = {**(card["data"].get("test") or {}), **_counts(test), "source": str(test_dir),
-                                    "rescored": f"{now}: at the corrected threshold (nothing chosen on it)"}
-            card["metrics"]["test"] = operating_point(test_scores, test_labels, threshold).to_json()
+        corrected["previous_test"] = card["metrics"]["test"]
+        card["data"]["test"] = {**(card["data"].get("test") or {}), **_counts(test), "source": str(test_dir),
+                                "rescored": f"{now}: at the corrected threshold (nothing chosen on it)"}
+        card["metrics"]["test"] = operating_point(test_scores, test_labels, threshold).to_json()
     card["threshold"] = {**old, "value": threshold, "validation": val_point.to_json(), "corrected": corrected}
     card["metrics"]["validation"] = val_point.to_json()
     _plot_roc(model_path.parent / f"{model_path.stem}.roc.png", val_scores, val_labels, test_scores, test_labels,
