@@ -186,10 +186,13 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
               help="summary and worklist.pdf list the studies of the last N days and every pending one "
                    "(0: all; the ledger keeps everything).")
 @screening_options
+@click.option("--report-processes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes that write the PDF reports while the model scores; 0: a thread of the daemon. "
+                   "On a GPU server, where reports bound a burst, 2-4 (each takes a CPU while it writes).")
 @click.option("--once", is_flag=True, help="Handle what is in the inbox now, then exit (for cron). "
                                           "Exit code 1 when a file failed or an output could not be written.")
 def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan, state, worklist_days, model_path, threshold, calibration, batch_size,
-          workers, gradcam, include_lateral, any_body_part, dicom, once):
+          workers, gradcam, include_lateral, any_body_part, dicom, report_processes, once):
     """Screen studies as they arrive in INBOX, each exactly once; stop with SIGTERM or Ctrl-C."""
     import signal
     import threading
@@ -201,7 +204,7 @@ def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan,
     def on_signal(signum, frame):
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt   # a second Ctrl-C: stop now; the ledger is consistent at every step
-        log.info(kv(event="signal", signal=signal.Signals(signum).name, note="finishing the current study"))
+        log.info(kv(event="signal", signal=signal.Signals(signum).name, note="finishing the reports under way"))
         stop.set()
 
     try:
@@ -209,7 +212,7 @@ def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan,
                                rescan=rescan, state=state, worklist_days=worklist_days, model_path=model_path, threshold=threshold,
                                calibration=calibration, batch_size=batch_size, workers=workers, gradcam=gradcam,
                                include_lateral=include_lateral, any_body_part=any_body_part, dicom=dicom, once=once,
-                               remove_empty_folders=remove_empty_folders)
+                               remove_empty_folders=remove_empty_folders, report_processes=report_processes)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         code = Watcher(options, stop=stop).run()

@@ -98,15 +98,20 @@ def report_executor(processes: int) -> Executor:
 
 
 def make_report(path: Path, result: StudyResult, *, threshold: float, operating_point: dict, model_name: str,
-                model_sha256: str, population: str, dicom: Path | None) -> None:
+                model_sha256: str, population: str, dicom: Path | None, amendment: str = "",
+                version: int = 1) -> Path | None:
     """Write one study's PDF report (and its DICOM copy at ``dicom``), in this process or in a report
-    process (module level, so that it pickles)."""
+    process (module level, so that it pickles), for ``batch`` and ``watch`` alike. ``amendment`` and
+    ``version``: an amended report of ``watch``. Returns the DICOM report written (None: none asked, or
+    no image of the study is DICOM)."""
     with _writing(path, "write the report"):
         write_study_report(path, result, threshold=threshold, operating_point=operating_point,
-                           model_name=model_name, model_sha256=model_sha256, population=population)
-    if dicom is not None:
-        with _writing(dicom, "write the DICOM report"):
-            write_encapsulated_pdf(dicom, path, [r.image for r in result.images])
+                           model_name=model_name, model_sha256=model_sha256, amendment=amendment,
+                           population=population)
+    if dicom is None:
+        return None
+    with _writing(dicom, "write the DICOM report"):
+        return write_encapsulated_pdf(dicom, path, [r.image for r in result.images], version=version)
 
 
 def check_screening_options(gradcam: str, batch_size: int, workers: int, threshold: float | None) -> None:

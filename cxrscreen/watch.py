@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -40,8 +41,12 @@ import sqlite3
 import stat as stat_module
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
@@ -49,11 +54,10 @@ from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, not_regular, read_record
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
-from .pipeline import (Screener, check_screening_options, file_rows, lock_holder, output_lock, rank_rows, release,
-                       resolve_threshold, study_row, unscreened_study_rows)
+from .pipeline import (Screener, check_screening_options, file_rows, lock_holder, make_report, output_lock, rank_rows,
+                       release, report_executor, resolve_threshold, study_row, unscreened_study_rows)
 from .records import FileOutcome, Radiograph, Status, Study
-from .report import (StudyResult, atomic_write, brief_caution, report_filename, write_study_report, write_summary,
-                     write_worklist)
+from .report import StudyResult, atomic_write, brief_caution, report_filename, write_summary, write_worklist
 from .typeset import undecodable_as_hex
 
 log = logging.getLogger("cxrscreen.watch")
@@ -64,6 +68,7 @@ HOLD_BACK_SETTLES = 10       # a ready study waits at most this long for unsettl
 EMPTY_FOLDER_AGE = 3600.0    # --remove-empty-folders: seconds an inbox folder must stay empty and unchanged
 SUMMARY_EVERY = 30.0         # seconds between summary/worklist rewrites while busy
 RETRY_SECONDS = 60.0         # a round that failed with a tool error is retried after this long
+REPORTS_AHEAD_BATCHES = 2   # studies whose reports are being written while the model scores, in batches
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class WatchOptions:
     include_lateral: bool = False
     any_body_part: bool = False
     dicom: bool = False          # also write each report as a DICOM Encapsulated PDF (cxrscreen.encapsulate)
+    report_processes: int = 0    # processes that write the reports; 0: a thread of the daemon (pipeline.report_executor)
     remove_empty_folders: bool = False   # folders of the inbox empty for EMPTY_FOLDER_AGE are removed
     once: bool = False
     worklist_days: float = 7.0   # summary/worklist window; 0 = every study the ledger holds
@@ -101,6 +107,8 @@ class WatchOptions:
             raise UsageError("--worklist-days must be >= 0 (0: every study)")
         if self.max_images < 1:
             raise UsageError("max_images must be at least 1")
+        if self.report_processes < 0:
+            raise UsageError("--report-processes must be >= 0 (0: a thread of the daemon)")
         root = inbox.resolve()
         for name, folder in (("--out", self.out), ("--archive", self.archive), ("--quarantine", self.quarantine),
                              ("--state", self.state)):
@@ -181,6 +189,21 @@ class _StudyWork:
     files: dict[str, FileRow]        # by current location
     prior_failed: list[FileOutcome]
     added: list[str]                 # names of files new since the last report
+
+
+@dataclass
+class _Reporting:
+    """A study whose report is being written (by the report thread or processes) while the model scores the
+    next ones; the ledger records it once the report is there."""
+    result: StudyResult
+    work: _StudyWork
+    version: int
+    base: str
+    report: str                      # "" when nothing of the study was scored: no report
+    outcomes: dict[int, tuple]
+    failed_files: int
+    future: Future | None = None
+    make: Callable[[], Path | None] | None = field(default=None, repr=False)  # writes it in this process
 
 
 def move_file(src: Path, dest: Path) -> None:
@@ -273,6 +296,14 @@ class Watcher:
         self.threshold, self.operating, calibration = resolve_threshold(model, o.threshold, o.calibration)
         self.screener = Screener(model, self.threshold, gradcam=o.gradcam, batch_size=o.batch_size,
                                  workers=o.workers)
+        self._reporter = report_executor(o.report_processes)
+        try:
+            return self._serve(model, calibration)
+        finally:
+            self._reporter.shutdown(wait=True, cancel_futures=True)
+
+    def _serve(self, model: LoadedModel, calibration: str) -> int:
+        o = self.options
         self._note_model(calibration)
         self._recover()
         if o.dicom:
@@ -592,28 +623,38 @@ class Watcher:
         return True
 
     def _screen_round(self, works: dict[str, _StudyWork], items: list[Radiograph | FileOutcome]) -> None:
+        """Score the round's studies and report each: the reports are written in the background (a thread, or
+        --report-processes) while the model scores the next studies, and each study is recorded in the
+        ledger, in the order screened, once its report is there. At most two batches' studies wait."""
         self._round_started = time.monotonic()
         studies, loose = group_studies(items)
         screened = {s.study_uid for s in studies}
         for uid in [u for u in works if u not in screened]:     # nothing left to score in these studies
             result = StudyResult(Study(uid, ()))
             result.failed.extend(x for x in loose if x.study_uid == uid and x.status is Status.FAILED)
-            self._record(result, works[uid], extra_skipped=[x for x in loose if x.study_uid == uid
-                                                             and x.status is Status.SKIPPED])
+            self._finish(self._start_report(result, works[uid], extra_skipped=[
+                x for x in loose if x.study_uid == uid and x.status is Status.SKIPPED]))
+        under_way: deque[_Reporting] = deque()
         stream = self.screener.screen(studies)
         try:
             for result in stream:
                 try:
-                    self._record(result, works[result.study.study_uid])
-                except (sqlite3.Error, OSError):
-                    raise       # the disk or the ledger: the round fails, and its studies wait (see _screen_ready)
-                except Exception as exc:    # this study's report cannot be made: it alone waits, the round goes on
+                    under_way.append(self._start_report(result, works[result.study.study_uid]))
+                except Exception as exc:    # its report cannot even be begun (a name no test foresaw): it waits
                     self._report_failed(result, exc)
+                while len(under_way) > REPORTS_AHEAD_BATCHES * self.options.batch_size:
+                    self._finish(under_way.popleft())
                 if self.stop.is_set():
-                    log.info(kv(event="abandon", note="stopping: the rest of this round stays pending"))
+                    log.info(kv(event="abandon", note="stopping: the reports under way are finished, the rest of "
+                                                      "this round stays pending"))
                     break
+            while under_way:
+                self._finish(under_way.popleft())
         finally:
             stream.close()
+            for job in under_way:       # the round failed: these stay pending, their reports are not waited for
+                if job.future is not None:
+                    job.future.cancel()
 
     def _report_failed(self, result: StudyResult, exc: Exception) -> None:
         """A study whose report could not be made (a bug, an input no test foresaw) stays pending and is
@@ -653,52 +694,77 @@ class Watcher:
             items.append(dataclasses.replace(record, study_uid=uid))
         return items
 
-    def _record(self, result: StudyResult, work: _StudyWork, extra_skipped: list[FileOutcome] = ()) -> None:
+    def _start_report(self, result: StudyResult, work: _StudyWork,
+                      extra_skipped: list[FileOutcome] = ()) -> _Reporting:
+        """What the ledger will record of this study, and its report handed to the report writer."""
         row = work.row
-        uid = row.study_uid
         result.failed.extend(work.prior_failed)
         outcomes: dict[int, tuple] = {}
+        failed_files = 0
         for item in result.images:
             outcomes[work.files[str(item.image.path)].id] = ("scored", "", "", "")
         for outcome in [*result.failed, *result.study.skipped, *extra_skipped]:
             f = work.files.get(str(outcome.path))
             if f is not None and f.status in ("pending", "scored"):
                 outcomes[f.id] = (outcome.status.value, outcome.step, outcome.tag, outcome.reason)
-                if outcome.status is Status.FAILED:
-                    self.failed_files += 1
+                failed_files += outcome.status is Status.FAILED
         version = row.version + 1
-        report_name, base, score, flag, dicom = "", row.report_base, result.score, "", None
+        job = _Reporting(result, work, version, row.report_base, "", outcomes, failed_files)
         if result.images:
-            base = base or report_filename(result.study)
-            report_name = base if version == 1 else f"{Path(base).stem}.v{version}.pdf"
-            flag = "yes" if score >= self.threshold else "no"
+            job.base = job.base or report_filename(result.study)
+            job.report = job.base if version == 1 else f"{Path(job.base).stem}.v{version}.pdf"
             amendment = ""
             if version > 1:
                 added = ", ".join(work.added) or "none (re-screened)"
                 amendment = (f"Amended report, version {version}: supersedes version {version - 1} ({row.report}), "
                              f"which is kept unchanged. Images added since: {added}.")
-            write_study_report(self.out / report_name, result, threshold=self.threshold,
-                               operating_point=self.operating, model_name=self.model.path.name,
-                               model_sha256=self.model.sha256, amendment=amendment,
-                               population=self.model.card.trained_on)
-            if self.options.dicom:
-                dicom = write_encapsulated_pdf(self.out / dicom_report_name(report_name), self.out / report_name,
-                                               [r.image for r in result.images], version=version)
+            job.make = functools.partial(
+                make_report, self.out / job.report, result, threshold=self.threshold,
+                operating_point=self.operating, model_name=self.model.path.name, model_sha256=self.model.sha256,
+                population=self.model.card.trained_on, amendment=amendment, version=version,
+                dicom=self.out / dicom_report_name(job.report) if self.options.dicom else None)
+            try:
+                job.future = self._reporter.submit(job.make)
+            except BrokenProcessPool:   # a report process died (killed, out of memory): a thread from now on
+                log.warning(kv(event="report_processes_lost", note="the reports are written by a thread from now on"))
+                self._reporter.shutdown(wait=False)
+                self._reporter = report_executor(0)
+                job.future = self._reporter.submit(job.make)
+        return job
+
+    def _finish(self, job: _Reporting) -> None:
+        """Once its report is written: record the study (one transaction), log it, move its files."""
+        result, uid = job.result, job.work.row.study_uid
+        dicom = None
+        if job.future is not None:
+            try:
+                try:
+                    dicom = job.future.result()
+                except BrokenProcessPool:   # its process died before writing it: written here instead
+                    dicom = job.make()
+            except (sqlite3.Error, OSError, OutputError):
+                release(result)
+                raise   # the disk: the round fails, and its studies wait (see _screen_ready)
+            except Exception as exc:    # this study's report cannot be made: it alone waits, the round goes on
+                self._report_failed(result, exc)
+                return
             self.reports_written += 1
+        self.failed_files += job.failed_files
+        score, flag = result.score, ("yes" if result.score >= self.threshold else "no") if job.report else ""
         first = result.study.first
         identity = first.identifiers() if first else {}
         reason = "; ".join(f"{x.path.name}: {x.reason}" for x in result.failed)
-        self.ledger.record_study(uid, version=version, report_base=base, report=report_name, score=score, flag=flag,
-                                 threshold=self.threshold, model_sha256=self.model.sha256, identity=identity,
-                                 outcomes=outcomes, reason=reason, warning=result.warning,
+        self.ledger.record_study(uid, version=job.version, report_base=job.base, report=job.report, score=score,
+                                 flag=flag, threshold=self.threshold, model_sha256=self.model.sha256,
+                                 identity=identity, outcomes=job.outcomes, reason=reason, warning=result.warning,
                                  appearance=result.appearance, appearance_caution=result.appearance_caution,
                                  unscored_frames=result.unscored_frames)
         release(result)
-        log.info(kv(event="study", uid=uid, version=version if report_name else None,
-                    status="reported" if report_name else "failed", score=score, flag=flag or None,
+        log.info(kv(event="study", uid=uid, version=job.version if job.report else None,
+                    status="reported" if job.report else "failed", score=score, flag=flag or None,
                     images=len(result.images), failed=len(result.failed), skipped=len(result.study.skipped),
                     seconds=round(time.monotonic() - self._round_started, 2),
-                    waited=round(time.time() - row.last_arrival, 1), report=report_name or None,
+                    waited=round(time.time() - job.work.row.last_arrival, 1), report=job.report or None,
                     dicom=dicom.name if dicom else None,
                     caution=brief_caution(result.warning, result.appearance_caution, result.unscored_frames) or None))
         for f in self.ledger.study_files(uid):

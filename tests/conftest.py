@@ -100,7 +100,7 @@ def latin1_named(folder, name: str, data: bytes):
     return os.fsdecode(path)
 
 
-def die_in_a_report_process(path, result, *, dicom, **kwargs):
+def die_in_a_report_process(path, result, *, dicom, version=1, **kwargs):
     """Stands in for ``cxrscreen.pipeline.make_report`` in the test of a report process that dies (the
     OOM killer): exits at once in a report process, and writes the PDF report anywhere else."""
     import multiprocessing

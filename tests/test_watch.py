@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import latin1_named, pdf_text, phantom
+from cxrscreen import pipeline as pipeline_module
 from cxrscreen import watch as watch_module
 from cxrscreen.cli import main
 from cxrscreen.errors import UsageError
@@ -352,7 +353,7 @@ def test_a_full_output_disk_is_logged_and_retried_and_never_stops_the_daemon(dir
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "x"))
 
-    monkeypatch.setattr(watch_module, "write_study_report", full)
+    monkeypatch.setattr(pipeline_module, "write_study_report", full)
     monkeypatch.setattr(watch_module, "write_summary", full)
     options = WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True)
     with caplog.at_level("INFO", logger="cxrscreen"):
@@ -437,14 +438,14 @@ def test_a_report_that_cannot_be_made_waits_alone_and_does_not_block_its_round(d
         write_study(inbox / name, name)
     broken = threading.Event()
     broken.set()
-    real = watch_module.write_study_report
+    real = pipeline_module.write_study_report
 
     def broken_for_one(path, result, **kwargs):
         if broken.is_set() and result.study.first.patient_id == "POISON":
             raise RuntimeError("no room for the overlay")
         return real(path, result, **kwargs)
 
-    monkeypatch.setattr(watch_module, "write_study_report", broken_for_one)
+    monkeypatch.setattr(pipeline_module, "write_study_report", broken_for_one)
     monkeypatch.setattr(watch_module, "RETRY_SECONDS", 0.3)
     with caplog.at_level("INFO", logger="cxrscreen"):
         running = Running(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none"), model)
@@ -802,3 +803,84 @@ def test_move_file_across_filesystems_copies_syncs_and_deletes(tmp_path, monkeyp
 def test_log_lines_are_logfmt():
     line = kv(event="study", uid="1.2.3", score=0.123456789, flag="yes", report="a b.pdf", skipped=None)
     assert line == 'event=study uid=1.2.3 score=0.123457 flag=yes report="a b.pdf"'
+
+
+def test_reports_are_written_while_the_model_scores_and_a_study_is_recorded_once_its_report_is_there(
+        dirs, model, monkeypatch):
+    """watch wrote each report inline, after its study was scored, so a burst of studies took scoring plus
+    report time per study (a GPU server waited on reportlab). The reports are written in the background
+    now; a study is recorded (done, archived, in the summary) only once its report is written, in the
+    order screened."""
+    inbox, out = dirs
+    for s in range(3):
+        write_study(inbox / f"s{s}", f"burst{s}")
+    real_write, real_start = pipeline_module.write_study_report, Watcher._start_report
+    writing, go_on = threading.Event(), threading.Event()
+    started: list[str] = []
+
+    def first_report_waits(path, result, **kwargs):
+        if not writing.is_set():
+            writing.set()
+            assert go_on.wait(DEADLINE)
+        return real_write(path, result, **kwargs)
+
+    def spy(self, result, work, **kwargs):
+        started.append(result.study.study_uid)
+        return real_start(self, result, work, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "write_study_report", first_report_waits)
+    monkeypatch.setattr(Watcher, "_start_report", spy)
+    running = Running(WatchOptions(inbox, out, archive=out.parent / "archive", settle=0.2, rescan=0.5,
+                                   gradcam="none"), model)
+    try:
+        wait_for(writing.is_set, "the first report to be under way")
+        wait_for(lambda: len(started) == 3, "the other studies to be scored while the first report is written")
+        assert done_studies(out) == 0 and not reports(out)
+        assert ledger_rows(out, "SELECT status, COUNT(*) FROM studies GROUP BY status") == [("pending", 3)]
+        assert not (out.parent / "archive").exists()
+        go_on.set()
+        wait_for(lambda: done_studies(out) == 3, "the three studies to be recorded")
+    finally:
+        go_on.set()
+        assert running.close() == 0
+    assert len(reports(out)) == 3 and len(list((out.parent / "archive").rglob("*.dcm"))) == 3
+
+
+def test_report_processes_write_what_the_thread_writes_and_a_dead_one_loses_nothing(dirs, model, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """--report-processes for watch, as for batch: the same reports, DICOM copies and ledger as the report
+    thread, amended versions included; a report process killed (out of memory) costs no study."""
+    import pydicom
+
+    from conftest import die_in_a_report_process
+
+    runs = {}
+    for processes in (0, 2):
+        inbox, out = tmp_path / f"inbox{processes}", tmp_path / f"out{processes}"
+        for s in range(3):
+            write_study(inbox / f"s{s}", f"proc{s}", images=2)
+        options = WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="flagged", dicom=True, once=True,
+                               report_processes=processes)
+        assert Watcher(options, model=model).run() == 0
+        write_study(inbox / "s0", "proc0", images=1, start=2)          # a late image: version 2
+        assert Watcher(options, model=model).run() == 0
+        runs[processes] = out, ledger_rows(out, "SELECT study_uid, version, report, score, flag FROM reports "
+                                                "ORDER BY report")
+    (thread_out, thread_rows), (process_out, process_rows) = runs[0], runs[2]
+    assert process_rows == thread_rows and [r[1] for r in thread_rows].count(2) == 1 and len(thread_rows) == 4
+    for _, version, name, _, _ in thread_rows:
+        assert pdf_text(process_out / name) == pdf_text(thread_out / name)
+        dcm = pydicom.dcmread((process_out / name).with_suffix(".dcm"))
+        assert dcm.InstanceNumber == version
+        assert dcm.EncapsulatedDocument[:dcm.EncapsulatedDocumentLength] == (process_out / name).read_bytes()
+
+    monkeypatch.setattr(watch_module, "make_report", die_in_a_report_process)
+    inbox, out = tmp_path / "inbox_killed", tmp_path / "out_killed"
+    for s in range(3):
+        write_study(inbox / f"s{s}", f"killed{s}")
+    options = WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True, report_processes=2,
+                           max_images=1)       # a round per study: the first breaks the pool, the next find it broken
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        assert Watcher(options, model=model).run() == 0
+    assert "event=report_processes_lost" in caplog.text
+    assert done_studies(out) == 3 and len(reports(out)) == 3
