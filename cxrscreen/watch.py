@@ -15,8 +15,9 @@ The life of one file:
    most ``HOLD_BACK_SETTLES`` settle periods). Studies that become ready together
    are screened in shared batches by one :class:`~cxrscreen.pipeline.Screener`;
 5. **reported**: the PDF (and with ``--dicom`` its Encapsulated PDF ``.dcm``) is
-   written under a name fixed by (study, version), then one transaction records
-   the version and the files' outcomes. A study that
+   written under a name fixed by (study, version), by the report thread (or
+   ``--report-processes``) while the model scores the next studies; once it is
+   written, one transaction records the version and the files' outcomes. A study that
    gains images after its report gets version 2, 3... (``<name>.v2.pdf``), the
    older reports kept;
 6. **moved** (optional): to ``--archive`` after the report, or to
