@@ -89,14 +89,20 @@ def batched(folder: Path, model, gradcam: bool, batch_size: int, workers: int) -
     return summary.scored_images / elapsed
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=500)
+def throughput_arguments(doc: str, n: int) -> argparse.ArgumentParser:
+    """The options of the throughput benchmarks: --n files built by build_folder() from --data, --model,
+    --batch-size, --workers."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=n)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "chest_xray" / "test")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = throughput_arguments(__doc__, 500).parse_args()
     from cxrscreen.infer import load_model
 
     model = load_model(args.model)

@@ -18,7 +18,6 @@ run, start-up included) and each mode's ratio to inline. Grad-CAM is on for ever
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -55,17 +54,13 @@ def run_watch(inbox: Path, model, *, processes: int, inline: bool, batch_size: i
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=400)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "chest_xray" / "test")
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--processes", type=int, default=2, help="report processes for the third mode (0: skip it)")
-    args = parser.parse_args()
     import logging
 
-    from batch_throughput import build_folder
+    from batch_throughput import build_folder, throughput_arguments
+
+    parser = throughput_arguments(__doc__, 400)
+    parser.add_argument("--processes", type=int, default=2, help="report processes for the third mode (0: skip it)")
+    args = parser.parse_args()
 
     from cxrscreen.infer import load_model
 

@@ -97,6 +97,47 @@ def report_executor(processes: int) -> Executor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report")
 
 
+# Studies whose reports may be under way while the model scores, in batches (bounds the thumbnails held).
+REPORTS_AHEAD_BATCHES = 2
+
+
+@dataclass
+class ReportJob:
+    """One study's report, handed to a :class:`ReportWriter`."""
+    future: Future
+    make: Callable[[], Path | None]      # writes it in this process
+
+    def result(self) -> Path | None:
+        """Wait for the report (what ``make`` returns); written here when its report process died first."""
+        try:
+            return self.future.result()
+        except BrokenProcessPool:
+            return self.make()
+
+
+class ReportWriter:
+    """Writes the reports of ``batch`` and ``watch`` in the background (:func:`report_executor`). A report
+    process that dies (killed, out of memory) breaks its pool: the reports it held are written by the
+    screening process when waited for (:meth:`ReportJob.result`), the later ones by a thread, and
+    ``lost_note`` is logged once."""
+
+    def __init__(self, processes: int, lost_note: str) -> None:
+        self._executor = report_executor(processes)
+        self._lost_note = lost_note
+
+    def submit(self, make: Callable[[], Path | None]) -> ReportJob:
+        try:
+            return ReportJob(self._executor.submit(make), make)
+        except BrokenProcessPool:
+            log.warning(self._lost_note)
+            self._executor.shutdown(wait=False)
+            self._executor = report_executor(0)
+            return ReportJob(self._executor.submit(make), make)
+
+    def shutdown(self, *, cancel_futures: bool = False) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=cancel_futures)
+
+
 def make_report(path: Path, result: StudyResult, *, threshold: float, operating_point: dict, model_name: str,
                 model_sha256: str, population: str, dicom: Path | None, amendment: str = "",
                 version: int = 1) -> Path | None:
@@ -378,32 +419,22 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     # Reports are written in the background while the model scores: by one thread (reportlab is
     # Python-bound, inference runs in the backend's threads with the GIL released), or, for a large run on
     # a machine with CPUs to spare, by report processes (report_processes()). At most 2 batches wait.
-    reporter = report_executor(options.report_processes if options.report_processes is not None
-                               else report_processes(len(to_score)))
+    reporter = ReportWriter(options.report_processes if options.report_processes is not None
+                            else report_processes(len(to_score)),
+                            lost_note="a report process stopped; the remaining reports are written by a thread")
     report_jobs: deque = deque()
 
-    def write_report(result: StudyResult, path: Path) -> tuple[Future, Callable[[], None]]:
-        nonlocal reporter
-        job = functools.partial(make_report, path, result, threshold=threshold, operating_point=operating,
-                                model_name=model.path.name, model_sha256=model.sha256,
-                                population=model.card.trained_on,
-                                dicom=out / dicom_report_name(path.name) if options.dicom else None)
-        try:
-            return reporter.submit(job), job
-        except BrokenProcessPool:       # a report process died (killed, out of memory): go on in a thread
-            log.warning("a report process stopped; the remaining reports are written by a thread")
-            reporter.shutdown(wait=False)
-            reporter = report_executor(0)
-            return reporter.submit(job), job
+    def write_report(result: StudyResult, path: Path) -> ReportJob:
+        return reporter.submit(functools.partial(
+            make_report, path, result, threshold=threshold, operating_point=operating, model_name=model.path.name,
+            model_sha256=model.sha256, population=model.card.trained_on,
+            dicom=out / dicom_report_name(path.name) if options.dicom else None))
 
-    def wait_for(job: tuple[StudyResult, Future, dict, Callable[[], None]]) -> None:
-        result, future, row, make = job
+    def wait_for(job: tuple[StudyResult, ReportJob, dict]) -> None:
+        result, report, row = job
         uid = result.study.study_uid
         try:
-            try:
-                future.result()
-            except BrokenProcessPool:   # its process died before writing it: written here instead
-                make()
+            report.result()
         except Exception as exc:
             new_state.pop(uid, None)     # its report is not (all) there: the next run redoes the study
             if isinstance(exc, OutputError):
@@ -424,9 +455,8 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
             results.append(result)
             row = _study_row(result, threshold)
             if result.images:
-                future, make = write_report(result, out / row["report"])
-                report_jobs.append((result, future, row, make))
-                while len(report_jobs) > 2 * options.batch_size:
+                report_jobs.append((result, write_report(result, out / row["report"]), row))
+                while len(report_jobs) > REPORTS_AHEAD_BATCHES * options.batch_size:
                     wait_for(report_jobs.popleft())
                 dicom = dicom_report_name(row["report"]) if dicom_images([r.image for r in result.images]) else ""
                 new_state[result.study.study_uid] = {
@@ -454,7 +484,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
             kept = f"the state of this run could not be saved either ({again.strerror or again}): a re-run redoes it"
         raise OutputError(f"{exc.cause}; screening stopped, {kept}", path=exc.path, step=exc.step) from exc.__cause__
     finally:
-        reporter.shutdown(wait=True)
+        reporter.shutdown()
 
     file_rows = _file_rows(studies, loose + reused_failures, results)
     screened = {r["study_uid"] for r in rows + reused_rows}

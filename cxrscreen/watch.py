@@ -43,11 +43,8 @@ import stat as stat_module
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
@@ -55,8 +52,9 @@ from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import group_studies, is_ignored, not_regular, read_record
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
-from .pipeline import (Screener, check_screening_options, file_rows, lock_holder, make_report, output_lock, rank_rows,
-                       release, report_executor, resolve_threshold, study_row, unscreened_study_rows)
+from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
+                       lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
+                       unscreened_study_rows)
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import StudyResult, atomic_write, brief_caution, report_filename, write_summary, write_worklist
 from .typeset import undecodable_as_hex
@@ -69,7 +67,6 @@ HOLD_BACK_SETTLES = 10       # a ready study waits at most this long for unsettl
 EMPTY_FOLDER_AGE = 3600.0    # --remove-empty-folders: seconds an inbox folder must stay empty and unchanged
 SUMMARY_EVERY = 30.0         # seconds between summary/worklist rewrites while busy
 RETRY_SECONDS = 60.0         # a round that failed with a tool error is retried after this long
-REPORTS_AHEAD_BATCHES = 2   # studies whose reports are being written while the model scores, in batches
 
 
 @dataclass(frozen=True)
@@ -203,8 +200,7 @@ class _Reporting:
     report: str                      # "" when nothing of the study was scored: no report
     outcomes: dict[int, tuple]
     failed_files: int
-    future: Future | None = None
-    make: Callable[[], Path | None] | None = field(default=None, repr=False)  # writes it in this process
+    writing: ReportJob | None = None  # None: no report to wait for
 
 
 def move_file(src: Path, dest: Path) -> None:
@@ -297,11 +293,12 @@ class Watcher:
         self.threshold, self.operating, calibration = resolve_threshold(model, o.threshold, o.calibration)
         self.screener = Screener(model, self.threshold, gradcam=o.gradcam, batch_size=o.batch_size,
                                  workers=o.workers)
-        self._reporter = report_executor(o.report_processes)
+        self._reporter = ReportWriter(o.report_processes, lost_note=kv(
+            event="report_processes_lost", note="a report process stopped; the reports are written by a thread"))
         try:
             return self._serve(model, calibration)
         finally:
-            self._reporter.shutdown(wait=True, cancel_futures=True)
+            self._reporter.shutdown(cancel_futures=True)
 
     def _serve(self, model: LoadedModel, calibration: str) -> int:
         o = self.options
@@ -653,9 +650,9 @@ class Watcher:
                 self._finish(under_way.popleft())
         finally:
             stream.close()
-            for job in under_way:       # the round failed: these stay pending, their reports are not waited for
-                if job.future is not None:
-                    job.future.cancel()
+            for reporting in under_way:     # the round failed: these stay pending, their reports are not waited for
+                if reporting.writing is not None:
+                    reporting.writing.future.cancel()
 
     def _report_failed(self, result: StudyResult, exc: Exception) -> None:
         """A study whose report could not be made (a bug, an input no test foresaw) stays pending and is
@@ -719,31 +716,21 @@ class Watcher:
                 added = ", ".join(work.added) or "none (re-screened)"
                 amendment = (f"Amended report, version {version}: supersedes version {version - 1} ({row.report}), "
                              f"which is kept unchanged. Images added since: {added}.")
-            job.make = functools.partial(
+            job.writing = self._reporter.submit(functools.partial(
                 make_report, self.out / job.report, result, threshold=self.threshold,
                 operating_point=self.operating, model_name=self.model.path.name, model_sha256=self.model.sha256,
                 population=self.model.card.trained_on, amendment=amendment, version=version,
-                dicom=self.out / dicom_report_name(job.report) if self.options.dicom else None)
-            try:
-                job.future = self._reporter.submit(job.make)
-            except BrokenProcessPool:   # a report process died (killed, out of memory): a thread from now on
-                log.warning(kv(event="report_processes_lost", note="the reports are written by a thread from now on"))
-                self._reporter.shutdown(wait=False)
-                self._reporter = report_executor(0)
-                job.future = self._reporter.submit(job.make)
+                dicom=self.out / dicom_report_name(job.report) if self.options.dicom else None))
         return job
 
     def _finish(self, job: _Reporting) -> None:
         """Once its report is written: record the study (one transaction), log it, move its files."""
         result, uid = job.result, job.work.row.study_uid
         dicom = None
-        if job.future is not None:
+        if job.writing is not None:
             try:
-                try:
-                    dicom = job.future.result()
-                except BrokenProcessPool:   # its process died before writing it: written here instead
-                    dicom = job.make()
-            except (sqlite3.Error, OSError, OutputError):
+                dicom = job.writing.result()
+            except (OSError, OutputError):
                 release(result)
                 raise   # the disk: the round fails, and its studies wait (see _screen_ready)
             except Exception as exc:    # this study's report cannot be made: it alone waits, the round goes on
