@@ -1,7 +1,8 @@
 """Command line: parse options, call the library, map the result to an exit code.
 
-Exit codes: 0 every input scored or deliberately skipped; 1 some inputs failed
-(or a tool error such as an unloadable model); 2 usage errors.
+Exit codes: 0 every input scored or deliberately skipped; 1 some inputs failed or
+were not screened (a run stopped by SIGTERM or Ctrl-C), or a tool error such as an
+unloadable model; 2 usage errors.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -57,6 +59,34 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+@contextmanager
+def _stop_on_signals(say):
+    """While in it, SIGTERM and Ctrl-C set the event it gives (the command finishes what is under way) and
+    call ``say(signal name)``; a second Ctrl-C stops at once (KeyboardInterrupt). The handlers before it
+    are put back after (the command may be called from Python). Off the main thread, where no handler can
+    be set, the event is never set."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        say(signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -70,8 +100,13 @@ def main() -> None:
                    "at most 4, for 64 studies or more; else 0].")
 def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, gradcam, force, include_lateral, any_body_part,
           dicom, quiet, as_json, report_processes):
-    """Screen every radiograph under INPUT... and write one PDF report per study into --out."""
+    """Screen every radiograph under INPUT... and write one PDF report per study into --out.
+    SIGTERM or Ctrl-C stops it after the reports under way; the same command then goes on from there."""
     from .pipeline import BatchOptions, run_batch
+
+    def on_stop(signal_name: str) -> None:
+        log.warning("%s: finishing the reports under way, then writing the summary; the same command goes on "
+                    "from there (Ctrl-C again stops at once)", signal_name)
 
     try:
         options = BatchOptions(out=out, model_path=model_path, threshold=threshold, calibration=calibration,
@@ -91,7 +126,8 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
             elif not quiet and not as_json and (done == total or done % 100 < batch_size):
                 log.info("scored %d/%d images", done, total)
 
-        summary = run_batch(list(inputs), options, progress=progress)
+        with _stop_on_signals(on_stop) as stop:
+            summary = run_batch(list(inputs), options, progress=progress, stop=stop)
         if bar is not None:
             bar.__exit__(None, None, None)
     except CxrError as exc:
@@ -113,6 +149,9 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
                    + (f"{summary.failed_reports} reports could not be made; " if summary.failed_reports else "")
                    + f"reports in {out}/ (worklist.pdf, summary.csv"
                    + (", a .dcm beside each PDF of a DICOM study" if dicom else "") + ")")
+        if summary.interrupted:
+            click.echo(f"STOPPED before {summary.pending} studies (pending in the summary): run the same command "
+                       "again to screen them; the studies reported are reused", err=True)
         for row in summary.rows:
             if row["kind"] == "file" and row["status"] == "failed":
                 click.echo(f"  FAILED {row['path']} [{row['step']}] {row['tag']}: {row['reason']}", err=True)
@@ -194,18 +233,10 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
 def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan, state, worklist_days, model_path, threshold, calibration, batch_size,
           workers, gradcam, include_lateral, any_body_part, dicom, report_processes, once):
     """Screen studies as they arrive in INBOX, each exactly once; stop with SIGTERM or Ctrl-C."""
-    import signal
-    import threading
-
     from .watch import Watcher, WatchOptions, kv
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt   # a second Ctrl-C: stop now; the ledger is consistent at every step
-        log.info(kv(event="signal", signal=signal.Signals(signum).name, note="finishing the reports under way"))
-        stop.set()
+    def on_stop(signal_name: str) -> None:     # a second Ctrl-C stops at once: the ledger is consistent at every step
+        log.info(kv(event="signal", signal=signal_name, note="finishing the reports under way"))
 
     try:
         options = WatchOptions(inbox=inbox, out=out, archive=archive, quarantine=quarantine, settle=settle,
@@ -213,9 +244,8 @@ def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan,
                                calibration=calibration, batch_size=batch_size, workers=workers, gradcam=gradcam,
                                include_lateral=include_lateral, any_body_part=any_body_part, dicom=dicom, once=once,
                                remove_empty_folders=remove_empty_folders, report_processes=report_processes)
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        code = Watcher(options, stop=stop).run()
+        with _stop_on_signals(on_stop) as stop:
+            code = Watcher(options, stop=stop).run()
     except CxrError as exc:
         _fail(exc)
     sys.exit(code)

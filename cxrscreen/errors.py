@@ -77,3 +77,7 @@ class OutputError(CxrError):
 
 class UsageError(CxrError):
     """The caller asked for something impossible (maps to exit code 2)."""
+
+
+class Interrupted(CxrError):
+    """A run was asked to stop (SIGTERM, Ctrl-C) before it had anything to keep: nothing was written."""

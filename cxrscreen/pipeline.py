@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -31,7 +32,7 @@ import numpy as np
 
 from . import __version__
 from .encapsulate import dicom_images, dicom_report_name, write_encapsulated_pdf
-from .errors import CxrError, InputError, ModelError, OutputError, UsageError
+from .errors import CxrError, InputError, Interrupted, ModelError, OutputError, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
 from .ingest import group_studies, scan
@@ -91,10 +92,23 @@ def report_executor(processes: int) -> Executor:
     or when this system cannot run them (no working semaphores, e.g. a container without /dev/shm)."""
     if processes:
         try:
-            return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+            return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_leave_stop_signals_to_the_parent)
         except (OSError, ImportError, NotImplementedError) as exc:
             log.warning("report processes unavailable (%s): the reports are written by a thread", exc)
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report")
+
+
+def _leave_stop_signals_to_the_parent() -> None:
+    """Run in each report process as it starts: SIGINT and SIGTERM are ignored there. Stopping is the
+    screening process's decision (it finishes the reports under way): a terminal's Ctrl-C reaches the
+    whole process group, and systemd's stop signals every process of the service, which killed the report
+    processes mid-report (their reports were then written again by the screening process, with a
+    traceback from each on the way). They end when the screening process shuts its pool down."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # Studies whose reports may be under way while the model scores, in batches (bounds the thumbnails held).
@@ -179,13 +193,15 @@ class BatchSummary:
     skipped_files: int = 0
     failed_files: int = 0
     failed_reports: int = 0        # scored studies whose report could not be made (their rows say why)
+    pending: int = 0               # studies not screened because the run was stopped (``stop``) before them
+    interrupted: bool = False
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
-        """0 when every input was scored or deliberately skipped, 1 when some failed."""
-        return 1 if self.failed_files or self.failed_reports else 0
+        """0 when every input was scored or deliberately skipped, 1 when some failed or were not screened."""
+        return 1 if self.failed_files or self.failed_reports or self.interrupted else 0
 
     def to_json(self) -> dict:
         return {"studies": self.studies, "unscreened_studies": self.unscreened_studies, "flagged": self.flagged,
@@ -194,6 +210,7 @@ class BatchSummary:
                 "scored_images": self.scored_images,
                 "reused_studies": self.reused, "skipped_files": self.skipped_files,
                 "failed_files": self.failed_files, "failed_reports": self.failed_reports,
+                "interrupted": self.interrupted, "pending_studies": self.pending,
                 "seconds": round(self.seconds, 2), **self.meta,
                 "rows": self.rows}
 
@@ -357,11 +374,19 @@ class Screener:
 
 
 def run_batch(inputs: list[Path], options: BatchOptions, *,
-              progress: Callable[[int, int], None] | None = None, model: LoadedModel | None = None) -> BatchSummary:
+              progress: Callable[[int, int], None] | None = None, model: LoadedModel | None = None,
+              stop: threading.Event | None = None) -> BatchSummary:
     """Screen every input; write reports, summary.csv/json and worklist.pdf into ``options.out``.
 
     ``options.out`` is held for the whole run (:func:`output_lock`): a second batch, or a watch daemon,
-    writing into it at the same time is refused."""
+    writing into it at the same time is refused.
+
+    ``stop`` (the CLI sets it on SIGTERM or Ctrl-C): once set, no further study is screened; the reports
+    under way are finished, and the summary and worklist are written with every study not screened listed
+    as ``pending`` (``summary.interrupted``, exit code 1); a re-run reuses the studies reported and
+    screens the rest. Set while the headers are still being read, the run raises :class:`Interrupted`
+    and writes nothing. The run's state is also saved while it runs (:data:`CHECKPOINT_SECONDS`), so a run
+    that is killed outright (``kill -9``, a power cut, the OOM killer) is resumed the same way."""
     started = time.time()
     for item in inputs:
         if not Path(item).exists():
@@ -371,16 +396,26 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
         raise UsageError(f"--out {out} is the folder to screen: give the reports a folder of their own "
                          "(it may lie inside the one screened)")
     with output_lock(out, "cxrscreen batch"):
-        return _run_batch(inputs, options, out, started, progress, model)
+        return _run_batch(inputs, options, out, started, progress, model, stop or threading.Event())
+
+
+def _until_stopped(items: Iterator, stop: threading.Event) -> Iterator:
+    """``items``, until ``stop`` is set: then Interrupted (the headers are read before anything is written)."""
+    for item in items:
+        if stop.is_set():
+            raise Interrupted("stopped while reading the headers, before screening began: nothing was written",
+                              step="scan")
+        yield item
 
 
 def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: float,
-               progress: Callable[[int, int], None] | None, model: LoadedModel | None) -> BatchSummary:
+               progress: Callable[[int, int], None] | None, model: LoadedModel | None,
+               stop: threading.Event) -> BatchSummary:
     model = model or load_model(options.model_path)
     threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration)
 
-    studies, loose = group_studies(scan(inputs, include_lateral=options.include_lateral,
-                                        any_body_part=options.any_body_part))
+    studies, loose = group_studies(_until_stopped(scan(inputs, include_lateral=options.include_lateral,
+                                                       any_body_part=options.any_body_part), stop))
     state = {} if options.force else _load_state(out)
     new_state: dict = {}
     to_score: list[Study] = []
@@ -423,6 +458,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
                             else report_processes(len(to_score)),
                             lost_note="a report process stopped; the remaining reports are written by a thread")
     report_jobs: deque = deque()
+    saved = _Checkpoints(out)
 
     def write_report(result: StudyResult, path: Path) -> ReportJob:
         return reporter.submit(functools.partial(
@@ -430,13 +466,14 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
             model_sha256=model.sha256, population=model.card.trained_on,
             dicom=out / dicom_report_name(path.name) if options.dicom else None))
 
-    def wait_for(job: tuple[StudyResult, ReportJob, dict]) -> None:
-        result, report, row = job
+    def wait_for(job: tuple[StudyResult, ReportJob, dict, dict]) -> None:
+        result, report, row, state = job
         uid = result.study.study_uid
         try:
             report.result()
+            new_state[uid] = state       # recorded once its report is all there, else the next run redoes it
+            saved.maybe(new_state)
         except Exception as exc:
-            new_state.pop(uid, None)     # its report is not (all) there: the next run redoes the study
             if isinstance(exc, OutputError):
                 raise
             # A report that cannot be made (a bug, an input no test foresaw) fails its study, not the batch:
@@ -449,23 +486,25 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
         finally:
             release(result)
 
-    stream = screener.screen(to_score, progress=progress)
+    stream = screener.screen(to_score if not stop.is_set() else [], progress=progress)
     try:
         for result in stream:
             results.append(result)
             row = _study_row(result, threshold)
             if result.images:
-                report_jobs.append((result, write_report(result, out / row["report"]), row))
+                dicom = dicom_report_name(row["report"]) if dicom_images([r.image for r in result.images]) else ""
+                state = {"key": keys[result.study.study_uid], "row": row,
+                         # the DICOM report: its name, "" when the study has none to have (JPEG/PNG), None when not asked
+                         "dicom": dicom if options.dicom else None,
+                         "failed": [{"path": str(o.path), "reason": o.reason, "step": o.step, "tag": o.tag}
+                                    for o in result.failed]}
+                report_jobs.append((result, write_report(result, out / row["report"]), row, state))
                 while len(report_jobs) > REPORTS_AHEAD_BATCHES * options.batch_size:
                     wait_for(report_jobs.popleft())
-                dicom = dicom_report_name(row["report"]) if dicom_images([r.image for r in result.images]) else ""
-                new_state[result.study.study_uid] = {
-                    "key": keys[result.study.study_uid], "row": row,
-                    # the DICOM report: its name, "" when the study has none to have (JPEG/PNG), None when not asked
-                    "dicom": dicom if options.dicom else None,
-                    "failed": [{"path": str(o.path), "reason": o.reason, "step": o.step, "tag": o.tag}
-                               for o in result.failed]}
             rows.append(row)
+            if stop.is_set():        # SIGTERM or Ctrl-C: this study is reported, the rest are left pending
+                stream.close()
+                break
         while report_jobs:
             wait_for(report_jobs.popleft())
     except OutputError as exc:
@@ -487,9 +526,14 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
         reporter.shutdown()
 
     file_rows = _file_rows(studies, loose + reused_failures, results)
-    screened = {r["study_uid"] for r in rows + reused_rows}
-    rows = rank_rows(rows + reused_rows + unscreened_study_rows(file_rows, threshold, screened.__contains__))
+    reached = {r.study.study_uid for r in results}
+    pending = [pending_study_row(study, threshold) for study in to_score if study.study_uid not in reached]
+    screened = {r["study_uid"] for r in rows + reused_rows + pending}
+    rows = rank_rows(rows + reused_rows + pending
+                     + unscreened_study_rows(file_rows, threshold, screened.__contains__))
     summary = BatchSummary(rows=rows + file_rows)
+    summary.pending = len(pending)
+    summary.interrupted = bool(pending)      # a stop that came after the last study changed nothing
     summary.studies = len(rows)
     summary.unscreened_studies = sum(r["status"] in ("skipped", "failed") and not r["report"] for r in rows)
     summary.flagged = sum(r["flag"] == "yes" for r in rows)
@@ -513,7 +557,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     with _writing(out / "summary.csv", "write the summary"):
         write_summary(out, summary.rows, {k: v for k, v in summary.to_json().items() if k != "rows"})
     with _writing(out / "worklist.pdf", "write the worklist"):
-        write_worklist(out / "worklist.pdf", summary.rows, summary.meta)
+        write_worklist(out / "worklist.pdf", summary.rows, {**summary.meta, "pending_studies": summary.pending})
     return summary
 
 
@@ -558,6 +602,30 @@ def lock_holder(out: Path | str) -> str:
         return (Path(out) / OUTPUT_LOCK).read_bytes().decode("utf-8", "replace").strip()
     except OSError:
         return ""
+
+
+# A run's state is saved while it runs, at most this often, so that a run killed outright (kill -9, a power
+# cut, the OOM killer) goes on from the studies it reported; and never more than 5% of the run's time.
+CHECKPOINT_SECONDS = 30.0
+
+
+class _Checkpoints:
+    """Saves the state of a running batch (the studies reported so far) every ``CHECKPOINT_SECONDS``, or
+    twenty times as long as the last save took (a state of 100,000 studies is about 100 MB)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.at = time.monotonic()
+        self.cost = 0.0
+
+    def maybe(self, state: dict) -> None:
+        begun = time.monotonic()
+        if begun - self.at < max(CHECKPOINT_SECONDS, 20 * self.cost):
+            return
+        with _writing(self.out / STATE_FILE, "save the run's state"):
+            _save_state(self.out, state)
+        self.at = time.monotonic()
+        self.cost = self.at - begun
 
 
 def _save_state(out: Path, state: dict) -> None:
@@ -613,6 +681,16 @@ def _study_row(result: StudyResult, threshold: float) -> dict:
                      appearance=round(result.appearance, 3) if result.appearance is not None else "",
                      appearance_caution=result.appearance_caution,
                      unscored_frames=result.unscored_frames if scored else "")
+
+
+def pending_study_row(study: Study, threshold: float) -> dict:
+    """The summary row of a study that a stopped run did not screen (status ``pending``)."""
+    first = study.first
+    return study_row(study.study_uid, threshold, status="pending", patient_id=first.patient_id if first else "",
+                     accession=first.accession if first else "", study_date=first.study_date if first else "",
+                     files=[str(p) for p in study.source_files],
+                     reason="not screened: the run was stopped before this study; run the same command again "
+                            "to screen it (the studies reported are reused)")
 
 
 def rank_rows(rows: list[dict]) -> list[dict]:

@@ -342,6 +342,11 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
                           f"{sum(r['status'] == 'failed' for r in others)} failed and "
                           f"{sum(r['status'] == 'skipped' for r in others)} skipped files"), styles["BodyText"]),
              Spacer(1, 3 * mm)]
+    if meta.get("pending_studies"):
+        story[-1:-1] = [Paragraph(_p(f"This run was stopped before it finished: {meta['pending_studies']} studies were "
+                                     "not screened (listed as pending). Run the same command again to screen "
+                                     "them; the studies reported are reused."),
+                                  styles["BodyText"].clone("stopped", textColor=colors.HexColor("#b00020")))]
     header = ["#", "Flag", "Score", "Patient ID", "Accession", "Study date", "Study UID", "Report", "Caution"]
     small = styles["BodyText"].clone("cell", fontSize=7, leading=8)
     for start in range(0, max(len(studies), 1), per_page):

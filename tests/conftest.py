@@ -111,3 +111,17 @@ def die_in_a_report_process(path, result, *, dicom, version=1, **kwargs):
     if multiprocessing.parent_process() is not None:
         os._exit(9)
     write_study_report(path, result, **kwargs)
+
+
+def signal_a_report_process():
+    """Sends SIGINT and SIGTERM to the report process it runs in (what a terminal's Ctrl-C and systemd's
+    stop do to every process of the group), and says where it ran: "report process" only if it lived on."""
+    import multiprocessing
+    import os
+    import signal
+
+    if multiprocessing.parent_process() is None:
+        return "screening process"      # a dead report process's task, written again by the parent
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return "report process"

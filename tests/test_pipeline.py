@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,11 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     (inbox / "corrupt.dcm").write_bytes(b"DICM" * 10)
     out = tmp_path / "reports"
     before = sorted(p.relative_to(inbox) for p in inbox.rglob("*"))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out), "--json"])
     assert result.exit_code == 1, result.output
+    # its SIGTERM and Ctrl-C handlers (stop after the reports under way) are the caller's again after it
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     summary = json.loads(result.stdout)
     all_studies = [r for r in summary["rows"] if r["kind"] == "study"]
     studies = [r for r in all_studies if r["report"]]
@@ -221,6 +225,144 @@ def test_reports_of_a_report_process_that_dies_are_written_all_the_same(inbox, t
     assert summary.exit_code == 0 and summary.failed_reports == 0
     reports = [r["report"] for r in summary.rows if r["kind"] == "study" and r["report"]]
     assert len(reports) == 6 and all((out / name).is_file() for name in reports)
+
+
+def _scores(summary) -> dict:
+    return {r["study_uid"]: r["score"] or -1.0 for r in summary.rows if r["kind"] == "study"}
+
+
+def test_a_stopped_batch_lists_the_rest_as_pending_and_the_same_command_goes_on(inbox, tmp_path, model,
+                                                                               monkeypatch):
+    """Ctrl-C or SIGTERM (cron's timeout, a reboot) was a traceback that left no summary and no state: the
+    next run redid every study. Now the reports under way are finished, the studies not screened are listed
+    as pending in the summary and the worklist, the run exits 1, and the same command screens the rest."""
+    import threading
+
+    from cxrscreen import pipeline
+
+    clean = run_batch([inbox], BatchOptions(out=tmp_path / "clean", gradcam="none"), model=model)
+    out, stop, real, written = tmp_path / "out", threading.Event(), pipeline.write_study_report, []
+
+    def stop_after_two(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        written.append(path.name)
+        if len(written) == 2:
+            stop.set()
+
+    monkeypatch.setattr(pipeline, "write_study_report", stop_after_two)
+    options = BatchOptions(out=out, gradcam="none", batch_size=1)
+    stopped = run_batch([inbox], options, model=model, stop=stop)
+    assert stopped.interrupted and stopped.exit_code == 1 and stopped.studies == 7
+    studies = [r for r in stopped.rows if r["kind"] == "study"]
+    scored = [r for r in studies if r["status"] == "scored"]
+    pending = [r for r in studies if r["status"] == "pending"]
+    # the reports under way were finished: every scored study has its report, and the rest wait
+    assert 2 <= len(scored) and len(pending) >= 2 and len(scored) + len(pending) == 6 == stopped.pending + len(scored)
+    assert sorted(r["report"] for r in scored) == sorted(written)
+    assert all((out / r["report"]).is_file() for r in scored)
+    identity = {r["study_uid"]: (r["patient_id"], r["accession"], r["study_date"], r["files"]) for r in clean.rows}
+    for row in pending:       # found by patient, accession and date, from the headers
+        assert not row["report"] and row["score"] == "" and row["flag"] == "no"
+        assert (row["patient_id"], row["accession"], row["study_date"], row["files"]) == identity[row["study_uid"]]
+        assert row["reason"].startswith("not screened: the run was stopped")
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["interrupted"] is True and saved["pending_studies"] == len(pending)
+    assert "This run was stopped before it finished" in pdf_text(out / "worklist.pdf")
+    assert sorted(json.loads((out / STATE_FILE).read_text())) == sorted(r["study_uid"] for r in scored)
+
+    monkeypatch.setattr(pipeline, "write_study_report", real)
+    again = run_batch([inbox], options, model=model)
+    assert again.reused == len(scored) and again.pending == 0 and not again.interrupted and again.exit_code == 0
+    assert _scores(again) == pytest.approx(_scores(clean), abs=1e-5)
+    assert [r["flag"] for r in again.rows] == [r["flag"] for r in clean.rows]
+
+
+def test_a_stop_while_headers_are_read_writes_nothing(inbox, tmp_path, model):
+    import threading
+
+    from cxrscreen.errors import Interrupted
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted, match="before screening began: nothing was written"):
+        run_batch([inbox], BatchOptions(out=tmp_path / "out", gradcam="none"), model=model, stop=stop)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_LOCK]
+
+
+def test_a_batch_killed_outright_goes_on_from_its_last_saved_state(inbox, tmp_path, model, monkeypatch):
+    """kill -9, a power cut or the OOM killer leave no time to save anything: the state is saved while the
+    run goes (every CHECKPOINT_SECONDS), each study in it once its report is all there."""
+    from cxrscreen import pipeline
+
+    class Killed(BaseException):
+        """Escapes every handler, as a kill does."""
+
+    out, real, written = tmp_path / "out", pipeline.write_study_report, []
+
+    def killed_at_the_fourth(path, *args, **kwargs):
+        if len(written) == 3:
+            raise Killed
+        real(path, *args, **kwargs)
+        written.append(path.name)
+
+    monkeypatch.setattr(pipeline, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(pipeline, "write_study_report", killed_at_the_fourth)
+    options = BatchOptions(out=out, gradcam="none", batch_size=1)
+    with pytest.raises(Killed):
+        run_batch([inbox], options, model=model)
+    state = json.loads((out / STATE_FILE).read_text())
+    assert 1 <= len(state) <= 3 and {entry["row"]["report"] for entry in state.values()} <= set(written)
+    assert not (out / "summary.json").exists()
+
+    monkeypatch.setattr(pipeline, "write_study_report", real)
+    again = run_batch([inbox], options, model=model)
+    assert again.reused == len(state) and again.studies == 7 and again.exit_code == 0
+    assert all((out / r["report"]).is_file() for r in again.rows if r["kind"] == "study" and r["report"])
+
+
+STOP_ITSELF = """
+import os, signal, sys
+from cxrscreen import pipeline
+real, written = pipeline.write_study_report, []
+def terminate_after_two(path, *args, **kwargs):
+    real(path, *args, **kwargs)
+    written.append(path)
+    if len(written) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+pipeline.write_study_report = terminate_after_two
+from cxrscreen.cli import main
+sys.argv = ["cxrscreen", "batch", sys.argv[1], "--out", sys.argv[2], "--gradcam", "none", "--batch-size", "1"]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_batch_command_after_the_reports_under_way(inbox, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", STOP_ITSELF, str(inbox), str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 1, done.stderr
+    assert "SIGTERM: finishing the reports under way" in done.stderr and "Traceback" not in done.stderr
+    assert "STOPPED before" in done.stderr and "run the same command again" in done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["pending_studies"] >= 2
+
+
+def test_report_processes_leave_ctrl_c_and_sigterm_to_the_screening_process():
+    """A terminal's Ctrl-C reaches every process of its group, and systemd's stop every process of the
+    service: the report processes died of them mid-report. They ignore both; the screening process stops."""
+    from conftest import signal_a_report_process
+    from cxrscreen.pipeline import ReportWriter
+
+    writer = ReportWriter(1, lost_note="lost")
+    try:
+        assert writer.submit(signal_a_report_process).result() == "report process"
+        assert writer.submit(signal_a_report_process).result() == "report process"    # and it lives on
+    finally:
+        writer.shutdown()
 
 
 def test_an_output_folder_is_written_by_one_cxrscreen_at_a_time(tmp_path, model):
