@@ -261,6 +261,7 @@ class Watcher:
         self._summary_gap = 0.0      # SUMMARY_EVERY after a write failed: not a failing write every poll
         self._retry_after: dict[str, float] = {}   # study uid -> monotonic time, after an unexpected error
         self._report_failures: dict[str, int] = {}  # study uid -> reports of it that could not be made
+        self._held: dict[str, str] = {}             # study uid -> the error it waits out, for the summary
         self._round_started = time.monotonic()
         self.round_errors = 0
 
@@ -618,6 +619,7 @@ class Watcher:
             for uid in works:
                 if self.ledger.study(uid).status == "pending":
                     self._retry_after[uid] = time.monotonic() + RETRY_SECONDS
+                    self._held[uid] = f"its screening round failed ({type(exc).__name__}: {exc}); tried again later"
         return True
 
     def _screen_round(self, works: dict[str, _StudyWork], items: list[Radiograph | FileOutcome]) -> None:
@@ -664,6 +666,8 @@ class Watcher:
         tries = self._report_failures[uid] = self._report_failures.get(uid, 0) + 1
         delay = min(RETRY_SECONDS * 2 ** (tries - 1), 3600.0)
         self._retry_after[uid] = time.monotonic() + delay
+        self._held[uid] = (f"its report could not be made ({type(exc).__name__}: {exc}; {tries} "
+                           f"{'try' if tries == 1 else 'tries'}); tried again later, see the log")
         log.error(kv(event="report_failed", uid=uid, error=f"{type(exc).__name__}: {exc}", tries=tries,
                      retry_in=round(delay, 1)), exc_info=exc)
 
@@ -747,6 +751,7 @@ class Watcher:
                                  identity=identity, outcomes=job.outcomes, reason=reason, warning=result.warning,
                                  appearance=result.appearance, appearance_caution=result.appearance_caution,
                                  unscored_frames=result.unscored_frames)
+        self._held.pop(uid, None)
         release(result)
         log.info(kv(event="study", uid=uid, version=job.version if job.report else None,
                     status="reported" if job.report else "failed", score=score, flag=flag or None,
@@ -801,11 +806,25 @@ class Watcher:
 
     # ------------------------------------------------------------------ summary and worklist
 
+    def _pending_row(self, s: StudyRow) -> dict:
+        """The summary row of a study never reported yet: its identity from its files' headers, and why it
+        waits (its files are still coming, or the error it waits out)."""
+        files = self.ledger.study_files(s.study_uid)
+        known = next((f for f in files if f.patient_id or f.accession), files[0] if files else None)
+        return study_row(s.study_uid, self.threshold, status="pending",
+                         patient_id=known.patient_id if known else "", accession=known.accession if known else "",
+                         study_date=known.study_date if known else "", files=[f.location for f in files],
+                         reason=self._held.get(s.study_uid) or "not reported yet: screened once no new file of it "
+                                                               f"has come for {self.options.settle:g} s (--settle)")
+
     def _write_summary(self) -> None:
         days = self.options.worklist_days
         since = time.time() - days * 86400 if days else 0.0
         rows = []
         for s in self.ledger.recent_studies(since):
+            if not s.version and s.status == "pending":      # not reported yet: listed, with why it waits
+                rows.append(self._pending_row(s))
+                continue
             if not s.version and s.status != "failed":
                 continue
             rows.append(study_row(s.study_uid, self.threshold, status="scored" if s.version else "failed",
@@ -815,7 +834,9 @@ class Watcher:
                                   warning=s.warning, appearance=round(s.appearance, 3) if s.appearance is not None
                                   else "", appearance_caution=s.appearance_caution,
                                   unscored_frames=s.unscored_frames if s.version else "",
-                                  files=[f.location for f in self.ledger.study_files(s.study_uid)], reason=s.reason))
+                                  files=[f.location for f in self.ledger.study_files(s.study_uid)],
+                                  reason="; ".join(x for x in (s.reason, self._held.get(s.study_uid, "")
+                                                               if s.status == "pending" else "") if x)))
         outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
                                 study_uid=f.study_uid, patient_id=f.patient_id, accession=f.accession,
                                 study_date=f.study_date) for f in self.ledger.failed_and_skipped(since)]

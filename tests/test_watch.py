@@ -323,6 +323,14 @@ def one_image_study(inbox: Path, name: str, **header) -> Path:
                 inbox / name / f"{name}.dcm")
 
 
+def listed_in(out: Path, patient_id: str) -> dict:
+    """The study row of summary.json of that patient, {} while there is none (or no summary yet)."""
+    try:
+        return summary_studies(out).get(patient_id, {})
+    except (OSError, ValueError):
+        return {}
+
+
 def summary_studies(out: Path) -> dict[str, dict]:
     """The study rows of summary.json by patient id."""
     return {r["patient_id"]: r for r in json.loads((out / "summary.json").read_text())["rows"] if r["kind"] == "study"}
@@ -455,6 +463,14 @@ def test_a_report_that_cannot_be_made_waits_alone_and_does_not_block_its_round(d
             assert 'error="RuntimeError: no room for the overlay"' in caplog.text and "tries=2" in caplog.text
             assert ledger_rows(out, "SELECT DISTINCT s.status FROM studies s JOIN files f USING (study_uid) "
                                     "WHERE f.patient_id = 'POISON'") == [("pending",)]
+            # the summary and worklist list it, pending, with why (a study never reported was left out of them)
+            wait_for(lambda: "no room for the overlay" in listed_in(out, "POISON").get("reason", ""),
+                     "the summary to say so")
+            poison = listed_in(out, "POISON")
+            assert poison["status"] == "pending" and not poison["report"] and poison["score"] == ""
+            assert poison["reason"].startswith("its report could not be made (RuntimeError: no room for the overlay;")
+            assert len(poison["files"]) == 1 and poison["accession"]
+            assert "pending" in pdf_text(out / "worklist.pdf")
             broken.clear()
             wait_for(lambda: done_studies(out) == 3, "the study to be reported once it can be")
         finally:
