@@ -67,6 +67,7 @@ HOLD_BACK_SETTLES = 10       # a ready study waits at most this long for unsettl
 EMPTY_FOLDER_AGE = 3600.0    # --remove-empty-folders: seconds an inbox folder must stay empty and unchanged
 SUMMARY_EVERY = 30.0         # seconds between summary/worklist rewrites while busy
 RETRY_SECONDS = 60.0         # a round that failed with a tool error is retried after this long
+DICOM_COMPLETE = "dicom_reports_complete"   # ledger meta: "yes" when every current report has its .dcm
 
 
 @dataclass(frozen=True)
@@ -305,8 +306,7 @@ class Watcher:
         o = self.options
         self._note_model(calibration)
         self._recover()
-        if o.dicom:
-            self._backfill_dicom()
+        self._dicom_start()
         observer = self._start_observer()
         counts = self.ledger.counts()
         log.info(kv(event="start", inbox=self.inbox, out=self.out, state=o.state_file, model=model.path.name,
@@ -372,7 +372,20 @@ class Watcher:
             self._relocate(row)
         self.known = self.ledger.known_locations()
 
-    def _backfill_dicom(self) -> None:
+    def _dicom_start(self) -> None:
+        """With --dicom, back-fill the .dcm of studies reported without it, unless the ledger says every
+        report has its .dcm (set by a back-fill that missed none; cleared by any start without --dicom, whose
+        reports have none). The check stats two files per study reported, ever: minutes on a network mount
+        for a ledger of years, at every start."""
+        if not self.options.dicom:
+            if self.ledger.get_meta(DICOM_COMPLETE) != "no":
+                with self.ledger.transaction():
+                    self.ledger.set_meta(DICOM_COMPLETE, "no")
+        elif self.ledger.get_meta(DICOM_COMPLETE) != "yes" and self._backfill_dicom():
+            with self.ledger.transaction():
+                self.ledger.set_meta(DICOM_COMPLETE, "yes")
+
+    def _backfill_dicom(self) -> bool:
         """With --dicom, once: the current report of each study reported before the daemon ran with
         --dicom gets its .dcm, made from the PDF and the study's scored images, read where the ledger says
         they are now (the archive). A study read from JPEG/PNG has none to have (its UID is ours: "file-...",
@@ -382,9 +395,10 @@ class Watcher:
                    and not (self.out / dicom_report_name(s.report)).exists()]
         if missing:
             log.info(kv(event="dicom_backfill", studies=len(missing), note="reported before --dicom"))
+        complete = True
         for row in missing:
             if self.stop.is_set():
-                return
+                return False
             images = []
             for f in self.ledger.study_files(row.study_uid):
                 if f.status == "scored" and f.version == row.version:
@@ -398,12 +412,15 @@ class Watcher:
                 raise       # the disk: the start fails, naming it
             except Exception as exc:     # this study's .dcm only; the daemon goes on
                 log.error(kv(event="dicom_backfill_failed", uid=row.study_uid, error=f"{type(exc).__name__}: {exc}"))
+                complete = False
                 continue
             if written is None:
                 log.warning(kv(event="dicom_backfill_failed", uid=row.study_uid,
                                error="none of its scored images is where the ledger says, as DICOM"))
+                complete = False
             else:
                 log.info(kv(event="dicom_backfilled", uid=row.study_uid, dicom=written.name))
+        return complete
 
     def _busy(self) -> bool:
         """Files still settling, or pending studies that are not waiting out an error."""

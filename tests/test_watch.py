@@ -613,8 +613,22 @@ def test_dicom_reports_are_back_filled_once_for_studies_reported_before_dicom(di
     assert [item.ReferencedSOPInstanceUID for item in report.SourceInstanceSequence] == [sop]
     assert "event=dicom_backfill studies=1" in caplog.text and "event=dicom_backfilled" in caplog.text
     written = dcm.stat().st_mtime_ns
-    assert Watcher(WatchOptions(inbox, out, dicom=True, **options), model=model).run() == 0
+    assert ledger_rows(out, "SELECT value FROM meta WHERE key = 'dicom_reports_complete'") == [("yes",)]
+    # and once is once: later starts do not stat every study reported, ever (minutes on NFS for years of them)
+    looked = []
+    real_is_file = Path.is_file
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "is_file", lambda self: looked.append(self) or real_is_file(self))
+        assert Watcher(WatchOptions(inbox, out, dicom=True, **options), model=model).run() == 0
     assert dcm.stat().st_mtime_ns == written and len(list(out.glob("*.dcm"))) == 1
+    assert dcm.with_suffix(".pdf") not in looked
+    # a start without --dicom reports without .dcm: the next start with it looks again, and fills the gap
+    write_study(inbox / "e", "later")
+    assert Watcher(WatchOptions(inbox, out, **options), model=model).run() == 0
+    assert ledger_rows(out, "SELECT value FROM meta WHERE key = 'dicom_reports_complete'") == [("no",)]
+    assert len(list(out.glob("*.dcm"))) == 1
+    assert Watcher(WatchOptions(inbox, out, dicom=True, **options), model=model).run() == 0
+    assert len(list(out.glob("*.dcm"))) == 2 and dcm.stat().st_mtime_ns == written
 
 
 def test_file_names_that_are_not_utf8_are_taken_reported_and_archived(dirs, model, tmp_path):
