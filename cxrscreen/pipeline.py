@@ -694,7 +694,10 @@ def pending_study_row(study: Study, threshold: float) -> dict:
 
 
 def rank_rows(rows: list[dict]) -> list[dict]:
-    rows.sort(key=lambda r: (r["flag"] != "yes", -(r["score"] if r["score"] != "" else -1.0), r["study_uid"]))
+    """Flagged first, then by score; of the studies with no score, those still pending (to be screened)
+    before those with nothing screenable."""
+    rows.sort(key=lambda r: (r["flag"] != "yes", -(r["score"] if r["score"] != "" else -1.0),
+                             r["status"] != "pending", r["study_uid"]))
     for i, row in enumerate(rows, start=1):
         row["rank"] = i
     return rows

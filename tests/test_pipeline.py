@@ -260,6 +260,8 @@ def test_a_stopped_batch_lists_the_rest_as_pending_and_the_same_command_goes_on(
     assert 2 <= len(scored) and len(pending) >= 2 and len(scored) + len(pending) == 6 == stopped.pending + len(scored)
     assert sorted(r["report"] for r in scored) == sorted(written)
     assert all((out / r["report"]).is_file() for r in scored)
+    # ranked: the scored, then the pending (to be screened), then the study with nothing screenable
+    assert [r["status"] for r in studies] == ["scored"] * len(scored) + ["pending"] * len(pending) + ["skipped"]
     identity = {r["study_uid"]: (r["patient_id"], r["accession"], r["study_date"], r["files"]) for r in clean.rows}
     for row in pending:       # found by patient, accession and date, from the headers
         assert not row["report"] and row["score"] == "" and row["flag"] == "no"
