@@ -194,9 +194,13 @@ class BatchSummary:
     failed_files: int = 0
     failed_reports: int = 0        # scored studies whose report could not be made (their rows say why)
     pending: int = 0               # studies not screened because the run was stopped (``stop``) before them
-    interrupted: bool = False
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the run was stopped before some study (a stop after the last one changes nothing)."""
+        return self.pending > 0
 
     @property
     def exit_code(self) -> int:
@@ -533,7 +537,6 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
                      + unscreened_study_rows(file_rows, threshold, screened.__contains__))
     summary = BatchSummary(rows=rows + file_rows)
     summary.pending = len(pending)
-    summary.interrupted = bool(pending)      # a stop that came after the last study changed nothing
     summary.studies = len(rows)
     summary.unscreened_studies = sum(r["status"] in ("skipped", "failed") and not r["report"] for r in rows)
     summary.flagged = sum(r["flag"] == "yes" for r in rows)
