@@ -64,6 +64,27 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def check_card_is_for(card: dict, model_path: Path | str, sha256: str | None = None) -> None:
+    """Refuse a model file that is not the one its card was written for.
+
+    A card gives the SHA-256 of its model file (``model_sha256``; training writes it). Its threshold,
+    operating point and appearance limit were measured on that file, and on no other: a ``fit`` stopped
+    between saving a new model and writing its card (the validation and test scoring, minutes on a CPU)
+    left the new weights beside the previous model's card, and a model file copied or replaced without
+    its card does the same; either screened every study at another model's threshold, silently. Cards
+    without the field (written by hand) are taken as they are."""
+    expected = str(card.get("model_sha256") or "").lower()
+    if not expected:
+        return
+    sha256 = sha256 or sha256_file(model_path)
+    if sha256 != expected:
+        raise ModelError(f"{model_path} is not the model file its card {card_path(model_path).name} was written for "
+                         f"(the card names sha256 {expected[:16]}..., this file is {sha256[:16]}...): its threshold "
+                         "and figures belong to another model. A training run stopped before it wrote the card, or "
+                         "the file was replaced without its card: train it again, or put the matching pair back",
+                         step="load-model")
+
+
 @dataclass(frozen=True)
 class Population:
     """Whom the model's training images came from (card field ``population``): what a report says of
@@ -197,6 +218,8 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
         raise ModelError(f"model {path} not found (train one with `python -m training fit`, or pass --model)",
                          step="load-model")
     card = ModelCard.load(card_path(path))
+    sha256 = sha256_file(path)
+    check_card_is_for(card.raw, path, sha256)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
@@ -216,7 +239,7 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
             raise ModelError(f"{card_path(path)}: the appearance section must name its file and the Grad-CAM "
                              f"layer {card.gradcam_layer!r} its features come from", step="load-model")
         appearance = AppearanceReference.load(path.parent / section["file"], section.get("sha256", ""))
-    return LoadedModel(path=path, card=card, sha256=sha256_file(path), keras_model=model, compute=compute_device(),
+    return LoadedModel(path=path, card=card, sha256=sha256, keras_model=model, compute=compute_device(),
                        appearance=appearance)
 
 

@@ -242,6 +242,49 @@ def test_rethreshold_chooses_the_threshold_again_from_the_saved_model(labeled_fo
     assert load_model(out).card.threshold == right["threshold"]["value"]
 
 
+def test_a_model_file_is_refused_beside_a_card_written_for_another(labeled_folder, tmp_path, monkeypatch):
+    """The card names its model file's SHA-256: a file replaced without its card is refused by screening and by
+    the commands that rewrite the card, and a fit to a taken name that stops while it scores leaves no card
+    of the previous model beside the new weights (its threshold would have been used, silently)."""
+    import shutil
+
+    from cxrscreen.errors import ModelError
+    from training import train as T
+
+    def config(seed):
+        return T.FitConfig(input_size=32, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3,
+                           workers=1, seed=seed)
+
+    first, second = tmp_path / "m" / "first.keras", tmp_path / "m" / "second.keras"
+    T.fit(labeled_folder, first, config(1), test_dir=False)
+    T.fit(labeled_folder, second, config(2), test_dir=False)
+    assert first.read_bytes() != second.read_bytes()
+    shutil.copy(second, first)
+    with pytest.raises(ModelError, match="not the model file its card first.json was written for"):
+        load_model(first)
+    for rewrite in (lambda: T.rethreshold(first), lambda: T.record_appearance(first),
+                    lambda: T.record_test(first, labeled_folder / "test")):
+        with pytest.raises(SystemExit, match="not the model file its card"):
+            rewrite()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    split = Path(f"{second.with_suffix('')}.split.csv")
+    before = split.read_text(), card_path(second).read_text(), second.read_bytes()
+    with monkeypatch.context() as m:                # stopped while training: the previous model is all there
+        m.setattr(T, "finish", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            T.fit(labeled_folder, second, config(3), test_dir=False)
+    assert (split.read_text(), card_path(second).read_text(), second.read_bytes()) == before
+    load_model(second)
+    monkeypatch.setattr(T, "score_examples", stopped)     # stopped while the new model is scored
+    with pytest.raises(KeyboardInterrupt):
+        T.fit(labeled_folder, second, config(3), test_dir=False)
+    assert second.read_bytes() != before[2] and not card_path(second).exists()
+    with pytest.raises(ModelError, match="never used without its card"):
+        load_model(second)
+
+
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
 def test_the_appearance_reference_is_fitted_on_the_split_and_screening_measures_the_same(labeled_folder, tmp_path):
     from cxrscreen.pipeline import Screener

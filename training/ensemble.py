@@ -76,8 +76,7 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
                              f"{split_seed} of {train_source} (train members with the same --split-seed)",
                              step="ensemble")
     stem = out.with_suffix("")
-    split_file = Path(f"{stem}.split.csv")
-    D.write_split(split_file, train=train, validation=val)
+    split_file = Path(f"{stem}.split.csv")     # written by finish(), with the model and its card
 
     model = build_ensemble([m.keras_model for m in loaded])
     backbones = sorted({card["backbone"] for card in cards})

@@ -135,8 +135,7 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
     if not val or not train:
         raise SystemExit("not enough patients to split train/validation")
     stem = out.with_suffix("")
-    split_file = Path(f"{stem}.split.csv")
-    D.write_split(split_file, train=train, validation=val)
+    split_file = Path(f"{stem}.split.csv")     # written by finish(), with the model and its card
 
     model, backbone_layers = build_classifier(config.backbone, spec.input_size, weights=config.weights,
                                               dropout=config.dropout, seed=config.seed)
@@ -200,6 +199,12 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     with the test folder's.
     """
     excluded = [{"split": "train", **item} for item in excluded]
+    # The files of a previous model of this name go first: a run stopped from here on (the scoring below takes
+    # minutes on a CPU) leaves a model without a card, which screening refuses, not the new weights beside the
+    # previous card (and split file) to be screened at another model's threshold. load_model() also refuses a
+    # card whose model_sha256 is not its file's.
+    card_path(out).unlink(missing_ok=True)
+    D.write_split(split_file, train=train, validation=val)
     save_for_inference(model, out)
     # Threshold and metrics come from the saved float32 model as screening loads and runs it: the model in
     # memory computes in float16 after a mixed-precision (GPU) fit, and its scores are not the ones screened.
@@ -287,7 +292,7 @@ def record_appearance(model_path: Path | str, batch_size: int = 32, workers: int
     """Add (or refit) the appearance reference of a trained model from the split file its card names, and
     write it into the card. Run from the folder training ran in (the split file's paths are relative)."""
     model_path = Path(model_path)
-    card = json.loads(card_path(model_path).read_text())
+    card = read_card(model_path)
     train, val = _split_here(model_path.parent / card["data"]["split_file"], "train", "validation")
     card["appearance"] = write_appearance(model_path, card, train, val, batch_size=batch_size, workers=workers,
                                           components=components)
@@ -393,6 +398,20 @@ def _plot_roc(path: Path, val_scores, val_labels, test_scores, test_labels, thre
     plt.close(fig)
 
 
+def read_card(model_path: Path) -> dict:
+    """The card of a saved model, for the commands that rewrite it (``appearance``, ``evaluate --record``,
+    ``rethreshold``); refused when the model file is not the one the card was written for."""
+    from cxrscreen.errors import ModelError
+    from cxrscreen.infer import check_card_is_for
+
+    card = json.loads(card_path(model_path).read_text())
+    try:
+        check_card_is_for(card, model_path)
+    except ModelError as exc:
+        raise SystemExit(exc.cause) from None
+    return card
+
+
 def _split_here(split_file: Path, *sides: str) -> list[list]:
     """The examples of each side of a split file, refusing (naming one) when any image is not found here:
     the file's paths are relative to the folder training ran in."""
@@ -415,7 +434,7 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
     from cxrscreen.infer import load_model
 
     model_path = Path(model_path)
-    card = json.loads(card_path(model_path).read_text())
+    card = read_card(model_path)
     if (card.get("metrics") or {}).get("test"):
         raise SystemExit(f"{card_path(model_path)} already has test metrics: the test split is scored once")
     loaded = load_model(model_path)
@@ -463,7 +482,7 @@ def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batc
     whose threshold is already right is left as it is. Returns the card.
     """
     model_path = Path(model_path)
-    card = json.loads(card_path(model_path).read_text())
+    card = read_card(model_path)
     old = card["threshold"]
     if (card.get("metrics") or {}).get("test") and test_dir is None:
         raise SystemExit(f"{card_path(model_path)} has test metrics measured at the old threshold: give the test "
