@@ -239,7 +239,7 @@ def test_corrupt_and_truncated_files_land_in_quarantine_with_their_reason(dirs, 
 
 
 def _daemon_command(inbox: Path, out: Path) -> tuple[list[str], dict]:
-    command = [sys.executable, "-m", "cxrscreen.cli", "watch", str(inbox), "--out", str(out), "--settle", "0.3",
+    command = [sys.executable, "-m", "cxrscreen", "watch", str(inbox), "--out", str(out), "--settle", "0.3",
                "--rescan", "0.5", "--batch-size", "2"]
     return command, {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
