@@ -26,6 +26,7 @@ import re
 import stat as stat_module
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -142,7 +143,11 @@ def sniff(path: Path, head: bytes | None = None) -> FileKind | None:
 
 # --------------------------------------------------------------------------- reading
 
-def _dcmread(path: Path, *, stop_before_pixels: bool, force: bool = False, defer_size: int | None = None):
+def _dcmread(path: Path, *, stop_before_pixels: bool, force: bool = False, defer_size: int | None = None,
+             pass_warnings_on: bool = False):
+    """pydicom.dcmread with the file's errors as InputError (a truncated file included). The other warnings of
+    the parse are passed on to the caller when ``pass_warnings_on`` (:func:`_header_warnings` logs them once
+    per file, when its header is read), else dropped (the file is read again to decode its pixels)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -164,6 +169,8 @@ def _dcmread(path: Path, *, stop_before_pixels: bool, force: bool = False, defer
         text = str(warning.message)
         if "End of file" in text or "truncated" in text.lower():
             raise InputError(f"file is truncated: {text}", path=path, step="read")
+    for warning in caught if pass_warnings_on else ():      # a VR guessed, a value of the wrong length...
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if len(ds) == 0:
         raise InputError("no DICOM data elements could be parsed", path=path, step="read")
     _infer_transfer_syntax(ds)
@@ -511,37 +518,90 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
             record = Radiograph(path=path, kind=kind, study_uid=_file_uid(path),
                                 size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
             return colour_picture(record) or record
-        # Large values (the pixel data) are deferred: the header is read, the pixels are not.
-        ds = _dcmread(path, stop_before_pixels=False, force=True, defer_size=4096)
-        if undeclared_utf8(ds):
-            from pydicom.charset import convert_encodings
-
-            # in memory only (the file is never written); raw values decode with the read's character set
-            ds.SpecificCharacterSet = "ISO_IR 192"
-            ds.set_original_encoding(*ds.original_encoding, convert_encodings("ISO_IR 192"))
-            log.warning("%s: text in UTF-8 but (0008,0005) SpecificCharacterSet does not say so; read as "
-                        "UTF-8", path)
-        try:
-            record = _dicom_record(path, ds, stat)
-        except _Skip as skip:
-            return FileOutcome(path, Status.SKIPPED, skip.reason, step="select", tag=skip.tag)
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            sop = str(ds.get("SOPClassUID", "")) or "unknown"
-            name = getattr(ds.get("SOPClassUID", None), "name", "") or sop
-            return FileOutcome(path, Status.SKIPPED, f"no pixel data ({name}, modality "
-                               f"{record.modality or 'unknown'})", step="select",
-                               tag="(7FE0,0010) PixelData", **record.identifiers())
-        skipped = select(record, include_lateral=include_lateral, any_body_part=any_body_part)
-        if skipped is not None:
-            return skipped
-        try:
-            _check_dimensions(record.rows, record.columns, path)
-        except CxrError as exc:
-            return FileOutcome.from_error(exc, **record.identifiers())
-        return colour_picture(record, ds) or record
+        with _header_warnings(path):
+            return _dicom_outcome(path, stat, include_lateral, any_body_part)
     except CxrError as exc:
         exc.with_path(path)
         return FileOutcome.from_error(exc)
+    except Exception as exc:    # pydicom converts a value when it is first read: a malformed one raises then
+        return FileOutcome.from_error(InputError(f"cannot read the header: {type(exc).__name__}: {exc}", path=path,
+                                                 step="read", tag=_tag_named_in(str(exc))))
+
+
+def _dicom_outcome(path: Path, stat: os.stat_result, include_lateral: bool,
+                   any_body_part: bool) -> Radiograph | FileOutcome:
+    # Large values (the pixel data) are deferred: the header is read, the pixels are not.
+    ds = _dcmread(path, stop_before_pixels=False, force=True, defer_size=4096, pass_warnings_on=True)
+    if undeclared_utf8(ds):
+        from pydicom.charset import convert_encodings
+
+        # in memory only (the file is never written); raw values decode with the read's character set
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.set_original_encoding(*ds.original_encoding, convert_encodings("ISO_IR 192"))
+        log.warning("%s: text in UTF-8 but (0008,0005) SpecificCharacterSet does not say so; read as "
+                    "UTF-8", path)
+    try:
+        record = _dicom_record(path, ds, stat)
+    except _Skip as skip:
+        return FileOutcome(path, Status.SKIPPED, skip.reason, step="select", tag=skip.tag)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        sop = str(ds.get("SOPClassUID", "")) or "unknown"
+        name = getattr(ds.get("SOPClassUID", None), "name", "") or sop
+        return FileOutcome(path, Status.SKIPPED, f"no pixel data ({name}, modality "
+                           f"{record.modality or 'unknown'})", step="select",
+                           tag="(7FE0,0010) PixelData", **record.identifiers())
+    skipped = select(record, include_lateral=include_lateral, any_body_part=any_body_part)
+    if skipped is not None:
+        return skipped
+    try:
+        _check_dimensions(record.rows, record.columns, path)
+    except CxrError as exc:
+        return FileOutcome.from_error(exc, **record.identifiers())
+    return colour_picture(record, ds) or record
+
+
+@contextmanager
+def _header_warnings(path: Path):
+    """Log the warnings pydicom gives while a file's header is read and interpreted (a VR guessed, a value
+    that breaks the standard's rules as it is converted...) once, in one line that names the file. pydicom also logs each
+    one itself, without the file's name (dropped: :func:`_not_pydicoms_copy_of_a_warning`): a modality that
+    writes one over-long value gave two anonymous lines per file, and a corrupt file a screenful."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            texts = list(dict.fromkeys(_brief(str(w.message)) for w in caught))
+            if texts:
+                log.warning("%s: header read with %d warning%s: %s%s", path, len(texts), "s" if len(texts) > 1 else "",
+                            "; ".join(texts[:3]), f"; and {len(texts) - 3} more" if len(texts) > 3 else "")
+
+
+def _brief(text: str, limit: int = 160) -> str:
+    """One warning in at most ``limit`` printable characters, without pydicom's pointer to the standard."""
+    text = text.split(" Please see <", 1)[0].encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _not_pydicoms_copy_of_a_warning(record: logging.LogRecord) -> bool:
+    """pydicom's ``warn_and_log`` both warns and logs: the log line is the copy (see :func:`_header_warnings`)."""
+    return record.funcName != "warn_and_log"
+
+
+logging.getLogger("pydicom").addFilter(_not_pydicoms_copy_of_a_warning)
+
+
+def _tag_named_in(message: str) -> str:
+    """'(0008,0050) AccessionNumber' for a pydicom message that names the tag it failed on, else ''."""
+    found = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", message)
+    if not found:
+        return ""
+    from pydicom.datadict import keyword_for_tag
+
+    group, element = found.groups()
+    keyword = keyword_for_tag(int(group + element, 16))
+    return f"({group.upper()},{element.upper()}){' ' + keyword if keyword else ''}"
 
 
 def scan(inputs: Iterable[Path | str], *, include_lateral: bool = False,
@@ -589,6 +649,17 @@ def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study
 
 # --------------------------------------------------------------------------- decoding
 
+def _not_a_decoder_traceback(record: logging.LogRecord) -> bool:
+    """pydicom logs each decoder plugin that fails on a frame with its traceback (``LOGGER.exception`` in
+    ``_decode_frame``), then raises one error naming every plugin's message, which becomes the file's failure
+    reason (:func:`decode_first_frame`). The tracebacks, which name no file, are left out: in a daemon's
+    journal a corrupt file read as a crash."""
+    return not (record.exc_info and record.funcName == "_decode_frame")
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_not_a_decoder_traceback)   # its LOGGER
+
+
 def decode_first_frame(ds) -> np.ndarray:
     """Decode the pixel data of the first frame, naming the transfer syntax when it fails."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -611,13 +682,21 @@ def decode_first_frame(ds) -> np.ndarray:
         raise UnsupportedTransferSyntax(f"no installed decoder handles {ts_text}: {exc}",
                                         step="decode", tag="(0002,0010) TransferSyntaxUID") from None
     except RuntimeError as exc:
-        msg = str(exc)
-        if "plugin" in msg.lower() or "decoder" in msg.lower() and "available" in msg.lower():
+        # pydicom puts each decoder's error on a line of its own: one line, for the summary and the log
+        msg = re.sub(r"\s*\n\s*", "; ", str(exc).strip()).replace(":; ", ": ")
+        if "missing dependencies" in msg:
             raise UnsupportedTransferSyntax(f"no installed decoder handles {ts_text}: {msg}",
                                             step="decode", tag="(0002,0010) TransferSyntaxUID") from None
+        # The decoders for the syntax are installed and each one failed: the data is corrupt or does not
+        # conform (pydicom's "exceptions were raised by all available plugins"), which installing nothing mends.
+        msg = msg.replace("Unable to decode as exceptions were raised by all available plugins:",
+                          "every installed decoder failed:")
         raise InputError(f"pixel data cannot be decoded ({ts_text}): {msg}", step="decode",
                          tag="(7FE0,0010) PixelData") from None
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:    # also a decoder written in Rust that panics on corrupt data (pylibjpeg-rle:
+        # pyo3's PanicException is a BaseException, which `except Exception` let through to stop the whole batch)
         raise InputError(f"pixel data cannot be decoded ({ts_text}): {type(exc).__name__}: {exc}",
                          step="decode", tag="(7FE0,0010) PixelData") from None
     if arr.shape[:2] != (rows, columns):
