@@ -122,6 +122,43 @@ def _looks_like_raw_dataset(head: bytes) -> bool:
     return group_le in (0x0002, 0x0008) or group_be in (0x0002, 0x0008)
 
 
+NOT_SCREENABLE = "not a DICOM, JPEG or PNG file"
+_ARCHIVE = "unpack it to screen the files it holds"
+_OTHER_IMAGE = "cxrscreen reads DICOM, JPEG and PNG: export the image as one of them"
+# What a file that is none of those is, when its first bytes say: a study sent as an archive, or exported in an
+# image format cxrscreen does not read, is then named in its reason rather than passed over as "not an image".
+_SIGNATURES = (
+    ((b"PK\x03\x04", b"PK\x05\x06"), f"a ZIP archive: {_ARCHIVE}"),
+    ((b"\x1f\x8b",), f"a gzip-compressed file: {_ARCHIVE}"),
+    ((b"7z\xbc\xaf\x27\x1c",), f"a 7-Zip archive: {_ARCHIVE}"),
+    ((b"Rar!\x1a\x07",), f"a RAR archive: {_ARCHIVE}"),
+    ((b"BZh",), f"a bzip2-compressed file: {_ARCHIVE}"),
+    ((b"\xfd7zXZ\x00",), f"an xz-compressed file: {_ARCHIVE}"),
+    ((b"(\xb5/\xfd",), f"a zstd-compressed file: {_ARCHIVE}"),
+    ((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), f"a TIFF image: {_OTHER_IMAGE}"),
+    ((b"GIF87a", b"GIF89a"), f"a GIF image: {_OTHER_IMAGE}"),
+    ((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ"), f"a JPEG 2000 image: {_OTHER_IMAGE}"),
+    ((b"%PDF-",), "a PDF document, not an image"),
+)
+
+
+def not_screenable(path: Path, head: bytes | None = None) -> str:
+    """Why a file that :func:`sniff` did not recognise is not screened: what it is when its first bytes say
+    (an archive, a TIFF...), else :data:`NOT_SCREENABLE`."""
+    head = _read_head(path) if head is None else head
+    for magics, reason in _SIGNATURES:
+        if head.startswith(magics):
+            return reason
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return f"a tar archive: {_ARCHIVE}"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return f"a WebP image: {_OTHER_IMAGE}"
+    if len(head) >= 18 and head[:2] == b"BM" and head[6:10] == b"\0\0\0\0" and \
+            int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):     # BITMAPINFOHEADER sizes
+        return f"a BMP image: {_OTHER_IMAGE}"
+    return NOT_SCREENABLE
+
+
 def sniff(path: Path, head: bytes | None = None) -> FileKind | None:
     """Recognise a file by its content; None when it is none of DICOM, JPEG, PNG."""
     head = _read_head(path) if head is None else head
@@ -509,11 +546,14 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
         head = _read_head(path)
         kind = sniff(path, head)
         if kind is None:
+            what = not_screenable(path, head)
             if path.suffix.lower() in DICOM_SUFFIXES:
                 preview = head[:16]
-                raise InputError(f"named {path.suffix} but is not DICOM: no 'DICM' preamble and no parseable "
-                                 f"data set (starts with {preview!r})", path=path, step="discover")
-            return FileOutcome(path, Status.SKIPPED, "not a DICOM, JPEG or PNG file", step="discover")
+                raise InputError(f"named {path.suffix} but is not DICOM: " + (
+                    what if what != NOT_SCREENABLE else
+                    f"no 'DICM' preamble and no parseable data set (starts with {preview!r})"),
+                    path=path, step="discover")
+            return FileOutcome(path, Status.SKIPPED, what, step="discover")
         if kind is not FileKind.DICOM:
             record = Radiograph(path=path, kind=kind, study_uid=_file_uid(path),
                                 size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)

@@ -560,12 +560,12 @@ def load_unit_image(path: Path | str, kind: FileKind | None = None) -> np.ndarra
 
     Raises :class:`cxrscreen.errors.InputError` (with path, step and tag) on failure.
     """
-    from .ingest import read_dicom, read_display_image, sniff
+    from .ingest import not_screenable, read_dicom, read_display_image, sniff
 
     path = Path(path)
     kind = kind or sniff(path)
     if kind is None:
-        raise InputError("not a DICOM, JPEG or PNG file", path=path, step="discover")
+        raise InputError(not_screenable(path), path=path, step="discover")
     try:
         if kind is FileKind.DICOM:
             return normalise_dataset(read_dicom(path))

@@ -490,6 +490,44 @@ def test_mutated_samples_each_end_as_an_outcome_of_their_own(tmp_path):
     assert sum(outcomes.values()) == len(paths) and min(outcomes.values()) > 0, outcomes
 
 
+def test_archives_and_other_image_formats_are_named_in_the_skip_reason(tmp_path):
+    """A study sent zipped, or exported as TIFF, was skipped as 'not a DICOM, JPEG or PNG file', like a log."""
+    import gzip
+    import tarfile
+    import zipfile
+
+    import cv2
+    from PIL import Image
+
+    picture = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    for suffix in (".tif", ".bmp", ".webp", ".jp2"):
+        assert cv2.imwrite(str(tmp_path / f"x{suffix}"), picture)
+    Image.fromarray(picture).save(tmp_path / "x.gif")
+    with zipfile.ZipFile(tmp_path / "study.zip", "w") as archive:
+        archive.writestr("IM0001.dcm", b"DICM")
+    with tarfile.open(tmp_path / "study.tar", "w") as archive:
+        archive.add(tmp_path / "x.gif", "x.gif")
+    (tmp_path / "study.tgz").write_bytes(gzip.compress((tmp_path / "study.tar").read_bytes()))
+    (tmp_path / "zipped.dcm").write_bytes((tmp_path / "study.zip").read_bytes())
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    reasons = {item.path.name: (item.status, item.reason) for item in scan([tmp_path])}
+    unpack, export = "unpack it to screen the files it holds", "export the image as one of them"
+    assert reasons == {
+        "x.tif": (Status.SKIPPED, f"a TIFF image: cxrscreen reads DICOM, JPEG and PNG: {export}"),
+        "x.bmp": (Status.SKIPPED, f"a BMP image: cxrscreen reads DICOM, JPEG and PNG: {export}"),
+        "x.webp": (Status.SKIPPED, f"a WebP image: cxrscreen reads DICOM, JPEG and PNG: {export}"),
+        "x.jp2": (Status.SKIPPED, f"a JPEG 2000 image: cxrscreen reads DICOM, JPEG and PNG: {export}"),
+        "x.gif": (Status.SKIPPED, f"a GIF image: cxrscreen reads DICOM, JPEG and PNG: {export}"),
+        "study.zip": (Status.SKIPPED, f"a ZIP archive: {unpack}"),
+        "study.tar": (Status.SKIPPED, f"a tar archive: {unpack}"),
+        "study.tgz": (Status.SKIPPED, f"a gzip-compressed file: {unpack}"),
+        "zipped.dcm": (Status.FAILED, f"named .dcm but is not DICOM: a ZIP archive: {unpack}"),
+        "notes.txt": (Status.SKIPPED, "not a DICOM, JPEG or PNG file"),
+    }
+    with pytest.raises(InputError, match="a TIFF image"):
+        load_unit_image(tmp_path / "x.tif")
+
+
 def test_text_file_named_dcm(tmp_path):
     (tmp_path / "x.dcm").write_text("this is not an image\n" * 10)
     out = _outcome(tmp_path / "x.dcm")

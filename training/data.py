@@ -33,7 +33,7 @@ import numpy as np
 
 from cxrscreen.calibrate import read_labeled_csv
 from cxrscreen.errors import CxrError
-from cxrscreen.ingest import discover, sniff
+from cxrscreen.ingest import discover, not_screenable, sniff
 from cxrscreen.normalise import PreprocessSpec, equalize_input, load_model_input, load_unit_image, resize_to_input
 
 log = logging.getLogger("training")
@@ -85,7 +85,7 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
                     left_out.append({"path": str(path), "reason": exc.cause})
                     continue
                 if kind is None:
-                    left_out.append({"path": str(path), "reason": "not a DICOM, JPEG or PNG file"})
+                    left_out.append({"path": str(path), "reason": not_screenable(path)})
                 else:
                     candidates.append(Example(path, value, patient_id(path)))
 
