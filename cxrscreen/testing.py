@@ -142,3 +142,29 @@ def save(ds, path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+DAMAGE_KINDS = ("header", "header", "anywhere", "cut", "zeros", "repeat")
+
+
+def damage(data: bytes, rng) -> tuple[bytes, str]:
+    """``data`` (a file's bytes) damaged as transfers and disks damage files, and how: bytes changed in the
+    first 2.5 KB (the header) or anywhere, a run of 400 zeros, a piece repeated elsewhere, the end cut off.
+    ``rng``: a ``random.Random``, so that a seed gives the same damage."""
+    out = bytearray(data)
+    how = rng.choice(DAMAGE_KINDS)
+    if how == "header":
+        for _ in range(rng.randint(1, 6)):
+            out[rng.randrange(min(132, len(out) - 1), min(len(out), 2500))] = rng.randrange(256)
+    elif how == "anywhere":
+        for _ in range(rng.randint(1, 30)):
+            out[rng.randrange(len(out))] = rng.randrange(256)
+    elif how == "cut":
+        out = out[:rng.randrange(1, len(out))]
+    elif how == "zeros":
+        at = rng.randrange(len(out))
+        out[at:at + 400] = bytes(len(out[at:at + 400]))
+    else:
+        at, source = rng.randrange(128, len(out)), rng.randrange(128, len(out))
+        out[at:at] = out[source:source + rng.randint(1, 64)]
+    return bytes(out), how

@@ -16,7 +16,7 @@ from cxrscreen.errors import InputError, UnsupportedTransferSyntax
 from cxrscreen.ingest import discover, group_studies, read_record, scan
 from cxrscreen.normalise import load_unit_image
 from cxrscreen.records import FileKind, FileOutcome, Radiograph, Status
-from cxrscreen.testing import SC_SOP_CLASS, make_dicom, save
+from cxrscreen.testing import SC_SOP_CLASS, damage, make_dicom, save
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -454,24 +454,9 @@ def test_mutated_samples_each_end_as_an_outcome_of_their_own(tmp_path):
         ds.save_as(tmp_path / "clean.dcm")
         whole = (tmp_path / "clean.dcm").read_bytes()
         for k in range(40):
-            data = bytearray(whole)
-            how = rng.choice(["header", "header", "anywhere", "cut", "zeros", "repeat"])
-            if how == "header":
-                for _ in range(rng.randint(1, 6)):
-                    data[rng.randrange(132, min(len(data), 2500))] = rng.randrange(256)
-            elif how == "anywhere":
-                for _ in range(rng.randint(1, 30)):
-                    data[rng.randrange(len(data))] = rng.randrange(256)
-            elif how == "cut":
-                data = data[:rng.randrange(1, len(data))]
-            elif how == "zeros":
-                at = rng.randrange(len(data))
-                data[at:at + 400] = bytes(len(data[at:at + 400]))
-            else:
-                at, src = rng.randrange(128, len(data)), rng.randrange(128, len(data))
-                data[at:at] = data[src:src + rng.randint(1, 64)]
+            data, how = damage(whole, rng)
             path = tmp_path / f"{source.parent.name}_{source.stem}_{k:02d}_{how}.dcm"
-            path.write_bytes(bytes(data))
+            path.write_bytes(data)
             paths.append(path)
     outcomes = {"decoded": 0, "failed": 0}
     for path in paths:
@@ -526,6 +511,20 @@ def test_archives_and_other_image_formats_are_named_in_the_skip_reason(tmp_path)
     }
     with pytest.raises(InputError, match="a TIFF image"):
         load_unit_image(tmp_path / "x.tif")
+
+
+def test_a_palette_image_without_its_palette_fails_naming_the_missing_table(tmp_path):
+    """load_unit_image raised AttributeError (found by benchmarks/damaged_files.py): not an InputError naming
+    the file, which a caller outside the batch pipeline (training's data check, a script) relies on."""
+    import pydicom
+
+    ds = pydicom.dcmread(reference_file("OT-PAL-8-face.dcm"), force=True)
+    del ds.BluePaletteColorLookupTableData
+    ds.save_as(tmp_path / "palette.dcm")
+    with pytest.raises(InputError) as info:
+        load_unit_image(tmp_path / "palette.dcm")
+    assert info.value.tag == "(0028,1203) BluePaletteColorLookupTableData" and info.value.step == "normalise"
+    assert "colour palette cannot be applied" in info.value.cause and str(tmp_path / "palette.dcm") in str(info.value)
 
 
 def test_text_file_named_dcm(tmp_path):
