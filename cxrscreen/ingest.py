@@ -603,9 +603,9 @@ def _dicom_outcome(path: Path, stat: os.stat_result, include_lateral: bool,
 @contextmanager
 def _header_warnings(path: Path):
     """Log the warnings pydicom gives while a file's header is read and interpreted (a VR guessed, a value
-    that breaks the standard's rules as it is converted...) once, in one line that names the file. pydicom also logs each
-    one itself, without the file's name (dropped: :func:`_not_pydicoms_copy_of_a_warning`): a modality that
-    writes one over-long value gave two anonymous lines per file, and a corrupt file a screenful."""
+    that breaks the standard's rules as it is converted...) once, in one line that names the file. pydicom
+    also logs each one itself, without the file's name (dropped: :func:`_not_pydicoms_copy_of_a_warning`):
+    a modality that writes one over-long value gave two anonymous lines per file, a corrupt file a screenful."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -165,6 +165,7 @@ def damage(data: bytes, rng) -> tuple[bytes, str]:
         at = rng.randrange(len(out))
         out[at:at + 400] = bytes(len(out[at:at + 400]))
     else:
-        at, source = rng.randrange(128, len(out)), rng.randrange(128, len(out))
+        start = min(128, len(out) - 1)
+        at, source = rng.randrange(start, len(out)), rng.randrange(start, len(out))
         out[at:at] = out[source:source + rng.randint(1, 64)]
     return bytes(out), how
