@@ -632,16 +632,18 @@ def _not_pydicoms_copy_of_a_warning(record: logging.LogRecord) -> bool:
 logging.getLogger("pydicom").addFilter(_not_pydicoms_copy_of_a_warning)
 
 
-def _tag_named_in(message: str) -> str:
-    """'(0008,0050) AccessionNumber' for a pydicom message that names the tag it failed on, else ''."""
-    found = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", message)
-    if not found:
-        return ""
+def tag_label(tag: int) -> str:
+    """How a failure names a tag: ``(0008,0050) AccessionNumber`` (the keyword left out when pydicom has none)."""
     from pydicom.datadict import keyword_for_tag
 
-    group, element = found.groups()
-    keyword = keyword_for_tag(int(group + element, 16))
-    return f"({group.upper()},{element.upper()}){' ' + keyword if keyword else ''}"
+    keyword = keyword_for_tag(tag)
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}){' ' + keyword if keyword else ''}"
+
+
+def _tag_named_in(message: str) -> str:
+    """:func:`tag_label` of the tag a pydicom message says it failed on, else ''."""
+    found = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", message)
+    return tag_label(int("".join(found.groups()), 16)) if found else ""
 
 
 def scan(inputs: Iterable[Path | str], *, include_lateral: bool = False,

@@ -469,14 +469,16 @@ def colour_frame(ds) -> np.ndarray:
         from pydicom.datadict import tag_for_keyword
         from pydicom.pixels import apply_color_lut
 
+        from .ingest import tag_label
+
         try:
             frame = apply_color_lut(frame, ds)
         except Exception as exc:        # a palette attribute missing or malformed (AttributeError, ValueError...)
             named = re.search(r"'(\w+PaletteColorLookupTable\w*)'", str(exc))
             tag = tag_for_keyword(named.group(1)) if named else None
             raise InvalidImageError(f"the colour palette cannot be applied: {type(exc).__name__}: {exc}",
-                                    step="normalise", tag=f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {named.group(1)}"
-                                    if tag is not None else _TAG_PHOTOMETRIC) from None
+                                    step="normalise", tag=tag_label(tag) if tag is not None else _TAG_PHOTOMETRIC
+                                    ) from None
     return frame
 
 
