@@ -30,6 +30,7 @@ from typing import Sequence
 from . import __version__
 from .records import FileKind, Radiograph
 from .report import atomic_write
+from .threadwarnings import caught
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 SERIES_NUMBER = 9901
@@ -59,8 +60,6 @@ def report_series_uid(study_uid: str) -> str:
 def _character_set(declared: str, values) -> str | list[str]:
     """The images' own Specific Character Set when it can write every value (a PACS matches the report to
     the patient by these strings, and an older one may not know UTF-8), else ISO_IR 192 (UTF-8)."""
-    import warnings
-
     from pydicom.charset import convert_encodings, encode_string
 
     wanted = [v for v in values if not v.isascii()]
@@ -68,14 +67,13 @@ def _character_set(declared: str, values) -> str | list[str]:
         return "ISO_IR 192" if wanted else ""
     terms = declared.split("\\") if "\\" in declared else declared
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")          # pydicom warns, and replaces, where it cannot encode
+        with caught() as seen:                  # pydicom warns, and replaces, where it cannot encode
             encodings = convert_encodings(terms)
             for value in wanted:
                 encode_string(value, encodings)
-    except (UserWarning, LookupError, ValueError):
+    except (LookupError, ValueError):
         return "ISO_IR 192"
-    return terms
+    return "ISO_IR 192" if seen else terms
 
 
 def encapsulated_pdf(pdf: bytes, images: Sequence[Radiograph], *, version: int = 1, now: dt.datetime | None = None):

@@ -36,6 +36,7 @@ import numpy as np
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax
 from .normalise import COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale
 from .records import FileKind, FileOutcome, Radiograph, Status, Study
+from .threadwarnings import caught
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,7 @@ def _dcmread(path: Path, *, stop_before_pixels: bool, force: bool = False, defer
     from pydicom.errors import InvalidDicomError
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with caught() as seen:
             ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=force,
                                  defer_size=defer_size)
     except PermissionError as exc:
@@ -202,11 +202,11 @@ def _dcmread(path: Path, *, stop_before_pixels: bool, force: bool = False, defer
     except Exception as exc:  # pydicom raises many types on malformed data
         raise InputError(f"cannot parse the data set: {type(exc).__name__}: {exc}",
                          path=path, step="read") from None
-    for warning in caught:
+    for warning in seen:
         text = str(warning.message)
         if "End of file" in text or "truncated" in text.lower():
             raise InputError(f"file is truncated: {text}", path=path, step="read")
-    for warning in caught if pass_warnings_on else ():      # a VR guessed, a value of the wrong length...
+    for warning in seen if pass_warnings_on else ():      # a VR guessed, a value of the wrong length...
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if len(ds) == 0:
         raise InputError("no DICOM data elements could be parsed", path=path, step="read")
@@ -239,10 +239,12 @@ def _display_header(path: Path) -> tuple[int, int, str]:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+        with caught() as seen:
+            with Image.open(path) as img:     # the header only: nothing is decoded here
                 (width, height), mode = img.size, img.mode
+        bomb = next((w.message for w in seen if issubclass(w.category, Image.DecompressionBombWarning)), None)
+        if bomb is not None:
+            raise bomb
     except PermissionError as exc:
         raise InputError(f"permission denied ({exc.strerror})", path=path, step="read") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -606,12 +608,11 @@ def _header_warnings(path: Path):
     that breaks the standard's rules as it is converted...) once, in one line that names the file. pydicom
     also logs each one itself, without the file's name (dropped: :func:`_not_pydicoms_copy_of_a_warning`):
     a modality that writes one over-long value gave two anonymous lines per file, a corrupt file a screenful."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with caught() as seen:
         try:
             yield
         finally:
-            texts = list(dict.fromkeys(_brief(str(w.message)) for w in caught))
+            texts = list(dict.fromkeys(_brief(str(w.message)) for w in seen))
             if texts:
                 log.warning("%s: header read with %d warning%s: %s%s", path, len(texts), "s" if len(texts) > 1 else "",
                             "; ".join(texts[:3]), f"; and {len(texts) - 3} more" if len(texts) > 3 else "")
@@ -712,8 +713,7 @@ def decode_first_frame(ds) -> np.ndarray:
     # Guard memory before decoding; the lower bound is a selection rule (read_record), not a decoder limit.
     _check_dimensions(rows, columns, Path(getattr(ds, "filename", "") or "."), minimum=1)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with caught():                        # a decoder's warnings are dropped
             if _frames(ds) > 1:
                 from pydicom.pixels import pixel_array
 

@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 
 from conftest import colour_versions
 from cxrscreen import ingest
-from cxrscreen.errors import InputError, UnsupportedTransferSyntax
+from cxrscreen.errors import InputError, InvalidImageError, UnsupportedTransferSyntax
 from cxrscreen.ingest import discover, group_studies, read_record, scan
 from cxrscreen.normalise import load_unit_image
 from cxrscreen.records import FileKind, FileOutcome, Radiograph, Status
@@ -615,3 +615,20 @@ def test_bundled_samples_scan_as_documented():
     assert items["study2_dx_rescale_rle/SR0001.dcm"].status is Status.SKIPPED
     syntaxes = {v.transfer_syntax for v in items.values() if isinstance(v, Radiograph)}
     assert {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80"} <= syntaxes
+
+
+def test_a_png_whose_header_promises_a_decompression_bomb_fails_before_it_is_decoded(tmp_path):
+    """9,600 x 9,600 is within MAX_PIXELS but over Pillow's limit, whose warning fails the file (only the header
+    exists here: a decoder would fail on it anyway, but not as an absurd size)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9600, 9600, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    with pytest.raises(InvalidImageError, match="absurd image size") as failure:
+        load_unit_image(path)
+    assert failure.value.step == "validate"
