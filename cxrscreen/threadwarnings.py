@@ -54,14 +54,9 @@ def _show(message, category, filename, lineno, file=None, line=None) -> None:
 def _forget_warnings_shown_once() -> None:
     """Void every module's record of the warnings it has shown once (the filters' version goes up, as when
     a filter is added): the warnings module skips a warning found there before it looks at any filter."""
-    mutated = getattr(warnings, "_filters_mutated", None)           # Python 3.10 to 3.13
+    mutated = getattr(warnings, "_filters_mutated", None)           # private; there in Python 3.10 to 3.14
     if mutated is not None:
         mutated()
-        return
-    lock, mutated = getattr(warnings, "_lock", None), getattr(warnings, "_filters_mutated_lock_held", None)
-    if lock is not None and mutated is not None:                    # Python 3.14
-        with lock:
-            mutated()
 
 
 def _put_in_place() -> None:
