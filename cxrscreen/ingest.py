@@ -291,15 +291,23 @@ def _check_dimensions(rows: int, columns: int, path: Path, tag: str = "(0028,001
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 
 
-def undeclared_utf8(ds) -> bool:
-    """True when the data set's text is UTF-8 but (0008,0005) Specific Character Set does not say so.
+# Declared sets whose text is in fact UTF-8 when it all decodes as UTF-8 (see undeclared_utf8)
+_UTF8_MISTAKEN_FOR = frozenset({"", "ISO_IR 6", "ISO_IR 100"})
+
+
+def undeclared_utf8(ds) -> str | None:
+    """What (0008,0005) Specific Character Set declares ("" for nothing) when the data set's text is in fact
+    UTF-8, else None.
 
     Without that attribute the text must be ASCII (PS3.5 6.1.2.1); pydicom then reads other bytes
     as Latin-1, so a name a modality or an export tool wrote in UTF-8 and did not declare reads
-    ``MÃ¼ller``. When the character set is absent (or ``ISO_IR 6``) and every top-level text value
-    with bytes over 127 is valid UTF-8 (Latin-1 text almost never is: its accented letters are
-    single bytes that UTF-8 does not allow alone), the text is UTF-8. A file that declares a
-    character set is read as it says.
+    ``MÃ¼ller``. The same name is read so where the file declares ``ISO_IR 100`` (Latin-1), the set
+    a modality configured for Western Europe declares whatever its software then writes. When the
+    character set is absent, ``ISO_IR 6`` or ``ISO_IR 100``, and every top-level text value with
+    bytes over 127 is valid UTF-8, the text is UTF-8: Latin-1 text almost never is, since its accented
+    letters are single bytes that UTF-8 does not allow alone, and a letter followed by one of the
+    symbols 0xA0-0xBF, the only way it could be, spells nothing (``Ã¼``). Any other declared set is
+    obeyed: in Cyrillic, Greek or Latin-2 (uppercase ``ÓŁ`` is valid UTF-8) real text can pass for UTF-8.
     """
     from pydicom.datadict import dictionary_VR
 
@@ -308,8 +316,9 @@ def undeclared_utf8(ds) -> bool:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     values = value.split("\\") if isinstance(value, str) else list(value or [])
-    if any(str(v).strip() not in ("", "ISO_IR 6") for v in values):
-        return False
+    terms = {str(v).strip() for v in values} - {""}
+    if len(terms) > 1 or not terms <= _UTF8_MISTAKEN_FOR:
+        return None
     found = False
     for tag in ds.keys():
         element = ds.get_item(tag)
@@ -327,9 +336,9 @@ def undeclared_utf8(ds) -> bool:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
-            return False
+            return None
         found = True
-    return found
+    return next(iter(terms), "") if found else None
 
 
 def _character_set(ds) -> str:
@@ -574,14 +583,15 @@ def _dicom_outcome(path: Path, stat: os.stat_result, include_lateral: bool,
                    any_body_part: bool) -> Radiograph | FileOutcome:
     # Large values (the pixel data) are deferred: the header is read, the pixels are not.
     ds = _dcmread(path, stop_before_pixels=False, force=True, defer_size=4096, pass_warnings_on=True)
-    if undeclared_utf8(ds):
+    declared = undeclared_utf8(ds)
+    if declared is not None:
         from pydicom.charset import convert_encodings
 
         # in memory only (the file is never written); raw values decode with the read's character set
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.set_original_encoding(*ds.original_encoding, convert_encodings("ISO_IR 192"))
-        log.warning("%s: text in UTF-8 but (0008,0005) SpecificCharacterSet does not say so; read as "
-                    "UTF-8", path)
+        log.warning("%s: text in UTF-8 but (0008,0005) SpecificCharacterSet %s; read as UTF-8", path,
+                    f"says {declared}" if declared else "does not say so")
     try:
         record = _dicom_record(path, ds, stat)
     except _Skip as skip:

@@ -294,7 +294,8 @@ def test_records_keep_report_metadata(write_dicom, chest_pixels):
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])     # explicit, implicit VR
 def test_text_in_undeclared_utf8_is_read_as_utf8(tmp_path, chest_pixels, syntax, caplog):
     """No (0008,0005) means ASCII; a modality that wrote UTF-8 anyway gets its names read as written,
-    not as Latin-1 mojibake ('MÃ¼ller'); Latin-1 bytes stay Latin-1 and a declared set is obeyed."""
+    not as Latin-1 mojibake ('MÃ¼ller'), and so does one that declared Latin-1 (ISO_IR 100) and wrote
+    UTF-8; Latin-1 bytes stay Latin-1 and any other declared set is obeyed."""
     import hashlib
 
     from pydicom.dataelem import DataElement
@@ -319,9 +320,21 @@ def test_text_in_undeclared_utf8_is_read_as_utf8(tmp_path, chest_pixels, syntax,
     mixed = written("mixed.dcm", (0x00100010, "PN", "Müller^Jürgen".encode()),
                     (0x00081030, "LO", "Lunge rechts, Größe".encode("latin-1")))
     assert read_record(mixed).study_description == "Lunge rechts, Größe"
-    declared = written("declared.dcm", (0x00080005, "CS", b"ISO_IR 100"),
-                       (0x00100010, "PN", "MÃ¼ller".encode("latin-1")))
-    assert read_record(declared).patient_name == "MÃ¼ller"                  # said Latin-1: read as Latin-1
+    # A modality set up for Latin-1 that writes UTF-8 says ISO_IR 100: its UTF-8 is read as UTF-8 too
+    caplog.clear()
+    said_latin1 = written("said_latin1.dcm", (0x00080005, "CS", b"ISO_IR 100"),
+                          (0x00100010, "PN", "Müller^Jürgen".encode()))
+    with caplog.at_level("WARNING", logger="cxrscreen.ingest"):
+        rec = read_record(said_latin1)
+    assert rec.patient_name == "Müller^Jürgen" and rec.character_set == "ISO_IR 192"
+    assert "SpecificCharacterSet says ISO_IR 100; read as UTF-8" in caplog.text
+    latin1 = written("latin1_declared.dcm", (0x00080005, "CS", b"ISO_IR 100"),
+                     (0x00100010, "PN", "Müller^Jürgen".encode("latin-1")))
+    assert read_record(latin1).patient_name == "Müller^Jürgen"
+    # another declared set is obeyed, even where its bytes would decode as UTF-8
+    raw = "Müller".encode()
+    cyrillic = written("cyrillic.dcm", (0x00080005, "CS", b"ISO_IR 144"), (0x00100010, "PN", raw))
+    assert read_record(cyrillic).patient_name == raw.decode("iso8859-5")
 
 
 @pytest.mark.parametrize("age, birth, study, expected", [
