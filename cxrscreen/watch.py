@@ -329,7 +329,8 @@ class Watcher:
                         next_rescan = now + o.rescan
                     self._drain_events(now)
                     self._settle()
-                    if self._screen_ready():
+                    screened = self._screen_ready()
+                    if screened:
                         self._summary_due = True
                     busy = self._busy()
                     since = time.monotonic() - self._summary_at
@@ -349,7 +350,8 @@ class Watcher:
                     continue
                 if o.once and not busy:
                     break
-                self.stop.wait(o.poll)
+                if not screened:    # after a round, straight on to the next: a burst is screened without pauses
+                    self.stop.wait(o.poll)
             else:
                 stopped_by = "signal"
         finally:

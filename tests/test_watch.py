@@ -192,6 +192,34 @@ def test_a_burst_of_300_files_in_30_studies_is_fully_processed(dirs, model, tmp_
     assert ledger_rows(out, "SELECT MIN(images), MAX(images) FROM reports") == [(10, 10)]
 
 
+def test_a_burst_is_screened_round_after_round_without_the_idle_poll_between(dirs, model):
+    """The loop's poll (0.25 s) is how often an idle daemon looks again. After each round (at most
+    max_images images) it also waited a poll before the next, which a burst paid at every round."""
+    inbox, out = dirs
+    for s in range(3):
+        write_study(inbox / f"s{s}", f"round{s}", images=2)
+    steps: list[str] = []
+
+    class Recording(threading.Event):
+        def wait(self, timeout=None):       # never sleeps: the order of the steps is what is checked
+            steps.append("wait")
+            return self.is_set()
+
+    watcher = Watcher(WatchOptions(inbox, out, settle=0.0, rescan=3600.0, gradcam="none", once=True,
+                                   max_images=2, poll=3600.0), model=model, stop=Recording())
+    screen_ready = watcher._screen_ready
+
+    def recorded():
+        screened = screen_ready()
+        steps.append("round" if screened else "idle")
+        return screened
+
+    watcher._screen_ready = recorded
+    assert watcher.run() == 0
+    assert steps.count("round") == 3 and done_studies(out) == 3
+    assert "round,wait" not in ",".join(steps), steps
+
+
 def test_an_amended_study_gets_a_second_version_and_keeps_the_first(dirs, model, tmp_path):
     inbox, out = dirs
     archive = tmp_path / "archive"
