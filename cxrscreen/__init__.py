@@ -6,3 +6,4 @@ training and screening share.
 """
 
 __version__ = "0.1.0"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"     # the CLI's log lines, and its report processes'

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import LOG_FORMAT, __version__
 from .errors import CxrError, UsageError
 
 log = logging.getLogger("cxrscreen")
@@ -55,7 +55,7 @@ def screening_options(command):
 @click.version_option(__version__, prog_name="cxrscreen")
 def main() -> None:
     """Screen chest radiographs (DICOM, JPEG, PNG) for likely pneumonia. Decision support, not a diagnosis."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
 from .records import FileKind, Radiograph
 from .report import atomic_write
-from .threadwarnings import caught
+from .threadwarnings import caught, listed
+
+log = logging.getLogger(__name__)
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 SERIES_NUMBER = 9901
@@ -148,9 +151,12 @@ def write_encapsulated_pdf(path: Path, pdf_path: Path, images: Sequence[Radiogra
                            version: int = 1) -> Path | None:
     """Write the report ``pdf_path`` of the study whose scored images are ``images`` as ``path`` (an
     Encapsulated PDF instance of that study), atomically; None, and nothing written, when none is DICOM."""
-    ds = encapsulated_pdf(Path(pdf_path).read_bytes(), images, version=version)
-    if ds is None:
-        return None
-    with atomic_write(Path(path), "wb") as handle:
-        ds.save_as(handle, enforce_file_format=True)
+    with caught() as seen:      # values copied as the images have them, an over-long one too: pydicom warns
+        ds = encapsulated_pdf(Path(pdf_path).read_bytes(), images, version=version)
+        if ds is None:
+            return None
+        with atomic_write(Path(path), "wb") as handle:
+            ds.save_as(handle, enforce_file_format=True)
+    if seen:
+        log.warning("%s: written with %s (values copied from the images as they are)", path, listed(seen))
     return Path(path)

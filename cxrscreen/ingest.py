@@ -36,7 +36,7 @@ import numpy as np
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax
 from .normalise import COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale
 from .records import FileKind, FileOutcome, Radiograph, Status, Study
-from .threadwarnings import caught
+from .threadwarnings import caught, listed
 
 log = logging.getLogger(__name__)
 
@@ -622,17 +622,8 @@ def _header_warnings(path: Path):
         try:
             yield
         finally:
-            texts = list(dict.fromkeys(_brief(str(w.message)) for w in seen))
-            if texts:
-                log.warning("%s: header read with %d warning%s: %s%s", path, len(texts), "s" if len(texts) > 1 else "",
-                            "; ".join(texts[:3]), f"; and {len(texts) - 3} more" if len(texts) > 3 else "")
-
-
-def _brief(text: str, limit: int = 160) -> str:
-    """One warning in at most ``limit`` printable characters, without pydicom's pointer to the standard."""
-    text = text.split(" Please see <", 1)[0].encode("ascii", "backslashreplace").decode("ascii")
-    text = "".join(c if c.isprintable() else " " for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+            if seen:
+                log.warning("%s: header read with %s", path, listed(seen))
 
 
 def _not_pydicoms_copy_of_a_warning(record: logging.LogRecord) -> bool:

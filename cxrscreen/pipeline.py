@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import __version__
+from . import LOG_FORMAT, __version__
 from .encapsulate import dicom_images, dicom_report_name, write_encapsulated_pdf
 from .errors import CxrError, InputError, Interrupted, ModelError, OutputError, UsageError
 from .explain import GradCam, overlay
@@ -93,14 +93,22 @@ def report_executor(processes: int) -> Executor:
     if processes:
         try:
             return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_leave_stop_signals_to_the_parent)
+                                       initializer=_start_report_process,
+                                       initargs=(logging.getLogger().getEffectiveLevel(),))
         except (OSError, ImportError, NotImplementedError) as exc:
             log.warning("report processes unavailable (%s): the reports are written by a thread", exc)
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-report")
 
 
+def _start_report_process(level: int) -> None:
+    """Run in each report process as it starts: its log lines (a DICOM report written with warnings) take the
+    CLI's format and the screening process's level, and the stop signals are left to the parent."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    _leave_stop_signals_to_the_parent()
+
+
 def _leave_stop_signals_to_the_parent() -> None:
-    """Run in each report process as it starts: SIGINT and SIGTERM are ignored there. Stopping is the
+    """SIGINT and SIGTERM are ignored in a report process. Stopping is the
     screening process's decision (it finishes the reports under way): a terminal's Ctrl-C reaches the
     whole process group, and systemd's stop signals every process of the service, which killed the report
     processes mid-report (their reports were then written again by the screening process, with a

@@ -88,3 +88,17 @@ def caught() -> Iterator[list[warnings.WarningMessage]]:
         yield mine
     finally:
         lists.pop()
+
+
+def listed(seen: list[warnings.WarningMessage], shown: int = 3) -> str:
+    """``seen`` for a log line: "N warning(s): " and the first ``shown`` different ones, each in one short line."""
+    texts = list(dict.fromkeys(_one_line(str(w.message)) for w in seen))
+    more = f"; and {len(texts) - shown} more" if len(texts) > shown else ""
+    return f"{len(texts)} warning{'s' if len(texts) != 1 else ''}: {'; '.join(texts[:shown])}{more}"
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    """One warning in at most ``limit`` printable characters, without pydicom's pointer to the standard."""
+    text = text.split(" Please see <", 1)[0].encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -166,3 +166,27 @@ def test_both_commands_take_dicom(tmp_path, write_dicom):
         assert result.exit_code == 0, result.output
         (dcm,) = (tmp_path / command[3]).glob("*.dcm")
         assert pydicom.dcmread(dcm).Modality == "DOC"
+
+
+def test_a_value_too_long_for_its_vr_is_copied_and_logged_once_naming_the_report(tmp_path, write_dicom,
+                                                                                  caplog, recwarn):
+    """The report copies the images' identity as they have it, an over-long value too (a PACS files it by
+    these strings). pydicom warns of each such value as it is set: that came out as anonymous Python
+    warnings on stderr, one per report at best; now one log line names the report."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # writing the test image warns too
+        path = write_dicom(phantom(64, 64), name="long.dcm", patient_id="P" * 300)
+        images = _images(path)
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(b"%PDF-1.4 report")
+    with caplog.at_level("WARNING", logger="cxrscreen.encapsulate"):
+        written = write_encapsulated_pdf(tmp_path / "report.dcm", pdf, images)
+    assert [str(w.message) for w in recwarn] == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "cxrscreen.encapsulate"]
+    assert lines == [f"{written}: written with 1 warning: The value length (300) exceeds the maximum length of 64 "
+                     "allowed for VR LO. (values copied from the images as they are)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # pydicom warns as it reads the value back
+        assert pydicom.dcmread(written).PatientID == "P" * 300
