@@ -38,6 +38,11 @@ DICOM pixel transformations follow PS3.3 in this order:
 
 Exported JPEG/PNG images are display values already: 8-bit ones map linearly
 to [0, 1]; 16-bit PNG gets the percentile window. Colour ones go to luma.
+
+A unit image with nothing to read fails (:func:`check_contrast`): when 99% of its
+visible pixels lie within :data:`BLANK_SPREAD` of the display range (a black or
+white export, or a header window that maps every pixel to one end), the model's
+score of it would mean nothing, and it scored such pictures high.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from .errors import InputError, InvalidImageError, ModelError
 from .records import FileKind
 
 PERCENTILE_WINDOW = (0.5, 99.5)
+# check_contrast(): a unit image whose 0.5th-99.5th percentile spread is below this (5 of 255 grey levels) is blank
+BLANK_SPREAD = 0.02
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, for R, G, B
 # colour_fraction(): a pixel's colour is "not explained by its brightness" when its colour difference
 # strays this far (on a [0, 1] scale) from the median of its brightness band ...
@@ -393,6 +400,32 @@ def percentile_window(values: np.ndarray, low: float = PERCENTILE_WINDOW[0],
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
+def check_contrast(unit: np.ndarray, hidden: np.ndarray | None = None, *, after: str = "", tag: str = "") -> None:
+    """Raise InvalidImageError when the unit image has nothing to read: 99% of its pixels (those not
+    ``hidden`` by padding or a shutter) within :data:`BLANK_SPREAD` of the display range. ``after`` says
+    what made it so (the header's window), ``tag`` names its attribute. The percentiles are taken on about
+    65,000 pixels (every n-th row and column of a larger image: a few milliseconds on a full-size CR)."""
+    step = max(1, int(np.sqrt(unit.size / 65536)))
+    visible = unit[::step, ::step] if hidden is None else unit[::step, ::step][~hidden[::step, ::step]]
+    if visible.size == 0:
+        visible = unit if hidden is None else unit[~hidden]
+    lo, hi = (float(v) for v in np.percentile(visible, PERCENTILE_WINDOW))
+    if hi - lo < BLANK_SPREAD:
+        shade = "black" if hi < 0.1 else "white" if lo > 0.9 else "one grey"
+        raise InvalidImageError(f"image is blank: 99% of its pixels are {shade} ({lo:.1%}-{hi:.1%} of the display "
+                                f"range){after}: nothing to screen", step="normalise", tag=tag)
+
+
+def _voi_in_use(params: PixelParams) -> tuple[str, str]:
+    """What check_contrast names when a header's VOI made the image: (" after ...", its tag)."""
+    if params.voi_lut is not None:
+        return " after the header's VOI LUT", "(0028,3010) VOILUTSequence"
+    if params.window_center is not None and params.window_width is not None:
+        return (f" after the header's window (center {params.window_center:g}, width {params.window_width:g})",
+                "(0028,1050) WindowCenter")
+    return "", ""
+
+
 def apply_voi(values: np.ndarray, params: PixelParams, padded: np.ndarray | None = None) -> np.ndarray:
     """VOI transformation to [0, 1] (PS3.3 C.11.2), with the fallbacks described in the module doc;
     ``padded`` pixels take no part in the percentile window."""
@@ -514,6 +547,7 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
             raise InvalidImageError(f"colour image decoded to shape {arr.shape}, expected (rows, columns, 3)",
                                     step="normalise", tag=_TAG_PHOTOMETRIC)
         unit = to_luma(arr, colour_full_scale(arr, params))
+        check_contrast(unit, shuttered)
     else:
         if arr.ndim != 2:
             raise InvalidImageError(f"monochrome frame decoded to shape {arr.shape}, expected (rows, columns)",
@@ -528,6 +562,8 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
             raise InvalidImageError("every pixel the display shutter leaves visible is padding",
                                     step="normalise", tag=_TAG_SHUTTER)
         unit = apply_voi(apply_modality(stored, params), params, hidden)
+        after, tag = _voi_in_use(params)
+        check_contrast(unit, hidden, after=after, tag=tag)
         if params.inverted:
             unit = 1.0 - unit
         if padded is not None:
@@ -559,12 +595,12 @@ def normalise_display_image(arr: np.ndarray) -> np.ndarray:
         else:
             arr = arr[..., ::-1]  # BGR -> RGB
     if arr.ndim == 3:
-        if arr.dtype == np.uint8:
-            return to_luma(arr, 255.0).astype(np.float32)
-        return percentile_window(to_luma(arr, 1.0)).astype(np.float32)
-    if arr.dtype == np.uint8:
-        return (arr.astype(np.float32) / 255.0)
-    return percentile_window(arr.astype(np.float64)).astype(np.float32)
+        unit = to_luma(arr, 255.0) if arr.dtype == np.uint8 else percentile_window(to_luma(arr, 1.0))
+    else:
+        unit = arr.astype(np.float32) / np.float32(255) if arr.dtype == np.uint8 else \
+            percentile_window(arr.astype(np.float64))
+    check_contrast(unit)
+    return unit.astype(np.float32)
 
 
 def load_unit_image(path: Path | str, kind: FileKind | None = None) -> np.ndarray:

@@ -362,3 +362,43 @@ def test_clahe_input_shrinks_exposure_differences():
     assert out.shape == (224, 224, 1) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
     # still a chest: the mediastinum (centre) is brighter than the lungs
     assert out[60:160, 100:124].mean() > out[60:160, 40:80].mean()
+
+
+@pytest.mark.parametrize("name, picture, shade", [
+    ("black.png", np.zeros((300, 400), np.uint8), "black"),
+    ("white.jpg", np.full((300, 400), 255, np.uint8), "white"),
+    ("grey.png", np.full((300, 400, 3), 128, np.uint8), "one grey"),
+    ("dark-noise.jpg", np.random.default_rng(3).integers(0, 4, (300, 400)).astype(np.uint8), "black"),
+])
+def test_a_blank_export_fails_instead_of_being_scored(tmp_path, name, picture, shade):
+    """A black or white JPEG/PNG (a failed or empty export) was scored, and flagged: the default model gave a
+    black 512 x 512 PNG 0.91 and a white JPEG 0.94. The DICOM path already failed a flat image."""
+    import cv2
+
+    cv2.imwrite(str(tmp_path / name), picture)
+    with pytest.raises(InvalidImageError, match=f"image is blank: 99% of its pixels are {shade} ") as failure:
+        load_unit_image(tmp_path / name)
+    assert failure.value.step == "normalise"
+
+
+def test_a_header_window_that_leaves_nothing_to_see_fails_naming_it(write_dicom, chest_pixels):
+    """A real image whose header window lies above every pixel is black as a workstation would show it: it fails
+    naming the window, rather than being scored black. The same image with a sensible window is read."""
+    high = write_dicom(chest_pixels, name="high.dcm", WindowCenter="60000", WindowWidth="400")
+    with pytest.raises(InvalidImageError, match=r"black \(0.0%-0.0% of the display range\) after the header's "
+                                                r"window \(center 60000, width 400\)") as failure:
+        load_unit_image(high)
+    assert failure.value.tag == "(0028,1050) WindowCenter"
+    low, high_value = np.percentile(chest_pixels, [5, 95])
+    fine = write_dicom(chest_pixels, name="fine.dcm", WindowCenter=f"{(low + high_value) / 2:.0f}",
+                       WindowWidth=f"{high_value - low:.0f}")
+    assert float(np.ptp(load_unit_image(fine))) > 0.5
+
+
+def test_padding_and_shutter_take_no_part_in_the_blank_check():
+    """Only what a workstation shows counts: an image area of 0.25% of the frame inside a padded border is not
+    blank (over the whole frame, 99% of the pixels are padding)."""
+    stored = np.zeros((200, 200), np.uint16)
+    stored[95:105, 95:105] = np.arange(1, 101).reshape(10, 10) * 40
+    unit = normalise_pixels(stored, PixelParams(bits_stored=12, padding_value=0))
+    assert unit[104, 104] == 1.0 and unit[0, 0] == 0.0
