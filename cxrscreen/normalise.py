@@ -562,10 +562,10 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
             raise InvalidImageError("every pixel the display shutter leaves visible is padding",
                                     step="normalise", tag=_TAG_SHUTTER)
         unit = apply_voi(apply_modality(stored, params), params, hidden)
-        after, tag = _voi_in_use(params)
-        check_contrast(unit, hidden, after=after, tag=tag)
         if params.inverted:
             unit = 1.0 - unit
+        after, tag = _voi_in_use(params)
+        check_contrast(unit, hidden, after=after, tag=tag)      # black or white as a workstation shows it
         if padded is not None:
             unit = np.where(padded, 0.0, unit)
     if shuttered is not None:

@@ -402,3 +402,11 @@ def test_padding_and_shutter_take_no_part_in_the_blank_check():
     stored[95:105, 95:105] = np.arange(1, 101).reshape(10, 10) * 40
     unit = normalise_pixels(stored, PixelParams(bits_stored=12, padding_value=0))
     assert unit[104, 104] == 1.0 and unit[0, 0] == 0.0
+
+
+def test_a_blank_monochrome1_plate_is_named_by_the_shade_it_shows():
+    """MONOCHROME1 is inverted for display: stored values all under a window show white, not black."""
+    with pytest.raises(InvalidImageError, match="pixels are white"):
+        normalise_pixels(np.full((64, 64), 10, np.uint16) + np.arange(64, dtype=np.uint16) % 2,
+                         PixelParams(bits_stored=12, photometric="MONOCHROME1", window_center=3000,
+                                     window_width=100))
