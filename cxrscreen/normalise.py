@@ -260,21 +260,27 @@ class PixelParams:
         if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
             voi_lut = _read_lut(ds.VOILUTSequence[0], "(0028,3010) VOILUTSequence")
 
-        center = _first_number(ds.get("WindowCenter", None), "(0028,1050) WindowCenter")
-        width = _first_number(ds.get("WindowWidth", None), _TAG_WIDTH)
+        voi_frame = "FrameVOILUTSequence"
+        if voi_lut is None:
+            item = _frame_item(ds, voi_frame, "VOILUTSequence")
+            if item is not None:
+                voi_lut = _read_lut(item, "(0028,3010) VOILUTSequence")
+        center = _first_number(_frame_value(ds, voi_frame, "WindowCenter"), "(0028,1050) WindowCenter")
+        width = _first_number(_frame_value(ds, voi_frame, "WindowWidth"), _TAG_WIDTH)
         if (center is None) != (width is None):
             center = width = None  # half a window is no window (PS3.3 C.11.2: both are type 1C)
-        function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+        function = str(_frame_value(ds, voi_frame, "VOILUTFunction") or "LINEAR").strip().upper()
         shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         padding = _padding_number(ds.get("PixelPaddingValue", None), signed, _TAG_PADDING)
         limit = _padding_number(ds.get("PixelPaddingRangeLimit", None), signed, "(0028,0121) PixelPaddingRangeLimit")
+        rescale = "PixelValueTransformationSequence"
         return cls(
             photometric=photometric,
             bits_stored=bits_stored,
             signed=signed,
-            rescale_slope=float(_first_number(ds.get("RescaleSlope", None), _TAG_SLOPE) or 1.0),
-            rescale_intercept=float(_first_number(ds.get("RescaleIntercept", None),
+            rescale_slope=float(_first_number(_frame_value(ds, rescale, "RescaleSlope"), _TAG_SLOPE) or 1.0),
+            rescale_intercept=float(_first_number(_frame_value(ds, rescale, "RescaleIntercept"),
                                                   "(0028,1052) RescaleIntercept") or 0.0),
             modality_lut=modality_lut,
             voi_lut=voi_lut,
@@ -297,6 +303,32 @@ class PixelParams:
             low, high = sorted((self.padding_value, self.padding_limit))
             mask = (stored >= low) & (stored <= high)
         return mask if mask.any() else None
+
+
+def _frame_item(ds, macro: str, keyword: str):
+    """The item of the functional group ``macro`` that holds ``keyword`` for the first frame of an enhanced
+    multi-frame image (PS3.3 C.7.6.16: the per-frame group before the shared one), or None. Such images keep
+    their rescale (Pixel Value Transformation, C.7.6.16.2.9) and window (Frame VOI LUT, C.7.6.16.2.10) there
+    instead of at the top level."""
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        try:
+            items = ds.get(groups, None) or ()
+            macros = (items[0].get(macro, None) or ()) if len(items) else ()
+            item = macros[0] if len(macros) else None
+        except (AttributeError, TypeError, KeyError, IndexError):
+            continue                # a damaged sequence holds nothing usable: the top level decides
+        if item is not None and keyword in item:
+            return item
+    return None
+
+
+def _frame_value(ds, macro: str, keyword: str):
+    """``keyword``'s value at the top level of ``ds``, else in the first frame's functional group ``macro``
+    (:func:`_frame_item`); None when neither has it."""
+    if keyword in ds:
+        return ds.get(keyword, None)
+    item = _frame_item(ds, macro, keyword)
+    return None if item is None else item.get(keyword, None)
 
 
 def _first_number(value, tag: str) -> float | None:
@@ -387,16 +419,24 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def percentile_window(values: np.ndarray, low: float = PERCENTILE_WINDOW[0],
-                      high: float = PERCENTILE_WINDOW[1], among: np.ndarray | None = None) -> np.ndarray:
-    """A robust window when the header gives none: map the [low, high] percentiles to [0, 1].
-    ``among`` (a boolean mask) limits the pixels the percentiles are taken from."""
+def percentile_bounds(values: np.ndarray, low: float = PERCENTILE_WINDOW[0],
+                      high: float = PERCENTILE_WINDOW[1], among: np.ndarray | None = None) -> tuple[float, float]:
+    """The values at the [low, high] percentiles (the min and max when those coincide): the ends of the
+    robust window used when the header gives none. ``among`` (a boolean mask) limits the pixels looked at."""
     sample = values if among is None else values[among]
-    lo, hi = np.percentile(sample, [low, high])
+    lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
     if hi <= lo:
         lo, hi = float(sample.min()), float(sample.max())
     if hi <= lo:
         raise InvalidImageError(f"image has no contrast: every pixel is {lo:g}", step="normalise")
+    return lo, hi
+
+
+def percentile_window(values: np.ndarray, low: float = PERCENTILE_WINDOW[0],
+                      high: float = PERCENTILE_WINDOW[1], among: np.ndarray | None = None) -> np.ndarray:
+    """A robust window when the header gives none: map the [low, high] percentiles to [0, 1].
+    ``among`` (a boolean mask) limits the pixels the percentiles are taken from."""
+    lo, hi = percentile_bounds(values, low, high, among)
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
@@ -426,6 +466,16 @@ def _voi_in_use(params: PixelParams) -> tuple[str, str]:
     return "", ""
 
 
+def default_window(values: np.ndarray, params: PixelParams, padded: np.ndarray | None = None) -> tuple[float, float]:
+    """The modality values shown black and white when the header has no VOI (see the module doc): the full
+    stored range of an image of 8 bits or fewer that no Modality LUT or rescale changes (it is display-ready),
+    else the percentile window of the pixels that are not ``padded``."""
+    if params.bits_stored <= 8 and params.modality_lut is None and params.rescale_slope == 1 \
+            and params.rescale_intercept == 0 and not params.signed:
+        return 0.0, float(2 ** params.bits_stored - 1)
+    return percentile_bounds(values, among=None if padded is None else ~padded)
+
+
 def apply_voi(values: np.ndarray, params: PixelParams, padded: np.ndarray | None = None) -> np.ndarray:
     """VOI transformation to [0, 1] (PS3.3 C.11.2), with the fallbacks described in the module doc;
     ``padded`` pixels take no part in the percentile window."""
@@ -433,10 +483,8 @@ def apply_voi(values: np.ndarray, params: PixelParams, padded: np.ndarray | None
         return np.clip(params.voi_lut.apply(values) / params.voi_lut.output_max, 0.0, 1.0)
     if params.window_center is not None and params.window_width is not None:
         return apply_window(values, params.window_center, params.window_width, params.voi_function)
-    if params.bits_stored <= 8 and params.modality_lut is None and params.rescale_slope == 1 \
-            and params.rescale_intercept == 0 and not params.signed:
-        return np.clip(values / float(2 ** params.bits_stored - 1), 0.0, 1.0)
-    return percentile_window(values, among=None if padded is None else ~padded)
+    lo, hi = default_window(values, params, padded)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
 def to_luma(rgb: np.ndarray, max_value: float) -> np.ndarray:

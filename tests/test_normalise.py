@@ -171,6 +171,54 @@ def test_params_from_dataset_read_voi_lut_sequence():
     np.testing.assert_allclose(normalise_pixels(row(10, 11, 13), params)[0], [1.0, 1 - 50 / 255, 0.0], atol=1e-6)
 
 
+def _enhanced(shared: dict, per_frame: dict | None = None) -> Dataset:
+    """A header of an enhanced multi-frame image: its rescale and window only in the functional groups."""
+    def group(macros: dict) -> Dataset:
+        item = Dataset()
+        for macro, values in macros.items():
+            inner = Dataset()
+            for keyword, value in values.items():
+                setattr(inner, keyword, value)
+            setattr(item, macro, [inner])
+        return item
+
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsStored = 12
+    ds.PixelRepresentation = 0
+    ds.SharedFunctionalGroupsSequence = [group(shared)]
+    if per_frame is not None:
+        ds.PerFrameFunctionalGroupsSequence = [group(per_frame), group({})]
+    return ds
+
+
+def test_an_enhanced_image_is_rescaled_and_windowed_as_its_functional_groups_say():
+    # PS3.3 C.7.6.16.2.9 (Pixel Value Transformation) and C.7.6.16.2.10 (Frame VOI LUT): an enhanced image has
+    # no top-level rescale or window; shown with a percentile window, it would have another contrast.
+    ds = _enhanced({"PixelValueTransformationSequence": {"RescaleSlope": "1", "RescaleIntercept": "-1024"},
+                    "FrameVOILUTSequence": {"WindowCenter": "40", "WindowWidth": "401",
+                                            "VOILUTFunction": "LINEAR_EXACT"}})
+    params = PixelParams.from_dataset(ds)
+    assert (params.rescale_intercept, params.window_center, params.window_width) == (-1024, 40, 401)
+    assert params.voi_function == "LINEAR_EXACT"
+    np.testing.assert_allclose(normalise_pixels(row(0, 1064, 1300), params)[0], [0.0, 0.5, 1.0], atol=1e-6)
+
+    # the first frame's own group comes before the shared one; the top level before both
+    ds = _enhanced({"FrameVOILUTSequence": {"WindowCenter": "40", "WindowWidth": "401"}},
+                   per_frame={"FrameVOILUTSequence": {"WindowCenter": "1000", "WindowWidth": "2000"}})
+    assert PixelParams.from_dataset(ds).window_center == 1000
+    ds.WindowCenter, ds.WindowWidth = "7", "3"
+    assert PixelParams.from_dataset(ds).window_center == 7
+
+
+def test_an_enhanced_image_with_empty_functional_groups_has_no_window():
+    ds = _enhanced({"FrameVOILUTSequence": {}})
+    ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence = []
+    ds.PerFrameFunctionalGroupsSequence = []
+    params = PixelParams.from_dataset(ds)
+    assert (params.rescale_slope, params.rescale_intercept, params.window_center) == (1.0, 0.0, None)
+
+
 def test_missing_photometric_is_an_error_naming_the_tag():
     with pytest.raises(InvalidImageError, match=r"\(0028,0004\)"):
         PixelParams.from_dataset(Dataset())
