@@ -8,6 +8,7 @@ seed, so the same call gives the same UIDs).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,95 @@ def damage(data: bytes, rng) -> tuple[bytes, str]:
         at, source = rng.randrange(start, len(out)), rng.randrange(start, len(out))
         out[at:at] = out[source:source + rng.randint(1, 64)]
     return bytes(out), how
+
+
+# Transfer syntaxes DCMTK's dcmj2pnm / dcml2pnm decode themselves; any other (JPEG 2000) is decompressed by
+# pydicom first, so that only the display pipeline, not the decoder, is compared.
+_DCMTK_DECODES = {
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+}
+_JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+
+
+@dataclass(frozen=True)
+class RenderingCheck:
+    """How cxrscreen's unit image of a file compares with DCMTK's display of it (:func:`compare_with_dcmtk`)."""
+
+    largest: float      # the largest absolute difference of a visible pixel, as a fraction of the display range
+    mean: float         # the mean absolute difference
+    voi: str            # which VOI DCMTK was told to use
+    decoded_by: str     # "dcmtk", or "pydicom" when DCMTK cannot decode the transfer syntax
+    pixels: int         # visible pixels compared (padding and what a display shutter covers are not)
+
+
+def compare_with_dcmtk(path: Path | str) -> RenderingCheck:
+    """Compare cxrscreen's display of the first frame of a monochrome DICOM file with DCMTK's.
+
+    DCMTK (``dcmj2pnm``, ``dcml2pnm`` for JPEG-LS; Debian's ``dcmtk``) is an independent implementation of
+    the PS3.3 grayscale pipeline: Modality LUT or rescale, VOI window (LINEAR, SIGMOID) or VOI LUT, and
+    MONOCHROME1 / Presentation LUT Shape. It is told to use the VOI cxrscreen uses: the header's first window
+    or VOI LUT, or, for an image without one, cxrscreen's own window (:func:`cxrscreen.normalise.default_window`)
+    as a LINEAR window, so that the rest of the chain is still compared. It renders to a 16-bit PNG
+    without overlays. Pixels cxrscreen hides (padding, a display shutter, which DCMTK leaves as they are) are
+    not compared. Raises RuntimeError with DCMTK's message when it cannot render the file."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import cv2
+    import pydicom
+
+    from .ingest import decode_first_frame, read_dicom
+    from .normalise import (PixelParams, apply_modality, default_window, normalise_pixels,
+                            stored_values)
+
+    path = Path(path)
+    ds = read_dicom(path)
+    params = PixelParams.from_dataset(ds)
+    if params.is_colour:
+        raise ValueError(f"{path}: {params.photometric} is not monochrome")
+    frame = decode_first_frame(ds)
+    unit = normalise_pixels(frame, params)
+    stored = stored_values(frame, params.bits_stored, params.signed)
+    hidden = params.padding_mask(stored)
+    if params.shutter is not None:
+        outside = params.shutter.outside(*frame.shape[:2])
+        hidden = outside if hidden is None else hidden | outside
+    if params.voi_lut is not None:
+        voi, args = "the header's VOI LUT", ["+Wl", "1"]
+    elif params.window_center is not None and params.window_width is not None:
+        voi, args = f"the header's window ({params.voi_function})", ["+Wi", "1"]
+        if "WindowCenter" not in ds:        # an enhanced image's Frame VOI LUT, which DCMTK 3.6 does not read
+            voi = f"the first frame's window ({params.voi_function})"
+            args = ["+Ww", repr(params.window_center), repr(params.window_width),
+                    "+Wfs" if params.voi_function == "SIGMOID" else "+Wfl"]
+    else:
+        lo, hi = default_window(apply_modality(stored, params), params, hidden)
+        voi, args = f"cxrscreen's window {lo:g}-{hi:g}", ["+Ww", repr((lo + hi) / 2 + 0.5), repr(hi - lo + 1), "+Wfl"]
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or "1.2.840.10008.1.2"
+    tool = "dcml2pnm" if syntax in _JPEG_LS else "dcmj2pnm"
+    if shutil.which(tool) is None:
+        raise RuntimeError(f"{tool} (DCMTK) is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        source, decoded_by = path, "dcmtk"
+        if syntax not in _DCMTK_DECODES:
+            plain = pydicom.dcmread(path, force=True)
+            plain.decompress()
+            source, decoded_by = save(plain, Path(tmp) / "plain.dcm"), "pydicom"
+        out = Path(tmp) / "dcmtk.png"
+        done = subprocess.run([tool, "+F", "1", *args, "-O", "+on2", str(source), str(out)],
+                              capture_output=True, text=True)
+        if done.returncode or not out.exists():
+            raise RuntimeError(f"{tool} failed on {path}: {(done.stderr or done.stdout).strip()}")
+        reference = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    if reference is None or reference.shape != unit.shape:
+        raise RuntimeError(f"{tool} rendered {path} as {None if reference is None else reference.shape}, "
+                           f"cxrscreen as {unit.shape}")
+    difference = np.abs(reference.astype(np.float64) / 65535.0 - unit)
+    if hidden is not None:
+        difference = difference[~hidden]
+    return RenderingCheck(largest=float(difference.max()), mean=float(difference.mean()), voi=voi,
+                          decoded_by=decoded_by, pixels=int(difference.size))

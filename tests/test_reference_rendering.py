@@ -1,0 +1,153 @@
+"""cxrscreen's display of DICOM images against DCMTK's, an independent implementation of the PS3.3 grayscale
+pipeline (:func:`cxrscreen.testing.compare_with_dcmtk`). Runs where DCMTK is installed (``apt-get install
+dcmtk``; ``.ci/run`` installs it when it can); ``benchmarks/reference_rendering.py`` checks every monochrome
+image pydicom and pydicom-data ship the same way."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+
+from cxrscreen.ingest import sniff
+from cxrscreen.normalise import load_unit_image
+from cxrscreen.records import FileKind
+from cxrscreen.testing import compare_with_dcmtk, save
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-3        # of the display range; the two agree within 2e-5 on every lossless case here
+
+pytestmark = pytest.mark.skipif(shutil.which("dcmj2pnm") is None or shutil.which("dcml2pnm") is None,
+                                reason="DCMTK (dcmj2pnm, dcml2pnm) not installed")
+
+
+def _sample_images() -> list[Path]:
+    return [p for p in sorted((ROOT / "samples").rglob("*")) if p.is_file() and sniff(p) is FileKind.DICOM
+            and "PixelData" in pydicom.dcmread(p, stop_before_pixels=False, force=True)]
+
+
+@pytest.mark.parametrize("path", _sample_images(), ids=lambda p: str(p.relative_to(ROOT / "samples")))
+def test_every_bundled_sample_is_shown_as_dcmtk_shows_it(path):
+    check = compare_with_dcmtk(path)
+    syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    if syntax == "1.2.840.10008.1.2.4.50":       # lossy JPEG: two libjpeg builds round a grey level apart
+        assert check.mean <= TOLERANCE and check.largest <= 0.02, check
+    else:
+        assert check.largest <= TOLERANCE, check
+
+
+@pytest.fixture(scope="module")
+def cr() -> Dataset:
+    """pydicom-data's real CR chest PA (MONOCHROME1, 15 bits, one window), a quarter of its size."""
+    path = get_testdata_file("RG1_UNCR.dcm")
+    if path is None:
+        pytest.skip("RG1_UNCR.dcm needs the pydicom-data test extra")
+    ds = pydicom.dcmread(path)
+    pixels = np.ascontiguousarray(ds.pixel_array[::4, ::4])
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def _lut(entries: np.ndarray, first: int, bits: int) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(entries), first, bits]
+    item.add_new(0x00283006, "OW", np.round(entries).astype("<u2").tobytes())  # LUT Data
+    return item
+
+
+def _voi_lut(ds):
+    del ds.WindowCenter, ds.WindowWidth
+    x = np.arange(4096)
+    ds.VOILUTSequence = [_lut(np.sqrt(x / 4095) * 65535, 0, 16)]
+
+
+def _voi_lut_offset(ds):
+    del ds.WindowCenter, ds.WindowWidth
+    x = np.arange(8192)
+    ds.VOILUTSequence = [_lut((x / 8191) ** 2 * 4095, 2000, 12)]
+
+
+def _modality_lut(ds):
+    item = _lut(np.minimum(np.arange(32768) * 2, 65535), 0, 16)
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = [item]
+    ds.WindowCenter, ds.WindowWidth = ds.WindowCenter * 2, ds.WindowWidth * 2
+
+
+def _rescale(ds):
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 0.5, -1000, "US"
+    ds.WindowCenter, ds.WindowWidth = ds.WindowCenter * 0.5 - 1000, ds.WindowWidth * 0.5
+
+
+def _signed(ds):
+    ds.PixelRepresentation = 1
+    ds.PixelData = (ds.pixel_array.astype(np.int32) - 16384).astype(np.int16).tobytes()
+    ds.WindowCenter = ds.WindowCenter - 16384
+
+
+def _enhanced(ds):
+    # an enhanced multi-frame image keeps its rescale and window in the functional groups (PS3.3 C.7.6.16)
+    transform, voi, group = Dataset(), Dataset(), Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 2, -100, "US"
+    voi.WindowCenter, voi.WindowWidth = ds.WindowCenter * 2 - 100, ds.WindowWidth * 2
+    group.PixelValueTransformationSequence, group.FrameVOILUTSequence = [transform], [voi]
+    ds.SharedFunctionalGroupsSequence = [group]
+    del ds.WindowCenter, ds.WindowWidth
+
+
+def _padding(ds):
+    pixels = ds.pixel_array.copy()
+    pixels[:20], pixels[:, :20] = 0, 0
+    ds.PixelData = pixels.tobytes()
+    ds.add_new(0x00280120, "US", 0)       # Pixel Padding Value
+
+
+VARIANTS = {
+    "as it is (MONOCHROME1, LINEAR window)": lambda ds: None,
+    "SIGMOID": lambda ds: setattr(ds, "VOILUTFunction", "SIGMOID"),
+    "LINEAR_EXACT": lambda ds: setattr(ds, "VOILUTFunction", "LINEAR_EXACT"),
+    "narrow window": lambda ds: setattr(ds, "WindowWidth", 2),
+    "window width 1": lambda ds: setattr(ds, "WindowWidth", 1),
+    "two windows, the first used": lambda ds: (setattr(ds, "WindowCenter", [ds.WindowCenter, 100]),
+                                               setattr(ds, "WindowWidth", [ds.WindowWidth, 50])),
+    "VOI LUT": _voi_lut,
+    "VOI LUT from a first mapped value, 12-bit entries": _voi_lut_offset,
+    "Modality LUT": _modality_lut,
+    "rescale": _rescale,
+    "signed pixels": _signed,
+    "MONOCHROME2": lambda ds: setattr(ds, "PhotometricInterpretation", "MONOCHROME2"),
+    "MONOCHROME2 with Presentation LUT Shape INVERSE": lambda ds: (
+        setattr(ds, "PhotometricInterpretation", "MONOCHROME2"), setattr(ds, "PresentationLUTShape", "INVERSE")),
+    "MONOCHROME1 with Presentation LUT Shape INVERSE (inverted once)":
+        lambda ds: setattr(ds, "PresentationLUTShape", "INVERSE"),
+    "enhanced: rescale and window in the functional groups": _enhanced,
+    "pixel padding": _padding,
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_real_cr_under_each_grayscale_transformation_is_shown_as_dcmtk_shows_it(cr, variant, tmp_path):
+    ds = copy.deepcopy(cr)
+    VARIANTS[variant](ds)
+    check = compare_with_dcmtk(save(ds, tmp_path / "variant.dcm"))
+    assert check.largest <= TOLERANCE, check
+
+
+def test_monochrome1_with_presentation_lut_shape_identity_is_shown_as_monochrome1_unlike_dcmtk(cr, tmp_path):
+    # The one place the two part, deliberately: for DX the standard says IDENTITY "shall be used if Photometric
+    # Interpretation is MONOCHROME2", so a MONOCHROME1 image that says IDENTITY contradicts itself. DCMTK lets
+    # the shape win and shows the plate as a negative (bone dark); cxrscreen lets the Photometric
+    # Interpretation, which says how the pixel data are stored, win: bone bright, as the model learned.
+    plain = save(copy.deepcopy(cr), tmp_path / "plain.dcm")
+    ds = copy.deepcopy(cr)
+    ds.PresentationLUTShape = "IDENTITY"
+    identity = save(ds, tmp_path / "identity.dcm")
+    np.testing.assert_array_equal(load_unit_image(identity), load_unit_image(plain))
+    assert compare_with_dcmtk(identity).mean > 0.3          # DCMTK: the negative
