@@ -609,6 +609,10 @@ def _dicom_outcome(path: Path, stat: os.stat_result, include_lateral: bool,
         _check_dimensions(record.rows, record.columns, path)
     except CxrError as exc:
         return FileOutcome.from_error(exc, **record.identifiers())
+    if record.photometric == "MONOCHROME1" and str(ds.get("PresentationLUTShape", "")).strip().upper() == "IDENTITY":
+        # the standard keeps IDENTITY for MONOCHROME2 (PS3.3 C.8.11.7); viewers part ways (DCMTK shows a negative)
+        log.warning("%s: (2050,0020) PresentationLUTShape IDENTITY contradicts (0028,0004) PhotometricInterpretation "
+                    "MONOCHROME1; shown as MONOCHROME1 (bone bright), as the pixel data are stored", path)
     return colour_picture(record, ds) or record
 
 

@@ -291,6 +291,22 @@ def test_records_keep_report_metadata(write_dicom, chest_pixels):
     assert rec.age_years == pytest.approx(1400 / 365.25)     # born 2023-01-01, seen 2026-11-01
 
 
+def test_monochrome1_that_says_presentation_lut_shape_identity_is_logged_and_shown_as_monochrome1(
+        tmp_path, chest_pixels, caplog):
+    ds = make_dicom(chest_pixels.max() - chest_pixels, seed="m1", photometric="MONOCHROME1")
+    plain = save(ds, tmp_path / "plain.dcm")
+    ds.PresentationLUTShape = "IDENTITY"
+    identity = save(ds, tmp_path / "identity.dcm")
+    with caplog.at_level("WARNING", logger="cxrscreen.ingest"):
+        assert isinstance(read_record(identity), Radiograph)
+    assert "identity.dcm: (2050,0020) PresentationLUTShape IDENTITY contradicts (0028,0004)" in caplog.text
+    np.testing.assert_array_equal(load_unit_image(identity), load_unit_image(plain))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cxrscreen.ingest"):
+        read_record(plain)
+    assert "PresentationLUTShape" not in caplog.text
+
+
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])     # explicit, implicit VR
 def test_text_in_undeclared_utf8_is_read_as_utf8(tmp_path, chest_pixels, syntax, caplog):
     """No (0008,0005) means ASCII; a modality that wrote UTF-8 anyway gets its names read as written,
