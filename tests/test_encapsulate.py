@@ -84,6 +84,23 @@ def test_dicom3tools_finds_no_error_in_the_encapsulated_pdf(tmp_path, write_dico
     assert "EncapsulatedPDF" in lines and not [line for line in lines if line.startswith("Error")], lines
 
 
+@pytest.mark.skipif(shutil.which("dcm2pdf") is None, reason="dcm2pdf (DCMTK) not installed")
+def test_dcmtk_gives_back_the_very_pdf_and_reads_the_name(tmp_path, write_dicom):
+    """What a DCMTK-based PACS or viewer does with the report: extract the PDF (byte for byte) and decode
+    the patient's name in the images' character set (apt install dcmtk)."""
+    import subprocess
+
+    images = _images(write_dicom(phantom(64, 64), name="a.dcm", patient_name="Müller^Jürgen",
+                                 SpecificCharacterSet="ISO_IR 100"))
+    pdf = tmp_path / "r.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n% an odd length\n%%EOF\n")
+    path = write_encapsulated_pdf(tmp_path / "r.dcm", pdf, images)
+    subprocess.run(["dcm2pdf", str(path), str(tmp_path / "back.pdf")], check=True, capture_output=True)
+    assert (tmp_path / "back.pdf").read_bytes() == pdf.read_bytes()
+    dump = subprocess.run(["dcmdump", "+U8", "+P", "0010,0010", str(path)], check=True, capture_output=True)
+    assert "[Müller^Jürgen]" in dump.stdout.decode("utf-8"), dump
+
+
 @pytest.mark.parametrize("charset, name", [
     ("ISO_IR 100", "Müller^Jürgen"), (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
     ("ISO_IR 144", "Иванов^Иван"), (None, "PLAIN^ASCII")])
