@@ -370,7 +370,10 @@ def _read_lut(item, tag: str) -> LUT:
         raise InvalidImageError(f"unreadable LUT item ({exc})", step="normalise", tag=tag) from None
     n = n or 65536  # PS3.3 C.11.1.1.1: 0 entries means 2^16
     if isinstance(raw, (bytes, bytearray)):
-        data = np.frombuffer(raw, dtype="<u2" if bits > 8 else "u1")
+        # 8-bit entries: the standard stores them "as 8 bits allocated", two to a 16-bit word, but many writers
+        # give each its own word; which one, the length tells (as DCMTK decides; pydicom reads words only)
+        packed = bits <= 8 and len(raw) < 2 * n
+        data = np.frombuffer(raw if packed else raw[:len(raw) // 2 * 2], dtype="u1" if packed else "<u2")
     else:
         data = np.asarray(raw if hasattr(raw, "__len__") else [raw])
     data = data.astype(np.float64)[:n]

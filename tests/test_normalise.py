@@ -219,6 +219,25 @@ def test_an_enhanced_image_with_empty_functional_groups_has_no_window():
     assert (params.rescale_slope, params.rescale_intercept, params.window_center) == (1.0, 0.0, None)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_voi_lut_of_8_bit_entries_is_read_one_per_word_or_packed_as_its_length_says(packed):
+    # PS3.3 C.11.2.1.1 stores 8-bit entries "as 8 bits allocated" (two to a word); many writers give each its
+    # own 16-bit word instead (pydicom reads only that, DCMTK tells the two apart by the length, as here).
+    # Read as packed, one-per-word entries became every other entry and zeros.
+    entries = np.array([0, 40, 80, 120, 160, 200, 255])
+    item = Dataset()
+    item.LUTDescriptor = [len(entries), 10, 8]
+    raw = entries.astype("u1").tobytes() + b"\0" if packed else entries.astype("<u2").tobytes()
+    item.add_new(0x00283006, "OW", raw)
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsStored = 8
+    ds.VOILUTSequence = [item]
+    params = PixelParams.from_dataset(ds)
+    np.testing.assert_allclose(normalise_pixels(row(10, 12, 15, 16, 200), params)[0],
+                               [0.0, 80 / 255, 200 / 255, 1.0, 1.0], atol=1e-6)
+
+
 def test_missing_photometric_is_an_error_naming_the_tag():
     with pytest.raises(InvalidImageError, match=r"\(0028,0004\)"):
         PixelParams.from_dataset(Dataset())
