@@ -556,7 +556,7 @@ def colour_frame(ds) -> np.ndarray:
         from .ingest import tag_label
 
         try:
-            frame = apply_color_lut(frame, ds)
+            frame = apply_color_lut(frame, _palette_in_little_endian(ds))
         except Exception as exc:        # a palette attribute missing or malformed (AttributeError, ValueError...)
             named = re.search(r"'(\w+PaletteColorLookupTable\w*)'", str(exc))
             tag = tag_for_keyword(named.group(1)) if named else None
@@ -564,6 +564,39 @@ def colour_frame(ds) -> np.ndarray:
                                     step="normalise", tag=tag_label(tag) if tag is not None else _TAG_PHOTOMETRIC
                                     ) from None
     return frame
+
+
+def _palette_in_little_endian(ds):
+    """For a big-endian file, a data set of the palette attributes of ``ds`` with the 16-bit entries (OW, bytes
+    as the file holds them) swapped to the little-endian order in which pydicom 3.0's ``apply_color_lut``
+    reads them whatever the file's (its segmented palettes it reads right): unswapped, a white entry 0xFF00
+    read as 0x00FF, and the picture came out black. ``ds`` itself is left as it is (a copy of a pydicom data
+    set shares its elements); any other file's data set is returned as it is."""
+    from pydicom.dataelem import DataElement
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataset import Dataset
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "") if meta is not None else "")
+    if syntax != "1.2.840.10008.1.2.2":         # Explicit VR Big Endian, the one big-endian transfer syntax
+        return ds
+    palette = Dataset()
+    palette.file_meta = meta
+    keywords = ["PixelPresentation"] + [f"{prefix}{colour}PaletteColorLookupTable{part}"
+                                        for colour in ("Red", "Green", "Blue", "Alpha")
+                                        for prefix, part in (("", "Descriptor"), ("", "Data"), ("Segmented", "Data"))]
+    for keyword in keywords:
+        if keyword in ds:
+            element = ds[keyword]
+            palette[element.tag] = DataElement(element.tag, element.VR, element.value)
+    for colour in ("Red", "Green", "Blue", "Alpha"):
+        data = palette.get(f"{colour}PaletteColorLookupTableData", None)
+        descriptor = palette.get(f"{colour}PaletteColorLookupTableDescriptor", None)
+        if isinstance(data, (bytes, bytearray)) and descriptor is not None and len(data) % 2 == 0 \
+                and len(data) >= 2 * (int(descriptor[0]) or 65536):
+            tag = tag_for_keyword(f"{colour}PaletteColorLookupTableData")
+            palette[tag] = DataElement(tag, "OW", np.frombuffer(data, dtype=">u2").astype("<u2").tobytes())
+    return palette
 
 
 def colour_full_scale(rgb: np.ndarray, params: PixelParams) -> float:

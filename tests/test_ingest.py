@@ -14,7 +14,7 @@ from conftest import colour_versions
 from cxrscreen import ingest
 from cxrscreen.errors import InputError, InvalidImageError, UnsupportedTransferSyntax
 from cxrscreen.ingest import discover, group_studies, read_record, scan
-from cxrscreen.normalise import load_unit_image
+from cxrscreen.normalise import colour_frame, load_unit_image
 from cxrscreen.records import FileKind, FileOutcome, Radiograph, Status
 from cxrscreen.testing import SC_SOP_CLASS, damage, make_dicom, save
 
@@ -256,6 +256,20 @@ def test_colour_pictures_are_skipped_and_colour_radiographs_screened(tmp_path):
 def test_a_palette_colour_photograph_is_skipped():
     out = read_record(reference_file("OT-PAL-8-face.dcm"))      # modality OT, ConversionType DV: a face
     assert out.status is Status.SKIPPED and "a colour picture, not a radiograph" in out.reason
+
+
+def test_a_big_endian_palette_gives_the_colours_of_its_little_endian_twin(tmp_path):
+    # pydicom 3.0's apply_color_lut reads 16-bit palette entries little endian whatever the file: a big-endian
+    # file's white 0xFF00 came out 0x00FF, the picture black, and such an image failed as blank
+    little, big = (ingest.read_dicom(reference_file(name)) for name in ("OBXXXX1A.dcm", "OBXXXX1A_expb.dcm"))
+    np.testing.assert_array_equal(colour_frame(big), colour_frame(little))
+    np.testing.assert_array_equal(colour_frame(big), colour_frame(little))     # ds is left as it was
+    written = []
+    for name, ds in (("little.dcm", little), ("big.dcm", big)):
+        ds.Modality = "OT"                                  # an ultrasound image (grey in a palette) as an OT
+        written.append(save(ds, tmp_path / name))
+    assert all(isinstance(read_record(path), Radiograph) for path in written)
+    np.testing.assert_array_equal(load_unit_image(written[1]), load_unit_image(written[0]))
 
 
 def test_a_colour_image_that_cannot_be_decoded_fails_at_decoding_not_at_selection(tmp_path):
