@@ -194,13 +194,14 @@ class RenderingCheck:
 
 
 def compare_with_dcmtk(path: Path | str) -> RenderingCheck:
-    """Compare cxrscreen's display of the first frame of a monochrome DICOM file with DCMTK's.
+    """Compare cxrscreen's display of the first frame of a DICOM file with DCMTK's.
 
     DCMTK (``dcmj2pnm``, ``dcml2pnm`` for JPEG-LS; Debian's ``dcmtk``) is an independent implementation of
     the PS3.3 grayscale pipeline: Modality LUT or rescale, VOI window (LINEAR, SIGMOID) or VOI LUT, and
     MONOCHROME1 / Presentation LUT Shape. It is told to use the VOI cxrscreen uses: the header's first window
     or VOI LUT, or, for an image without one, cxrscreen's own window (:func:`cxrscreen.normalise.default_window`)
-    as a LINEAR window, so that the rest of the chain is still compared. It renders to a 16-bit PNG
+    as a LINEAR window, so that the rest of the chain is still compared. A colour image (RGB, YBR, palette)
+    DCMTK converts to grey itself (``+G``, the same BT.601 luma weights). It renders to a 16-bit PNG
     without overlays. Pixels cxrscreen hides (padding, a display shutter, which DCMTK leaves as they are) are
     not compared. Raises RuntimeError with DCMTK's message when it cannot render the file."""
     import shutil
@@ -211,22 +212,21 @@ def compare_with_dcmtk(path: Path | str) -> RenderingCheck:
     import pydicom
 
     from .ingest import decode_first_frame, read_dicom
-    from .normalise import (PixelParams, apply_modality, default_window, normalise_pixels,
+    from .normalise import (PixelParams, apply_modality, colour_frame, default_window, normalise_pixels,
                             stored_values)
 
     path = Path(path)
     ds = read_dicom(path)
     params = PixelParams.from_dataset(ds)
-    if params.is_colour:
-        raise ValueError(f"{path}: {params.photometric} is not monochrome")
-    frame = decode_first_frame(ds)
+    frame = colour_frame(ds) if params.is_colour else decode_first_frame(ds)
     unit = normalise_pixels(frame, params)
-    stored = stored_values(frame, params.bits_stored, params.signed)
-    hidden = params.padding_mask(stored)
+    hidden = None if params.is_colour else params.padding_mask(stored_values(frame, params.bits_stored, params.signed))
     if params.shutter is not None:
         outside = params.shutter.outside(*frame.shape[:2])
         hidden = outside if hidden is None else hidden | outside
-    if params.voi_lut is not None:
+    if params.is_colour:
+        voi, args = "colour to grey by DCMTK", ["+G"]
+    elif params.voi_lut is not None:
         voi, args = "the header's VOI LUT", ["+Wl", "1"]
     elif params.window_center is not None and params.window_width is not None:
         voi, args = f"the header's window ({params.voi_function})", ["+Wi", "1"]
@@ -235,7 +235,8 @@ def compare_with_dcmtk(path: Path | str) -> RenderingCheck:
             args = ["+Ww", repr(params.window_center), repr(params.window_width),
                     "+Wfs" if params.voi_function == "SIGMOID" else "+Wfl"]
     else:
-        lo, hi = default_window(apply_modality(stored, params), params, hidden)
+        lo, hi = default_window(apply_modality(stored_values(frame, params.bits_stored, params.signed), params),
+                                params, hidden)
         voi, args = f"cxrscreen's window {lo:g}-{hi:g}", ["+Ww", repr((lo + hi) / 2 + 0.5), repr(hi - lo + 1), "+Wfl"]
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or "1.2.840.10008.1.2"
