@@ -261,10 +261,10 @@ class PixelParams:
             voi_lut = _read_lut(ds.VOILUTSequence[0], "(0028,3010) VOILUTSequence")
 
         voi_frame = "FrameVOILUTSequence"
-        if voi_lut is None:
+        if voi_lut is None and "WindowCenter" not in ds:       # the top level's VOI, when it has one, decides
             item = _frame_item(ds, voi_frame, "VOILUTSequence")
-            if item is not None:
-                voi_lut = _read_lut(item, "(0028,3010) VOILUTSequence")
+            if item is not None and len(item.VOILUTSequence):
+                voi_lut = _read_lut(item.VOILUTSequence[0], "(0028,3010) VOILUTSequence")
         center = _first_number(_frame_value(ds, voi_frame, "WindowCenter"), "(0028,1050) WindowCenter")
         width = _first_number(_frame_value(ds, voi_frame, "WindowWidth"), _TAG_WIDTH)
         if (center is None) != (width is None):

@@ -210,6 +210,14 @@ def test_an_enhanced_image_is_rescaled_and_windowed_as_its_functional_groups_say
     ds.WindowCenter, ds.WindowWidth = "7", "3"
     assert PixelParams.from_dataset(ds).window_center == 7
 
+    # a VOI LUT in the first frame's group (C.7.6.16.2.10 allows one beside or instead of the window)
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 10, 8]
+    lut.LUTData = [0, 50, 100, 255]
+    ds = _enhanced({"FrameVOILUTSequence": {"VOILUTSequence": [lut]}})
+    np.testing.assert_allclose(normalise_pixels(row(10, 11, 13), PixelParams.from_dataset(ds))[0],
+                               [0.0, 50 / 255, 1.0], atol=1e-6)
+
 
 def test_an_enhanced_image_with_empty_functional_groups_has_no_window():
     ds = _enhanced({"FrameVOILUTSequence": {}})
