@@ -576,7 +576,7 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
         return FileOutcome.from_error(exc)
     except Exception as exc:    # pydicom converts a value when it is first read: a malformed one raises then
         return FileOutcome.from_error(InputError(f"cannot read the header: {type(exc).__name__}: {exc}", path=path,
-                                                 step="read", tag=_tag_named_in(str(exc))))
+                                                 step="read", tag=tag_named_in(str(exc))))
 
 
 def _dicom_outcome(path: Path, stat: os.stat_result, include_lateral: bool,
@@ -646,7 +646,7 @@ def tag_label(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X}){' ' + keyword if keyword else ''}"
 
 
-def _tag_named_in(message: str) -> str:
+def tag_named_in(message: str) -> str:
     """:func:`tag_label` of the tag a pydicom message says it failed on, else ''."""
     found = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", message)
     return tag_label(int("".join(found.groups()), 16)) if found else ""

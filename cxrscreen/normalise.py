@@ -659,9 +659,16 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
 
 def normalise_dataset(ds) -> np.ndarray:
     """Decode the first frame of a pydicom Dataset and normalise it (see module doc)."""
-    from .ingest import decode_first_frame
+    from .errors import CxrError
+    from .ingest import decode_first_frame, tag_named_in
 
-    params = PixelParams.from_dataset(ds)
+    try:
+        params = PixelParams.from_dataset(ds)
+    except CxrError:
+        raise
+    except Exception as exc:    # pydicom converts a value when it is first read: a corrupt VR or value raises then
+        raise InvalidImageError(f"cannot read the header value: {type(exc).__name__}: {exc}", step="normalise",
+                                tag=tag_named_in(str(exc))) from None
     return normalise_pixels(colour_frame(ds) if params.is_colour else decode_first_frame(ds), params)
 
 

@@ -16,7 +16,7 @@ from cxrscreen.errors import InputError, InvalidImageError, UnsupportedTransferS
 from cxrscreen.ingest import discover, group_studies, read_record, scan
 from cxrscreen.normalise import colour_frame, load_unit_image
 from cxrscreen.records import FileKind, FileOutcome, Radiograph, Status
-from cxrscreen.testing import SC_SOP_CLASS, damage, make_dicom, save
+from cxrscreen.testing import SC_SOP_CLASS, damage, make_dicom, save, uid_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -476,6 +476,21 @@ def test_header_warnings_are_logged_once_naming_the_file(caplog, recwarn):
     assert not [w for w in recwarn if "Invalid value" in str(w.message)]
 
 
+def test_a_corrupt_vr_of_a_pixel_attribute_fails_its_file_at_normalising_naming_the_tag(tmp_path, chest_pixels):
+    # Found by the damage test below when its files still had random UIDs: a corrupt VR in (0028,1051) is not
+    # read with the header, and pydicom's NotImplementedError came out of load_unit_image (a batch failed the
+    # file without its tag; training's data check got no InputError)
+    path = save(make_dicom(chest_pixels, seed="vr", WindowCenter="2048", WindowWidth="4096"), tmp_path / "vr.dcm")
+    data = path.read_bytes()
+    at = data.index(bytes.fromhex("28005110") + b"DS")                   # (0028,1051) WindowWidth, explicit VR
+    path.write_bytes(data[:at + 4] + b"D\xb1" + data[at + 6:])
+    assert isinstance(read_record(path), Radiograph)
+    with pytest.raises(InputError) as info:
+        load_unit_image(path)
+    assert info.value.step == "normalise" and info.value.tag == "(0028,1051) WindowWidth"
+    assert "Unknown Value Representation" in info.value.cause and str(path) in str(info.value)
+
+
 def test_mutated_samples_each_end_as_an_outcome_of_their_own(tmp_path):
     """Every bundled DICOM sample, damaged as transfers and disks damage files (bytes changed in the header or
     anywhere, a run of zeros, a piece repeated, the end cut off), ends as a Radiograph or a per-file outcome
@@ -484,14 +499,12 @@ def test_mutated_samples_each_end_as_an_outcome_of_their_own(tmp_path):
     import random
 
     import pydicom
-    from pydicom.uid import generate_uid
-
     rng = random.Random(11)
     sources = sorted(p for p in (ROOT / "samples").rglob("*") if p.is_file() and p.suffix not in (".py", ".md", ".jpg"))
     paths = []
     for source in sources:
         ds = pydicom.dcmread(source, force=True)
-        ds.SOPInstanceUID = generate_uid()
+        ds.SOPInstanceUID = uid_from(f"mutated/{source.relative_to(ROOT)}")   # the same bytes, the same damage
         if "MediaStorageSOPInstanceUID" in getattr(ds, "file_meta", {}):
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.save_as(tmp_path / "clean.dcm")
