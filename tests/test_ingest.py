@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,22 @@ def test_jpeg_2000_lossy_encodes_and_decodes_close(tmp_path, chest_pixels):
     path = save(ds, tmp_path / "j2k.dcm")
     error = np.abs(decode(path).astype(float) - chest_pixels)
     assert 0 < error.mean() < 100  # of 4095: lossy, yet close
+
+
+def test_high_throughput_jpeg_2000_decodes_to_the_pixels_it_was_made_from():
+    # HTJ2K (PS3.5 A.4.11, 2023: what cloud PACS and DICOMweb increasingly send) through pylibjpeg-openjpeg;
+    # pydicom cannot encode it, so tests/data/make_htj2k.py made the file with OpenJPH, from the PA sample
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    from make_htj2k import quarter
+
+    import pydicom
+
+    path = ROOT / "tests" / "data" / "htj2k_lossless.dcm"
+    record = read_record(path)
+    assert isinstance(record, Radiograph) and record.transfer_syntax == "1.2.840.10008.1.2.4.201"
+    source = quarter(pydicom.dcmread(ROOT / "samples" / "study3_pa_and_lateral" / "IM0001.dcm"))
+    np.testing.assert_array_equal(decode(path), source)
+    assert load_unit_image(path).shape == source.shape
 
 
 # Reference files shipped with pydicom / pydicom-data, and the uncompressed twin they must match.
