@@ -717,6 +717,59 @@ def decode_first_frame(ds) -> np.ndarray:
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     # Guard memory before decoding; the lower bound is a selection rule (read_record), not a decoder limit.
     _check_dimensions(rows, columns, Path(getattr(ds, "filename", "") or "."), minimum=1)
+    if ts == ENCAPSULATED_UNCOMPRESSED:
+        arr = _encapsulated_uncompressed_frame(ds, ts_text)
+    else:
+        arr = _decoded_by_pydicom(ds, ts_text)
+    if arr.shape[:2] != (rows, columns):
+        raise InvalidImageError(f"decoded shape {arr.shape} does not match Rows x Columns {rows} x {columns}",
+                                step="decode", tag="(0028,0010) Rows")
+    return arr
+
+
+# Encapsulated Uncompressed Explicit VR Little Endian (PS3.5 A.4.11, 2023): native little-endian frames, each in
+# its own fragment, so that a server can hand out one frame; pydicom 3.0 has no decoder for it.
+ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
+
+
+def _encapsulated_uncompressed_frame(ds, ts_text: str) -> np.ndarray:
+    """The first frame of an Encapsulated Uncompressed Explicit VR Little Endian data set, as pydicom gives a
+    native one: (rows, columns), or (rows, columns, samples) in RGB for colour."""
+    from pydicom.encaps import generate_frames
+    from pydicom.pixels import convert_color_space
+
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits not in (8, 16, 32) or samples not in (1, 3):
+        raise UnsupportedTransferSyntax(f"{ts_text} with {bits} bits allocated and {samples} samples per pixel "
+                                        "is not read (8, 16 or 32 bits; 1 or 3 samples)", step="decode",
+                                        tag="(0028,0100) BitsAllocated")
+    dtype = np.dtype(f"<{'i' if int(ds.get('PixelRepresentation', 0) or 0) == 1 else 'u'}{bits // 8}")
+    needed = rows * columns * samples * dtype.itemsize
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=_frames(ds)))
+    except Exception as exc:     # not encapsulated as the syntax says (no item tags, a bad offset table)
+        raise InputError(f"pixel data cannot be decoded ({ts_text}): its fragments cannot be read: "
+                         f"{type(exc).__name__}: {exc}", step="decode", tag="(7FE0,0010) PixelData") from None
+    if len(frame) < needed:
+        raise InputError(f"pixel data cannot be decoded ({ts_text}): frame 1 holds {len(frame)} bytes, "
+                         f"{rows} x {columns} x {samples} samples of {bits} bits need {needed}", step="decode",
+                         tag="(7FE0,0010) PixelData")
+    arr = np.frombuffer(frame[:needed], dtype=dtype)
+    if samples == 1:
+        return arr.reshape(rows, columns)
+    if int(ds.get("PlanarConfiguration", 0) or 0) == 1:
+        arr = arr.reshape(samples, rows, columns).transpose(1, 2, 0)
+    else:
+        arr = arr.reshape(rows, columns, samples)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL":
+        arr = convert_color_space(arr, "YBR_FULL", "RGB")
+    return np.ascontiguousarray(arr)
+
+
+def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
+    """The first frame as pydicom's decoders give it, each failure an error naming the syntax."""
     try:
         with caught():                        # a decoder's warnings are dropped
             if _frames(ds) > 1:
@@ -746,7 +799,4 @@ def decode_first_frame(ds) -> np.ndarray:
         # pyo3's PanicException is a BaseException, which `except Exception` let through to stop the whole batch)
         raise InputError(f"pixel data cannot be decoded ({ts_text}): {type(exc).__name__}: {exc}",
                          step="decode", tag="(7FE0,0010) PixelData") from None
-    if arr.shape[:2] != (rows, columns):
-        raise InvalidImageError(f"decoded shape {arr.shape} does not match Rows x Columns {rows} x {columns}",
-                                step="decode", tag="(0028,0010) Rows")
     return arr
