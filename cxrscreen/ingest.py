@@ -711,7 +711,12 @@ logging.getLogger("pydicom.pixels.decoders.base").addFilter(_not_a_decoder_trace
 def decode_first_frame(ds) -> np.ndarray:
     """Decode the pixel data of the first frame, naming the transfer syntax when it fails."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    ts_text = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+    if ts is None:
+        ts_text = "unknown transfer syntax"
+    elif hasattr(ts, "name"):
+        ts_text = f"{ts.name} ({ts})"
+    else:                       # a damaged header can make it several values (a stray backslash), or bytes
+        ts_text = f"unreadable transfer syntax {str(ts)[:80]!r}"
     if "PixelData" not in ds:
         raise InputError("no pixel data", step="decode", tag="(7FE0,0010) PixelData")
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)

@@ -536,6 +536,22 @@ def test_header_warnings_are_logged_once_naming_the_file(caplog, recwarn):
     assert not [w for w in recwarn if "Invalid value" in str(w.message)]
 
 
+def test_a_transfer_syntax_a_damaged_byte_split_in_two_fails_its_file_at_decoding(tmp_path, chest_pixels):
+    # a backslash where a digit was makes the UID two values: AttributeError ('MultiValue' has no 'name') came
+    # out of decode_first_frame (found damaging an encapsulated uncompressed file)
+    path = save(make_dicom(chest_pixels, seed="ts"), tmp_path / "ts.dcm")
+    data = path.read_bytes()
+    at = data.index(b"1.2.840.10008.1.2.1\0")
+    path.write_bytes(data[:at + 7] + b"\\" + data[at + 8:])                   # 1.2.840\0008.1.2.1
+    record = read_record(path)
+    if isinstance(record, FileOutcome):
+        assert record.status is Status.FAILED and record.step
+        return
+    with pytest.raises(InputError) as info:
+        load_unit_image(path, record.kind)
+    assert info.value.step == "decode" and "unreadable transfer syntax" in info.value.cause
+
+
 def test_a_corrupt_vr_of_a_pixel_attribute_fails_its_file_at_normalising_naming_the_tag(tmp_path, chest_pixels):
     # Found by the damage test below when its files still had random UIDs: a corrupt VR in (0028,1051) is not
     # read with the header, and pydicom's NotImplementedError came out of load_unit_image (a batch failed the
