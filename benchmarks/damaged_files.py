@@ -1,5 +1,6 @@
 """Damaged inputs: every DICOM file pydicom and pydicom-data ship (about 150: every transfer syntax, odd
-headers, adult radiographs), plus the bundled samples, damaged as transfers and disks damage files
+headers, adult radiographs), plus the bundled samples, the HTJ2K file in tests/data and the PA sample as
+Encapsulated Uncompressed Explicit VR Little Endian, damaged as transfers and disks damage files
 (:func:`cxrscreen.testing.damage`), each read as ``batch`` and ``watch`` read a file: its header
 (:func:`cxrscreen.ingest.read_record`), then its pixels (:func:`cxrscreen.normalise.load_unit_image`).
 
@@ -31,7 +32,7 @@ def sources(max_bytes: int) -> list[Path]:
     from pydicom.data import get_testdata_files
 
     files = [Path(f) for f in get_testdata_files("*")]
-    files += sorted((ROOT / "samples").rglob("*"))
+    files += sorted((ROOT / "samples").rglob("*")) + sorted((ROOT / "tests" / "data").glob("*.dcm"))
     return [f for f in files if f.is_file() and 200 <= f.stat().st_size <= max_bytes
             and f.suffix not in (".py", ".md", ".txt", ".json", ".zip", ".gz", ".bz2")]
 
@@ -53,6 +54,15 @@ def main() -> int:
     table: Counter = Counter()
     escaped: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
+        # a syntax no shipped file has: the PA sample as Encapsulated Uncompressed Explicit VR Little Endian
+        import pydicom
+
+        from cxrscreen.testing import encapsulate_uncompressed
+
+        plain = pydicom.dcmread(ROOT / "samples" / "study3_pa_and_lateral" / "IM0001.dcm")
+        generated = Path(folder) / "encapsulated_uncompressed.dcm"
+        encapsulate_uncompressed(plain).save_as(generated, enforce_file_format=True)
+        files.append(generated)
         for seed in args.seeds:
             rng = random.Random(seed)
             for source in files:

@@ -145,6 +145,21 @@ def save(ds, path: Path | str) -> Path:
     return path
 
 
+def encapsulate_uncompressed(ds, frames: list[np.ndarray] | None = None):
+    """``ds`` with its pixel data as Encapsulated Uncompressed Explicit VR Little Endian (1.2.840.10008.1.2.1.98):
+    each frame (``frames``, else the data set's own pixels) native little endian in its own fragment, with a
+    Basic Offset Table. pydicom cannot write the syntax itself."""
+    from pydicom.encaps import encapsulate
+
+    frames = [ds.pixel_array] if frames is None else frames
+    ds.PixelData = encapsulate([np.ascontiguousarray(f).astype(f.dtype.newbyteorder("<")).tobytes()
+                                for f in frames], has_bot=True)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.98"
+    return ds
+
+
 DAMAGE_KINDS = ("header", "header", "anywhere", "cut", "zeros", "repeat")
 
 

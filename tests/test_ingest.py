@@ -17,7 +17,7 @@ from cxrscreen.errors import InputError, InvalidImageError, UnsupportedTransferS
 from cxrscreen.ingest import discover, group_studies, read_record, scan
 from cxrscreen.normalise import colour_frame, load_unit_image
 from cxrscreen.records import FileKind, FileOutcome, Radiograph, Status
-from cxrscreen.testing import SC_SOP_CLASS, damage, make_dicom, save, uid_from
+from cxrscreen.testing import SC_SOP_CLASS, damage, encapsulate_uncompressed, make_dicom, save, uid_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,30 +83,19 @@ def test_high_throughput_jpeg_2000_decodes_to_the_pixels_it_was_made_from():
     assert load_unit_image(path).shape == source.shape
 
 
-def _encapsulated_uncompressed(ds, frames: list[np.ndarray]):
-    from pydicom.encaps import encapsulate
-
-    ds.PixelData = encapsulate([np.ascontiguousarray(f).astype(f.dtype.newbyteorder("<")).tobytes()
-                                for f in frames], has_bot=True)
-    ds["PixelData"].VR = "OB"
-    ds["PixelData"].is_undefined_length = True
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.98"
-    return ds
-
-
 def test_encapsulated_uncompressed_explicit_vr_little_endian_is_read(tmp_path, chest_pixels):
     # PS3.5 A.4.11 (2023): native frames, one per fragment; pydicom 3.0 has no decoder for it, cxrscreen reads
     # the first frame itself: 12 bits in 16, signed, several frames, and colour in either planar configuration
     ds = make_dicom(chest_pixels, bits_stored=12, seed="eu")
     ds.NumberOfFrames = 2
-    path = save(_encapsulated_uncompressed(ds, [chest_pixels, chest_pixels[::-1]]), tmp_path / "eu.dcm")
+    path = save(encapsulate_uncompressed(ds, [chest_pixels, chest_pixels[::-1]]), tmp_path / "eu.dcm")
     record = read_record(path)
     assert isinstance(record, Radiograph) and record.frames == 2
     np.testing.assert_array_equal(decode(path), chest_pixels)
     assert load_unit_image(path).shape == chest_pixels.shape
 
     signed = (chest_pixels.astype(np.int32) - 2048).astype(np.int16)
-    path = save(_encapsulated_uncompressed(make_dicom(signed, bits_stored=12, signed=True, seed="eus"), [signed]),
+    path = save(encapsulate_uncompressed(make_dicom(signed, bits_stored=12, signed=True, seed="eus"), [signed]),
                 tmp_path / "signed.dcm")
     np.testing.assert_array_equal(decode(path), signed)
 
@@ -115,12 +104,12 @@ def test_encapsulated_uncompressed_explicit_vr_little_endian_is_read(tmp_path, c
         ds = make_dicom(rgb, photometric="RGB", modality="OT", seed=f"rgb{planar}")
         ds.PlanarConfiguration = planar
         plane = rgb.transpose(2, 0, 1) if planar else rgb
-        path = save(_encapsulated_uncompressed(ds, [plane]), tmp_path / f"rgb{planar}.dcm")
+        path = save(encapsulate_uncompressed(ds, [plane]), tmp_path / f"rgb{planar}.dcm")
         np.testing.assert_array_equal(decode(path), rgb)
 
     # fragments too short for Rows x Columns: a failure naming the syntax, the sizes and the tag
     ds = make_dicom(chest_pixels, bits_stored=12, seed="short")
-    path = save(_encapsulated_uncompressed(ds, [chest_pixels[: len(chest_pixels) // 2]]), tmp_path / "short.dcm")
+    path = save(encapsulate_uncompressed(ds, [chest_pixels[: len(chest_pixels) // 2]]), tmp_path / "short.dcm")
     with pytest.raises(InputError) as info:
         decode(path)
     assert "Encapsulated Uncompressed" in info.value.cause and info.value.tag == "(7FE0,0010) PixelData"
