@@ -455,9 +455,35 @@ def colour_picture(record: Radiograph, ds=None) -> FileOutcome | None:
                        step="select", tag=tag, **record.identifiers())
 
 
+# View Code Sequence (0054,0220), CID 4010 "DX View": the frontal views, by SNOMED CT and legacy SNOMED-RT code
+_FRONTAL_VIEW_CODES = {"272479007": "PA", "R-10214": "PA", "399348003": "AP", "R-10206": "AP"}
+
+
+def _coded_view(ds) -> str:
+    """The view the View Code Sequence gives (a DX image may code it and leave ViewPosition empty): PA or AP
+    for a frontal code or meaning, else the code's meaning in capitals (LATERAL, LEFT LATERAL, LEFT
+    OBLIQUE...), which selection skips as not frontal; '' when there is none or it cannot be read."""
+    try:
+        items = ds.get("ViewCodeSequence", None) or ()
+        item = items[0] if len(items) else None
+        if item is None:
+            return ""
+        value, meaning = _text(item, "CodeValue"), _text(item, "CodeMeaning")
+    except Exception:           # a damaged sequence says nothing usable: the other attributes decide
+        return ""
+    if value in _FRONTAL_VIEW_CODES:
+        return _FRONTAL_VIEW_CODES[value]
+    letters = re.sub(r"[^a-z]", "", meaning.lower())
+    if letters.startswith("posteroanterior") or letters == "pa":
+        return "PA"
+    if letters.startswith("anteroposterior") or letters == "ap":
+        return "AP"
+    return meaning.upper()
+
+
 def _view_position(ds) -> str:
-    """ViewPosition, or 'LATERAL' when only the protocol or series text says so."""
-    view = _text(ds, "ViewPosition").upper()
+    """ViewPosition; else the View Code Sequence's view; else 'LATERAL' when the protocol or series text says so."""
+    view = _text(ds, "ViewPosition").upper() or _coded_view(ds)
     if view:
         return view
     words = " ".join(_text(ds, k) for k in ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription"))

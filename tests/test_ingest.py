@@ -341,6 +341,36 @@ def test_overrides_lift_the_view_and_body_part_rules(write_dicom, chest_pixels):
     assert read_record(shown).presentation_intent == "FOR PRESENTATION"
 
 
+@pytest.mark.parametrize("scheme, value, meaning, view", [
+    ("SCT", "399067008", "lateral", "LATERAL"),                 # CID 4010, SNOMED CT
+    ("SCT", "399173006", "left lateral", "LEFT LATERAL"),
+    ("SCT", "272479007", "postero-anterior", "PA"),
+    ("SRT", "R-10206", "antero-posterior", "AP"),               # legacy SNOMED-RT code
+    ("99LOCAL", "V1", "Postero-Anterior (PA)", "PA"),           # a local code: its meaning decides
+    ("SCT", "399162004", "left anterior oblique", "LEFT ANTERIOR OBLIQUE"),
+])
+def test_a_dx_image_with_no_view_position_takes_its_view_from_the_view_code_sequence(
+        write_dicom, chest_pixels, scheme, value, meaning, view):
+    # ViewPosition is type 2 (may be empty); a DX image may say its view only in (0054,0220): a lateral that did
+    # was scored as a frontal
+    from pydicom.dataset import Dataset
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    path = write_dicom(chest_pixels, name="coded.dcm", view_position="", ViewCodeSequence=[code])
+    out = read_record(path)
+    if view in ("PA", "AP"):
+        assert isinstance(out, Radiograph) and out.view_position == view
+    else:
+        assert out.status is Status.SKIPPED and f"view {view!r} is not frontal" in out.reason
+        assert read_record(path, include_lateral=True).view_position == view
+    # ViewPosition, when given, decides; an empty sequence says nothing
+    assert read_record(write_dicom(chest_pixels, name="both.dcm", view_position="PA",
+                                   ViewCodeSequence=[code])).view_position == "PA"
+    assert read_record(write_dicom(chest_pixels, name="empty.dcm", view_position="",
+                                   ViewCodeSequence=[])).view_position == ""
+
+
 def test_records_keep_report_metadata(write_dicom, chest_pixels):
     rec = read_record(write_dicom(chest_pixels, patient_id="P-42", patient_name="DOE^JANE",
                                   AccessionNumber="A1", ImageLaterality="", StudyDescription="CXR PA"))
