@@ -1,7 +1,7 @@
 """cxrscreen's display of DICOM images against DCMTK's, an independent implementation of the PS3.3 grayscale
-pipeline (:func:`cxrscreen.testing.compare_with_dcmtk`). Runs where DCMTK is installed (``apt-get install
-dcmtk``; ``.ci/run`` installs it when it can); ``benchmarks/reference_rendering.py`` checks every monochrome
-image pydicom and pydicom-data ship the same way."""
+pipeline and of colour to grey (:func:`cxrscreen.testing.compare_with_dcmtk`). Runs where DCMTK is installed
+(``apt-get install dcmtk``; ``.ci/run`` installs it when it can); ``benchmarks/reference_rendering.py`` checks
+every image pydicom and pydicom-data ship the same way."""
 
 from __future__ import annotations
 
@@ -150,6 +150,18 @@ def test_a_real_cr_under_each_grayscale_transformation_is_shown_as_dcmtk_shows_i
     check = compare_with_dcmtk(save(ds, tmp_path / "variant.dcm"))
     # DCMTK widens an 8-bit LUT's output by a shift (255 -> 65280 of 65535), one grey level of 256 below
     assert check.largest <= (1 / 255 + TOLERANCE if "8-bit entries" in variant else TOLERANCE), check
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_rle.dcm", "SC_ybr_full_uncompressed.dcm", "OBXXXX1A.dcm",
+                                  "OBXXXX1A_expb.dcm"])
+def test_colour_images_turn_grey_as_dcmtk_turns_them(name):
+    # RGB, YBR and palette colour (little and big endian: pydicom misreads the latter's palette, cxrscreen
+    # reads it around that); DCMTK's grey of 8-bit colour is whole grey levels, cxrscreen's is not rounded
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} needs the pydicom-data test extra")
+    check = compare_with_dcmtk(path)
+    assert check.largest <= 2 / 255 + TOLERANCE, check
 
 
 def test_monochrome1_with_presentation_lut_shape_identity_is_shown_as_monochrome1_unlike_dcmtk(cr, tmp_path):
