@@ -133,7 +133,7 @@ def main() -> int:
     import pydicom
 
     from cxrscreen.errors import CxrError
-    from cxrscreen.ingest import read_dicom
+    from cxrscreen.ingest import read_dicom, transfer_syntax
     from cxrscreen.testing import compare_with_dcmtk
 
     logging.disable(logging.WARNING)      # header warnings of pydicom's deliberately odd test files
@@ -165,12 +165,10 @@ def main() -> int:
         if "PixelData" not in ds:
             not_compared.append((name, "no pixel data"))
             continue
-        meta = getattr(ds, "file_meta", None)
         colour_8_bit = not str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME") \
             and int(ds.get("BitsStored", 8) or 8) <= 8
         # DCMTK's grey of an 8-bit colour image is whole grey levels of 256 (cxrscreen's is not rounded)
-        compare(path, name, str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or "1.2.840.10008.1.2",
-                2 / 255 if colour_8_bit else 0.0)
+        compare(path, name, transfer_syntax(ds) or "1.2.840.10008.1.2", 2 / 255 if colour_8_bit else 0.0)
     if args.random:
         import tempfile
 

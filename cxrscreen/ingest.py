@@ -496,9 +496,7 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
     if ds.get("DirectoryRecordSequence") is not None or str(ds.get("SOPClassUID", "")) == "1.2.840.10008.1.3.10":
         raise _Skip("DICOMDIR (media storage directory index), not an image", "(0004,1220) DirectoryRecordSequence")
     study_uid = _text(ds, "StudyInstanceUID") or f"nostudy-{_file_uid(path)}"
-    ts = ""
-    if getattr(ds, "file_meta", None) is not None and "TransferSyntaxUID" in ds.file_meta:
-        ts = str(ds.file_meta.TransferSyntaxUID)
+    ts = transfer_syntax(ds)
     return Radiograph(
         path=path, kind=FileKind.DICOM, study_uid=study_uid,
         sop_uid=_text(ds, "SOPInstanceUID"), series_uid=_text(ds, "SeriesInstanceUID"),
@@ -520,6 +518,12 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         photometric=_text(ds, "PhotometricInterpretation"), transfer_syntax=ts,
         size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
     )
+
+
+def transfer_syntax(ds) -> str:
+    """The data set's Transfer Syntax UID as text, '' when it has no file meta information or none there."""
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
 
 
 def _frames(ds) -> int:

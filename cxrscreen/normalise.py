@@ -576,12 +576,12 @@ def _palette_in_little_endian(ds):
     from pydicom.datadict import tag_for_keyword
     from pydicom.dataset import Dataset
 
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "") if meta is not None else "")
-    if syntax != "1.2.840.10008.1.2.2":         # Explicit VR Big Endian, the one big-endian transfer syntax
+    from .ingest import transfer_syntax
+
+    if transfer_syntax(ds) != "1.2.840.10008.1.2.2":     # Explicit VR Big Endian, the one big-endian syntax
         return ds
     palette = Dataset()
-    palette.file_meta = meta
+    palette.file_meta = ds.file_meta
     keywords = ["PixelPresentation"] + [f"{prefix}{colour}PaletteColorLookupTable{part}"
                                         for colour in ("Red", "Green", "Blue", "Alpha")
                                         for prefix, part in (("", "Descriptor"), ("", "Data"), ("Segmented", "Data"))]

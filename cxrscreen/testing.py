@@ -226,7 +226,7 @@ def compare_with_dcmtk(path: Path | str) -> RenderingCheck:
     import cv2
     import pydicom
 
-    from .ingest import decode_first_frame, read_dicom
+    from .ingest import decode_first_frame, read_dicom, transfer_syntax
     from .normalise import (PixelParams, apply_modality, colour_frame, default_window, normalise_pixels,
                             stored_values)
 
@@ -235,7 +235,8 @@ def compare_with_dcmtk(path: Path | str) -> RenderingCheck:
     params = PixelParams.from_dataset(ds)
     frame = colour_frame(ds) if params.is_colour else decode_first_frame(ds)
     unit = normalise_pixels(frame, params)
-    hidden = None if params.is_colour else params.padding_mask(stored_values(frame, params.bits_stored, params.signed))
+    stored = None if params.is_colour else stored_values(frame, params.bits_stored, params.signed)
+    hidden = None if stored is None else params.padding_mask(stored)
     if params.shutter is not None:
         outside = params.shutter.outside(*frame.shape[:2])
         hidden = outside if hidden is None else hidden | outside
@@ -250,11 +251,9 @@ def compare_with_dcmtk(path: Path | str) -> RenderingCheck:
             args = ["+Ww", repr(params.window_center), repr(params.window_width),
                     "+Wfs" if params.voi_function == "SIGMOID" else "+Wfl"]
     else:
-        lo, hi = default_window(apply_modality(stored_values(frame, params.bits_stored, params.signed), params),
-                                params, hidden)
+        lo, hi = default_window(apply_modality(stored, params), params, hidden)
         voi, args = f"cxrscreen's window {lo:g}-{hi:g}", ["+Ww", repr((lo + hi) / 2 + 0.5), repr(hi - lo + 1), "+Wfl"]
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or "1.2.840.10008.1.2"
+    syntax = transfer_syntax(ds) or "1.2.840.10008.1.2"
     tool = "dcml2pnm" if syntax in _JPEG_LS else "dcmj2pnm"
     if shutil.which(tool) is None:
         raise RuntimeError(f"{tool} (DCMTK) is not installed")
