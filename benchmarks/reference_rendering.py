@@ -56,16 +56,8 @@ def random_headers(count: int, seed: int, folder: Path) -> list[tuple[Path, str]
     import random
 
     import numpy as np
-    from pydicom.dataset import Dataset
 
-    from cxrscreen.testing import make_dicom, save
-
-    def lut(entries: np.ndarray, first: int, bits: int, packed: bool = False) -> Dataset:
-        item = Dataset()
-        item.LUTDescriptor = [len(entries) % 65536, first, bits]
-        raw = entries.astype("u1").tobytes() if packed else entries.astype("<u2").tobytes()
-        item.add_new(0x00283006, "OW", raw + b"\0" * (len(raw) % 2))
-        return item
+    from cxrscreen.testing import lut_item, make_dicom, save
 
     rng = random.Random(seed)
     made = []
@@ -88,7 +80,7 @@ def random_headers(count: int, seed: int, folder: Path) -> list[tuple[Path, str]
             ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
             said.append(f"rescale {slope}x{intercept:+d}")
         elif rng.random() < 0.2 and not signed:
-            ds.ModalityLUTSequence = [lut(np.minimum(np.arange(hi + 1) * 3 // 2, 65535), 0, 16)]
+            ds.ModalityLUTSequence = [lut_item(np.minimum(np.arange(hi + 1) * 3 // 2, 65535), 0, 16)]
             ds.ModalityLUTSequence[0].ModalityLUTType = "US"
             slope = 1.5
             said.append("Modality LUT")
@@ -106,7 +98,7 @@ def random_headers(count: int, seed: int, folder: Path) -> list[tuple[Path, str]
             entries = min(int(rng.uniform(0.2, 1) * (high - low)) + 2, 32767 if signed else 65535 - max(first, 0))
             lut_bits, packed = rng.choice([8, 12, 16]), rng.random() < 0.5
             values = np.round((np.arange(entries) / (entries - 1)) ** rng.choice([0.5, 1, 2]) * ((1 << lut_bits) - 1))
-            ds.VOILUTSequence = [lut(values, first, lut_bits, packed=packed and lut_bits == 8)]
+            ds.VOILUTSequence = [lut_item(values, first, lut_bits, packed=packed and lut_bits == 8)]
             said.append(f"VOI LUT {entries} x {lut_bits} bits from {first}" + (" packed" if packed and lut_bits == 8 else ""))
         else:
             said.append("no VOI")

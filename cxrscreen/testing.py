@@ -145,6 +145,20 @@ def save(ds, path: Path | str) -> Path:
     return path
 
 
+def lut_item(entries, first: int, bits: int, packed: bool = False):
+    """A LUT item (Modality or VOI LUT Sequence) mapping ``first`` onwards to ``entries`` (rounded), with
+    ``bits`` per entry in its descriptor; LUT Data is OW, one entry per 16-bit word, or with ``packed``
+    (8-bit entries) two to a word as PS3.3 C.11.2.1.1 has it, padded to an even length."""
+    from pydicom.dataset import Dataset
+
+    values = np.round(np.asarray(entries))
+    item = Dataset()
+    item.LUTDescriptor = [len(values) % 65536, first, bits]      # 0 entries means 2^16
+    raw = values.astype("u1").tobytes() if packed else values.astype("<u2").tobytes()
+    item.add_new(0x00283006, "OW", raw + b"\0" * (len(raw) % 2))  # LUT Data
+    return item
+
+
 def encapsulate_uncompressed(ds, frames: list[np.ndarray] | None = None):
     """``ds`` with its pixel data as Encapsulated Uncompressed Explicit VR Little Endian (1.2.840.10008.1.2.1.98):
     each frame (``frames``, else the data set's own pixels) native little endian in its own fragment, with a

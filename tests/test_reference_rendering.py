@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from cxrscreen.ingest import sniff
 from cxrscreen.normalise import load_unit_image
 from cxrscreen.records import FileKind
-from cxrscreen.testing import compare_with_dcmtk, save
+from cxrscreen.testing import compare_with_dcmtk, lut_item, save
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-3        # of the display range; the two agree within 2e-5 on every lossless case here
@@ -55,36 +55,25 @@ def cr() -> Dataset:
     return ds
 
 
-def _lut(entries: np.ndarray, first: int, bits: int) -> Dataset:
-    item = Dataset()
-    item.LUTDescriptor = [len(entries), first, bits]
-    item.add_new(0x00283006, "OW", np.round(entries).astype("<u2").tobytes())  # LUT Data
-    return item
-
-
 def _voi_lut(ds):
     del ds.WindowCenter, ds.WindowWidth
     x = np.arange(4096)
-    ds.VOILUTSequence = [_lut(np.sqrt(x / 4095) * 65535, 0, 16)]
+    ds.VOILUTSequence = [lut_item(np.sqrt(x / 4095) * 65535, 0, 16)]
 
 
 def _voi_lut_offset(ds):
     del ds.WindowCenter, ds.WindowWidth
     x = np.arange(8192)
-    ds.VOILUTSequence = [_lut((x / 8191) ** 2 * 4095, 2000, 12)]
+    ds.VOILUTSequence = [lut_item((x / 8191) ** 2 * 4095, 2000, 12)]
 
 
 def _voi_lut_8_bit(ds, packed: bool):
     del ds.WindowCenter, ds.WindowWidth
-    entries = np.round(np.linspace(0, 1, 5000) ** 0.7 * 255).astype(np.uint8)
-    item = Dataset()
-    item.LUTDescriptor = [len(entries), 8000, 8]
-    item.add_new(0x00283006, "OW", entries.tobytes() if packed else entries.astype("<u2").tobytes())
-    ds.VOILUTSequence = [item]
+    ds.VOILUTSequence = [lut_item(np.linspace(0, 1, 5000) ** 0.7 * 255, 8000, 8, packed=packed)]
 
 
 def _modality_lut(ds):
-    item = _lut(np.minimum(np.arange(32768) * 2, 65535), 0, 16)
+    item = lut_item(np.minimum(np.arange(32768) * 2, 65535), 0, 16)
     item.ModalityLUTType = "US"
     ds.ModalityLUTSequence = [item]
     ds.WindowCenter, ds.WindowWidth = ds.WindowCenter * 2, ds.WindowWidth * 2
