@@ -563,9 +563,7 @@ def test_a_transfer_syntax_a_damaged_byte_split_in_two_fails_its_file_at_decodin
     at = data.index(b"1.2.840.10008.1.2.1\0")
     path.write_bytes(data[:at + 7] + b"\\" + data[at + 8:])                   # 1.2.840\0008.1.2.1
     record = read_record(path)
-    if isinstance(record, FileOutcome):
-        assert record.status is Status.FAILED and record.step
-        return
+    assert isinstance(record, Radiograph)                   # the header read does not decode the pixels
     with pytest.raises(InputError) as info:
         load_unit_image(path, record.kind)
     assert info.value.step == "decode" and "unreadable transfer syntax" in info.value.cause
