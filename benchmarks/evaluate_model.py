@@ -4,8 +4,11 @@
         [--data ../shared/data/chest_xray/test] [--bootstrap 2000]
 
 Prints ROC AUC, sensitivity, specificity and accuracy at the model card's
-(validation-chosen) threshold, each with a percentile bootstrap interval, next
-to the published figures of the seed notebooks and of Kermany et al. 2018.
+(validation-chosen) threshold, each with a percentile bootstrap interval that
+resamples patients (stratified by class; the patient is in the Kermany file
+names, or a CSV's `patient` column: a patient's images are alike, and
+resampling them one by one gives intervals too narrow), next to the published
+figures of the seed notebooks and of Kermany et al. 2018.
 Needs ../shared (or any folder with NORMAL/ and PNEUMONIA/); skips cleanly without.
 """
 
@@ -29,20 +32,6 @@ PUBLISHED = [  # (name, accuracy, sensitivity, specificity, AUC) on the same 624
 ]
 
 
-def bootstrap(scores: np.ndarray, labels: np.ndarray, threshold: float, n: int, seed: int = 0) -> dict:
-    from cxrscreen.calibrate import operating_point
-
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    samples = {"auc": [], "sensitivity": [], "specificity": [], "accuracy": []}
-    for _ in range(n):   # stratified: class counts fixed, as in the test split
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        point = operating_point(scores[idx], labels[idx], threshold)
-        for key in samples:
-            samples[key].append(getattr(point, key))
-    return {k: tuple(np.percentile(v, [2.5, 97.5])) for k, v in samples.items()}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "cxr-default.keras")
@@ -52,20 +41,25 @@ def main() -> int:
     if not args.data.is_dir():
         print(f"skipped: {args.data} not found (this benchmark needs a labeled folder)")
         return 0
-    from cxrscreen.calibrate import operating_point
+    from cxrscreen.calibrate import bootstrap_intervals, group_count, operating_point
     from training.train import evaluate
 
     result = evaluate(args.model, args.data)
     scores, labels = np.array(result["scores"]), np.array(result["labels"])
     point = operating_point(scores, labels, result["threshold"])
-    ci = bootstrap(scores, labels, result["threshold"], args.bootstrap)
-    print(f"model {args.model.name} on {args.data} (n={len(labels)}: {int((labels == 0).sum())} NORMAL, "
-          f"{int(labels.sum())} PNEUMONIA), threshold {result['threshold']:.4f} chosen on validation")
+    ci = bootstrap_intervals(scores, labels, result["threshold"], args.bootstrap, groups=result["patients"])
+    image_ci = bootstrap_intervals(scores, labels, result["threshold"], args.bootstrap)
+    people = group_count(labels, result["patients"])
+    print(f"model {args.model.name} on {args.data} (n={len(labels)}: {int((labels == 0).sum())} NORMAL images of "
+          f"{people['NORMAL']} patients, {int(labels.sum())} PNEUMONIA images of {people['PNEUMONIA']} patients), "
+          f"threshold {result['threshold']:.4f} chosen on validation; {args.bootstrap} bootstrap resamples of "
+          "patients (and, for comparison, of images as if independent)")
     for item in result["excluded"]:     # not images, or not decodable: not in n, and said so
         print(f"  excluded {item['path']}: {item['reason']}")
     for key in ("auc", "sensitivity", "specificity", "accuracy"):
         lo, hi = ci[key]
-        print(f"  {key:12s} {getattr(point, key):.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
+        print(f"  {key:12s} {getattr(point, key):.4f}  95% CI [{lo:.4f}, {hi:.4f}]   "
+              f"(images: [{image_ci[key][0]:.4f}, {image_ci[key][1]:.4f}])")
     print("\n| model | accuracy | sensitivity | specificity | ROC AUC |\n|---|---|---|---|---|")
     print(f"| cxr-default (this run) | {point.accuracy:.1%} | {point.sensitivity:.1%} | {point.specificity:.1%} "
           f"| {point.auc:.3f} |")

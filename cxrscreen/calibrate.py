@@ -118,26 +118,46 @@ def predictive_values(sensitivity: float, specificity: float, prevalence: float)
 
 
 def bootstrap_intervals(scores, labels, threshold: float, n_boot: int = 2000, seed: int = 0,
-                        level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of AUC, sensitivity and specificity at a fixed threshold.
+                        level: float = 0.95, groups=None) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of AUC, sensitivity, specificity and accuracy at a fixed threshold.
 
-    Resampling is stratified by class (the class counts of the data are kept).
+    Resampling is stratified by class. With ``groups`` (one value per case, e.g. the patient), whole
+    groups are resampled, each class's cases of a group together: the images or studies of one patient
+    are alike, and resampling them one by one, as if independent, gives intervals too narrow. Without
+    ``groups`` every case is its own group (the class counts of the data are then kept exactly).
     """
     scores, labels = _check(scores, labels)
+    if groups is None:
+        groups = np.arange(len(scores))
+    groups = np.asarray([str(g) for g in groups])
+    if groups.shape != scores.shape:
+        raise ValueError("groups must give one value per score")
+    strata = []             # per class: the cases of each of its groups
+    for cls in (True, False):
+        cases = np.flatnonzero(labels == cls)
+        _, group_of = np.unique(groups[cases], return_inverse=True)
+        order = np.argsort(group_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(group_of[order])) + 1
+        strata.append(np.split(cases[order], bounds) if len(cases) else [])
     rng = np.random.default_rng(seed)
-    pos, neg = scores[labels], scores[~labels]
-    sens, spec, aucs = [], [], []
+    samples: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": [], "accuracy": []}
     for _ in range(n_boot):
-        p = rng.choice(pos, len(pos))
-        q = rng.choice(neg, len(neg))
-        sens.append(float((p >= threshold).mean()))
-        spec.append(float((q < threshold).mean()))
-        aucs.append(roc_auc(np.concatenate([p, q]), np.r_[np.ones(len(p), bool), np.zeros(len(q), bool)]))
+        drawn = [members[k] for members in strata if members
+                 for k in rng.integers(0, len(members), len(members))]
+        idx = np.concatenate(drawn)
+        point = operating_point(scores[idx], labels[idx], threshold)
+        for key, values in samples.items():
+            values.append(float(getattr(point, key)))
     tail = (1 - level) / 2 * 100
     bounds = [tail, 100 - tail]
-    return {"sensitivity": tuple(float(v) for v in np.percentile(sens, bounds)),
-            "specificity": tuple(float(v) for v in np.percentile(spec, bounds)),
-            "auc": tuple(float(v) for v in np.percentile(aucs, bounds))}
+    return {key: tuple(float(v) for v in np.percentile(values, bounds)) for key, values in samples.items()}
+
+
+def group_count(labels, groups) -> dict[str, int]:
+    """Groups (patients) per class, as :func:`bootstrap_intervals` resamples them."""
+    labels = np.asarray(labels).astype(bool)
+    groups = np.asarray([str(g) for g in groups])
+    return {"NORMAL": len(set(groups[~labels])), "PNEUMONIA": len(set(groups[labels]))}
 
 
 @dataclass(frozen=True)
@@ -247,7 +267,10 @@ def read_labeled_csv(path) -> list[tuple["object", int, str]]:
 def _labeled_studies(data, include_lateral: bool = False):
     """Studies with labels from ``DATA/{NORMAL,PNEUMONIA}/**`` or a CSV ``path,label``.
 
-    Returns ``(studies, labels {uid: 0/1}, excluded FileOutcomes, inputs digest)``.
+    Returns ``(studies, labels {uid: 0/1}, patients {uid: key}, excluded FileOutcomes, inputs digest)``.
+    A study's patient key, which the bootstrap resamples by, is the CSV's ``patient`` column where it
+    names one, else the DICOM Issuer of Patient ID and Patient ID, else (a JPEG or PNG, or a DICOM without
+    a Patient ID) the study itself.
     """
     import hashlib
     from pathlib import Path
@@ -259,22 +282,24 @@ def _labeled_studies(data, include_lateral: bool = False):
     data = Path(data)
     if not data.exists():
         raise UsageError(f"{data} does not exist", step="calibration")
-    sources: list[tuple[Path, int]] = []
+    sources: list[tuple[Path, int, str]] = []
     if data.is_file():
-        sources = [(path, label) for path, label, _ in read_labeled_csv(data)]
+        sources = [(path, label, patient.strip()) for path, label, patient in read_labeled_csv(data)]
     else:
         folders = {p.name.upper(): p for p in data.iterdir() if p.is_dir()}
         if "NORMAL" not in folders or "PNEUMONIA" not in folders:
             raise UsageError(f"{data} must hold NORMAL/ and PNEUMONIA/ folders (or pass a CSV path,label)",
                              step="calibration")
-        sources = [(folders["NORMAL"], 0), (folders["PNEUMONIA"], 1)]
-    items, label_of = [], {}
-    for path, label in sources:
+        sources = [(folders["NORMAL"], 0, ""), (folders["PNEUMONIA"], 1, "")]
+    items, label_of, patient_of = [], {}, {}
+    for path, label, patient in sources:
         for item in scan([path], include_lateral=include_lateral):
             items.append(item)
             label_of[item.path] = label
+            if patient:
+                patient_of[item.path] = patient
     studies, excluded = group_studies(items)
-    labels, kept = {}, []
+    labels, patients, kept = {}, {}, []
     for study in studies:
         values = {label_of[r.path] for r in study.images}
         if len(values) > 1:
@@ -283,11 +308,22 @@ def _labeled_studies(data, include_lateral: bool = False):
                             for r in study.images)
             continue
         labels[study.study_uid] = values.pop()
+        patients[study.study_uid] = _patient_key(study, patient_of)
         kept.append(study)
     digest = hashlib.sha256()
     for path, label in sorted((str(r.path), labels[s.study_uid]) for s in kept for r in s.images):
         digest.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
-    return kept, labels, excluded, digest.hexdigest()
+    return kept, labels, patients, excluded, digest.hexdigest()
+
+
+def _patient_key(study, patient_of: dict) -> str:
+    named = {patient_of[r.path] for r in study.images if r.path in patient_of}
+    if len(named) == 1:
+        return "csv:" + named.pop()
+    first = study.first
+    if first is not None and first.patient_id:
+        return f"dicom:{first.issuer_of_patient_id}\\{first.patient_id}"
+    return "study:" + study.study_uid
 
 
 def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_boot: int = 2000,
@@ -320,7 +356,7 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         raise OutputError(f"cannot write the calibration in {folder}" + ("" if out else " beside the model")
                           + ": permission denied" + ("" if out else "; give --out FILE"),
                           path=folder, step="calibration")
-    studies, labels, excluded, digest = _labeled_studies(data)
+    studies, labels, patients, excluded, digest = _labeled_studies(data)
     scores, failed = score_studies(studies, model, batch_size=batch_size, workers=workers)
     excluded = list(excluded) + failed
     uids = [s.study_uid for s in studies if s.study_uid in scores]
@@ -330,13 +366,16 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     excluded_note = f" ({len(excluded)} files excluded: unreadable, failed or not scorable)" if excluded else ""
     if counts["NORMAL"] == 0 or counts["PNEUMONIA"] == 0:
         raise UsageError(f"only one class present: {counts}{excluded_note}", step="calibration")
-    small = [k for k, v in counts.items() if v < MIN_PER_CLASS]
-    if small:
-        raise UsageError(f"fewer than {MIN_PER_CLASS} studies of {', '.join(small)}: {counts}{excluded_note}; "
-                         "a threshold set on so few cases cannot be trusted", step="calibration")
+    groups = [patients[u] for u in uids]
+    people = group_count(y, groups)
+    small = [k for k, v in people.items() if v < MIN_PER_CLASS]
+    if small:       # twenty studies of two patients are two patients' evidence
+        raise UsageError(f"fewer than {MIN_PER_CLASS} patients of {', '.join(small)}: studies {counts}, patients "
+                         f"{people}{excluded_note}; a threshold set on so few cases cannot be trusted",
+                         step="calibration")
     threshold = threshold_for_sensitivity(s, y, target)
     point = operating_point(s, y, threshold)
-    ci = bootstrap_intervals(s, y, threshold, n_boot)
+    ci = bootstrap_intervals(s, y, threshold, n_boot, groups=groups)
     prev = prevalence if prevalence is not None else counts["PNEUMONIA"] / len(y)
     ppv, npv = predictive_values(point.sensitivity, point.specificity, prev)
     lower = ci["sensitivity"][0]
@@ -350,6 +389,7 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         "sensitivity": point.sensitivity, "sensitivity_ci95": ci["sensitivity"],
         "specificity": point.specificity, "specificity_ci95": ci["specificity"],
         "prevalence": prev, "ppv": ppv, "npv": npv, "bootstrap": n_boot,
+        "bootstrap_unit": "patient", "patients": people,
         "sensitivity_lower_bound_below_target": bool(lower < target),
         "confusion_matrix": point.to_json()["confusion_matrix"],
     }

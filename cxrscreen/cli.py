@@ -189,7 +189,9 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
 
         n = result["n"]
         excluded = f", {len(result['excluded'])} files excluded" if result["excluded"] else ""
-        click.echo(f"{n['NORMAL']} NORMAL and {n['PNEUMONIA']} PNEUMONIA studies{excluded}")
+        people = result["patients"]
+        click.echo(f"{n['NORMAL']} NORMAL and {n['PNEUMONIA']} PNEUMONIA studies (of {people['NORMAL']} and "
+                   f"{people['PNEUMONIA']} patients: the intervals resample patients){excluded}")
         click.echo(f"ROC AUC {ci('auc')}")
         click.echo(f"threshold {result['threshold']:.4f} for target sensitivity {result['target_sensitivity']}")
         click.echo(f"sensitivity {ci('sensitivity')}; specificity {ci('specificity')}")

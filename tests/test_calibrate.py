@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cxrscreen.calibrate import (Calibration, bootstrap_intervals, operating_point, predictive_values,
+from cxrscreen.calibrate import (Calibration, bootstrap_intervals, group_count, operating_point, predictive_values,
                                  select_calibration)
 from cxrscreen.cli import main
 from cxrscreen.infer import default_model_path, load_model, model_files
@@ -63,6 +63,62 @@ def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_n():
     assert widths[1] < widths[0] / 2
 
 
+def test_bootstrap_resamples_patients_whose_cases_are_alike():
+    """Ten cases of one patient, alike, are one piece of evidence: resampled by patient the intervals are
+    about sqrt(10) times wider than resampled as ten independent cases (and those, as before, keep the
+    estimate inside)."""
+    rng = np.random.default_rng(1)
+    per_patient, patients = 10, 30
+    labels = np.repeat(np.r_[np.ones(patients, bool), np.zeros(patients, bool)], per_patient)
+    patient_scores = np.r_[rng.normal(1.0, 1.0, patients), rng.normal(-1.0, 1.0, patients)]
+    scores = np.repeat(patient_scores, per_patient) + rng.normal(0, 0.01, labels.size)
+    groups = np.repeat([f"p{i}" for i in range(2 * patients)], per_patient)
+    point = operating_point(scores, labels, 0.0)
+    by_case = bootstrap_intervals(scores, labels, 0.0, n_boot=400)
+    by_patient = bootstrap_intervals(scores, labels, 0.0, n_boot=400, groups=groups)
+    for key in ("sensitivity", "specificity", "auc", "accuracy"):
+        assert by_patient[key][0] <= getattr(point, key) <= by_patient[key][1]
+        assert np.diff(by_patient[key])[0] > 2 * np.diff(by_case[key])[0], key
+    # a group of one case each is the case bootstrap
+    assert bootstrap_intervals(scores, labels, 0.0, n_boot=200, groups=range(labels.size)) == \
+        bootstrap_intervals(scores, labels, 0.0, n_boot=200)
+    assert group_count(labels, groups) == {"NORMAL": patients, "PNEUMONIA": patients}
+    with pytest.raises(ValueError, match="one value per score"):
+        bootstrap_intervals(scores, labels, 0.0, groups=groups[:-1])
+
+
+def test_calibration_resamples_the_patients_dicom_and_a_csv_name(tmp_path):
+    """The patient key of a study: a CSV's patient column, else the DICOM Patient ID (with its issuer), else
+    the study itself (a JPEG or PNG)."""
+    import cv2
+
+    from cxrscreen.calibrate import _labeled_studies
+    from cxrscreen.testing import make_dicom, save
+
+    rng = np.random.default_rng(3)
+    pixels = lambda: (rng.random((64, 64)) * 4000).astype(np.uint16)
+    rows = ["path,label,patient"]
+    for i in range(4):        # two studies of each of two patients, DICOM; the CSV leaves the patient out
+        save(make_dicom(pixels(), seed=f"d{i}", patient_id=f"PAT{i // 2}"), tmp_path / f"d{i}.dcm")
+        rows.append(f"d{i}.dcm,PNEUMONIA,")
+    save(make_dicom(pixels(), seed="other-issuer", patient_id="PAT0", IssuerOfPatientID="OTHER HOSPITAL"),
+         tmp_path / "issuer.dcm")
+    rows.append("issuer.dcm,PNEUMONIA,")
+    for i in range(3):        # three PNGs: the CSV names one patient for two of them
+        cv2.imwrite(str(tmp_path / f"p{i}.png"), (rng.random((64, 64)) * 255).astype(np.uint8))
+        rows.append(f"p{i}.png,NORMAL,{'kid-7' if i < 2 else ''}")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    studies, labels, patients, excluded, _ = _labeled_studies(csv)
+    assert not excluded and len(studies) == 8
+    by_file = {s.first.path.name: patients[s.study_uid] for s in studies}
+    assert by_file["d0.dcm"] == by_file["d1.dcm"] != by_file["d2.dcm"] == by_file["d3.dcm"]
+    assert by_file["issuer.dcm"] not in (by_file["d0.dcm"], by_file["d2.dcm"])
+    assert by_file["p0.png"] == by_file["p1.png"] == "csv:kid-7" != by_file["p2.png"]
+    uids = [s.study_uid for s in studies]
+    assert group_count([labels[u] for u in uids], [patients[u] for u in uids]) == {"NORMAL": 2, "PNEUMONIA": 3}
+
+
 def test_predictive_values_by_bayes():
     ppv, npv = predictive_values(0.9, 0.8, 0.1)
     assert ppv == pytest.approx(0.09 / (0.09 + 0.18))
@@ -77,6 +133,7 @@ def test_calibrate_writes_a_file_that_batch_uses(tmp_path, model_copy):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["n"] == {"NORMAL": 22, "PNEUMONIA": 24}
+    assert out["bootstrap_unit"] == "patient" and out["patients"] == {"NORMAL": 22, "PNEUMONIA": 24}   # PNGs
     assert [Path(e["path"]).name for e in out["excluded"]] == ["broken.dcm"]
     assert out["model_sha256"] == model_copy.sha256 and len(out["inputs_sha256"]) == 64
     assert out["sensitivity"] >= 0.9 and out["sensitivity_ci95"][0] <= out["sensitivity"] <= out["sensitivity_ci95"][1]
@@ -118,6 +175,18 @@ def test_refusals_exit_2(tmp_path, model_copy, normal, pneumonia, args, message)
                                        "--bootstrap", "50", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_twenty_studies_of_two_patients_are_refused(tmp_path, model_copy):
+    data = make_labeled(tmp_path / "d", 22, 22)
+    csv = tmp_path / "labels.csv"
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.parent.name},{p.parent.parent.name}-{i % 2 if 'PNEU' in str(p) else i}"
+            for i, p in enumerate(sorted(data.rglob("*.png")))]
+    csv.write_text("path,label,patient\n" + "\n".join(rows) + "\n")
+    result = CliRunner().invoke(main, ["calibrate", str(csv), "--model", str(model_copy.path), "--bootstrap", "50"])
+    assert result.exit_code == 2, result.output
+    assert "fewer than 20 patients of PNEUMONIA: studies {'NORMAL': 22, 'PNEUMONIA': 22}, patients " \
+           "{'NORMAL': 22, 'PNEUMONIA': 2}" in result.output
 
 
 def test_a_csv_label_that_is_neither_class_is_refused_with_its_line(tmp_path):

@@ -208,6 +208,7 @@ def test_record_test_scores_the_test_split_once_into_the_card(labeled_folder, tm
     assert on_disk["metrics"]["validation"] == card["metrics"]["validation"]     # nothing else moves
     again = evaluate(out, labeled_folder / "test")
     assert again["auc"] == pytest.approx(on_disk["metrics"]["test"]["auc"])
+    assert len(again["patients"]) == len(again["scores"]) and all(again["patients"])   # for the bootstrap
     with pytest.raises(SystemExit, match="scored once"):
         record_test(out, labeled_folder / "test")
 

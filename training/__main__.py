@@ -150,8 +150,8 @@ def evaluate(model_path, data_dir, batch_size, record):
                                "test": card["metrics"]["test"]}, indent=2))
         return
     result = run_evaluate(model_path, data_dir, batch_size)
-    result.pop("scores")
-    result.pop("labels")
+    for per_image in ("scores", "labels", "patients"):
+        result.pop(per_image)
     click.echo(json.dumps(result, indent=2))
 
 

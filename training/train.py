@@ -526,4 +526,4 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32)
     scores, labels = score_examples(loaded.keras_model, examples, loaded.card.preprocessing, batch_size)
     point = operating_point(scores, labels, loaded.card.threshold)
     return {"model": str(model_path), "data": str(data_dir), **point.to_json(), "excluded": excluded,
-            "scores": scores.tolist(), "labels": labels.tolist()}
+            "scores": scores.tolist(), "labels": labels.tolist(), "patients": [e.patient for e in examples]}
