@@ -125,6 +125,11 @@ def bootstrap_intervals(scores, labels, threshold: float, n_boot: int = 2000, se
     groups are resampled, each class's cases of a group together: the images or studies of one patient
     are alike, and resampling them one by one, as if independent, gives intervals too narrow. Without
     ``groups`` every case is its own group (the class counts of the data are then kept exactly).
+
+    The intervals of sensitivity, specificity and accuracy are each widened to hold the exact binomial
+    (Clopper-Pearson) interval of the same count: a percentile bootstrap cannot see past the data, so
+    when every positive case is above the threshold it gives sensitivity [1, 1], although 60 of 60 are
+    as consistent with a true 0.95 (the exact lower bound is 0.94).
     """
     scores, labels = _check(scores, labels)
     if groups is None:
@@ -150,7 +155,22 @@ def bootstrap_intervals(scores, labels, threshold: float, n_boot: int = 2000, se
             values.append(float(getattr(point, key)))
     tail = (1 - level) / 2 * 100
     bounds = [tail, 100 - tail]
-    return {key: tuple(float(v) for v in np.percentile(values, bounds)) for key, values in samples.items()}
+    intervals = {key: tuple(float(v) for v in np.percentile(values, bounds)) for key, values in samples.items()}
+    point = operating_point(scores, labels, threshold)
+    for key, hits, cases in (("sensitivity", point.tp, point.n_positive), ("specificity", point.tn, point.n_negative),
+                             ("accuracy", point.tp + point.tn, point.n_positive + point.n_negative)):
+        if cases:
+            lo, hi = exact_interval(hits, cases, level)
+            intervals[key] = (min(intervals[key][0], lo), max(intervals[key][1], hi))
+    return intervals
+
+
+def exact_interval(hits: int, cases: int, level: float = 0.95) -> tuple[float, float]:
+    """The Clopper-Pearson interval of a proportion ``hits / cases``."""
+    from scipy.stats import binomtest
+
+    found = binomtest(int(hits), int(cases)).proportion_ci(confidence_level=level, method="exact")
+    return float(found.low), float(found.high)
 
 
 def group_count(labels, groups) -> dict[str, int]:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cxrscreen.calibrate import (Calibration, bootstrap_intervals, group_count, operating_point, predictive_values,
-                                 select_calibration)
+from cxrscreen.calibrate import (Calibration, bootstrap_intervals, exact_interval, group_count, operating_point,
+                                 predictive_values, select_calibration, threshold_for_sensitivity)
 from cxrscreen.cli import main
 from cxrscreen.infer import default_model_path, load_model, model_files
 from cxrscreen.pipeline import BatchOptions, run_batch
@@ -117,6 +117,30 @@ def test_calibration_resamples_the_patients_dicom_and_a_csv_name(tmp_path):
     assert by_file["p0.png"] == by_file["p1.png"] == "csv:kid-7" != by_file["p2.png"]
     uids = [s.study_uid for s in studies]
     assert group_count([labels[u] for u in uids], [patients[u] for u in uids]) == {"NORMAL": 2, "PNEUMONIA": 3}
+
+
+def test_an_interval_holds_the_exact_binomial_one_where_the_bootstrap_collapses():
+    """Every positive above the threshold: the percentile bootstrap says sensitivity [1, 1]; 60 of 60 are as
+    consistent with 0.95 (Clopper-Pearson lower bound 0.9404)."""
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.normal(1.5, 1, 60), rng.normal(-1, 1, 60)]
+    labels = np.r_[np.ones(60, bool), np.zeros(60, bool)]
+    threshold = threshold_for_sensitivity(scores, labels, 0.99)
+    assert operating_point(scores, labels, threshold).sensitivity == 1.0
+    ci = bootstrap_intervals(scores, labels, threshold, n_boot=300)
+    assert ci["sensitivity"][0] == pytest.approx(0.940370, abs=1e-6)
+    assert ci["sensitivity"][1] == 1.0
+    assert exact_interval(60, 60)[0] == pytest.approx(0.025 ** (1 / 60))     # (alpha/2)^(1/n) when all hit
+
+
+def test_calibrate_warns_when_every_positive_is_found_on_too_few(tmp_path, model_copy):
+    data = make_labeled(tmp_path / "site", 22, 24)
+    result = CliRunner().invoke(main, ["calibrate", str(data), "--model", str(model_copy.path),
+                                       "--target-sensitivity", "1.0", "--bootstrap", "100", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["sensitivity"] == 1.0 and out["sensitivity_ci95"][0] == pytest.approx(0.025 ** (1 / 24))
+    assert out["sensitivity_lower_bound_below_target"] and "WARNING: the lower 95% bound" in result.stderr
 
 
 def test_predictive_values_by_bayes():
