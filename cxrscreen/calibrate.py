@@ -132,24 +132,8 @@ def bootstrap_intervals(scores, labels, threshold: float, n_boot: int = 2000, se
     as consistent with a true 0.95 (the exact lower bound is 0.94).
     """
     scores, labels = _check(scores, labels)
-    if groups is None:
-        groups = np.arange(len(scores))
-    groups = np.asarray([str(g) for g in groups])
-    if groups.shape != scores.shape:
-        raise ValueError("groups must give one value per score")
-    strata = []             # per class: the cases of each of its groups
-    for cls in (True, False):
-        cases = np.flatnonzero(labels == cls)
-        _, group_of = np.unique(groups[cases], return_inverse=True)
-        order = np.argsort(group_of, kind="stable")
-        bounds = np.flatnonzero(np.diff(group_of[order])) + 1
-        strata.append(np.split(cases[order], bounds) if len(cases) else [])
-    rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {"auc": [], "sensitivity": [], "specificity": [], "accuracy": []}
-    for _ in range(n_boot):
-        drawn = [members[k] for members in strata if members
-                 for k in rng.integers(0, len(members), len(members))]
-        idx = np.concatenate(drawn)
+    for idx in resamples(labels, groups, n_boot, seed):
         point = operating_point(scores[idx], labels[idx], threshold)
         for key, values in samples.items():
             values.append(float(getattr(point, key)))
@@ -163,6 +147,57 @@ def bootstrap_intervals(scores, labels, threshold: float, n_boot: int = 2000, se
             lo, hi = exact_interval(hits, cases, level)
             intervals[key] = (min(intervals[key][0], lo), max(intervals[key][1], hi))
     return intervals
+
+
+def resamples(labels, groups=None, n_boot: int = 2000, seed: int = 0) -> list[np.ndarray]:
+    """The case indices of ``n_boot`` bootstrap resamples, stratified by class, whole groups at a time
+    (see :func:`bootstrap_intervals`)."""
+    labels = np.asarray(labels).astype(bool)
+    if groups is None:
+        groups = np.arange(len(labels))
+    groups = np.asarray([str(g) for g in groups])
+    if groups.shape != labels.shape:
+        raise ValueError("groups must give one value per score")
+    strata = []             # per class: the cases of each of its groups
+    for cls in (True, False):
+        cases = np.flatnonzero(labels == cls)
+        _, group_of = np.unique(groups[cases], return_inverse=True)
+        order = np.argsort(group_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(group_of[order])) + 1
+        strata.append(np.split(cases[order], bounds) if len(cases) else [])
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([members[k] for members in strata if members
+                            for k in rng.integers(0, len(members), len(members))]) for _ in range(n_boot)]
+
+
+def threshold_for_sensitivity_bound(scores, labels, target: float, groups=None, n_boot: int = 2000, seed: int = 0,
+                                    level: float = 0.95) -> float | None:
+    """The highest threshold at which the lower bound of sensitivity's interval (as
+    :func:`bootstrap_intervals` gives it, at ``level``) reaches ``target``; None when even the lowest
+    positive score does not reach it (too few positive cases to show the target)."""
+    scores, labels = _check(scores, labels)
+    if not 0 < target <= 1:
+        raise ValueError(f"target sensitivity {target} is outside (0, 1]")
+    positives = [idx[labels[idx]] for idx in resamples(labels, groups, n_boot, seed)]
+    candidates = np.unique(scores[labels])[::-1]        # highest first: the bound grows as the threshold falls
+    if len(candidates) == 0:
+        raise ValueError("no positive cases: sensitivity is undefined")
+    tail = (1 - level) / 2 * 100
+
+    def lower_bound(threshold: float) -> float:
+        boot = np.percentile([float((scores[idx] >= threshold).mean()) for idx in positives], tail)
+        return min(float(boot), exact_interval(int((scores[labels] >= threshold).sum()), int(labels.sum()), level)[0])
+
+    if lower_bound(candidates[-1]) < target:
+        return None
+    lo, hi = 0, len(candidates) - 1          # the answer is the first candidate whose bound reaches the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if lower_bound(candidates[mid]) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(candidates[lo])
 
 
 def exact_interval(hits: int, cases: int, level: float = 0.95) -> tuple[float, float]:
@@ -196,7 +231,10 @@ class Calibration:
         f = self.figures
         return {"sensitivity": f["sensitivity"], "specificity": f["specificity"],
                 "source": f"site calibration of {self.created[:10]} on {f['n']['NORMAL']} normal and "
-                          f"{f['n']['PNEUMONIA']} pneumonia cases ({getattr(self.path, 'name', self.path)})"}
+                          f"{f['n']['PNEUMONIA']} pneumonia cases"
+                          + (", threshold where the lower 95% bound of sensitivity reaches "
+                             f"{self.target_sensitivity:g}" if f.get("threshold_rule", "").startswith("lower") else "")
+                          + f" ({getattr(self.path, 'name', self.path)})"}
 
     @classmethod
     def load(cls, path) -> "Calibration":
@@ -347,8 +385,12 @@ def _patient_key(study, patient_of: dict) -> str:
 
 
 def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_boot: int = 2000,
-                    prevalence: float | None = None, batch_size: int = 16, workers: int = 2, model=None) -> dict:
+                    prevalence: float | None = None, batch_size: int = 16, workers: int = 2, model=None,
+                    conservative: bool = False) -> dict:
     """Score a labeled set as ``batch`` would, choose the threshold, write the calibration file and plot.
+
+    The threshold is the highest whose sensitivity on the data reaches ``target``; ``conservative``: the
+    highest whose lower 95% bound of sensitivity does (refused when no threshold's does).
 
     Raises :class:`cxrscreen.errors.UsageError` (exit code 2) for every refusal, and
     :class:`cxrscreen.errors.OutputError` (exit code 1) when the calibration cannot be written
@@ -393,7 +435,16 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         raise UsageError(f"fewer than {MIN_PER_CLASS} patients of {', '.join(small)}: studies {counts}, patients "
                          f"{people}{excluded_note}; a threshold set on so few cases cannot be trusted",
                          step="calibration")
-    threshold = threshold_for_sensitivity(s, y, target)
+    if conservative:
+        threshold = threshold_for_sensitivity_bound(s, y, target, groups=groups, n_boot=n_boot)
+        if threshold is None:
+            found = exact_interval(int(y.sum()), int(y.sum()))[0]
+            raise UsageError(f"even with every one of the {counts['PNEUMONIA']} PNEUMONIA studies ({people['PNEUMONIA']} "
+                             f"patients) called positive, the lower 95% bound of sensitivity is at most {found:.3f}, "
+                             f"under the target {target}: calibrate on more positive cases, or without "
+                             "--conservative", step="calibration")
+    else:
+        threshold = threshold_for_sensitivity(s, y, target)
     point = operating_point(s, y, threshold)
     ci = bootstrap_intervals(s, y, threshold, n_boot, groups=groups)
     prev = prevalence if prevalence is not None else counts["PNEUMONIA"] / len(y)
@@ -405,7 +456,9 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         "model": model.path.name, "model_sha256": model.sha256, "data": str(data),
         "inputs_sha256": digest, "n": counts, "excluded": [{"path": str(o.path), "reason": o.reason}
                                                             for o in excluded],
-        "target_sensitivity": target, "threshold": threshold, "auc": point.auc, "auc_ci95": ci["auc"],
+        "target_sensitivity": target, "threshold": threshold,
+        "threshold_rule": "lower 95% bound of sensitivity reaches the target" if conservative
+        else "sensitivity reaches the target", "auc": point.auc, "auc_ci95": ci["auc"],
         "sensitivity": point.sensitivity, "sensitivity_ci95": ci["sensitivity"],
         "specificity": point.specificity, "specificity_ci95": ci["specificity"],
         "prevalence": prev, "ppv": ppv, "npv": npv, "bootstrap": n_boot,

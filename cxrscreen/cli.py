@@ -169,15 +169,18 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
               help="Calibration file (default: MODEL.calibration.<time>.json beside the model).")
 @click.option("--bootstrap", "n_boot", default=2000, show_default=True)
 @click.option("--prevalence", type=float, help="Prevalence for PPV/NPV (default: that of DATA).")
+@click.option("--conservative", is_flag=True,
+              help="Choose the highest threshold whose lower 95% bound of sensitivity, not the sensitivity "
+                   "measured, reaches the target (refused when the data hold too few positive cases).")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, batch_size, as_json):
+def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, conservative, batch_size, as_json):
     """Set the threshold for a target sensitivity on labeled DATA (NORMAL/ and PNEUMONIA/ folders, or a CSV)."""
     from .calibrate import run_calibration
 
     try:
         result = run_calibration(data, target=target_sensitivity, model_path=model_path, out=out, n_boot=n_boot,
-                                 prevalence=prevalence, batch_size=batch_size)
+                                 prevalence=prevalence, batch_size=batch_size, conservative=conservative)
     except CxrError as exc:
         _fail(exc)
     if as_json:
@@ -193,7 +196,9 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, bat
         click.echo(f"{n['NORMAL']} NORMAL and {n['PNEUMONIA']} PNEUMONIA studies (of {people['NORMAL']} and "
                    f"{people['PNEUMONIA']} patients: the intervals resample patients){excluded}")
         click.echo(f"ROC AUC {ci('auc')}")
-        click.echo(f"threshold {result['threshold']:.4f} for target sensitivity {result['target_sensitivity']}")
+        click.echo(f"threshold {result['threshold']:.4f}: the highest at which the "
+                   + ("lower 95% bound of sensitivity" if conservative else "sensitivity")
+                   + f" reaches the target {result['target_sensitivity']}")
         click.echo(f"sensitivity {ci('sensitivity')}; specificity {ci('specificity')}")
         click.echo(f"at prevalence {result['prevalence']:.3f}: PPV {result['ppv']:.3f}, NPV {result['npv']:.3f}")
         click.echo(f"wrote {result['file']} and {result['plot']}")

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from cxrscreen.calibrate import (Calibration, bootstrap_intervals, exact_interval, group_count, operating_point,
-                                 predictive_values, select_calibration, threshold_for_sensitivity)
+                                 predictive_values, select_calibration, threshold_for_sensitivity,
+                                 threshold_for_sensitivity_bound)
 from cxrscreen.cli import main
 from cxrscreen.infer import default_model_path, load_model, model_files
 from cxrscreen.pipeline import BatchOptions, run_batch
@@ -143,6 +144,39 @@ def test_calibrate_warns_when_every_positive_is_found_on_too_few(tmp_path, model
     assert out["sensitivity_lower_bound_below_target"] and "WARNING: the lower 95% bound" in result.stderr
 
 
+def test_the_conservative_threshold_is_the_highest_whose_lower_bound_reaches_the_target():
+    rng = np.random.default_rng(2)
+    scores = np.r_[rng.normal(1.5, 1, 500), rng.normal(-1, 1, 300)]
+    labels = np.r_[np.ones(500, bool), np.zeros(300, bool)]
+    groups = np.r_[np.arange(500) // 2, 1000 + np.arange(300)]       # two studies per positive patient
+    chosen = threshold_for_sensitivity_bound(scores, labels, 0.95, groups=groups, n_boot=300)
+    assert chosen < threshold_for_sensitivity(scores, labels, 0.95)
+    assert bootstrap_intervals(scores, labels, chosen, n_boot=300, groups=groups)["sensitivity"][0] >= 0.95
+    higher = np.unique(scores[labels])
+    higher = higher[higher > chosen][0]            # the next positive score up falls short
+    assert bootstrap_intervals(scores, labels, higher, n_boot=300, groups=groups)["sensitivity"][0] < 0.95
+    # 20 of 20 found: the exact lower bound is 0.832, so no threshold shows 0.95
+    assert threshold_for_sensitivity_bound(scores[:40], np.r_[np.ones(20, bool), np.zeros(20, bool)], 0.95) is None
+
+
+@pytest.mark.parametrize("target, refused", [(0.8, False), (0.9, True)])
+def test_calibrate_conservative(tmp_path, model_copy, target, refused):
+    """24 positive studies, all found, bound 0.858: enough to show 0.8, too few to show 0.9."""
+    data = make_labeled(tmp_path / "site", 22, 24)
+    result = CliRunner().invoke(main, ["calibrate", str(data), "--model", str(model_copy.path), "--conservative",
+                                       "--target-sensitivity", str(target), "--bootstrap", "100", "--json"])
+    if refused:
+        assert result.exit_code == 2, result.output
+        assert "lower 95% bound of sensitivity is at most 0.858, under the target 0.9" in result.output
+        return
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["threshold_rule"] == "lower 95% bound of sensitivity reaches the target"
+    assert out["sensitivity_ci95"][0] >= target and not out["sensitivity_lower_bound_below_target"]
+    source = Calibration.load(out["file"]).operating_point["source"]
+    assert "threshold where the lower 95% bound of sensitivity reaches 0.8 (" in source
+
+
 def test_predictive_values_by_bayes():
     ppv, npv = predictive_values(0.9, 0.8, 0.1)
     assert ppv == pytest.approx(0.09 / (0.09 + 0.18))
@@ -158,6 +192,7 @@ def test_calibrate_writes_a_file_that_batch_uses(tmp_path, model_copy):
     out = json.loads(result.stdout)
     assert out["n"] == {"NORMAL": 22, "PNEUMONIA": 24}
     assert out["bootstrap_unit"] == "patient" and out["patients"] == {"NORMAL": 22, "PNEUMONIA": 24}   # PNGs
+    assert out["threshold_rule"] == "sensitivity reaches the target"
     assert [Path(e["path"]).name for e in out["excluded"]] == ["broken.dcm"]
     assert out["model_sha256"] == model_copy.sha256 and len(out["inputs_sha256"]) == 64
     assert out["sensitivity"] >= 0.9 and out["sensitivity_ci95"][0] <= out["sensitivity"] <= out["sensitivity_ci95"][1]
