@@ -321,7 +321,9 @@ def undeclared_utf8(ds) -> str | None:
         return None
     found = False
     for tag in ds.keys():
-        element = ds.get_item(tag)
+        # keep_deferred: a value longer than the read's defer_size (the pixel data) stays unread; before, the
+        # header scan read every file's pixel data here, megabytes per file, from a network share too
+        element = ds.get_item(tag, keep_deferred=True)
         raw = getattr(element, "value", None)
         if not isinstance(raw, bytes) or not any(b > 127 for b in raw):
             continue

@@ -400,6 +400,26 @@ def test_monochrome1_that_says_presentation_lut_shape_identity_is_logged_and_sho
     assert "PresentationLUTShape" not in caplog.text
 
 
+@pytest.mark.parametrize("charset", [None, "ISO_IR 100", "ISO_IR 192"])
+def test_the_header_read_leaves_the_pixel_data_unread(tmp_path, chest_pixels, charset, monkeypatch):
+    """The header scan reads a few kilobytes of each file, not its pixel data (megabytes, over a network share
+    too): the look for undeclared UTF-8 text, made when the set is absent or ISO_IR 100, read it."""
+    import pydicom.filereader
+
+    from cxrscreen.ingest import scan
+
+    extra = {"SpecificCharacterSet": charset} if charset else {}
+    save(make_dicom(chest_pixels, seed=f"deferred-{charset}", **extra), tmp_path / "image.dcm")
+    assert chest_pixels.nbytes > 4096       # over the header read's defer_size: left on disk
+    reads = []
+    real = pydicom.filereader.read_deferred_data_element
+    monkeypatch.setattr(pydicom.filereader, "read_deferred_data_element",
+                        lambda *args, **kwargs: reads.append(args) or real(*args, **kwargs))
+    found = list(scan([tmp_path]))
+    assert [type(item) for item in found] == [Radiograph] and found[0].patient_name == "SYNTHETIC^PATIENT"
+    assert reads == []
+
+
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])     # explicit, implicit VR
 def test_text_in_undeclared_utf8_is_read_as_utf8(tmp_path, chest_pixels, syntax, caplog):
     """No (0008,0005) means ASCII; a modality that wrote UTF-8 anyway gets its names read as written,
