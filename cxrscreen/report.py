@@ -302,13 +302,26 @@ SUMMARY_FIELDS = ("rank", "kind", "status", "flag", "score", "threshold", "study
                   "appearance_caution", "unscored_frames")
 
 
+# A cell a spreadsheet reads as a formula (OWASP "CSV injection", CWE-1236): text from DICOM headers and
+# file names is the sender's, and a PatientID of =HYPERLINK("http://...") would run when summary.csv is opened.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: str) -> str:
+    """A text value for summary.csv: printable (:func:`undecodable_as_hex`), and with an apostrophe before it
+    where a spreadsheet would take it for a formula (Excel and LibreOffice then show it as text)."""
+    text = undecodable_as_hex(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
-    """``summary.csv`` and ``summary.json`` (rows: studies ranked by score, then skipped/failed files)."""
+    """``summary.csv`` and ``summary.json`` (rows: studies ranked by score, then skipped/failed files).
+    The CSV is for spreadsheets (its text cells :func:`csv_cell`), the JSON keeps every value as read."""
     with atomic_write(out / "summary.csv", "w") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: undecodable_as_hex(";".join(v) if isinstance(v, list) else v) if isinstance(v, (str, list))
+            writer.writerow({k: csv_cell(";".join(v) if isinstance(v, list) else v) if isinstance(v, (str, list))
                              else v for k, v in row.items()})
     with atomic_write(out / "summary.json", "w") as handle:
         json.dump({**meta, "rows": rows}, handle, indent=2, default=str)

