@@ -83,6 +83,11 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     assert ("Likely pneumonia - review first" in text) == (row["flag"] == "yes")
     assert ("No pneumonia flagged" in text) == (row["flag"] == "no")
     assert "Model trained on: Pediatric chest radiographs" in text and "Caution" not in text
+    # the operating point quoted is the held-out test split's, not the validation split's that chose the threshold
+    flat = " ".join(text.split())
+    assert "operating point: sensitivity 0.987, specificity 0.761 on the model's held-out test split (390 pneumonia " \
+           "and 234 normal images; the threshold was chosen on its validation split for 0.95 sensitivity, where it " \
+           "gave 0.950 and specificity 0.984)" in flat, flat
     # its pictures are binary JPEG streams, not ASCII85 text (a fifth larger, and slow to encode)
     raw = (out / row["report"]).read_bytes()
     assert b"/DCTDecode" in raw and b"/ASCII85Decode" not in raw
@@ -569,6 +574,22 @@ def test_header_text_a_spreadsheet_would_run_is_written_as_text_in_the_csv(tmp_p
     assert float(rows["'-42"]["score"]) >= 0            # numbers stay numbers
     data = json.loads((out / "summary.json").read_text())
     assert {r["patient_id"] for r in data["rows"] if r["kind"] == "study"} == {hostile, "-42"}
+
+
+def test_a_card_without_test_figures_at_its_threshold_quotes_its_validation_split(model):
+    import dataclasses
+
+    from cxrscreen.pipeline import card_operating_point
+
+    assert card_operating_point(model.card)["specificity"] == pytest.approx(0.7607, abs=1e-4)
+    raw = json.loads(json.dumps(model.card.raw))
+    raw["metrics"]["test"]["threshold"] = 0.5                 # measured at another threshold: not this one's
+    moved = card_operating_point(dataclasses.replace(model.card, raw=raw))
+    raw["metrics"]["test"] = None                             # a card fitted with --no-test
+    untested = card_operating_point(dataclasses.replace(model.card, raw=raw))
+    for point in (moved, untested):
+        assert point["specificity"] == pytest.approx(0.9836, abs=1e-4)
+        assert point["source"] == "the model's validation split (model card), where the threshold was chosen"
 
 
 def test_safe_name_rules():
