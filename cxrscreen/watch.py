@@ -310,7 +310,8 @@ class Watcher:
         observer = self._start_observer()
         counts = self.ledger.counts()
         log.info(kv(event="start", inbox=self.inbox, out=self.out, state=o.state_file, model=model.path.name,
-                    model_sha256=model.sha256[:16], compute=model.compute, threshold=self.threshold, settle=o.settle,
+                    model_sha256=model.sha256[:16], compute=model.compute, threshold=self.threshold,
+                    calibration=calibration or None, settle=o.settle,
                     rescan=o.rescan,
                     pending_studies=counts["studies"].get("pending", 0), once=o.once))
         stopped_by = "once: inbox handled"
