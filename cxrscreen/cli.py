@@ -163,11 +163,14 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--target-sensitivity", default=0.95, show_default=True, type=float)
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target-sensitivity", default=0.95, show_default=True, type=float,
+              help="The sensitivity the threshold must reach on DATA.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="A .keras model with its card beside it (default: the bundled model, or CXRSCREEN_MODEL).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Calibration file (default: MODEL.calibration.<time>.json beside the model).")
-@click.option("--bootstrap", "n_boot", default=2000, show_default=True)
+@click.option("--bootstrap", "n_boot", default=2000, show_default=True,
+              help="Bootstrap resamples (of patients, per class) for the 95% intervals.")
 @click.option("--prevalence", type=float, help="Prevalence for PPV/NPV (default: that of DATA).")
 @click.option("--conservative", is_flag=True,
               help="Choose the highest threshold whose lower 95% bound of sensitivity, not the sensitivity "
@@ -175,7 +178,8 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, conservative, batch_size, as_json):
-    """Set the threshold for a target sensitivity on labeled DATA (NORMAL/ and PNEUMONIA/ folders, or a CSV)."""
+    """Set the threshold for a target sensitivity on labeled DATA (NORMAL/ and PNEUMONIA/ folders, or a CSV of
+    path,label[,patient])."""
     from .calibrate import run_calibration
 
     try:
