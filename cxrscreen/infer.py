@@ -121,6 +121,17 @@ class Population:
                 f"its performance was not measured on such patients; read the score with caution")
 
 
+def _measured_at(threshold: float, metrics) -> dict:
+    """A card's test metrics when they were measured at ``threshold`` and hold the figures a report quotes,
+    else {} (a card fitted with --no-test, or metrics of an earlier threshold)."""
+    try:
+        usable = abs(float(metrics["threshold"]) - threshold) < 1e-9 and all(
+            isinstance(metrics[k], (int, float)) for k in ("sensitivity", "specificity", "n_positive", "n_negative"))
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return dict(metrics) if usable else {}
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What the screening side reads from a model's JSON card."""
@@ -130,6 +141,8 @@ class ModelCard:
     preprocessing: PreprocessSpec
     threshold: float
     operating_point: dict = field(default_factory=dict)   # sensitivity/specificity where the threshold was set
+    target_sensitivity: float | None = None               # what the threshold was chosen for, where the card says
+    test_point: dict = field(default_factory=dict)        # the held-out test split's figures at this threshold, or {}
     gradcam_layer: str = ""
     population: Population | None = None
     appearance: dict = field(default_factory=dict)   # the card's appearance section: file, sha256, layer, limit
@@ -147,9 +160,13 @@ class ModelCard:
                              f"expected {CARD_FORMAT!r})", step="load-model")
         try:
             threshold = data["threshold"]
+            value = float(threshold["value"])
+            target = threshold.get("target_sensitivity")
             return cls(name=str(data["name"]), backbone=str(data["backbone"]),
                        preprocessing=PreprocessSpec.from_json(data["preprocessing"]),
-                       threshold=float(threshold["value"]), operating_point=dict(threshold.get("validation", {})),
+                       threshold=value, operating_point=dict(threshold.get("validation", {})),
+                       target_sensitivity=float(target) if isinstance(target, (int, float)) else None,
+                       test_point=_measured_at(value, (data.get("metrics") or {}).get("test")),
                        gradcam_layer=str(data.get("gradcam_layer", "")),
                        population=Population.from_json(data["population"]) if data.get("population") else None,
                        appearance=dict(data.get("appearance") or {}), raw=data)

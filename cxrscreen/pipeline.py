@@ -677,19 +677,13 @@ def card_operating_point(card) -> dict:
     so its figures there are the optimistic ones (the default model: specificity 0.984 on validation, 0.761
     on test): a reader should see what the threshold did on images that chose nothing."""
     validation = dict(card.operating_point)
-    test = ((card.raw or {}).get("metrics") or {}).get("test")
-    try:
-        usable = abs(float(test["threshold"]) - card.threshold) < 1e-9 and all(
-            isinstance(test[k], (int, float)) for k in ("sensitivity", "specificity", "n_positive", "n_negative"))
-    except (KeyError, TypeError, ValueError):
-        usable = False
-    if not usable:
+    test = card.test_point
+    if not test:
         validation["source"] = "the model's validation split (model card), where the threshold was chosen"
         return validation
-    target = ((card.raw or {}).get("threshold") or {}).get("target_sensitivity")
     chosen = "the threshold was chosen on its validation split"
-    if isinstance(target, (int, float)):
-        chosen += f" for {target:g} sensitivity"
+    if card.target_sensitivity is not None:
+        chosen += f" for {card.target_sensitivity:g} sensitivity"
     if all(isinstance(validation.get(k), float) for k in ("sensitivity", "specificity")):
         chosen += f", where it gave {validation['sensitivity']:.3f} and specificity {validation['specificity']:.3f}"
     return {"sensitivity": float(test["sensitivity"]), "specificity": float(test["specificity"]),

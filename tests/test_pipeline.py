@@ -577,16 +577,15 @@ def test_header_text_a_spreadsheet_would_run_is_written_as_text_in_the_csv(tmp_p
 
 
 def test_a_card_without_test_figures_at_its_threshold_quotes_its_validation_split(model):
-    import dataclasses
-
+    from cxrscreen.infer import ModelCard
     from cxrscreen.pipeline import card_operating_point
 
     assert card_operating_point(model.card)["specificity"] == pytest.approx(0.7607, abs=1e-4)
     raw = json.loads(json.dumps(model.card.raw))
     raw["metrics"]["test"]["threshold"] = 0.5                 # measured at another threshold: not this one's
-    moved = card_operating_point(dataclasses.replace(model.card, raw=raw))
+    moved = card_operating_point(ModelCard.from_json(raw))
     raw["metrics"]["test"] = None                             # a card fitted with --no-test
-    untested = card_operating_point(dataclasses.replace(model.card, raw=raw))
+    untested = card_operating_point(ModelCard.from_json(raw))
     for point in (moved, untested):
         assert point["specificity"] == pytest.approx(0.9836, abs=1e-4)
         assert point["source"] == "the model's validation split (model card), where the threshold was chosen"
