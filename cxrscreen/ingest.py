@@ -2,8 +2,9 @@
 
 Stages (each a function):
 
-* :func:`discover` walks folders and yields every regular file, sorted, minus
-  hidden and temporary ones (dot-files, ``*.part``, ``*~``, ``*.tmp``).
+* :func:`discover` walks folders (:func:`walk`) and yields every regular file, sorted, minus
+  hidden and temporary ones (dot-files, ``*.part``, ``*~``, ``*.tmp``), and a failure for each
+  folder it cannot list.
 * :func:`sniff` recognises DICOM (Part-10 ``DICM`` preamble, or a raw data set
   without one that parses), JPEG and PNG by their bytes, never their name.
 * :func:`read_record` reads the header (no pixels) into a :class:`Radiograph`
@@ -76,30 +77,73 @@ def is_output_folder(folder: Path | str) -> bool:
     return any(os.path.exists(os.path.join(folder, marker)) for marker in OUTPUT_MARKERS)
 
 
-def discover(inputs: Iterable[Path | str]) -> Iterator[Path]:
+def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | None = None
+         ) -> Iterator[tuple[str, list[str], list[str]]]:
+    """:func:`os.walk` of ``root`` as discovery needs it: top-down, each folder's sub-folders and files sorted.
+
+    * Links to folders are followed (an export may link a study's folder in from elsewhere), and each
+      folder is walked once, known by its device and inode in ``seen`` (pass one set to share it between
+      roots): a link back to a folder above it (a cycle) or to one walked already is not walked again,
+      with a log line.
+    * Hidden folders and files and temporary files (:func:`is_ignored`) are left out, and cxrscreen's own
+      output folders (:func:`is_output_folder`) are not entered, with a log line.
+    * A folder that cannot be listed (no permission, an I/O error, removed while walked) is not skipped in
+      silence: its :class:`OSError`, whose ``filename`` is the folder, is appended to ``errors`` as it is met,
+      for the caller to report.
+    """
+    seen = set() if seen is None else seen
+    for folder, dirs, files in os.walk(root, onerror=errors.append, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError as exc:
+            errors.append(exc)
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            log.info("not scanning %s: that folder is walked already (through a link, or named twice)", folder)
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if is_output_folder(folder):
+            log.info("not scanning %s: a cxrscreen output folder (reports, not inputs)", folder)
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield folder, dirs, sorted(name for name in files if not is_ignored(name))
+
+
+def unlistable(error: OSError, path: Path | str | None = None) -> FileOutcome:
+    """The FAILED outcome of a folder :func:`walk` could not list: its files were not screened."""
+    where = Path(os.fsdecode(error.filename)) if error.filename is not None else Path(path or "")
+    return FileOutcome(where, Status.FAILED, f"cannot list the folder: {error.strerror or error}; "
+                       "its files were not screened", step="discover")
+
+
+def discover(inputs: Iterable[Path | str]) -> Iterator[Path | FileOutcome]:
     """Yield every candidate file under ``inputs`` (files or folders), recursively and sorted.
 
-    Symbolic links to files are followed; links to folders are not (no cycles).
-    Hidden and temporary files and folders are ignored (see :func:`is_ignored`), and so are
-    cxrscreen's own output folders (:func:`is_output_folder`), with a log line: a ``--out`` inside
-    the input would otherwise have its reports listed as skipped inputs, and its ``.dcm`` reports,
-    which carry the study's UID, would join the study they report and change it, so that every re-run
-    redid it.
+    Folders are walked by :func:`walk`: links to folders followed, each folder once (no cycles, and a
+    folder given twice is listed once); hidden and temporary files and folders ignored (see
+    :func:`is_ignored`), and so are cxrscreen's own output folders (:func:`is_output_folder`), with a log
+    line: a ``--out`` inside the input would otherwise have its reports listed as skipped inputs, and its
+    ``.dcm`` reports, which carry the study's UID, would join the study they report and change it, so that
+    every re-run redid it. A folder that cannot be listed comes as a FAILED :class:`FileOutcome`
+    (:func:`unlistable`), in its place in the walk.
     """
+    seen: set[tuple[int, int]] = set()
     for item in inputs:
         root = Path(item)
         if root.is_file() or not root.is_dir():
             yield root
             continue
-        for folder, dirs, files in os.walk(root, followlinks=False):
-            if is_output_folder(folder):
-                log.info("not scanning %s: a cxrscreen output folder (reports, not inputs)", folder)
-                dirs[:] = []
-                continue
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if not is_ignored(name):
-                    yield Path(folder) / name
+        errors: list[OSError] = []
+        for folder, _dirs, files in walk(root, errors, seen):
+            while errors:
+                yield unlistable(errors.pop(0), folder)
+            for name in files:
+                yield Path(folder) / name
+        for error in errors:
+            yield unlistable(error, root)
 
 
 def _read_head(path: Path, size: int = 512) -> bytes:
@@ -688,6 +732,9 @@ def scan(inputs: Iterable[Path | str], *, include_lateral: bool = False,
          any_body_part: bool = False) -> Iterator[Radiograph | FileOutcome]:
     """Discover and read the header of every input file; each ends as a Radiograph or FileOutcome."""
     for path in discover(inputs):
+        if isinstance(path, FileOutcome):
+            yield path
+            continue
         if not path.exists() and not path.is_symlink():
             yield FileOutcome(path, Status.FAILED, "no such file or folder", step="discover")
             continue

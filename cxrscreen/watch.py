@@ -50,7 +50,7 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import group_studies, is_ignored, not_regular, read_record
+from .ingest import group_studies, is_ignored, not_regular, read_record, walk
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -68,6 +68,7 @@ EMPTY_FOLDER_AGE = 3600.0    # --remove-empty-folders: seconds an inbox folder m
 SUMMARY_EVERY = 30.0         # seconds between summary/worklist rewrites while busy
 RETRY_SECONDS = 60.0         # a round that failed with a tool error is retried after this long
 DICOM_COMPLETE = "dicom_reports_complete"   # ledger meta: "yes" when every current report has its .dcm
+UNLISTABLE_KEY = "unlistable_folders"      # ledger meta: JSON list of the inbox folders the last rescan could not list
 
 
 @dataclass(frozen=True)
@@ -143,20 +144,26 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
             last_report = db.execute("SELECT MAX(created) FROM reports").fetchone()[0]
             failed_day = db.execute("SELECT COUNT(*) FROM files WHERE status = 'failed' AND taken_at >= ?",
                                     (now - 86400,)).fetchone()[0]
+            unlistable = db.execute("SELECT value FROM meta WHERE key = ?", (UNLISTABLE_KEY,)).fetchone()
         finally:
             db.close()
     except (sqlite3.Error, ValueError) as exc:   # unreadable to this user, or not a ledger: the check fails
         raise OutputError(f"cannot read the ledger: {exc}", path=state_file, step="status") from None
     waited = max(0.0, now - oldest) if oldest is not None else None
+    unlistable = json.loads(unlistable[0]) if unlistable else []
     problems = []
     if not running:
         problems.append("no watch daemon holds this ledger")
+    elif unlistable:        # what a stopped daemon saw last is not news
+        problems.append(f"{len(unlistable)} inbox folder(s) cannot be listed, their files not seen: "
+                        + ", ".join(unlistable[:3]) + (", ..." if len(unlistable) > 3 else ""))
     if waited is not None and waited > max_wait:
         problems.append(f"a study has waited {waited / 60:.0f} min since its last file (limit {max_wait / 60:.0f})")
     return {"ledger": str(state_file), "running": running, "holder": holder,
             "studies": {k: studies.get(k, 0) for k in ("done", "pending", "failed")},
             "oldest_pending_wait_s": round(waited, 1) if waited is not None else None,
             "last_report_at": last_report, "failed_files_24h": failed_day,
+            "unlistable_folders": unlistable if running else [],
             "healthy": not problems, "problems": problems}
 
 
@@ -254,6 +261,7 @@ class Watcher:
         self._dirty_lock = threading.Lock()
         self._rescan_soon = threading.Event()
         self.candidates: dict[str, _Candidate] = {}
+        self._unlistable: set[str] = set()     # inbox folders that could not be listed at the last rescan
         self.known: dict[str, tuple[int, int]] = {}
         self.failed_files = 0
         self.reports_written = 0
@@ -364,8 +372,8 @@ class Watcher:
             counts = self.ledger.counts()
             log.info(kv(event="stop", reason=stopped_by, reports_written=self.reports_written,
                         failed_files=self.failed_files, pending_studies=counts["studies"].get("pending", 0),
-                        unsettled_files=len(self.candidates)))
-        return 1 if o.once and (self.failed_files or self.round_errors or self._summary_due) else 0
+                        unsettled_files=len(self.candidates), unlistable_folders=len(self._unlistable) or None))
+        return 1 if o.once and (self.failed_files or self.round_errors or self._summary_due or self._unlistable) else 0
 
     def _recover(self) -> None:
         """What a start does after a crash: finish interrupted moves, move handled files, re-read the ledger."""
@@ -441,6 +449,7 @@ class Watcher:
             self.ledger.set_meta("threshold", self.threshold)
             self.ledger.set_meta("calibration", calibration)
             self.ledger.set_meta("tool_version", __version__)
+            self.ledger.set_meta(UNLISTABLE_KEY, "[]")     # what an earlier run saw; this one's first rescan tells
 
     # ------------------------------------------------------------------ observing
 
@@ -494,13 +503,28 @@ class Watcher:
 
     def _rescan(self, now: float) -> None:
         root = os.path.normpath(self.inbox)
-        for folder, dirs, files in os.walk(self.inbox):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        errors: list[OSError] = []
+        for folder, dirs, files in walk(self.inbox, errors):
             if self.options.remove_empty_folders and not dirs and not files and os.path.normpath(folder) != root:
                 self._remove_if_stale(folder)
-            for name in sorted(files):
-                if not is_ignored(name):
-                    self._observe(os.path.normpath(os.path.join(folder, name)), now)
+            for name in files:
+                self._observe(os.path.normpath(os.path.join(folder, name)), now)
+        self._report_unlistable(errors)
+
+    def _report_unlistable(self, errors: list[OSError]) -> None:
+        """Log a folder of the inbox that cannot be listed when it becomes so, and again when it can be: its
+        files are not seen meanwhile, and a daemon's log is where that must show (once, not every rescan)."""
+        now_unlistable = {os.fsdecode(e.filename or self.inbox): e for e in errors}
+        if now_unlistable.keys() == self._unlistable:
+            return
+        for folder in sorted(now_unlistable.keys() - self._unlistable):
+            log.error(kv(event="folder_unreadable", path=folder, error=now_unlistable[folder].strerror,
+                         note="its files are not seen until it can be listed"))
+        for folder in sorted(self._unlistable - now_unlistable.keys()):
+            log.info(kv(event="folder_readable", path=folder))
+        self._unlistable = set(now_unlistable)
+        with self.ledger.transaction():      # for `cxrscreen status`, a monitoring system's view
+            self.ledger.set_meta(UNLISTABLE_KEY, json.dumps(sorted(self._unlistable)))
 
     def _remove_if_stale(self, folder: str) -> None:
         """Remove an inbox folder left empty (a PACS that makes one per study, its files archived) once it

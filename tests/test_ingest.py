@@ -234,6 +234,58 @@ def test_discovery_by_content_in_a_pacs_tree(tmp_path, chest_pixels):
         assert load_unit_image(tree / key).shape == chest_pixels.shape
 
 
+def test_links_to_folders_are_followed_and_each_folder_is_walked_once(tmp_path, chest_pixels):
+    """A link to a folder was passed over in silence (os.walk's followlinks=False): an export that links a
+    study's folder in from elsewhere lost that study, with no row and no log line."""
+    elsewhere = tmp_path / "storage" / "ST1"
+    save(make_dicom(chest_pixels, seed="linked"), elsewhere / "IM1.dcm")
+    inbox = tmp_path / "inbox"
+    save(make_dicom(chest_pixels, seed="here"), inbox / "ST0" / "IM0.dcm")
+    (inbox / "ST1").symlink_to(elsewhere, target_is_directory=True)
+    (inbox / "ST0" / "loop").symlink_to(inbox, target_is_directory=True)        # a cycle
+    (inbox / "again").symlink_to(inbox / "ST0", target_is_directory=True)       # a folder reached twice
+
+    found = [p.relative_to(inbox).as_posix() for p in discover([inbox])]
+    assert found == ["ST0/IM0.dcm", "ST1/IM1.dcm"]
+    assert [p.name for p in discover([inbox, inbox / "ST0", elsewhere])] == ["IM0.dcm", "IM1.dcm"]
+    assert all(isinstance(item, Radiograph) for item in scan([inbox]))
+
+
+def test_a_folder_that_cannot_be_listed_is_a_failure_not_a_silence(tmp_path, chest_pixels, monkeypatch):
+    """os.walk drops a folder it cannot list unless given onerror: its studies vanished from the run."""
+    inbox = tmp_path / "inbox"
+    save(make_dicom(chest_pixels, seed="a"), inbox / "A" / "IM0.dcm")
+    save(make_dicom(chest_pixels, seed="b"), inbox / "B" / "IM0.dcm")
+    save(make_dicom(chest_pixels, seed="c"), inbox / "C" / "IM0.dcm")
+    scandir, refused = os.scandir, {inbox / "B"}
+
+    def refusing(path="."):
+        if Path(os.fsdecode(path)) in refused:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    items = list(scan([inbox]))
+    assert [Path(i.path).relative_to(inbox).as_posix() for i in items] == ["A/IM0.dcm", "B", "C/IM0.dcm"]
+    failed = items[1]
+    assert isinstance(failed, FileOutcome) and (failed.status, failed.step) == (Status.FAILED, "discover")
+    assert failed.reason == "cannot list the folder: Permission denied; its files were not screened"
+    # the input folder itself
+    refused.add(inbox)
+    assert [(o.path, o.status) for o in scan([inbox])] == [(inbox, Status.FAILED)]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists folders whatever their permissions")
+def test_a_folder_without_read_permission_is_a_failure(tmp_path, chest_pixels):
+    save(make_dicom(chest_pixels, seed="a"), tmp_path / "locked" / "IM0.dcm")
+    (tmp_path / "locked").chmod(0)
+    try:
+        [outcome] = scan([tmp_path])
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert (outcome.path, outcome.status, outcome.step) == (tmp_path / "locked", Status.FAILED, "discover")
+
+
 def test_dicomdir_file_is_skipped_with_reason(tmp_path):
     from pydicom.dataset import Dataset
 

@@ -506,6 +506,47 @@ def test_a_report_that_cannot_be_made_waits_alone_and_does_not_block_its_round(d
     assert ledger_rows(out, "SELECT COUNT(*), MAX(version) FROM reports") == [(3, 1)] and len(reports(out)) == 3
 
 
+def test_a_linked_folder_is_screened_and_one_that_cannot_be_listed_is_logged_and_reported(
+        dirs, model, tmp_path, monkeypatch, caplog):
+    """The rescan passed over a link to a folder, and a folder it could not list, without a word: their
+    studies never came, and nothing said why. Now a link is followed (its target walked once), and a folder
+    that cannot be listed is logged when it becomes so and when it is readable again, not every rescan, and
+    `cxrscreen status` names it while it lasts."""
+    inbox, out = dirs
+    write_study(tmp_path / "storage" / "s1", "linked")
+    (inbox / "s1").symlink_to(tmp_path / "storage" / "s1", target_is_directory=True)
+    (inbox / "loop").symlink_to(inbox, target_is_directory=True)
+    write_study(inbox / "locked", "locked")
+    scandir, refused = os.scandir, {str(inbox / "locked")}
+
+    def refusing(path="."):
+        if os.fsdecode(path) in refused:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    options = WatchOptions(inbox, out, settle=0.2, rescan=0.2, gradcam="none")
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        running = Running(options, model)
+        try:
+            wait_for(lambda: done_studies(out) == 1, "the linked study to be reported")
+            time.sleep(1.0)             # five rescans
+            assert caplog.text.count("event=folder_unreadable") == 1
+            assert f'path={inbox / "locked"} error="Permission denied"' in caplog.text
+            state = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).stdout)
+            assert state["unlistable_folders"] == [str(inbox / "locked")] and not state["healthy"]
+            assert state["problems"] == [f"1 inbox folder(s) cannot be listed, their files not seen: {inbox / 'locked'}"]
+            refused.clear()
+            wait_for(lambda: done_studies(out) == 2, "the study to be reported once its folder can be listed")
+            assert caplog.text.count("event=folder_readable") == 1
+            state = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).stdout)
+            assert state["healthy"] and state["unlistable_folders"] == []
+        finally:
+            running.close()
+    assert sorted(r["patient_id"] for r in json.loads((out / "summary.json").read_text())["rows"]
+                  if r["kind"] == "study") == ["LINKED", "LOCKED"]
+
+
 def test_remove_empty_folders_removes_only_folders_empty_and_unchanged_for_an_hour(dirs, model, tmp_path):
     """With --archive, a PACS that makes a folder per study left thousands of empty folders in the inbox,
     and every rescan walked them (on NFS, a round trip each)."""

@@ -34,6 +34,7 @@ import numpy as np
 from cxrscreen.calibrate import read_labeled_csv
 from cxrscreen.errors import CxrError
 from cxrscreen.ingest import discover, not_screenable, sniff
+from cxrscreen.records import FileOutcome
 from cxrscreen.normalise import PreprocessSpec, equalize_input, load_model_input, load_unit_image, resize_to_input
 
 log = logging.getLogger("training")
@@ -79,6 +80,9 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
             if not folder.is_dir():
                 raise SystemExit(f"{folder} not found: expected {source}/NORMAL and {source}/PNEUMONIA")
             for path in discover([folder]):
+                if isinstance(path, FileOutcome):     # a folder that could not be listed
+                    left_out.append({"path": str(path.path), "reason": path.reason})
+                    continue
                 try:
                     kind = sniff(path)
                 except CxrError as exc:
