@@ -30,7 +30,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -278,14 +278,53 @@ def read_dicom(path: Path | str):
     return _dcmread(Path(path), stop_before_pixels=False, force=True)
 
 
-def _display_header(path: Path) -> tuple[int, int, str]:
-    """(width, height, Pillow mode) of a JPEG or PNG, its size checked before anything is decoded."""
+class _DisplayHeader(NamedTuple):
+    width: int
+    height: int
+    mode: str           # Pillow's
+    orientation: int    # EXIF Orientation (0112), 1 (as stored) when absent or not one of 1-8
+
+
+def _exif_orientation(img) -> int:
+    """The EXIF Orientation of an opened JPEG or PNG, from the Exif block read with its header (never
+    :meth:`PIL.Image.Image.getexif`, which decodes a PNG to look for one after the image data)."""
+    from PIL import Image
+
+    raw = img.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+        value = int(exif.get(0x0112, 1))
+    except Exception:       # an Exif block that does not parse: shown as stored, as viewers do
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+# EXIF Orientation (CIPA DC-008, tag 0112) -> the numpy view that shows the stored array upright:
+# 2 mirrored, 3 upside down, 4 flipped, 5 transposed, 6 to be turned 90 degrees clockwise, 7 transversed,
+# 8 to be turned 90 degrees anticlockwise.
+_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _display_header(path: Path) -> _DisplayHeader:
+    """Size, Pillow mode and EXIF orientation of a JPEG or PNG, its size checked before anything is decoded."""
     from PIL import Image
 
     try:
         with caught() as seen:
             with Image.open(path) as img:     # the header only: nothing is decoded here
-                (width, height), mode = img.size, img.mode
+                (width, height), mode, orientation = img.size, img.mode, _exif_orientation(img)
         bomb = next((w.message for w in seen if issubclass(w.category, Image.DecompressionBombWarning)), None)
         if bomb is not None:
             raise bomb
@@ -296,11 +335,13 @@ def _display_header(path: Path) -> tuple[int, int, str]:
     except Exception as exc:
         raise InputError(f"cannot read the image header: {exc}", path=path, step="read") from None
     _check_dimensions(height, width, path, tag="")
-    return width, height, mode
+    return _DisplayHeader(width, height, mode, orientation)
 
 
 def read_display_image(path: Path | str, reduced: bool = False) -> np.ndarray:
-    """Decode a JPEG or PNG as stored (8 or 16 bits, grey or BGR), checking its size first.
+    """Decode a JPEG or PNG (8 or 16 bits, grey or BGR), checking its size first, upright as a viewer shows
+    it: turned or mirrored as its EXIF Orientation says (a phone's photograph of a film, held upright, is
+    stored sideways with Orientation 6).
 
     ``reduced``: 8-bit BGR at a quarter of the size when the image is 1024 pixels a side or more (a
     JPEG decodes that fast, from its DCT coefficients), for a look at its colours.
@@ -309,17 +350,19 @@ def read_display_image(path: Path | str, reduced: bool = False) -> np.ndarray:
     return _decode_display(path, _display_header(path), reduced)
 
 
-def _decode_display(path: Path, header: tuple[int, int, str], reduced: bool) -> np.ndarray:
+def _decode_display(path: Path, header: _DisplayHeader, reduced: bool) -> np.ndarray:
     """:func:`read_display_image` once :func:`_display_header` has been read."""
     import cv2
 
-    width, height, _ = header
-    flag = cv2.IMREAD_UNCHANGED
+    flag = cv2.IMREAD_UNCHANGED     # which, unlike OpenCV's other modes, ignores the EXIF orientation
     if reduced:
-        flag = cv2.IMREAD_REDUCED_COLOR_4 if max(width, height) >= 1024 else cv2.IMREAD_COLOR
+        flag = (cv2.IMREAD_REDUCED_COLOR_4 if max(header.width, header.height) >= 1024 else cv2.IMREAD_COLOR) \
+            | cv2.IMREAD_IGNORE_ORIENTATION
     arr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), flag)
     if arr is None:
         raise InputError("the image data cannot be decoded (corrupt or truncated)", path=path, step="decode")
+    if header.orientation != 1:
+        arr = np.ascontiguousarray(_UPRIGHT[header.orientation](arr))
     return arr
 
 
@@ -476,7 +519,7 @@ def colour_picture(record: Radiograph, ds=None) -> FileOutcome | None:
     try:
         if ds is None:
             header = _display_header(record.path)
-            if header[2] in _GREY_IMAGE_MODES:
+            if header.mode in _GREY_IMAGE_MODES:
                 return None
             bgr = _decode_display(record.path, header, reduced=True)
             if bgr.ndim != 3:

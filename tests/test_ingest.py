@@ -853,3 +853,30 @@ def test_a_png_whose_header_promises_a_decompression_bomb_fails_before_it_is_dec
     with pytest.raises(InvalidImageError, match="absurd image size") as failure:
         load_unit_image(path)
     assert failure.value.step == "validate"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_jpeg_or_png_is_read_upright_as_its_exif_orientation_says(tmp_path, orientation):
+    """OpenCV's IMREAD_UNCHANGED ignores the EXIF Orientation that every viewer obeys: a phone's photograph of a
+    film, held upright and stored sideways with Orientation 6, was scored (and shown in its report) sideways,
+    while the colour look at selection (IMREAD_COLOR) turned it upright."""
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(orientation)
+    stored = np.zeros((120, 80), np.uint8)
+    stored[:, :30], stored[:20] = 200, 90                          # no turn or mirror maps it onto itself
+    stored = np.clip(stored.astype(int) + rng.integers(0, 40, stored.shape), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for name, picture in (("grey.png", Image.fromarray(stored)),
+                          ("colour.png", Image.fromarray(np.dstack([stored, stored // 2, 255 - stored]))),
+                          ("grey.jpg", Image.fromarray(stored))):
+        picture.save(tmp_path / name, exif=exif.tobytes(), **({"quality": 95} if name.endswith("jpg") else {}))
+        with Image.open(tmp_path / name) as img:
+            shown = np.asarray(ImageOps.exif_transpose(img).convert("L"), dtype=np.float32) / 255
+        unit = load_unit_image(tmp_path / name)
+        assert unit.shape == shown.shape, name
+        np.testing.assert_allclose(unit, shown, atol=0.01 if name.endswith("png") else 0.05, err_msg=name)
+    upright = ingest.read_display_image(tmp_path / "colour.png")
+    assert upright.shape[:2] == ingest.read_display_image(tmp_path / "colour.png", reduced=True).shape[:2] == \
+        shown.shape
