@@ -290,35 +290,64 @@ POSITIVE_LABELS = ("1", "PNEUMONIA", "POSITIVE")
 NEGATIVE_LABELS = ("0", "NORMAL", "NEGATIVE")
 
 
+CSV_DELIMITERS = (",", ";", "\t")     # ";" is what Excel writes where the decimal separator is a comma
+
+
 def read_labeled_csv(path) -> list[tuple["object", int, str]]:
     """Rows of a ``path,label[,patient]`` CSV as ``(path, 1 for PNEUMONIA else 0, patient or "")``.
 
     Relative paths are taken from the CSV's folder. Labels are case-insensitive
     :data:`POSITIVE_LABELS` or :data:`NEGATIVE_LABELS`; any other label (a typo) is
     refused with its line number rather than silently counted as a negative.
+    Read as a spreadsheet saves one: UTF-8 with or without a byte-order mark, else Windows-1252 (Excel's
+    plain "CSV", with a log line); columns separated by a comma, a semicolon (Excel where the decimal
+    separator is a comma) or a tab, whichever the header is split by; column names in any case.
     Shared by calibration and training.
     """
     import csv
+    import io
+    import logging
     from pathlib import Path
 
     from .errors import UsageError
 
     path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        try:
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path} is neither UTF-8 nor Windows-1252 text ({exc}): save it as CSV UTF-8",
+                             step="calibration") from None
+        logging.getLogger(__name__).warning("%s is not UTF-8: read as Windows-1252 (Excel's plain CSV)", path)
+    first = text.splitlines()[0] if text else ""
+    for delimiter in CSV_DELIMITERS:
+        header = [name.strip().lower() for name in next(csv.reader([first], delimiter=delimiter), [])]
+        if {"path", "label"} <= set(header):
+            break
+    else:
+        found = next(csv.reader([first]), [])
+        raise UsageError(f"{path} needs a header with 'path' and 'label' columns (found {found})",
+                         step="calibration")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    next(reader)
     rows = []
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise UsageError(f"{path} needs a header with 'path' and 'label' columns (found {reader.fieldnames})",
+    for values in reader:
+        if not any(value.strip() for value in values):
+            continue
+        row = dict(zip(header, values))
+        if not (row.get("path") or "").strip():
+            raise UsageError(f"{path} line {reader.line_num}: no path", step="calibration")
+        item = Path(row["path"])
+        label = str(row.get("label") or "").strip().upper()
+        if label not in POSITIVE_LABELS + NEGATIVE_LABELS:
+            raise UsageError(f"{path} line {reader.line_num}: label {row.get('label')!r} is neither PNEUMONIA "
+                             f"({'/'.join(POSITIVE_LABELS)}) nor NORMAL ({'/'.join(NEGATIVE_LABELS)})",
                              step="calibration")
-        for line, row in enumerate(reader, start=2):
-            item = Path(row["path"] or "")
-            label = str(row["label"] or "").strip().upper()
-            if label not in POSITIVE_LABELS + NEGATIVE_LABELS:
-                raise UsageError(f"{path} line {line}: label {row['label']!r} is neither PNEUMONIA "
-                                 f"({'/'.join(POSITIVE_LABELS)}) nor NORMAL ({'/'.join(NEGATIVE_LABELS)})",
-                                 step="calibration")
-            rows.append((item if item.is_absolute() else (path.parent / item).resolve(),
-                         1 if label in POSITIVE_LABELS else 0, str(row.get("patient") or "")))
+        rows.append((item if item.is_absolute() else (path.parent / item).resolve(),
+                     1 if label in POSITIVE_LABELS else 0, str(row.get("patient") or "")))
     return rows
 
 

@@ -266,6 +266,35 @@ def test_a_csv_label_that_is_neither_class_is_refused_with_its_line(tmp_path):
 
 
 
+
+@pytest.mark.parametrize("saved_as, data", [
+    ("CSV UTF-8 (Excel: a byte-order mark, CRLF)", b"\xef\xbb\xbfPath,Label,Patient\r\nM\xc3\xbcller.jpg,Pneumonia,p1\r\n"
+                                                  b"b.jpg,NORMAL,p2\r\n,,\r\n"),
+    ("CSV (Excel, Windows-1252)", b"path,label,patient\r\nM\xfcller.jpg,PNEUMONIA,p1\r\nb.jpg,normal,p2\r\n"),
+    ("CSV (Excel, German: semicolons)", b"\xef\xbb\xbfpath;label;patient\r\nM\xc3\xbcller.jpg;1;p1\r\nb.jpg;0;p2\r\n;;\r\n"),
+    ("tab-separated", b"path\tlabel\tpatient\nM\xc3\xbcller.jpg\tPNEUMONIA\tp1\nb.jpg\tNORMAL\tp2\n"),
+])
+def test_a_csv_saved_by_a_spreadsheet_is_read(tmp_path, saved_as, data):
+    """A CSV from Excel was refused or crashed: its byte-order mark made the first column '\\ufeffpath', a
+    German Excel's semicolons made one column 'path;label', 'Path' was not 'path', and Windows-1252 text
+    (Excel's plain CSV) raised UnicodeDecodeError with a traceback."""
+    from cxrscreen.calibrate import read_labeled_csv
+
+    (tmp_path / "labels.csv").write_bytes(data)
+    assert read_labeled_csv(tmp_path / "labels.csv") == [(tmp_path / "Müller.jpg", 1, "p1"), (tmp_path / "b.jpg", 0, "p2")]
+
+
+def test_a_csv_row_without_a_path_or_in_no_text_encoding_is_refused(tmp_path):
+    from cxrscreen.calibrate import read_labeled_csv
+    from cxrscreen.errors import UsageError
+
+    (tmp_path / "a.csv").write_text("path,label\na.jpg,1\n,NORMAL\n")
+    with pytest.raises(UsageError, match="line 3: no path"):
+        read_labeled_csv(tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_bytes(b"path,label\n\x81\x8d.jpg,1\n")     # bytes Windows-1252 leaves undefined
+    with pytest.raises(UsageError, match="neither UTF-8 nor Windows-1252"):
+        read_labeled_csv(tmp_path / "b.csv")
+
 def test_a_calibration_that_cannot_be_written_is_an_error_naming_it_not_a_traceback(tmp_path, model_copy,
                                                                                      monkeypatch):
     """Beside a model installed read-only (site-packages), the write failed after scoring the whole set,
