@@ -290,6 +290,7 @@ POSITIVE_LABELS = ("1", "PNEUMONIA", "POSITIVE")
 NEGATIVE_LABELS = ("0", "NORMAL", "NEGATIVE")
 
 
+CLASSES = ("NORMAL", "PNEUMONIA")     # label 0 and 1
 CSV_DELIMITERS = (",", ";", "\t")     # ";" is what Excel writes where the decimal separator is a comma
 
 
@@ -333,7 +334,7 @@ def read_labeled_csv(path) -> list[tuple["object", int, str]]:
                          step="calibration")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     next(reader)
-    rows = []
+    rows, lines = [], {}         # lines: path -> (its index in rows, its line)
     for values in reader:
         if not any(value.strip() for value in values):
             continue
@@ -346,8 +347,14 @@ def read_labeled_csv(path) -> list[tuple["object", int, str]]:
             raise UsageError(f"{path} line {reader.line_num}: label {row.get('label')!r} is neither PNEUMONIA "
                              f"({'/'.join(POSITIVE_LABELS)}) nor NORMAL ({'/'.join(NEGATIVE_LABELS)})",
                              step="calibration")
-        rows.append((item if item.is_absolute() else (path.parent / item).resolve(),
-                     1 if label in POSITIVE_LABELS else 0, str(row.get("patient") or "")))
+        item, value = item if item.is_absolute() else (path.parent / item).resolve(), int(label in POSITIVE_LABELS)
+        if item in lines:
+            if rows[lines[item][0]][1] != value:
+                raise UsageError(f"{path} line {reader.line_num}: {row['path']} is labelled {CLASSES[value]} here and "
+                                 f"{CLASSES[1 - value]} on line {lines[item][1]}", step="calibration")
+            continue        # listed twice alike: read once
+        lines[item] = (len(rows), reader.line_num)
+        rows.append((item, value, str(row.get("patient") or "")))
     return rows
 
 

@@ -284,13 +284,18 @@ def test_a_csv_saved_by_a_spreadsheet_is_read(tmp_path, saved_as, data):
     assert read_labeled_csv(tmp_path / "labels.csv") == [(tmp_path / "Müller.jpg", 1, "p1"), (tmp_path / "b.jpg", 0, "p2")]
 
 
-def test_a_csv_row_without_a_path_or_in_no_text_encoding_is_refused(tmp_path):
+def test_a_csv_row_without_a_path_or_labelled_both_ways_or_in_no_text_encoding_is_refused(tmp_path):
     from cxrscreen.calibrate import read_labeled_csv
     from cxrscreen.errors import UsageError
 
     (tmp_path / "a.csv").write_text("path,label\na.jpg,1\n,NORMAL\n")
     with pytest.raises(UsageError, match="line 3: no path"):
         read_labeled_csv(tmp_path / "a.csv")
+    (tmp_path / "c.csv").write_text("path,label\na.jpg,1\nb.jpg,0\n./a.jpg,NORMAL\n")
+    with pytest.raises(UsageError, match=r"line 4: ./a.jpg is labelled NORMAL here and PNEUMONIA on line 2"):
+        read_labeled_csv(tmp_path / "c.csv")
+    (tmp_path / "c.csv").write_text("path,label\na.jpg,1\nb.jpg,0\n./a.jpg,PNEUMONIA\n")      # alike: read once
+    assert [p.name for p, _, _ in read_labeled_csv(tmp_path / "c.csv")] == ["a.jpg", "b.jpg"]
     (tmp_path / "b.csv").write_bytes(b"path,label\n\x81\x8d.jpg,1\n")     # bytes Windows-1252 leaves undefined
     with pytest.raises(UsageError, match="neither UTF-8 nor Windows-1252"):
         read_labeled_csv(tmp_path / "b.csv")

@@ -31,15 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrscreen.calibrate import read_labeled_csv
+from cxrscreen.calibrate import CLASSES, read_labeled_csv
 from cxrscreen.errors import CxrError
 from cxrscreen.ingest import discover, not_screenable, sniff
-from cxrscreen.records import FileOutcome
 from cxrscreen.normalise import PreprocessSpec, equalize_input, load_model_input, load_unit_image, resize_to_input
+from cxrscreen.records import FileOutcome
 
 log = logging.getLogger("training")
 
-CLASSES = ("NORMAL", "PNEUMONIA")
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^(NORMAL2-IM-\d+)"), re.compile(r"^(IM-\d+)"))
 
 
