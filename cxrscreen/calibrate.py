@@ -294,6 +294,15 @@ CLASSES = ("NORMAL", "PNEUMONIA")     # label 0 and 1
 CSV_DELIMITERS = (",", ";", "\t")     # ";" is what Excel writes where the decimal separator is a comma
 
 
+def class_folders(data) -> list | None:
+    """``data``'s NORMAL and PNEUMONIA folders (in :data:`CLASSES` order), their names in any case
+    (``Normal/``, ``pneumonia/``); None when either is missing. Shared by calibration and training."""
+    from pathlib import Path
+
+    folders = {p.name.upper(): p for p in Path(data).iterdir() if p.is_dir()}
+    return [folders[name] for name in CLASSES] if all(name in folders for name in CLASSES) else None
+
+
 def read_labeled_csv(path) -> list[tuple["object", int, str]]:
     """Rows of a ``path,label[,patient]`` CSV as ``(path, 1 for PNEUMONIA else 0, patient or "")``.
 
@@ -380,11 +389,11 @@ def _labeled_studies(data, include_lateral: bool = False):
     if data.is_file():
         sources = [(path, label, patient.strip()) for path, label, patient in read_labeled_csv(data)]
     else:
-        folders = {p.name.upper(): p for p in data.iterdir() if p.is_dir()}
-        if "NORMAL" not in folders or "PNEUMONIA" not in folders:
+        folders = class_folders(data)
+        if folders is None:
             raise UsageError(f"{data} must hold NORMAL/ and PNEUMONIA/ folders (or pass a CSV path,label)",
                              step="calibration")
-        sources = [(folders["NORMAL"], 0, ""), (folders["PNEUMONIA"], 1, "")]
+        sources = [(folder, label, "") for label, folder in enumerate(folders)]
     items, label_of, patient_of = [], {}, {}
     for path, label, patient in sources:
         for item in scan([path], include_lateral=include_lateral):

@@ -63,6 +63,19 @@ def test_files_that_are_not_images_or_cannot_be_decoded_are_left_out_and_listed(
     assert all(reasons.values())
 
 
+def test_class_folders_are_found_in_any_case_as_calibrate_finds_them(labeled_folder, tmp_path):
+    """calibrate took `normal/` and `Pneumonia/`; training stopped with 'NORMAL not found'."""
+    import shutil
+
+    before = [(Path(e.path).name, e.label) for e in D.list_examples(labeled_folder / "train")]
+    shutil.copytree(labeled_folder / "train" / "NORMAL", tmp_path / "data" / "normal")
+    shutil.copytree(labeled_folder / "train" / "PNEUMONIA", tmp_path / "data" / "Pneumonia")
+    assert [(Path(e.path).name, e.label) for e in D.list_examples(tmp_path / "data")] == before
+    shutil.rmtree(tmp_path / "data" / "normal")
+    with pytest.raises(SystemExit, match="must hold NORMAL/ and PNEUMONIA/ folders"):
+        D.list_examples(tmp_path / "data")
+
+
 def test_patient_split_never_leaks_and_is_seeded(labeled_folder):
     examples = D.list_examples(labeled_folder / "train")
     train, val = D.patient_split(examples, 0.3, seed=7)

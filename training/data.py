@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrscreen.calibrate import CLASSES, read_labeled_csv
+from cxrscreen.calibrate import CLASSES, class_folders, read_labeled_csv
 from cxrscreen.errors import CxrError
 from cxrscreen.ingest import discover, not_screenable, sniff
 from cxrscreen.normalise import PreprocessSpec, equalize_input, load_model_input, load_unit_image, resize_to_input
@@ -74,10 +74,11 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
         candidates = [Example(path, label, patient or patient_id(path))
                       for path, label, patient in read_labeled_csv(source)]
     else:
-        for value, name in enumerate(CLASSES):
-            folder = source / name
-            if not folder.is_dir():
-                raise SystemExit(f"{folder} not found: expected {source}/NORMAL and {source}/PNEUMONIA")
+        folders = class_folders(source) if source.is_dir() else None
+        if folders is None:
+            raise SystemExit(f"{source} must hold NORMAL/ and PNEUMONIA/ folders (names in any case), or be a CSV "
+                             "of path,label")
+        for value, folder in enumerate(folders):
             for path in discover([folder]):
                 if isinstance(path, FileOutcome):     # a folder that could not be listed
                     left_out.append({"path": str(path.path), "reason": path.reason})
