@@ -343,7 +343,7 @@ def read_labeled_csv(path) -> list[tuple["object", int, str]]:
                          step="calibration")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     next(reader)
-    rows, lines = [], {}         # lines: path -> (its index in rows, its line)
+    rows, listed = [], {}         # listed: path -> (its label, its line)
     for values in reader:
         if not any(value.strip() for value in values):
             continue
@@ -357,12 +357,12 @@ def read_labeled_csv(path) -> list[tuple["object", int, str]]:
                              f"({'/'.join(POSITIVE_LABELS)}) nor NORMAL ({'/'.join(NEGATIVE_LABELS)})",
                              step="calibration")
         item, value = item if item.is_absolute() else (path.parent / item).resolve(), int(label in POSITIVE_LABELS)
-        if item in lines:
-            if rows[lines[item][0]][1] != value:
+        if item in listed:
+            if listed[item][0] != value:
                 raise UsageError(f"{path} line {reader.line_num}: {row['path']} is labelled {CLASSES[value]} here and "
-                                 f"{CLASSES[1 - value]} on line {lines[item][1]}", step="calibration")
+                                 f"{CLASSES[1 - value]} on line {listed[item][1]}", step="calibration")
             continue        # listed twice alike: read once
-        lines[item] = (len(rows), reader.line_num)
+        listed[item] = (value, reader.line_num)
         rows.append((item, value, str(row.get("patient") or "")))
     return rows
 

@@ -112,9 +112,10 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
         yield folder, dirs, sorted(name for name in files if not is_ignored(name))
 
 
-def unlistable(error: OSError, path: Path | str | None = None) -> FileOutcome:
-    """The FAILED outcome of a folder :func:`walk` could not list: its files were not screened."""
-    where = Path(os.fsdecode(error.filename)) if error.filename is not None else Path(path or "")
+def unlistable(error: OSError, root: Path) -> FileOutcome:
+    """The FAILED outcome of a folder :func:`walk` could not list (``root``, the folder walked, when the
+    error names none): its files were not screened."""
+    where = Path(os.fsdecode(error.filename)) if error.filename is not None else root
     return FileOutcome(where, Status.FAILED, f"cannot list the folder: {error.strerror or error}; "
                        "its files were not screened", step="discover")
 
@@ -139,7 +140,7 @@ def discover(inputs: Iterable[Path | str]) -> Iterator[Path | FileOutcome]:
         errors: list[OSError] = []
         for folder, _dirs, files in walk(root, errors, seen):
             while errors:
-                yield unlistable(errors.pop(0), folder)
+                yield unlistable(errors.pop(0), root)
             for name in files:
                 yield Path(folder) / name
         for error in errors:
@@ -302,11 +303,10 @@ def _exif_orientation(img) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-# EXIF Orientation (CIPA DC-008, tag 0112) -> the numpy view that shows the stored array upright:
-# 2 mirrored, 3 upside down, 4 flipped, 5 transposed, 6 to be turned 90 degrees clockwise, 7 transversed,
+# EXIF Orientation (CIPA DC-008, tag 0112) -> the numpy view that shows the stored array upright (1: as
+# stored): 2 mirrored, 3 upside down, 4 flipped, 5 transposed, 6 to be turned 90 degrees clockwise, 7 transversed,
 # 8 to be turned 90 degrees anticlockwise.
 _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    1: lambda a: a,
     2: lambda a: a[:, ::-1],
     3: lambda a: a[::-1, ::-1],
     4: lambda a: a[::-1],

@@ -145,12 +145,12 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
             failed_day = db.execute("SELECT COUNT(*) FROM files WHERE status = 'failed' AND taken_at >= ?",
                                     (now - 86400,)).fetchone()[0]
             unlistable = db.execute("SELECT value FROM meta WHERE key = ?", (UNLISTABLE_KEY,)).fetchone()
+            unlistable = json.loads(unlistable[0]) if unlistable else []
         finally:
             db.close()
     except (sqlite3.Error, ValueError) as exc:   # unreadable to this user, or not a ledger: the check fails
         raise OutputError(f"cannot read the ledger: {exc}", path=state_file, step="status") from None
     waited = max(0.0, now - oldest) if oldest is not None else None
-    unlistable = json.loads(unlistable[0]) if unlistable else []
     problems = []
     if not running:
         problems.append("no watch daemon holds this ledger")
