@@ -2,9 +2,9 @@
 
 Stages (each a function):
 
-* :func:`discover` walks folders (:func:`walk`) and yields every regular file, sorted, minus
-  hidden and temporary ones (dot-files, ``*.part``, ``*~``, ``*.tmp``), and a failure for each
-  folder it cannot list.
+* :func:`discover` walks folders (:func:`walk`) and yields every regular file, sorted; hidden and
+  temporary ones (dot-files, ``*.part``, ``*~``, ``*.tmp``) and hidden folders as skipped, unread;
+  and a failure for each folder it cannot list.
 * :func:`sniff` recognises DICOM (Part-10 ``DICM`` preamble, or a raw data set
   without one that parses), JPEG and PNG by their bytes, never their name.
 * :func:`read_record` reads the header (no pixels) into a :class:`Radiograph`
@@ -72,21 +72,32 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
 
 
+def ignored_reason(name: str, folder: bool = False) -> str:
+    """Why :func:`walk` leaves a hidden or temporary file, or a hidden folder, unread (see :func:`is_ignored`)."""
+    if folder:
+        return "a hidden folder (its name starts with '.'): not scanned"
+    if name.startswith("."):
+        return "a hidden file (its name starts with '.'): not read"
+    suffix = next(s for s in IGNORED_SUFFIXES if name.lower().endswith(s))
+    return f"a temporary name (*{suffix}): a transfer still under way, or one that failed; not read"
+
+
 def is_output_folder(folder: Path | str) -> bool:
     """Whether ``folder`` is where a cxrscreen writes (its lock, batch state or watch ledger is there)."""
     return any(os.path.exists(os.path.join(folder, marker)) for marker in OUTPUT_MARKERS)
 
 
-def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | None = None
-         ) -> Iterator[tuple[str, list[str], list[str]]]:
+def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | None = None,
+         left_out: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
     """:func:`os.walk` of ``root`` as discovery needs it: top-down, each folder's sub-folders and files sorted.
 
     * Links to folders are followed (an export may link a study's folder in from elsewhere), and each
       folder is walked once, known by its device and inode in ``seen`` (pass one set to share it between
       roots): a link back to a folder above it (a cycle) or to one walked already is not walked again,
       with a log line.
-    * Hidden folders and files and temporary files (:func:`is_ignored`) are left out, and cxrscreen's own
-      output folders (:func:`is_output_folder`) are not entered, with a log line.
+    * Hidden folders and files and temporary files (:func:`is_ignored`) are left out, each appended to
+      ``left_out`` (when given) as ``(path, why)`` (:func:`ignored_reason`); cxrscreen's own output folders
+      (:func:`is_output_folder`) are not entered, with a log line.
     * A folder that cannot be listed (no permission, an I/O error, removed while walked) is not skipped in
       silence: its :class:`OSError`, whose ``filename`` is the folder, is appended to ``errors`` as it is met,
       for the caller to report.
@@ -108,6 +119,10 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
             log.info("not scanning %s: a cxrscreen output folder (reports, not inputs)", folder)
             dirs[:] = []
             continue
+        if left_out is not None:
+            left_out.extend((os.path.join(folder, d), ignored_reason(d, folder=True)) for d in sorted(dirs)
+                            if d.startswith("."))
+            left_out.extend((os.path.join(folder, f), ignored_reason(f)) for f in sorted(files) if is_ignored(f))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         yield folder, dirs, sorted(name for name in files if not is_ignored(name))
 
@@ -124,8 +139,9 @@ def discover(inputs: Iterable[Path | str]) -> Iterator[Path | FileOutcome]:
     """Yield every candidate file under ``inputs`` (files or folders), recursively and sorted.
 
     Folders are walked by :func:`walk`: links to folders followed, each folder once (no cycles, and a
-    folder given twice is listed once); hidden and temporary files and folders ignored (see
-    :func:`is_ignored`), and so are cxrscreen's own output folders (:func:`is_output_folder`), with a log
+    folder given twice is listed once); hidden and temporary files and hidden folders are not read (see
+    :func:`is_ignored`) but come as SKIPPED :class:`FileOutcome` saying why, so that none disappears
+    from the run; cxrscreen's own output folders (:func:`is_output_folder`), with a log
     line: a ``--out`` inside the input would otherwise have its reports listed as skipped inputs, and its
     ``.dcm`` reports, which carry the study's UID, would join the study they report and change it, so that
     every re-run redid it. A folder that cannot be listed comes as a FAILED :class:`FileOutcome`
@@ -138,9 +154,13 @@ def discover(inputs: Iterable[Path | str]) -> Iterator[Path | FileOutcome]:
             yield root
             continue
         errors: list[OSError] = []
-        for folder, _dirs, files in walk(root, errors, seen):
+        left_out: list[tuple[str, str]] = []
+        for folder, _dirs, files in walk(root, errors, seen, left_out):
             while errors:
                 yield unlistable(errors.pop(0), root)
+            for path, why in left_out:
+                yield FileOutcome(Path(path), Status.SKIPPED, why, step="discover")
+            left_out.clear()
             for name in files:
                 yield Path(folder) / name
         for error in errors:

@@ -50,7 +50,7 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import group_studies, is_ignored, not_regular, read_record, walk
+from .ingest import IGNORED_SUFFIXES, group_studies, is_ignored, not_regular, read_record, walk
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -68,6 +68,7 @@ EMPTY_FOLDER_AGE = 3600.0    # --remove-empty-folders: seconds an inbox folder m
 SUMMARY_EVERY = 30.0         # seconds between summary/worklist rewrites while busy
 RETRY_SECONDS = 60.0         # a round that failed with a tool error is retried after this long
 DICOM_COMPLETE = "dicom_reports_complete"   # ledger meta: "yes" when every current report has its .dcm
+STALLED_TRANSFER_AGE = 3600.0  # seconds a *.part (or other temporary name) stays unchanged before it is logged
 UNLISTABLE_KEY = "unlistable_folders"      # ledger meta: JSON list of the inbox folders the last rescan could not list
 
 
@@ -262,6 +263,7 @@ class Watcher:
         self._rescan_soon = threading.Event()
         self.candidates: dict[str, _Candidate] = {}
         self._unlistable: set[str] = set()     # inbox folders that could not be listed at the last rescan
+        self._stalled: set[str] = set()        # temporary names logged as stalled transfers, still there
         self.known: dict[str, tuple[int, int]] = {}
         self.failed_files = 0
         self.reports_written = 0
@@ -504,12 +506,32 @@ class Watcher:
     def _rescan(self, now: float) -> None:
         root = os.path.normpath(self.inbox)
         errors: list[OSError] = []
-        for folder, dirs, files in walk(self.inbox, errors):
+        left_out: list[tuple[str, str]] = []
+        for folder, dirs, files in walk(self.inbox, errors, left_out=left_out):
             if self.options.remove_empty_folders and not dirs and not files and os.path.normpath(folder) != root:
                 self._remove_if_stale(folder)
             for name in files:
                 self._observe(os.path.normpath(os.path.join(folder, name)), now)
         self._report_unlistable(errors)
+        self._report_stalled([path for path, _ in left_out if path.lower().endswith(IGNORED_SUFFIXES)])
+
+    def _report_stalled(self, temporaries: list[str]) -> None:
+        """Log, once, a file of the inbox under a temporary name (``*.part``...) left unchanged for
+        STALLED_TRANSFER_AGE: a transfer that failed, whose study is then screened without it. It is never
+        read (it may be half a file); the log is where a daemon can say so."""
+        stalled = set()
+        for path in temporaries:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            age = time.time() - st.st_mtime
+            if stat_module.S_ISREG(st.st_mode) and age >= STALLED_TRANSFER_AGE:
+                stalled.add(path)
+                if path not in self._stalled:
+                    log.warning(kv(event="transfer_stalled", path=path, age_min=round(age / 60),
+                                   note="a temporary name unchanged this long: a transfer that failed? not read"))
+        self._stalled = stalled
 
     def _report_unlistable(self, errors: list[OSError]) -> None:
         """Log a folder of the inbox that cannot be listed when it becomes so, and again when it can be: its

@@ -221,8 +221,16 @@ def test_discovery_by_content_in_a_pacs_tree(tmp_path, chest_pixels):
     (tree / ".cache").mkdir()
     (tree / ".cache" / "IM9").write_bytes(b"x")
 
-    found = {p.relative_to(tree).as_posix() for p in discover([tree])}
+    found = {p.relative_to(tree).as_posix() for p in discover([tree]) if isinstance(p, Path)}
     assert found == {"DICOM/ST0/SE0/IM0", "weird.jpg", "raw_no_preamble.bin", "scan.png", "notes.txt"}
+    # hidden and temporary names are not read, and not lost either: each is listed, saying why
+    unread = {o.path.relative_to(tree).as_posix(): o for o in discover([tree]) if isinstance(o, FileOutcome)}
+    assert {name: (o.status, o.step) for name, o in unread.items()} == \
+        dict.fromkeys([".hidden.dcm", "incoming.dcm.part", "backup.dcm~", ".cache"], (Status.SKIPPED, "discover"))
+    assert unread[".hidden.dcm"].reason == "a hidden file (its name starts with '.'): not read"
+    assert unread["incoming.dcm.part"].reason == \
+        "a temporary name (*.part): a transfer still under way, or one that failed; not read"
+    assert unread[".cache"].reason == "a hidden folder (its name starts with '.'): not scanned"
     items = {p.path.relative_to(tree).as_posix(): p for p in scan([tree])}
     assert items["DICOM/ST0/SE0/IM0"].kind is FileKind.DICOM
     assert items["weird.jpg"].kind is FileKind.DICOM

@@ -547,6 +547,24 @@ def test_a_linked_folder_is_screened_and_one_that_cannot_be_listed_is_logged_and
                   if r["kind"] == "study") == ["LINKED", "LOCKED"]
 
 
+def test_a_transfer_left_under_a_temporary_name_is_logged_once_and_never_read(dirs, model, caplog):
+    """A *.part file that was never renamed (the sender failed) was ignored without a word, and its study
+    screened without that image: now the log says so, once, when it has not changed for an hour."""
+    inbox, out = dirs
+    write_study(inbox / "a", "partial", images=2)
+    stalled, fresh = inbox / "a" / "partial_002.dcm.part", inbox / "a" / "partial_003.dcm.part"
+    stalled.write_bytes((inbox / "a" / "partial_000.dcm").read_bytes()[:2000])
+    fresh.write_bytes(b"half a transfer")
+    two_hours_ago = time.time() - 2 * watch_module.STALLED_TRANSFER_AGE
+    os.utime(stalled, (two_hours_ago, two_hours_ago))
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        assert Watcher(WatchOptions(inbox, out, settle=0.2, rescan=0.1, gradcam="none", once=True),
+                       model=model).run() == 0
+    assert caplog.text.count("event=transfer_stalled") == 1
+    assert f"event=transfer_stalled path={stalled} age_min=120 " in caplog.text
+    assert done_studies(out) == 1 and ledger_rows(out, "SELECT COUNT(*) FROM files") == [(2,)]
+
+
 def test_remove_empty_folders_removes_only_folders_empty_and_unchanged_for_an_hour(dirs, model, tmp_path):
     """With --archive, a PACS that makes a folder per study left thousands of empty folders in the inbox,
     and every rescan walked them (on NFS, a round trip each)."""

@@ -80,7 +80,7 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
                              "of path,label")
         for value, folder in enumerate(folders):
             for path in discover([folder]):
-                if isinstance(path, FileOutcome):     # a folder that could not be listed
+                if isinstance(path, FileOutcome):     # a folder it could not list, a hidden or temporary file
                     left_out.append({"path": str(path.path), "reason": path.reason})
                     continue
                 try:
