@@ -64,7 +64,8 @@ def test_files_that_are_not_images_or_cannot_be_decoded_are_left_out_and_listed(
 
 
 def test_class_folders_are_found_in_any_case_as_calibrate_finds_them(labeled_folder, tmp_path):
-    """calibrate took `normal/` and `Pneumonia/`; training stopped with 'NORMAL not found'."""
+    """calibrate took `normal/` and `Pneumonia/`; training stopped with 'NORMAL not found', and passed over
+    a `Test/` split."""
     import shutil
 
     before = [(Path(e.path).name, e.label) for e in D.list_examples(labeled_folder / "train")]
@@ -74,6 +75,12 @@ def test_class_folders_are_found_in_any_case_as_calibrate_finds_them(labeled_fol
     shutil.rmtree(tmp_path / "data" / "normal")
     with pytest.raises(SystemExit, match="must hold NORMAL/ and PNEUMONIA/ folders"):
         D.list_examples(tmp_path / "data")
+    # and the split folders: a `Test/` was not found, and the card then had no test metrics, without a word
+    splits = tmp_path / "splits"
+    (splits / "Test").mkdir(parents=True)
+    (splits / "training.txt").write_text("notes")
+    assert D.split_folder(splits, "test") == splits / "Test"
+    assert D.split_folder(splits, "train") is None and D.split_folder(splits / "training.txt", "test") is None
 
 
 def test_patient_split_never_leaks_and_is_seeded(labeled_folder):

@@ -59,6 +59,15 @@ def patient_id(path: Path | str) -> str:
     return Path(name).stem
 
 
+def split_folder(data_dir: Path | str, name: str) -> Path | None:
+    """``data_dir``'s ``train`` or ``test`` folder, its name in any case (``Train/``), as the class folders
+    are found (:func:`cxrscreen.calibrate.class_folders`); None when there is none."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        return None
+    return next((p for p in sorted(data_dir.iterdir()) if p.name.lower() == name and p.is_dir()), None)
+
+
 def list_examples(source: Path | str, excluded: list[dict] | None = None, *, workers: int = 2) -> list[Example]:
     """Examples from ``DIR/{NORMAL,PNEUMONIA}/**`` (JPEG/PNG/DICOM, any depth) or a CSV of ``path,label``.
 

@@ -62,7 +62,7 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
         raise ModelError(f"{loaded[0].path}: card has no training split seed / validation fraction",
                          step="ensemble")
     data_dir = Path(data_dir)
-    train_source = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
+    train_source = D.split_folder(data_dir, "train") or data_dir
     excluded: list[dict] = []
     train, val = D.patient_split(D.list_examples(train_source, excluded, workers=workers), float(val_fraction),
                                  int(split_seed))

@@ -123,7 +123,7 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
 
     spec = PreprocessSpec(input_size=(config.input_size, config.input_size), equalize=config.equalize)
     data_dir = Path(data_dir)
-    train_source = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
+    train_source = D.split_folder(data_dir, "train") or data_dir
     excluded: list[dict] = []
     examples = D.list_examples(train_source, excluded, workers=config.workers)
     split_seed = config.seed if config.split_seed is None else config.split_seed
@@ -213,8 +213,8 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     threshold = threshold_for_sensitivity(val_scores, val_labels, target_sensitivity)
     val_point = operating_point(val_scores, val_labels, threshold)
     test_point, test_counts, test_scores, test_labels = None, None, None, None
-    if test_dir is None and (data_dir / "test").is_dir():
-        test_dir = data_dir / "test"
+    if test_dir is None:
+        test_dir = D.split_folder(data_dir, "test")
     if test_dir:
         left_out: list[dict] = []
         test = D.list_examples(test_dir, left_out, workers=workers)
