@@ -219,6 +219,13 @@ def not_screenable(path: Path, head: bytes | None = None) -> str:
         return f"a tar archive: {_ARCHIVE}"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return f"a WebP image: {_OTHER_IMAGE}"
+    if head[4:8] == b"ftyp":         # ISO base media: a phone's HEIC photograph, AVIF, or a video
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
+            return f"a HEIC/HEIF image (a phone's photograph): {_OTHER_IMAGE}"
+        if brand in (b"avif", b"avis"):
+            return f"an AVIF image: {_OTHER_IMAGE}"
+        return "an MP4 or QuickTime video (or other ISO media file), not an image"
     if len(head) >= 18 and head[:2] == b"BM" and head[6:10] == b"\0\0\0\0" and \
             int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):     # BITMAPINFOHEADER sizes
         return f"a BMP image: {_OTHER_IMAGE}"

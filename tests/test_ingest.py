@@ -705,7 +705,8 @@ def test_mutated_samples_each_end_as_an_outcome_of_their_own(tmp_path):
 
 
 def test_archives_and_other_image_formats_are_named_in_the_skip_reason(tmp_path):
-    """A study sent zipped, or exported as TIFF, was skipped as 'not a DICOM, JPEG or PNG file', like a log."""
+    """A study sent zipped, or exported as TIFF, was skipped as 'not a DICOM, JPEG or PNG file', like a log;
+    so was a phone's HEIC photograph of a film."""
     import gzip
     import tarfile
     import zipfile
@@ -724,6 +725,8 @@ def test_archives_and_other_image_formats_are_named_in_the_skip_reason(tmp_path)
     (tmp_path / "study.tgz").write_bytes(gzip.compress((tmp_path / "study.tar").read_bytes()))
     (tmp_path / "zipped.dcm").write_bytes((tmp_path / "study.zip").read_bytes())
     (tmp_path / "notes.txt").write_text("not an image\n")
+    for name, brand in (("IMG_0001.HEIC", b"heic"), ("x.avif", b"avif"), ("clip.mp4", b"isom")):   # ISO media
+        (tmp_path / name).write_bytes(b"\x00\x00\x00\x18ftyp" + brand + b"\x00\x00\x00\x00mif1" + brand + bytes(600))
     reasons = {item.path.name: (item.status, item.reason) for item in scan([tmp_path])}
     unpack, export = "unpack it to screen the files it holds", "export the image as one of them"
     assert reasons == {
@@ -737,6 +740,10 @@ def test_archives_and_other_image_formats_are_named_in_the_skip_reason(tmp_path)
         "study.tgz": (Status.SKIPPED, f"a gzip-compressed file: {unpack}"),
         "zipped.dcm": (Status.FAILED, f"named .dcm but is not DICOM: a ZIP archive: {unpack}"),
         "notes.txt": (Status.SKIPPED, "not a DICOM, JPEG or PNG file"),
+        "IMG_0001.HEIC": (Status.SKIPPED, f"a HEIC/HEIF image (a phone's photograph): cxrscreen reads DICOM, JPEG "
+                                          f"and PNG: {export}"),
+        "x.avif": (Status.SKIPPED, f"an AVIF image: cxrscreen reads DICOM, JPEG and PNG: {export}"),
+        "clip.mp4": (Status.SKIPPED, "an MP4 or QuickTime video (or other ISO media file), not an image"),
     }
     with pytest.raises(InputError, match="a TIFF image"):
         load_unit_image(tmp_path / "x.tif")
