@@ -39,7 +39,7 @@ from typing import Iterator
 
 from .errors import OutputError, UsageError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # How a state file of an older schema is brought up to date, step by step, when it is opened.
 _MIGRATIONS = {
@@ -54,6 +54,10 @@ _MIGRATIONS = {
         "ALTER TABLE studies ADD COLUMN appearance_caution TEXT NOT NULL DEFAULT ''"),
     # 3 -> 4: a study keeps how many frames of its multi-frame images its latest report did not score
     3: ("ALTER TABLE studies ADD COLUMN unscored_frames INTEGER NOT NULL DEFAULT 0",),
+    # 4 -> 5: files and studies keep the patient's name (the worklist shows it beside the ID); rows made
+    # before stay without one until their study is reported again
+    4: ("ALTER TABLE files ADD COLUMN patient_name TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE studies ADD COLUMN patient_name TEXT NOT NULL DEFAULT ''"),
 }
 
 _SCHEMA = """
@@ -75,7 +79,8 @@ CREATE TABLE IF NOT EXISTS files (
     version INTEGER NOT NULL DEFAULT 0,
     patient_id TEXT NOT NULL DEFAULT '',
     accession TEXT NOT NULL DEFAULT '',
-    study_date TEXT NOT NULL DEFAULT ''
+    study_date TEXT NOT NULL DEFAULT '',
+    patient_name TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS files_location ON files (location);
 CREATE INDEX IF NOT EXISTS files_study ON files (study_uid);
@@ -97,7 +102,8 @@ CREATE TABLE IF NOT EXISTS studies (
     warning TEXT NOT NULL DEFAULT '',
     appearance REAL,
     appearance_caution TEXT NOT NULL DEFAULT '',
-    unscored_frames INTEGER NOT NULL DEFAULT 0
+    unscored_frames INTEGER NOT NULL DEFAULT 0,
+    patient_name TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS studies_status ON studies (status, last_arrival);
 CREATE TABLE IF NOT EXISTS reports (
@@ -134,6 +140,7 @@ class FileRow:
     patient_id: str
     accession: str
     study_date: str
+    patient_name: str
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,7 @@ class StudyRow:
     appearance: float | None
     appearance_caution: str
     unscored_frames: int
+    patient_name: str
 
 
 def _to_sqlite(value):
@@ -316,7 +324,7 @@ class Ledger:
 
     def take_file(self, *, path: str, size: int, mtime_ns: int, sha256: str, study_uid: str, status: str,
                   step: str = "", tag: str = "", reason: str = "", patient_id: str = "", accession: str = "",
-                  study_date: str = "", now: float | None = None) -> int:
+                  study_date: str = "", patient_name: str = "", now: float | None = None) -> int:
         """Record a settled file. A pending image makes its study pending (again, if it was reported)."""
         now = time.time() if now is None else now
         with self.transaction() as db:
@@ -329,9 +337,10 @@ class Ledger:
                                (" [overwritten in the inbox by newer content]", previous.id))
             cursor = db.execute(
                 "INSERT INTO files (inbox_path, location, size, mtime_ns, sha256, study_uid, status, step, tag, "
-                "reason, taken_at, patient_id, accession, study_date) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "reason, taken_at, patient_id, accession, study_date, patient_name) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (path, path, size, mtime_ns, sha256, study_uid, status, step, tag, reason, now, patient_id,
-                 accession, study_date))
+                 accession, study_date, patient_name))
             if status == "pending" and study_uid:
                 db.execute("INSERT INTO studies (study_uid, status, last_arrival, updated) VALUES (?, 'pending', ?, ?) "
                            "ON CONFLICT(study_uid) DO UPDATE SET status = 'pending', last_arrival = excluded.last_arrival,"
@@ -411,10 +420,12 @@ class Ledger:
                             sum(o[0] == "scored" for o in outcomes.values()), now))
                 db.execute("UPDATE studies SET status = ?, version = ?, report_base = ?, report = ?, score = ?, "
                            "flag = ?, patient_id = ?, accession = ?, study_date = ?, reason = ?, updated = ?, "
-                           "warning = ?, appearance = ?, appearance_caution = ?, unscored_frames = ? WHERE study_uid = ?",
+                           "warning = ?, appearance = ?, appearance_caution = ?, unscored_frames = ?, patient_name = ? "
+                           "WHERE study_uid = ?",
                            (status, version, report_base, report, score, flag, identity.get("patient_id", ""),
                             identity.get("accession", ""), identity.get("study_date", ""), reason, now,
-                            warning, appearance, appearance_caution, unscored_frames, study_uid))
+                            warning, appearance, appearance_caution, unscored_frames, identity.get("patient_name", ""),
+                            study_uid))
             else:
                 db.execute("UPDATE studies SET status = ?, reason = ?, updated = ? WHERE study_uid = ?",
                            (status, reason, now, study_uid))

@@ -703,8 +703,8 @@ def _study_row(result: StudyResult, threshold: float) -> dict:
     scored = score is not None
     return study_row(study.study_uid, threshold, status="scored" if scored else "failed",
                      flag="yes" if scored and score >= threshold else "no", score=round(score, 6) if scored else "",
-                     patient_id=first.patient_id, accession=first.accession, study_date=first.study_date,
-                     report=report_filename(study) if scored else "", files=[str(p) for p in study.source_files],
+                     patient_id=first.patient_id, patient_name=first.patient_name, accession=first.accession,
+                     study_date=first.study_date, report=report_filename(study) if scored else "", files=[str(p) for p in study.source_files],
                      reason="; ".join(f"{o.path.name}: {o.reason}" for o in result.failed),
                      warning=result.warning if scored else "",
                      appearance=round(result.appearance, 3) if result.appearance is not None else "",
@@ -716,6 +716,7 @@ def pending_study_row(study: Study, threshold: float) -> dict:
     """The summary row of a study that a stopped run did not screen (status ``pending``)."""
     first = study.first
     return study_row(study.study_uid, threshold, status="pending", patient_id=first.patient_id if first else "",
+                     patient_name=first.patient_name if first else "",
                      accession=first.accession if first else "", study_date=first.study_date if first else "",
                      files=[str(p) for p in study.source_files],
                      reason="not screened: the run was stopped before this study; run the same command again "
@@ -750,7 +751,8 @@ def _file_rows(studies: list[Study], loose: list[FileOutcome], results: list[Stu
 def file_rows(outcomes: list[FileOutcome]) -> list[dict]:
     """Summary rows of skipped and failed files, failures first (every column; the study's ones blank)."""
     return [{**dict.fromkeys(SUMMARY_FIELDS, ""), "kind": "file", "status": o.status.value,
-             "study_uid": o.study_uid, "patient_id": o.patient_id, "accession": o.accession,
+             "study_uid": o.study_uid, "patient_id": o.patient_id, "patient_name": o.patient_name,
+             "accession": o.accession,
              "study_date": o.study_date, "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag,
              "reason": o.reason}
             for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]
@@ -762,7 +764,7 @@ def unscreened_study_rows(files: list[dict], threshold: float, screened: Callabl
 
     ``screened(uid)`` says whether the study has (or is getting) a row of its own. The row's status is
     ``failed`` when any of its files failed, else ``skipped``; its reason names each file, and its patient
-    id, accession and date are the first its files' headers gave. Files with no study UID (not DICOM, or
+    id and name, accession and date are the first its files' headers gave. Files with no study UID (not DICOM, or
     unreadable) stay file rows only.
     """
     by_study: dict[str, list[dict]] = {}
@@ -773,7 +775,7 @@ def unscreened_study_rows(files: list[dict], threshold: float, screened: Callabl
                       files=[r["path"] for r in rows],
                       reason="; ".join(f"{Path(r['path']).name}: {r['status']}, {r['reason']}" for r in rows),
                       **{key: next((r[key] for r in rows if r[key]), "")
-                         for key in ("patient_id", "accession", "study_date")})
+                         for key in ("patient_id", "patient_name", "accession", "study_date")})
             for uid, rows in by_study.items()]
 
 

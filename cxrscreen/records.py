@@ -32,10 +32,10 @@ class _OfAStudy:
     """A record that names its study: what the summary shows of a study, whatever its files' fate."""
 
     def identifiers(self) -> dict[str, str]:
-        """``study_uid``, ``patient_id``, ``accession``, ``study_date``: given to the outcome of a file
-        of this study that is not scored, so that a study with no scored file can still be found."""
-        return {"study_uid": self.study_uid, "patient_id": self.patient_id, "accession": self.accession,
-                "study_date": self.study_date}
+        """``study_uid``, ``patient_id``, ``patient_name``, ``accession``, ``study_date``: given to the outcome
+        of a file of this study that is not scored, so that a study with no scored file can still be found."""
+        return {"study_uid": self.study_uid, "patient_id": self.patient_id, "patient_name": self.patient_name,
+                "accession": self.accession, "study_date": self.study_date}
 
 
 _AGE_UNIT_DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
@@ -140,6 +140,7 @@ class FileOutcome(_OfAStudy):
     patient_id: str = ""
     accession: str = ""
     study_date: str = ""
+    patient_name: str = ""      # the DICOM PN value as read
 
     @classmethod
     def from_error(cls, error, **identifiers: str) -> "FileOutcome":

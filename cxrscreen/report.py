@@ -297,7 +297,8 @@ def brief_caution(warning: str, appearance_caution: str = "", unscored_frames: i
     return CAUTION_SEPARATOR.join(cautions)
 
 
-SUMMARY_FIELDS = ("rank", "kind", "status", "flag", "score", "threshold", "study_uid", "patient_id", "accession",
+SUMMARY_FIELDS = ("rank", "kind", "status", "flag", "score", "threshold", "study_uid", "patient_id", "patient_name",
+                  "accession",
                   "study_date", "report", "files", "path", "step", "tag", "reason", "warning", "appearance",
                   "appearance_caution", "unscored_frames")
 
@@ -360,20 +361,20 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
                                      "not screened (listed as pending). Run the same command again to screen "
                                      "them; the studies reported are reused."),
                                   styles["BodyText"].clone("stopped", textColor=colors.HexColor("#b00020")))]
-    header = ["#", "Flag", "Score", "Patient ID", "Accession", "Study date", "Study UID", "Report", "Caution"]
+    header = ["#", "Flag", "Score", "Patient ID", "Patient", "Accession", "Study date", "Study UID", "Report", "Caution"]
     small = styles["BodyText"].clone("cell", fontSize=7, leading=8)
     for start in range(0, max(len(studies), 1), per_page):
         chunk = studies[start:start + per_page]
         data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
                             f"{float(r['score']):.3f}", paragraph(r["patient_id"], small),
-                            paragraph(r["accession"], small), display_date(r["study_date"]),
+                            paragraph(person_name(r.get("patient_name", "")), small), paragraph(r["accession"], small), display_date(r["study_date"]),
                             r["study_uid"][-24:],
                             _report_link(r["report"], small) if r["report"] else paragraph(r["status"], small),
                             Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""),
                                                         r.get("unscored_frames", 0))),
                                       small)]
                            for r in chunk]
-        table = Table(data, repeatRows=1, colWidths=[w * mm for w in (7, 12, 10, 24, 22, 15, 42, 70, 44)])
+        table = Table(data, repeatRows=1, colWidths=[w * mm for w in (7, 12, 10, 22, 32, 24, 15, 38, 68, 45)])
         style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey),
                  ("VALIGN", (0, 0), (-1, -1), "TOP")]
         for i, r in enumerate(chunk, start=1):
@@ -399,4 +400,5 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
         story.append(table)
     story += [Spacer(1, 4 * mm), Paragraph(f"<b>{_p(DISCLAIMER)}</b>", styles["BodyText"])]
     with atomic_write(path) as handle:
-        SimpleDocTemplate(handle, pagesize=landscape(A4), title="cxrscreen worklist", author="cxrscreen").build(story)
+        SimpleDocTemplate(handle, pagesize=landscape(A4), leftMargin=12 * mm, rightMargin=12 * mm,     # 273 mm wide
+                          title="cxrscreen worklist", author="cxrscreen").build(story)

@@ -878,7 +878,8 @@ class Watcher:
         files = self.ledger.study_files(s.study_uid)
         known = next((f for f in files if f.patient_id or f.accession), files[0] if files else None)
         return study_row(s.study_uid, self.threshold, status="pending",
-                         patient_id=known.patient_id if known else "", accession=known.accession if known else "",
+                         patient_id=known.patient_id if known else "", patient_name=known.patient_name if known else "",
+                         accession=known.accession if known else "",
                          study_date=known.study_date if known else "", files=[f.location for f in files],
                          reason=self._held.get(s.study_uid) or "not reported yet: screened once no new file of it "
                                                                f"has come for {self.options.settle:g} s (--settle)")
@@ -895,8 +896,8 @@ class Watcher:
                 continue
             rows.append(study_row(s.study_uid, self.threshold, status="scored" if s.version else "failed",
                                   flag=s.flag or "no", score=round(s.score, 6) if s.score is not None else "",
-                                  patient_id=s.patient_id, accession=s.accession, study_date=s.study_date,
-                                  report=s.report, version=s.version, pending_amendment=s.status == "pending",
+                                  patient_id=s.patient_id, patient_name=s.patient_name, accession=s.accession,
+                                  study_date=s.study_date, report=s.report, version=s.version, pending_amendment=s.status == "pending",
                                   warning=s.warning, appearance=round(s.appearance, 3) if s.appearance is not None
                                   else "", appearance_caution=s.appearance_caution,
                                   unscored_frames=s.unscored_frames if s.version else "",
@@ -905,7 +906,8 @@ class Watcher:
                                                                if s.status == "pending" else "") if x)))
         outcomes = [FileOutcome(Path(f.location or f.inbox_path), Status(f.status), f.reason, step=f.step, tag=f.tag,
                                 study_uid=f.study_uid, patient_id=f.patient_id, accession=f.accession,
-                                study_date=f.study_date) for f in self.ledger.failed_and_skipped(since)]
+                                study_date=f.study_date, patient_name=f.patient_name)
+                    for f in self.ledger.failed_and_skipped(since)]
         files = file_rows(outcomes)
         listed = {r["study_uid"] for r in rows}
         # a study the ledger knows (pending, screened earlier, failed) is not "unscreened"

@@ -110,6 +110,13 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     links = [a.get_object()["/A"] for page in PdfReader(out / "worklist.pdf").pages for a in page.get("/Annots", [])]
     assert [(a["/S"], a["/F"]) for a in links] == [("/GoToR", r["report"]) for r in studies]
     assert "patient aged 6 years" in worklist
+    # the patient's name beside the ID (two identifiers), in the worklist as the reports show it, in the
+    # summary as read; a study with nothing screenable has it from its files' headers too
+    from cxrscreen.typeset import person_name
+
+    named = {r["patient_id"]: r["patient_name"] for r in all_studies if r["patient_id"]}
+    assert len(named) == 6 and named["CXR-0007"] == "SAMPLE^FARID" and all(v.startswith("SAMPLE^") for v in named.values())
+    assert all(person_name(v) in worklist for v in named.values()) and "SAMPLE, FARID" in worklist
     assert worklist.index("corrupt.dcm") < worklist.index("IM0002.dcm")
     for name in ("SR0001.dcm", "not frontal", "no pixel data"):
         assert name in worklist

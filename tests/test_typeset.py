@@ -68,7 +68,7 @@ def test_a_script_no_font_has_is_named_not_printed_with_gaps():
 @pytest.fixture
 def reports(tmp_path, write_dicom):
     """A report for each name of NAMES, written through the reader from files in their character set,
-    and a worklist with their patient IDs."""
+    and a worklist with their patient IDs and names."""
     from cxrscreen.ingest import group_studies, read_record
     from cxrscreen.report import (SUMMARY_FIELDS, ImageResult, StudyResult, report_filename, write_study_report,
                                   write_worklist)
@@ -88,7 +88,7 @@ def reports(tmp_path, write_dicom):
                                   model_name="m", model_sha256="0" * 64)
         rows.append({**dict.fromkeys(SUMMARY_FIELDS, ""), "kind": "study", "status": "scored", "flag": "no",
                      "score": 0.5, "study_uid": study.study_uid, "patient_id": study.first.patient_id,
-                     "report": str(path)})
+                     "patient_name": study.first.patient_name, "report": str(path)})
     write_worklist(out / "worklist.pdf", rows, {"model": "m", "threshold": 0.7})
     return {study.first.path.stem: out / report_filename(study) for study in studies}, out / "worklist.pdf"
 
@@ -105,6 +105,7 @@ def test_reports_print_names_of_every_character_set_in_embedded_unicode_fonts(re
         latin = key == "latin1"                 # Windows-1252 text stays in the standard fonts: nothing embedded
         assert any(f.endswith("+DejaVuSans") for f in fonts) is not latin, (key, fonts)
     assert all(pid in pdf_text(worklist) for *_, pid in NAMES.values())
+    assert all(shown in pdf_text(worklist) for _, _, shown, _ in NAMES.values())    # the name beside the ID
 
 
 # Avraham Yehoshua Heschel Ben-Ami HaCohen of Jerusalem: long enough to wrap in the report's name cell

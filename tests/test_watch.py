@@ -377,6 +377,9 @@ def test_a_study_with_no_frontal_image_has_a_study_row_in_the_summary(dirs, mode
     assert side["rank"] == 2 and side["score"] == "" and not side["report"] and side["patient_id"] == "SIDE"
     assert "side.dcm: skipped, view 'LL'" in side["reason"]
     assert [r["study_uid"] for r in rows if r["kind"] == "file"] == [side["study_uid"]]
+    # the patient's name, kept by the ledger for the scored study, the skipped one and its file alike
+    assert {r["patient_name"] for r in rows} == {"SYNTHETIC^PATIENT"}
+    assert pdf_text(out / "worklist.pdf").count("SYNTHETIC, PATIENT") == 2
 
 
 def test_a_full_output_disk_is_logged_and_retried_and_never_stops_the_daemon(dirs, model, monkeypatch, caplog):
@@ -852,22 +855,24 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
     db.close()
     ledger = Ledger(path)
     try:
-        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
         old = ledger.file_at("/in/a.dcm")
-        assert (old.study_uid, old.reason, old.patient_id) == ("1.2.3", "view LL", "")
+        assert (old.study_uid, old.reason, old.patient_id, old.patient_name) == ("1.2.3", "view LL", "", "")
         migrated = ledger.study("1.2.3")
-        assert (migrated.warning, migrated.appearance, migrated.unscored_frames) == ("", None, 0)
+        assert (migrated.warning, migrated.appearance, migrated.unscored_frames, migrated.patient_name) == \
+            ("", None, 0, "")
         ledger.take_file(path="/in/b.dcm", size=1, mtime_ns=1, sha256="cd", study_uid="1.2.3", status="skipped",
-                         patient_id="P1", accession="A1", study_date="20261122")
+                         patient_id="P1", accession="A1", study_date="20261122", patient_name="Doe^Jane")
         new = ledger.file_at("/in/b.dcm")
-        assert (new.patient_id, new.accession, new.study_date) == ("P1", "A1", "20261122")
+        assert (new.patient_id, new.accession, new.study_date, new.patient_name) == \
+            ("P1", "A1", "20261122", "Doe^Jane")
         ledger.set_meta("schema_version", SCHEMA_VERSION + 1)
     finally:
         ledger.close()
     with pytest.raises(UsageError, match="newer than this cxrscreen"):
         Ledger(path)
     fresh = Ledger(tmp_path / "fresh.sqlite")
-    assert fresh.get_meta("schema_version") == "4" and fresh.file_at("/nowhere") is None
+    assert fresh.get_meta("schema_version") == "5" and fresh.file_at("/nowhere") is None
     fresh.close()
 
 
