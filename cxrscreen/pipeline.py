@@ -701,10 +701,9 @@ def study_row(study_uid: str, threshold: float, **fields) -> dict:
 def _study_row(result: StudyResult, threshold: float) -> dict:
     study, first, score = result.study, result.study.first, result.score
     scored = score is not None
-    return study_row(study.study_uid, threshold, status="scored" if scored else "failed",
+    return study_row(threshold=threshold, **first.identifiers(), status="scored" if scored else "failed",
                      flag="yes" if scored and score >= threshold else "no", score=round(score, 6) if scored else "",
-                     patient_id=first.patient_id, patient_name=first.patient_name, accession=first.accession,
-                     study_date=first.study_date, report=report_filename(study) if scored else "", files=[str(p) for p in study.source_files],
+                     report=report_filename(study) if scored else "", files=[str(p) for p in study.source_files],
                      reason="; ".join(f"{o.path.name}: {o.reason}" for o in result.failed),
                      warning=result.warning if scored else "",
                      appearance=round(result.appearance, 3) if result.appearance is not None else "",
@@ -714,11 +713,8 @@ def _study_row(result: StudyResult, threshold: float) -> dict:
 
 def pending_study_row(study: Study, threshold: float) -> dict:
     """The summary row of a study that a stopped run did not screen (status ``pending``)."""
-    first = study.first
-    return study_row(study.study_uid, threshold, status="pending", patient_id=first.patient_id if first else "",
-                     patient_name=first.patient_name if first else "",
-                     accession=first.accession if first else "", study_date=first.study_date if first else "",
-                     files=[str(p) for p in study.source_files],
+    identity = study.first.identifiers() if study.first else {"study_uid": study.study_uid}
+    return study_row(threshold=threshold, **identity, status="pending", files=[str(p) for p in study.source_files],
                      reason="not screened: the run was stopped before this study; run the same command again "
                             "to screen it (the studies reported are reused)")
 
@@ -750,11 +746,8 @@ def _file_rows(studies: list[Study], loose: list[FileOutcome], results: list[Stu
 
 def file_rows(outcomes: list[FileOutcome]) -> list[dict]:
     """Summary rows of skipped and failed files, failures first (every column; the study's ones blank)."""
-    return [{**dict.fromkeys(SUMMARY_FIELDS, ""), "kind": "file", "status": o.status.value,
-             "study_uid": o.study_uid, "patient_id": o.patient_id, "patient_name": o.patient_name,
-             "accession": o.accession,
-             "study_date": o.study_date, "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag,
-             "reason": o.reason}
+    return [{**dict.fromkeys(SUMMARY_FIELDS, ""), "kind": "file", "status": o.status.value, **o.identifiers(),
+             "files": [str(o.path)], "path": str(o.path), "step": o.step, "tag": o.tag, "reason": o.reason}
             for o in sorted(outcomes, key=lambda o: (o.status != Status.FAILED, str(o.path)))]
 
 
