@@ -67,9 +67,14 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # --------------------------------------------------------------------------- discovery
 
+def temporary_suffix(name: str) -> str:
+    """The suffix of :data:`IGNORED_SUFFIXES` that marks ``name`` as a transfer's temporary file, or ''."""
+    return next((suffix for suffix in IGNORED_SUFFIXES if name.lower().endswith(suffix)), "")
+
+
 def is_ignored(name: str) -> bool:
     """Hidden or temporary files, which a transfer in progress leaves behind."""
-    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
+    return name.startswith(".") or bool(temporary_suffix(name))
 
 
 def ignored_reason(name: str, folder: bool = False) -> str:
@@ -78,8 +83,7 @@ def ignored_reason(name: str, folder: bool = False) -> str:
         return "a hidden folder (its name starts with '.'): not scanned"
     if name.startswith("."):
         return "a hidden file (its name starts with '.'): not read"
-    suffix = next(s for s in IGNORED_SUFFIXES if name.lower().endswith(s))
-    return f"a temporary name (*{suffix}): a transfer still under way, or one that failed; not read"
+    return f"a temporary name (*{temporary_suffix(name)}): a transfer still under way, or one that failed; not read"
 
 
 def is_output_folder(folder: Path | str) -> bool:

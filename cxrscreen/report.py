@@ -298,8 +298,7 @@ def brief_caution(warning: str, appearance_caution: str = "", unscored_frames: i
 
 
 SUMMARY_FIELDS = ("rank", "kind", "status", "flag", "score", "threshold", "study_uid", "patient_id", "patient_name",
-                  "accession",
-                  "study_date", "report", "files", "path", "step", "tag", "reason", "warning", "appearance",
+                  "accession", "study_date", "report", "files", "path", "step", "tag", "reason", "warning", "appearance",
                   "appearance_caution", "unscored_frames")
 
 
@@ -370,7 +369,8 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
         chunk = studies[start:start + per_page]
         data = [header] + [[r["rank"], "REVIEW" if r["flag"] == "yes" else "", "" if r["score"] == "" else
                             f"{float(r['score']):.3f}", paragraph(r["patient_id"], small),
-                            paragraph(person_name(r.get("patient_name", "")), small), paragraph(r["accession"], small), display_date(r["study_date"]),
+                            paragraph(person_name(r.get("patient_name", "")), small),
+                            paragraph(r["accession"], small), display_date(r["study_date"]),
                             r["study_uid"][-24:],
                             _report_link(r["report"], small) if r["report"] else paragraph(r["status"], small),
                             Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""),

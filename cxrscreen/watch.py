@@ -50,7 +50,7 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import IGNORED_SUFFIXES, group_studies, is_ignored, not_regular, read_record, walk
+from .ingest import group_studies, is_ignored, not_regular, read_record, temporary_suffix, walk
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -513,7 +513,7 @@ class Watcher:
             for name in files:
                 self._observe(os.path.normpath(os.path.join(folder, name)), now)
         self._report_unlistable(errors)
-        self._report_stalled([path for path, _ in left_out if path.lower().endswith(IGNORED_SUFFIXES)])
+        self._report_stalled([path for path, _ in left_out if temporary_suffix(path)])
 
     def _report_stalled(self, temporaries: list[str]) -> None:
         """Log, once, a file of the inbox under a temporary name (``*.part``...) left unchanged for
