@@ -30,7 +30,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -92,7 +92,8 @@ def is_output_folder(folder: Path | str) -> bool:
 
 
 def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | None = None,
-         left_out: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+         left_out: list[tuple[str, str]] | None = None, avoid: Mapping[tuple[int, int], str] | None = None
+         ) -> Iterator[tuple[str, list[str], list[str]]]:
     """:func:`os.walk` of ``root`` as discovery needs it: top-down, each folder's sub-folders and files sorted.
 
     * Links to folders are followed (an export may link a study's folder in from elsewhere), and each
@@ -102,6 +103,9 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
     * Hidden folders and files and temporary files (:func:`is_ignored`) are left out, each appended to
       ``left_out`` (when given) as ``(path, why)`` (:func:`ignored_reason`); cxrscreen's own output folders
       (:func:`is_output_folder`) are not entered, with a log line.
+    * A folder whose device and inode are in ``avoid`` (watch's archive and quarantine, which a link in the
+      inbox may reach: their files would be taken again, and moved into themselves) is not entered; it is
+      appended to ``left_out`` as ``(path, "the <avoid's name> folder ...")``.
     * A folder that cannot be listed (no permission, an I/O error, removed while walked) is not skipped in
       silence: its :class:`OSError`, whose ``filename`` is the folder, is appended to ``errors`` as it is met,
       for the caller to report.
@@ -119,6 +123,12 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
+        if avoid and (st.st_dev, st.st_ino) in avoid:
+            if left_out is not None:
+                left_out.append((folder, f"the {avoid[st.st_dev, st.st_ino]} folder, reached through a link: "
+                                         "not scanned as input"))
+            dirs[:] = []
+            continue
         if is_output_folder(folder):
             log.info("not scanning %s: a cxrscreen output folder (reports, not inputs)", folder)
             dirs[:] = []

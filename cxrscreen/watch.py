@@ -264,6 +264,7 @@ class Watcher:
         self.candidates: dict[str, _Candidate] = {}
         self._unlistable: set[str] = set()     # inbox folders that could not be listed at the last rescan
         self._stalled: set[str] = set()        # temporary names logged as stalled transfers, still there
+        self._linked_own: set[str] = set()     # links in the inbox to our own folders, logged, still there
         self.known: dict[str, tuple[int, int]] = {}
         self.failed_files = 0
         self.reports_written = 0
@@ -507,13 +508,47 @@ class Watcher:
         root = os.path.normpath(self.inbox)
         errors: list[OSError] = []
         left_out: list[tuple[str, str]] = []
-        for folder, dirs, files in walk(self.inbox, errors, left_out=left_out):
+        own = self._own_folders()
+        for folder, dirs, files in walk(self.inbox, errors, left_out=left_out, avoid=own):
             if self.options.remove_empty_folders and not dirs and not files and os.path.normpath(folder) != root:
                 self._remove_if_stale(folder)
             for name in files:
                 self._observe(os.path.normpath(os.path.join(folder, name)), now)
         self._report_unlistable(errors)
         self._report_stalled([path for path, _ in left_out if temporary_suffix(path)])
+        self._report_links_to_own(left_out, own)
+
+    def _own_folders(self) -> dict[tuple[int, int], str]:
+        """The device and inode of the folders this daemon writes to (``--archive`` and ``--quarantine``,
+        ``--out``, the ledger's), by option name: a link in the inbox to one of them is not walked. The archive
+        and quarantine carry no marker that :func:`~cxrscreen.ingest.walk` would know them by, and through such
+        a link every rescan took the files archived as new ones and moved them into the archive again, one
+        folder deeper each time (a quarantined file, failed again, likewise, its ``.reason.txt`` with it)."""
+        own = {}
+        for name, folder in (("--out", self.out), ("--archive", self.options.archive),
+                             ("--quarantine", self.options.quarantine), ("--state", self.options.state_file.parent)):
+            try:
+                st = os.stat(folder) if folder is not None else None
+            except OSError:                 # not made yet (the archive is made by the first move)
+                continue
+            if st is not None:
+                own.setdefault((st.st_dev, st.st_ino), name)
+        return own
+
+    def _report_links_to_own(self, left_out: list[tuple[str, str]], own: dict[tuple[int, int], str]) -> None:
+        """Log, once, a link in the inbox to one of the daemon's own folders, which is not walked."""
+        linked = set()
+        for path, why in left_out:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in own:
+                linked.add(path)
+                if path not in self._linked_own:
+                    log.warning(kv(event="link_to_own_folder", path=path, folder=own[st.st_dev, st.st_ino],
+                                   note="not scanned: its files would be taken again as new ones"))
+        self._linked_own = linked
 
     def _report_stalled(self, temporaries: list[str]) -> None:
         """Log, once, a file of the inbox under a temporary name (``*.part``...) left unchanged for
@@ -573,7 +608,8 @@ class Watcher:
                 self.candidates.pop(path, None)
                 return
             special = True
-        if stat_module.S_ISDIR(st.st_mode):
+        if stat_module.S_ISDIR(st.st_mode):     # a dangling link whose target came as a folder: walked, not read
+            self.candidates.pop(path, None)
             return
         special = special or not stat_module.S_ISREG(st.st_mode)    # a FIFO, socket or device: never opened
         signature = (st.st_size, st.st_mtime_ns)

@@ -786,6 +786,42 @@ def test_restart_with_archive_moves_handled_files_and_finishes_an_interrupted_mo
     assert len(reports(out)) == 1
 
 
+def test_a_link_in_the_inbox_to_the_archive_or_quarantine_is_not_walked(dirs, model, tmp_path, caplog):
+    """Through such a link each run took the files it had archived as new ones (identical copies, skipped) and
+    moved them into the archive again, one folder deeper each time; a quarantined file was failed again, and
+    its .reason.txt taken as input. Now such a link is not walked, and the log says so, once a run."""
+    inbox, out = dirs
+    archive, quarantine = tmp_path / "archive", tmp_path / "quarantine"
+    archive.mkdir(), quarantine.mkdir()
+    write_study(inbox / "s", "kept")
+    (inbox / "s" / "broken.dcm").write_bytes(dicom_bytes(tmp_path, "broken")[:-3000])     # a truncated copy
+    (inbox / "old").symlink_to(archive, target_is_directory=True)
+    (inbox / "bad").symlink_to(quarantine, target_is_directory=True)
+    (inbox / "reports").symlink_to(out, target_is_directory=True)
+    options = dict(archive=archive, quarantine=quarantine, settle=0.2, rescan=0.1, gradcam="none", once=True)
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        runs = [Watcher(WatchOptions(inbox, out, **options), model=model).run() for _ in range(3)]
+    assert runs == [1, 0, 0]        # the broken file, failed once
+    files = sorted(str(p.relative_to(tmp_path)) for p in (archive, quarantine) for p in p.rglob("*") if p.is_file())
+    assert files == ["archive/s/kept_000.dcm", "quarantine/s/broken.dcm", "quarantine/s/broken.dcm.reason.txt"]
+    assert ledger_rows(out, "SELECT COUNT(*) FROM files") == [(2,)] and done_studies(out) == 1
+    for link, folder in (("old", "--archive"), ("bad", "--quarantine"), ("reports", "--out")):
+        assert caplog.text.count(f"event=link_to_own_folder path={inbox / link} folder={folder} ") == 3
+
+
+def test_a_dangling_link_whose_target_comes_as_a_folder_is_not_taken_as_a_file(dirs, tmp_path):
+    """It was kept as a candidate file and, once settled, failed ("is a directory") and moved to quarantine:
+    the link itself, out of the inbox."""
+    inbox, out = dirs
+    (inbox / "later").symlink_to(tmp_path / "later", target_is_directory=True)
+    watcher = Watcher(WatchOptions(inbox, out, settle=0.0, rescan=1.0, gradcam="none"))
+    watcher._observe(str(inbox / "later"), 0.0)
+    assert watcher.candidates[str(inbox / "later")].special
+    (tmp_path / "later").mkdir()
+    watcher._observe(str(inbox / "later"), 1.0)
+    assert watcher.candidates == {}
+
+
 def test_options_refuse_folders_inside_the_inbox(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
