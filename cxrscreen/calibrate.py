@@ -122,9 +122,11 @@ def bootstrap_intervals(scores, labels, threshold: float, n_boot: int = 2000, se
     """Percentile bootstrap intervals of AUC, sensitivity, specificity and accuracy at a fixed threshold.
 
     Resampling is stratified by class. With ``groups`` (one value per case, e.g. the patient), whole
-    groups are resampled, each class's cases of a group together: the images or studies of one patient
-    are alike, and resampling them one by one, as if independent, gives intervals too narrow. Without
-    ``groups`` every case is its own group (the class counts of the data are then kept exactly).
+    groups are resampled, all of a group's cases together: the images or studies of one patient are
+    alike, and resampling them one by one, as if independent, gives intervals too narrow. The groups are
+    stratified by the classes they hold (only positive, only negative, both: a patient with a normal
+    study and a pneumonia one is one group, drawn whole). Without ``groups`` every case is its own group
+    (the class counts of the data are then kept exactly).
 
     The intervals of sensitivity, specificity and accuracy are each widened to hold the exact binomial
     (Clopper-Pearson) interval of the same count: a percentile bootstrap cannot see past the data, so
@@ -158,16 +160,16 @@ def resamples(labels, groups=None, n_boot: int = 2000, seed: int = 0) -> list[np
     groups = np.asarray([str(g) for g in groups])
     if groups.shape != labels.shape:
         raise ValueError("groups must give one value per score")
-    strata = []             # per class: the cases of each of its groups
-    for cls in (True, False):
-        cases = np.flatnonzero(labels == cls)
-        _, group_of = np.unique(groups[cases], return_inverse=True)
-        order = np.argsort(group_of, kind="stable")
-        bounds = np.flatnonzero(np.diff(group_of[order])) + 1
-        strata.append(np.split(cases[order], bounds) if len(cases) else [])
+    _, group_of = np.unique(groups, return_inverse=True)
+    order = np.argsort(group_of, kind="stable")
+    members = np.split(order, np.flatnonzero(np.diff(group_of[order])) + 1) if len(order) else []
+    # groups stratified by what they hold (only positive cases, only negative, both: a patient with a
+    # normal study and a pneumonia one), so that every resample holds both classes in the data's proportion
+    holds = [(bool(labels[m].any()), bool((~labels[m]).any())) for m in members]
+    strata = [[m for m, h in zip(members, holds) if h == kind] for kind in ((True, False), (False, True), (True, True))]
     rng = np.random.default_rng(seed)
-    return [np.concatenate([members[k] for members in strata if members
-                            for k in rng.integers(0, len(members), len(members))]) for _ in range(n_boot)]
+    return [np.concatenate([stratum[k] for stratum in strata if stratum
+                            for k in rng.integers(0, len(stratum), len(stratum))]) for _ in range(n_boot)]
 
 
 def threshold_for_sensitivity_bound(scores, labels, target: float, groups=None, n_boot: int = 2000, seed: int = 0,

@@ -170,7 +170,7 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Calibration file (default: MODEL.calibration.<time>.json beside the model).")
 @click.option("--bootstrap", "n_boot", default=2000, show_default=True,
-              help="Bootstrap resamples (of patients, per class) for the 95% intervals.")
+              help="Bootstrap resamples (of patients, stratified by class) for the 95% intervals.")
 @click.option("--prevalence", type=float, help="Prevalence for PPV/NPV (default: that of DATA).")
 @click.option("--conservative", is_flag=True,
               help="Choose the highest threshold whose lower 95% bound of sensitivity, not the sensitivity "

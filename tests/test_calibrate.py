@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cxrscreen.calibrate import (Calibration, bootstrap_intervals, exact_interval, group_count, operating_point,
-                                 predictive_values, select_calibration, threshold_for_sensitivity,
+                                 predictive_values, resamples, select_calibration, threshold_for_sensitivity,
                                  threshold_for_sensitivity_bound)
 from cxrscreen.cli import main
 from cxrscreen.infer import default_model_path, load_model, model_files
@@ -86,6 +86,20 @@ def test_bootstrap_resamples_patients_whose_cases_are_alike():
     assert group_count(labels, groups) == {"NORMAL": patients, "PNEUMONIA": patients}
     with pytest.raises(ValueError, match="one value per score"):
         bootstrap_intervals(scores, labels, 0.0, groups=groups[:-1])
+
+
+def test_a_patient_with_normal_and_pneumonia_studies_is_resampled_whole():
+    """A patient's normal studies and pneumonia studies (a follow-up) were drawn as two independent groups,
+    one per class. Now the patient is one group, drawn whole: every resample holds all of its cases or none
+    (groups stratified by the classes they hold, so that both classes stay in the data's proportion)."""
+    mixed = [f"both{i}" for i in range(20)]                  # two pneumonia and two normal studies each
+    groups = np.r_[[f"sick{i}" for i in range(10)], np.repeat(mixed, 2), np.repeat(mixed, 2)]
+    labels = np.r_[np.ones(10 + 40, bool), np.zeros(40, bool)]
+    for idx in resamples(labels, groups, n_boot=200, seed=3):
+        drawn, counts = np.unique(groups[idx], return_counts=True)
+        assert all(n % 4 == 0 for g, n in zip(drawn, counts) if g.startswith("both"))
+        assert sum(n for g, n in zip(drawn, counts) if g.startswith("sick")) == 10
+        assert len(idx) == 90
 
 
 def test_calibration_resamples_the_patients_dicom_and_a_csv_name(tmp_path):
