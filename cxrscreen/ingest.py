@@ -587,20 +587,32 @@ def colour_picture(record: Radiograph, ds=None) -> FileOutcome | None:
 
 # View Code Sequence (0054,0220), CID 4010 "DX View": the frontal views, by SNOMED CT and legacy SNOMED-RT code
 _FRONTAL_VIEW_CODES = {"272479007": "PA", "R-10214": "PA", "399348003": "AP", "R-10206": "AP"}
+# Anatomic Region Sequence (0008,2218), CID 4031: the chest, by SNOMED CT and legacy SNOMED-RT code (PS3.16
+# Annex L maps BodyPartExamined CHEST to 51185008 and LUNG to 39607008), and the names a local code may give it
+_CHEST_REGION_CODES = {"51185008": "CHEST", "T-D3000": "CHEST", "39607008": "LUNG", "T-28000": "LUNG",
+                       "67734004": "THORAX"}
+_CHEST_REGION_MEANINGS = frozenset({"chest", "thorax", "thoracicstructure", "thoracicsegmentoftrunk", "lung", "lungs"})
+
+
+def _first_code(ds, keyword: str) -> tuple[str, str] | None:
+    """(CodeValue, CodeMeaning) of the first item of the code sequence ``keyword``; None when it is absent or
+    empty, or cannot be read (a damaged sequence says nothing usable: the other attributes decide)."""
+    try:
+        items = ds.get(keyword, None) or ()
+        item = items[0] if len(items) else None
+        return None if item is None else (_text(item, "CodeValue"), _text(item, "CodeMeaning"))
+    except Exception:
+        return None
 
 
 def _coded_view(ds) -> str:
     """The view the View Code Sequence gives (a DX image may code it and leave ViewPosition empty): PA or AP
     for a frontal code or meaning, else the code's meaning in capitals (LATERAL, LEFT LATERAL, LEFT
     OBLIQUE...), which selection skips as not frontal; '' when there is none or it cannot be read."""
-    try:
-        items = ds.get("ViewCodeSequence", None) or ()
-        item = items[0] if len(items) else None
-        if item is None:
-            return ""
-        value, meaning = _text(item, "CodeValue"), _text(item, "CodeMeaning")
-    except Exception:           # a damaged sequence says nothing usable: the other attributes decide
+    code = _first_code(ds, "ViewCodeSequence")
+    if code is None:
         return ""
+    value, meaning = code
     if value in _FRONTAL_VIEW_CODES:
         return _FRONTAL_VIEW_CODES[value]
     letters = re.sub(r"[^a-z]", "", meaning.lower())
@@ -609,6 +621,23 @@ def _coded_view(ds) -> str:
     if letters.startswith("anteroposterior") or letters == "ap":
         return "AP"
     return meaning.upper()
+
+
+def _body_part(ds) -> str:
+    """BodyPartExamined in capitals; when it is empty, the Anatomic Region Sequence's region: in a DX image that
+    sequence is required and BodyPartExamined optional, and a knee coded only there was screened as a chest.
+    A chest code or meaning gives a name of :data:`CHEST_BODY_PARTS`; another region its meaning in capitals
+    (its code value when it has none), which selection skips as not chest; '' when neither says anything."""
+    part = _text(ds, "BodyPartExamined").upper()
+    code = None if part else _first_code(ds, "AnatomicRegionSequence")
+    if code is None:
+        return part
+    value, meaning = code
+    if value in _CHEST_REGION_CODES:
+        return _CHEST_REGION_CODES[value]
+    if re.sub(r"[^a-z]", "", meaning.lower()) in _CHEST_REGION_MEANINGS:
+        return "CHEST"
+    return (meaning or value).upper()
 
 
 def _view_position(ds) -> str:
@@ -639,7 +668,7 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         study_time=_text(ds, "StudyTime"), study_id=_text(ds, "StudyID"),
         referring_physician=_text(ds, "ReferringPhysicianName"), study_description=_text(ds, "StudyDescription"),
         modality=_text(ds, "Modality").upper(),
-        body_part=_text(ds, "BodyPartExamined").upper(), view_position=_view_position(ds),
+        body_part=_body_part(ds), view_position=_view_position(ds),
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         presentation_intent=_text(ds, "PresentationIntentType").upper()
         or ("FOR PROCESSING" if _text(ds, "SOPClassUID") in FOR_PROCESSING_SOP_CLASSES else ""),

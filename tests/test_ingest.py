@@ -431,6 +431,36 @@ def test_a_dx_image_with_no_view_position_takes_its_view_from_the_view_code_sequ
                                    ViewCodeSequence=[])).view_position == ""
 
 
+@pytest.mark.parametrize("scheme, value, meaning, part", [
+    ("SCT", "51185008", "Chest", "CHEST"),                      # CID 4031, SNOMED CT (PS3.16 Annex L: CHEST)
+    ("SRT", "T-D3000", "Chest", "CHEST"),                       # legacy SNOMED-RT code
+    ("SCT", "39607008", "Lung", "LUNG"),
+    ("99LOCAL", "R7", "Thoracic structure", "CHEST"),           # a local code: its meaning decides
+    ("SCT", "72696002", "Knee", "KNEE"),
+    ("SCT", "416550000", "Chest and Abdomen", "CHEST AND ABDOMEN"),
+    ("99LOCAL", "R9", "", "R9"),                                # no meaning: the code value, not taken for a chest
+])
+def test_a_dx_image_with_no_body_part_takes_its_region_from_the_anatomic_region_sequence(
+        write_dicom, chest_pixels, scheme, value, meaning, part):
+    # in a DX image (0008,2218) is required and BodyPartExamined optional: a knee coded only there was screened
+    from pydicom.dataset import Dataset
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    path = write_dicom(chest_pixels, name="region.dcm", body_part="", AnatomicRegionSequence=[code])
+    out = read_record(path)
+    if part in ingest.CHEST_BODY_PARTS:
+        assert isinstance(out, Radiograph) and out.body_part == part
+    else:
+        assert out.status is Status.SKIPPED and f"body part {part!r} is not chest" in out.reason
+        assert read_record(path, any_body_part=True).body_part == part
+    # BodyPartExamined, when given, decides; an empty sequence says nothing
+    assert read_record(write_dicom(chest_pixels, name="both.dcm", body_part="CHEST",
+                                   AnatomicRegionSequence=[code])).body_part == "CHEST"
+    assert read_record(write_dicom(chest_pixels, name="empty.dcm", body_part="",
+                                   AnatomicRegionSequence=[])).body_part == ""
+
+
 def test_records_keep_report_metadata(write_dicom, chest_pixels):
     rec = read_record(write_dicom(chest_pixels, patient_id="P-42", patient_name="DOE^JANE",
                                   AccessionNumber="A1", ImageLaterality="", StudyDescription="CXR PA"))
