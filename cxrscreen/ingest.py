@@ -35,7 +35,8 @@ from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 import numpy as np
 
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax
-from .normalise import COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale
+from .normalise import (COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale,
+                        patient_orientation)
 from .records import FileKind, FileOutcome, Radiograph, Status, Study
 from .threadwarnings import caught, listed
 
@@ -670,6 +671,7 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         modality=_text(ds, "Modality").upper(),
         body_part=_body_part(ds), view_position=_view_position(ds),
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
+        patient_orientation=patient_orientation(ds),
         presentation_intent=_text(ds, "PresentationIntentType").upper()
         or ("FOR PROCESSING" if _text(ds, "SOPClassUID") in FOR_PROCESSING_SOP_CLASSES else ""),
         conversion_type=_text(ds, "ConversionType").upper(),

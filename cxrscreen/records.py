@@ -104,6 +104,7 @@ class Radiograph(_OfAStudy):
     rows: int = 0
     columns: int = 0
     frames: int = 1                 # NumberOfFrames; only the first frame is scored
+    patient_orientation: str = ""   # PatientOrientation (0020,0020), values joined by "\\"; turned upright by it
     photometric: str = ""
     transfer_syntax: str = ""
     size_bytes: int = 0

@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from . import __version__
+from .normalise import turn_note
 from .records import FileOutcome, Radiograph, Study, age_in_years, parse_patient_age
 from .typeset import markup, paragraph, person_name, undecodable_as_hex
 
@@ -257,6 +258,8 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
         if img.frames > 1:
             story.append(Paragraph(f"Multi-frame image: frame 1 of {img.frames} was scored and is shown; "
                                    f"the other {img.frames - 1} were not.", styles["BodyText"]))
+        if turn_note(img.patient_orientation):
+            story.append(Paragraph(_p(turn_note(img.patient_orientation)), styles["BodyText"]))
         width = 85 * mm
         h = width * item.thumbnail.shape[0] / item.thumbnail.shape[1]
         cells = [Image(_jpeg(item.thumbnail), width=width, height=h)]

@@ -536,6 +536,19 @@ def test_overlong_header_values_are_shortened_in_the_pdfs_not_a_crash(tmp_path, 
     assert "[5,000 characters, shortened here]" in worklist
 
 
+def test_an_image_stored_on_its_side_is_scored_upright_and_its_report_says_so(tmp_path, model, chest_pixels):
+    box, out = tmp_path / "in", tmp_path / "out"
+    save(make_dicom(chest_pixels, seed="upright", PatientOrientation=["L", "F"]), box / "upright.dcm")
+    save(make_dicom(np.ascontiguousarray(np.rot90(chest_pixels, -1)), seed="side", PatientOrientation=["H", "L"]),
+         box / "side.dcm")
+    summary = run_batch([box], BatchOptions(out=out, gradcam="all"), model=model)
+    studies = {r["files"][0].rsplit("/", 1)[-1]: r for r in summary.rows if r["kind"] == "study"}
+    assert studies["side.dcm"]["score"] == pytest.approx(studies["upright.dcm"]["score"], abs=1e-6)
+    text = pdf_text(out / studies["side.dcm"]["report"])
+    assert "Stored on its side (Patient Orientation H\\L): turned upright, a quarter turn counter-clockwise" in text
+    assert "Patient Orientation" not in pdf_text(out / studies["upright.dcm"]["report"])
+
+
 def test_a_multi_frame_image_is_scored_on_its_first_frame_and_every_output_says_so(tmp_path, model, chest_pixels):
     other = np.random.default_rng(7).integers(0, 4096, chest_pixels.shape)     # frames 2 and 3: noise
     box, out = tmp_path / "in", tmp_path / "out"
