@@ -6,7 +6,8 @@ Each study is a realistic DICOM export (synthetic identities, valid UIDs) made
 from one of the 24 full-resolution pediatric chest radiographs of the Kermany
 dataset (CC BY 4.0) whose patients are in neither the training nor the test
 split. Images are downsampled to about 1024 px. What each file exercises is in
-``samples/README.md``.
+README.md's table of samples. (Only study4's file was written by this version of the script: the others,
+written by an earlier make_dicom, hold the same pixels under other SOP Instance UIDs.)
 """
 
 from __future__ import annotations
@@ -95,11 +96,12 @@ def build(source: Path, out: Path) -> list[str]:
         written.append(save(ds, out / "study3_pa_and_lateral" / name))
 
     # S4: DX MONOCHROME2 16-bit with no VOI at all (percentile fallback), JPEG-LS lossless,
-    # stored in a DICOMDIR-style tree with extension-less file names.
-    raw = to_raw(img["S4"], 16).astype(np.uint16)
+    # stored in a DICOMDIR-style tree with extension-less file names, and on its side (the detector read
+    # with the head at the left; Patient Orientation F\\R says so): screening turns it upright.
+    raw = np.ascontiguousarray(np.rot90(to_raw(img["S4"], 16).astype(np.uint16), 1))
     ds = make_dicom(raw, seed="sample-s4", modality="DX", bits_stored=16, patient_id="CXR-0004",
                     patient_name="SAMPLE^DARIO", PatientBirthDate="20200905", PatientSex="M",
-                    transfer_syntax="1.2.840.10008.1.2.4.80")
+                    PatientOrientation=["F", "R"], transfer_syntax="1.2.840.10008.1.2.4.80")
     written.append(save(ds, out / "study4_dicomdir_tree" / "DICOM" / "ST000001" / "SE000001" / "IM000001"))
 
     # S5: CR MONOCHROME2 8-bit, JPEG baseline (lossy), as many older PACS exports are.

@@ -98,6 +98,8 @@ def test_batch_cli_on_samples_with_a_corrupt_file(inbox, tmp_path):
     assert older["warning"].startswith("patient aged 6 years, outside the model's training population (1-5")
     assert [r["patient_id"] for r in all_studies if r["warning"]] == ["CXR-0004"]
     assert "Caution: patient aged 6 years" in pdf_text(out / older["report"])
+    # ... and stored on its side: scored upright, as its report says
+    assert "Stored on its side (Patient Orientation F\\R): turned upright" in pdf_text(out / older["report"])
 
     # the worklist names every file that was not screened, the failure first, with the reason
     worklist = pdf_text(out / "worklist.pdf")
