@@ -401,64 +401,51 @@ def test_overrides_lift_the_view_and_body_part_rules(write_dicom, chest_pixels):
     assert read_record(shown).presentation_intent == "FOR PRESENTATION"
 
 
-@pytest.mark.parametrize("scheme, value, meaning, view", [
-    ("SCT", "399067008", "lateral", "LATERAL"),                 # CID 4010, SNOMED CT
-    ("SCT", "399173006", "left lateral", "LEFT LATERAL"),
-    ("SCT", "272479007", "postero-anterior", "PA"),
-    ("SRT", "R-10206", "antero-posterior", "AP"),               # legacy SNOMED-RT code
-    ("99LOCAL", "V1", "Postero-Anterior (PA)", "PA"),           # a local code: its meaning decides
-    ("SCT", "399162004", "left anterior oblique", "LEFT ANTERIOR OBLIQUE"),
+# an attribute that may be empty, and the code sequence that decides then: the Radiograph field (make_dicom's
+# parameter), the sequence, the values screened, the skip reason, the option that lifts it, a value to give
+CODED = {
+    "view": ("view_position", "ViewCodeSequence", {"PA", "AP"}, "view {!r} is not frontal", "include_lateral", "PA"),
+    "region": ("body_part", "AnatomicRegionSequence", ingest.CHEST_BODY_PARTS, "body part {!r} is not chest",
+               "any_body_part", "CHEST"),
+}
+
+
+@pytest.mark.parametrize("kind, scheme, value, meaning, decided", [
+    ("view", "SCT", "399067008", "lateral", "LATERAL"),                 # CID 4010, SNOMED CT
+    ("view", "SCT", "399173006", "left lateral", "LEFT LATERAL"),
+    ("view", "SCT", "272479007", "postero-anterior", "PA"),
+    ("view", "SRT", "R-10206", "antero-posterior", "AP"),               # legacy SNOMED-RT code
+    ("view", "99LOCAL", "V1", "Postero-Anterior (PA)", "PA"),           # a local code: its meaning decides
+    ("view", "SCT", "399162004", "left anterior oblique", "LEFT ANTERIOR OBLIQUE"),
+    ("region", "SCT", "51185008", "Chest", "CHEST"),                    # CID 4031 (PS3.16 Annex L: CHEST)
+    ("region", "SRT", "T-D3000", "Chest", "CHEST"),
+    ("region", "SCT", "39607008", "Lung", "LUNG"),
+    ("region", "99LOCAL", "R7", "Thoracic structure", "CHEST"),
+    ("region", "SCT", "72696002", "Knee", "KNEE"),
+    ("region", "SCT", "416550000", "Chest and Abdomen", "CHEST AND ABDOMEN"),
+    ("region", "99LOCAL", "R9", "", "R9"),                              # no meaning: the code value, not a chest
 ])
-def test_a_dx_image_with_no_view_position_takes_its_view_from_the_view_code_sequence(
-        write_dicom, chest_pixels, scheme, value, meaning, view):
-    # ViewPosition is type 2 (may be empty); a DX image may say its view only in (0054,0220): a lateral that did
-    # was scored as a frontal
+def test_a_dx_image_with_an_empty_view_or_body_part_takes_it_from_its_code_sequence(
+        write_dicom, chest_pixels, kind, scheme, value, meaning, decided):
+    """ViewPosition is type 2 (may be empty) and BodyPartExamined optional in a DX image, which may code its
+    view in (0054,0220) and must code its region in (0008,2218): a lateral, or a knee, coded only there was
+    screened as a frontal chest."""
     from pydicom.dataset import Dataset
 
+    field, sequence, screened, reason, override, given = CODED[kind]
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
-    path = write_dicom(chest_pixels, name="coded.dcm", view_position="", ViewCodeSequence=[code])
+    path = write_dicom(chest_pixels, name="coded.dcm", **{field: "", sequence: [code]})
     out = read_record(path)
-    if view in ("PA", "AP"):
-        assert isinstance(out, Radiograph) and out.view_position == view
+    if decided in screened:
+        assert isinstance(out, Radiograph) and getattr(out, field) == decided
     else:
-        assert out.status is Status.SKIPPED and f"view {view!r} is not frontal" in out.reason
-        assert read_record(path, include_lateral=True).view_position == view
-    # ViewPosition, when given, decides; an empty sequence says nothing
-    assert read_record(write_dicom(chest_pixels, name="both.dcm", view_position="PA",
-                                   ViewCodeSequence=[code])).view_position == "PA"
-    assert read_record(write_dicom(chest_pixels, name="empty.dcm", view_position="",
-                                   ViewCodeSequence=[])).view_position == ""
-
-
-@pytest.mark.parametrize("scheme, value, meaning, part", [
-    ("SCT", "51185008", "Chest", "CHEST"),                      # CID 4031, SNOMED CT (PS3.16 Annex L: CHEST)
-    ("SRT", "T-D3000", "Chest", "CHEST"),                       # legacy SNOMED-RT code
-    ("SCT", "39607008", "Lung", "LUNG"),
-    ("99LOCAL", "R7", "Thoracic structure", "CHEST"),           # a local code: its meaning decides
-    ("SCT", "72696002", "Knee", "KNEE"),
-    ("SCT", "416550000", "Chest and Abdomen", "CHEST AND ABDOMEN"),
-    ("99LOCAL", "R9", "", "R9"),                                # no meaning: the code value, not taken for a chest
-])
-def test_a_dx_image_with_no_body_part_takes_its_region_from_the_anatomic_region_sequence(
-        write_dicom, chest_pixels, scheme, value, meaning, part):
-    # in a DX image (0008,2218) is required and BodyPartExamined optional: a knee coded only there was screened
-    from pydicom.dataset import Dataset
-
-    code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
-    path = write_dicom(chest_pixels, name="region.dcm", body_part="", AnatomicRegionSequence=[code])
-    out = read_record(path)
-    if part in ingest.CHEST_BODY_PARTS:
-        assert isinstance(out, Radiograph) and out.body_part == part
-    else:
-        assert out.status is Status.SKIPPED and f"body part {part!r} is not chest" in out.reason
-        assert read_record(path, any_body_part=True).body_part == part
-    # BodyPartExamined, when given, decides; an empty sequence says nothing
-    assert read_record(write_dicom(chest_pixels, name="both.dcm", body_part="CHEST",
-                                   AnatomicRegionSequence=[code])).body_part == "CHEST"
-    assert read_record(write_dicom(chest_pixels, name="empty.dcm", body_part="",
-                                   AnatomicRegionSequence=[])).body_part == ""
+        assert out.status is Status.SKIPPED and reason.format(decided) in out.reason
+        assert getattr(read_record(path, **{override: True}), field) == decided
+    # the attribute, when given, decides; an empty sequence says nothing
+    assert getattr(read_record(write_dicom(chest_pixels, name="both.dcm", **{field: given, sequence: [code]})),
+                   field) == given
+    assert getattr(read_record(write_dicom(chest_pixels, name="empty.dcm", **{field: "", sequence: []})), field) == ""
 
 
 def test_records_keep_report_metadata(write_dicom, chest_pixels):
