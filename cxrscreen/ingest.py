@@ -104,9 +104,9 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
     * Hidden folders and files and temporary files (:func:`is_ignored`) are left out, each appended to
       ``left_out`` (when given) as ``(path, why)`` (:func:`ignored_reason`); cxrscreen's own output folders
       (:func:`is_output_folder`) are not entered, with a log line.
-    * A folder whose device and inode are in ``avoid`` (watch's archive and quarantine, which a link in the
-      inbox may reach: their files would be taken again, and moved into themselves) is not entered; it is
-      appended to ``left_out`` as ``(path, "the <avoid's name> folder ...")``.
+    * A folder whose device and inode are in ``avoid`` (watch's own folders: its archive and quarantine, which
+      a link in the inbox may reach, would have their files taken again and moved into themselves) is not
+      entered; each path reaching it is appended to ``left_out`` as ``(path, "the <avoid's name> folder ...")``.
     * A folder that cannot be listed (no permission, an I/O error, removed while walked) is not skipped in
       silence: its :class:`OSError`, whose ``filename`` is the folder, is appended to ``errors`` as it is met,
       for the caller to report.
@@ -119,17 +119,17 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
             errors.append(exc)
             dirs[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:
-            log.info("not scanning %s: that folder is walked already (through a link, or named twice)", folder)
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        if avoid and (st.st_dev, st.st_ino) in avoid:
+        if avoid and (st.st_dev, st.st_ino) in avoid:       # each link to it said, not only the first
             if left_out is not None:
                 left_out.append((folder, f"the {avoid[st.st_dev, st.st_ino]} folder, reached through a link: "
                                          "not scanned as input"))
             dirs[:] = []
             continue
+        if (st.st_dev, st.st_ino) in seen:
+            log.info("not scanning %s: that folder is walked already (through a link, or named twice)", folder)
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         if is_output_folder(folder):
             log.info("not scanning %s: a cxrscreen output folder (reports, not inputs)", folder)
             dirs[:] = []

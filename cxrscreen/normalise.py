@@ -38,8 +38,9 @@ DICOM pixel transformations follow PS3.3 in this order:
 7. Orientation (C.7.6.1.1.1): an image whose Patient Orientation (0020,0020) says it is stored on its
    side or upside down (the column axis, top to bottom, does not run to the feet: ``H\\L``, ``R\\H``...)
    is turned, by quarter turns only, until it runs to the feet (:func:`upright_turns`): the model
-   scored a chest turned by 90 degrees with a tenth less sensitivity. A mirrored image (``R\\F``) is
-   left as stored (the model scores it alike), and a missing or unreadable orientation means as stored.
+   scored chests turned by 90 degrees with 5-11 points less sensitivity (``benchmarks/orientation.py``).
+   A mirrored image (``R\\F``) is left as stored (the model scores it alike), and a missing or
+   unreadable orientation means as stored.
 
 Exported JPEG/PNG images are display values already: 8-bit ones map linearly
 to [0, 1]; 16-bit PNG gets the percentile window. Colour ones go to luma.

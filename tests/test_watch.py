@@ -798,6 +798,7 @@ def test_a_link_in_the_inbox_to_the_archive_or_quarantine_is_not_walked(dirs, mo
     (inbox / "old").symlink_to(archive, target_is_directory=True)
     (inbox / "bad").symlink_to(quarantine, target_is_directory=True)
     (inbox / "reports").symlink_to(out, target_is_directory=True)
+    (inbox / "s" / "done").symlink_to(archive, target_is_directory=True)       # a second link to the archive
     options = dict(archive=archive, quarantine=quarantine, settle=0.2, rescan=0.1, gradcam="none", once=True)
     with caplog.at_level("INFO", logger="cxrscreen"):
         runs = [Watcher(WatchOptions(inbox, out, **options), model=model).run() for _ in range(3)]
@@ -805,7 +806,7 @@ def test_a_link_in_the_inbox_to_the_archive_or_quarantine_is_not_walked(dirs, mo
     files = sorted(str(p.relative_to(tmp_path)) for p in (archive, quarantine) for p in p.rglob("*") if p.is_file())
     assert files == ["archive/s/kept_000.dcm", "quarantine/s/broken.dcm", "quarantine/s/broken.dcm.reason.txt"]
     assert ledger_rows(out, "SELECT COUNT(*) FROM files") == [(2,)] and done_studies(out) == 1
-    for link, folder in (("old", "--archive"), ("bad", "--quarantine"), ("reports", "--out")):
+    for link, folder in (("old", "--archive"), ("bad", "--quarantine"), ("reports", "--out"), ("s/done", "--archive")):
         assert caplog.text.count(f"event=link_to_own_folder path={inbox / link} folder={folder} ") == 3
 
 
