@@ -82,6 +82,11 @@ def ignored_reason(name: str, folder: bool = False) -> str:
     """Why :func:`walk` leaves a hidden or temporary file, or a hidden folder, unread (see :func:`is_ignored`)."""
     if folder:
         return "a hidden folder (its name starts with '.'): not scanned"
+    if name.startswith("._"):
+        return ("a Mac's AppleDouble file (._*: the file information a Mac writes beside each file it copies to "
+                "a share or USB disk; not an image): not read")
+    if name == ".DS_Store":
+        return "a Mac's folder view settings (.DS_Store; not an image): not read"
     if name.startswith("."):
         return "a hidden file (its name starts with '.'): not read"
     return f"a temporary name (*{temporary_suffix(name)}): a transfer still under way, or one that failed; not read"

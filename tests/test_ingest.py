@@ -216,6 +216,8 @@ def test_discovery_by_content_in_a_pacs_tree(tmp_path, chest_pixels):
     cv2.imwrite(str(tree / "scan.png"), (chest_pixels >> 4).astype(np.uint8))
     (tree / "notes.txt").write_text("referral letter")
     (tree / ".hidden.dcm").write_bytes(b"x")
+    (tree / "._weird.jpg").write_bytes(b"\x00\x05\x16\x07")      # AppleDouble magic, beside its file
+    (tree / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (tree / "incoming.dcm.part").write_bytes(b"x")
     (tree / "backup.dcm~").write_bytes(b"x")
     (tree / ".cache").mkdir()
@@ -226,8 +228,11 @@ def test_discovery_by_content_in_a_pacs_tree(tmp_path, chest_pixels):
     # hidden and temporary names are not read, and not lost either: each is listed, saying why
     unread = {o.path.relative_to(tree).as_posix(): o for o in discover([tree]) if isinstance(o, FileOutcome)}
     assert {name: (o.status, o.step) for name, o in unread.items()} == \
-        dict.fromkeys([".hidden.dcm", "incoming.dcm.part", "backup.dcm~", ".cache"], (Status.SKIPPED, "discover"))
+        dict.fromkeys([".hidden.dcm", "._weird.jpg", ".DS_Store", "incoming.dcm.part", "backup.dcm~", ".cache"],
+                      (Status.SKIPPED, "discover"))
     assert unread[".hidden.dcm"].reason == "a hidden file (its name starts with '.'): not read"
+    assert unread["._weird.jpg"].reason.startswith("a Mac's AppleDouble file (._*: the file information a Mac")
+    assert unread[".DS_Store"].reason == "a Mac's folder view settings (.DS_Store; not an image): not read"
     assert unread["incoming.dcm.part"].reason == \
         "a temporary name (*.part): a transfer still under way, or one that failed; not read"
     assert unread[".cache"].reason == "a hidden folder (its name starts with '.'): not scanned"
