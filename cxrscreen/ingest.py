@@ -98,8 +98,8 @@ def is_output_folder(folder: Path | str) -> bool:
 
 
 def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | None = None,
-         left_out: list[tuple[str, str]] | None = None, avoid: Mapping[tuple[int, int], str] | None = None
-         ) -> Iterator[tuple[str, list[str], list[str]]]:
+         left_out: list[tuple[str, str]] | None = None, avoid: Mapping[tuple[int, int], str] | None = None,
+         avoided: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
     """:func:`os.walk` of ``root`` as discovery needs it: top-down, each folder's sub-folders and files sorted.
 
     * Links to folders are followed (an export may link a study's folder in from elsewhere), and each
@@ -111,7 +111,7 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
       (:func:`is_output_folder`) are not entered, with a log line.
     * A folder whose device and inode are in ``avoid`` (watch's own folders: its archive and quarantine, which
       a link in the inbox may reach, would have their files taken again and moved into themselves) is not
-      entered; each path reaching it is appended to ``left_out`` as ``(path, "the <avoid's name> folder ...")``.
+      entered; each path reaching it is appended to ``avoided`` (when given) as ``(path, its name in avoid)``.
     * A folder that cannot be listed (no permission, an I/O error, removed while walked) is not skipped in
       silence: its :class:`OSError`, whose ``filename`` is the folder, is appended to ``errors`` as it is met,
       for the caller to report.
@@ -125,9 +125,8 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
             dirs[:] = []
             continue
         if avoid and (st.st_dev, st.st_ino) in avoid:       # each link to it said, not only the first
-            if left_out is not None:
-                left_out.append((folder, f"the {avoid[st.st_dev, st.st_ino]} folder, reached through a link: "
-                                         "not scanned as input"))
+            if avoided is not None:
+                avoided.append((folder, avoid[st.st_dev, st.st_ino]))
             dirs[:] = []
             continue
         if (st.st_dev, st.st_ino) in seen:

@@ -508,15 +508,16 @@ class Watcher:
         root = os.path.normpath(self.inbox)
         errors: list[OSError] = []
         left_out: list[tuple[str, str]] = []
-        own = self._own_folders()
-        for folder, dirs, files in walk(self.inbox, errors, left_out=left_out, avoid=own):
+        avoided: list[tuple[str, str]] = []
+        for folder, dirs, files in walk(self.inbox, errors, left_out=left_out, avoid=self._own_folders(),
+                                        avoided=avoided):
             if self.options.remove_empty_folders and not dirs and not files and os.path.normpath(folder) != root:
                 self._remove_if_stale(folder)
             for name in files:
                 self._observe(os.path.normpath(os.path.join(folder, name)), now)
         self._report_unlistable(errors)
         self._report_stalled([path for path, _ in left_out if temporary_suffix(path)])
-        self._report_links_to_own(left_out, own)
+        self._report_links_to_own(avoided)
 
     def _own_folders(self) -> dict[tuple[int, int], str]:
         """The device and inode of the folders this daemon writes to (``--archive`` and ``--quarantine``,
@@ -535,20 +536,14 @@ class Watcher:
                 own.setdefault((st.st_dev, st.st_ino), name)
         return own
 
-    def _report_links_to_own(self, left_out: list[tuple[str, str]], own: dict[tuple[int, int], str]) -> None:
-        """Log, once, a link in the inbox to one of the daemon's own folders, which is not walked."""
-        linked = set()
-        for path, why in left_out:
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in own:
-                linked.add(path)
-                if path not in self._linked_own:
-                    log.warning(kv(event="link_to_own_folder", path=path, folder=own[st.st_dev, st.st_ino],
-                                   note="not scanned: its files would be taken again as new ones"))
-        self._linked_own = linked
+    def _report_links_to_own(self, avoided: list[tuple[str, str]]) -> None:
+        """Log, once, a link in the inbox to one of the daemon's own folders (``(path, option)`` as
+        :func:`~cxrscreen.ingest.walk` found them), which is not walked."""
+        for path, folder in avoided:
+            if path not in self._linked_own:
+                log.warning(kv(event="link_to_own_folder", path=path, folder=folder,
+                               note="not scanned: its files would be taken again as new ones"))
+        self._linked_own = {path for path, _ in avoided}
 
     def _report_stalled(self, temporaries: list[str]) -> None:
         """Log, once, a file of the inbox under a temporary name (``*.part``...) left unchanged for
