@@ -369,8 +369,9 @@ def read_labeled_csv(path) -> list[tuple["object", int, str]]:
     return rows
 
 
-def _labeled_studies(data, include_lateral: bool = False):
-    """Studies with labels from ``DATA/{NORMAL,PNEUMONIA}/**`` or a CSV ``path,label``.
+def _labeled_studies(data, selection=None):
+    """Studies with labels from ``DATA/{NORMAL,PNEUMONIA}/**`` or a CSV ``path,label``, their images chosen by
+    ``selection`` (a :class:`cxrscreen.ingest.Selection`; default: frontal chest images, as ``batch``'s).
 
     Returns ``(studies, labels {uid: 0/1}, patients {uid: key}, excluded FileOutcomes, inputs digest)``.
     A study's patient key, which the bootstrap resamples by, is the CSV's ``patient`` column where it
@@ -381,9 +382,10 @@ def _labeled_studies(data, include_lateral: bool = False):
     from pathlib import Path
 
     from .errors import UsageError
-    from .ingest import group_studies, scan
+    from .ingest import Selection, group_studies, scan
     from .records import FileOutcome, Status
 
+    selection = selection or Selection()
     data = Path(data)
     if not data.exists():
         raise UsageError(f"{data} does not exist", step="calibration")
@@ -398,7 +400,7 @@ def _labeled_studies(data, include_lateral: bool = False):
         sources = [(folder, label, "") for label, folder in enumerate(folders)]
     items, label_of, patient_of = [], {}, {}
     for path, label, patient in sources:
-        for item in scan([path], include_lateral=include_lateral):
+        for item in scan([path], selection):
             items.append(item)
             label_of[item.path] = label
             if patient:
@@ -433,8 +435,11 @@ def _patient_key(study, patient_of: dict) -> str:
 
 def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_boot: int = 2000,
                     prevalence: float | None = None, batch_size: int = 16, workers: int = 2, model=None,
-                    conservative: bool = False) -> dict:
+                    conservative: bool = False, selection=None) -> dict:
     """Score a labeled set as ``batch`` would, choose the threshold, write the calibration file and plot.
+
+    ``selection`` (a :class:`cxrscreen.ingest.Selection`) chooses the images as ``batch``'s options do: a site
+    that screens with ``--chest-body-part TORAX`` calibrates with it too, or its TORAX studies are skipped here.
 
     The threshold is the highest whose sensitivity on the data reaches ``target``; ``conservative``: the
     highest whose lower 95% bound of sensitivity does (refused when no threshold's does).
@@ -451,9 +456,11 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     from . import __version__
     from .errors import OutputError, UsageError
     from .infer import load_model
+    from .ingest import Selection
     from .pipeline import score_studies
     from .report import atomic_write
 
+    selection = selection or Selection()
     if not 0 < target <= 1:
         raise UsageError(f"--target-sensitivity {target} is outside (0, 1]", step="calibration")
     if prevalence is not None and not 0 < prevalence < 1:
@@ -465,16 +472,17 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         raise OutputError(f"cannot write the calibration in {folder}" + ("" if out else " beside the model")
                           + ": permission denied" + ("" if out else "; give --out FILE"),
                           path=folder, step="calibration")
-    studies, labels, patients, excluded, digest = _labeled_studies(data)
+    studies, labels, patients, excluded, digest = _labeled_studies(data, selection)
     scores, failed = score_studies(studies, model, batch_size=batch_size, workers=workers)
     excluded = list(excluded) + failed
     uids = [s.study_uid for s in studies if s.study_uid in scores]
     y = np.array([labels[u] for u in uids], dtype=bool)
     s = np.array([scores[u] for u in uids])
     counts = {"NORMAL": int((~y).sum()), "PNEUMONIA": int(y.sum())}
-    excluded_note = f" ({len(excluded)} files excluded: unreadable, failed or not scorable)" if excluded else ""
+    excluded_note = _excluded_note(excluded)
     if counts["NORMAL"] == 0 or counts["PNEUMONIA"] == 0:
-        raise UsageError(f"only one class present: {counts}{excluded_note}", step="calibration")
+        raise UsageError(("no study" if not len(y) else "only one class") + f" scored: {counts}{excluded_note}",
+                         step="calibration")
     groups = [patients[u] for u in uids]
     people = group_count(y, groups)
     small = [k for k, v in people.items() if v < MIN_PER_CLASS]
@@ -501,8 +509,8 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     result = {
         "format": CALIBRATION_FORMAT, "created": created, "tool_version": __version__,
         "model": model.path.name, "model_sha256": model.sha256, "data": str(data),
-        "inputs_sha256": digest, "n": counts, "excluded": [{"path": str(o.path), "reason": o.reason}
-                                                            for o in excluded],
+        "inputs_sha256": digest, "selection": selection.as_json(), "n": counts,
+        "excluded": [{"path": str(o.path), "reason": o.reason} for o in excluded],
         "target_sensitivity": target, "threshold": threshold,
         "threshold_rule": "lower 95% bound of sensitivity reaches the target" if conservative
         else "sensitivity reaches the target", "auc": point.auc, "auc_ci95": ci["auc"],
@@ -525,6 +533,18 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
                           step="calibration") from exc
     result["file"], result["plot"] = str(out), str(plot)
     return result
+
+
+def _excluded_note(excluded) -> str:
+    """How a refusal names the files left out: their number and the commonest reason (a site whose every file
+    was skipped, say as BodyPartExamined TORAX, is told why and what to pass), '' when there are none."""
+    from collections import Counter
+
+    if not excluded:
+        return ""
+    reason, n = Counter(o.reason for o in excluded).most_common(1)[0]
+    return (f" ({len(excluded)} files excluded, " + ("all" if n == len(excluded) else f"{n} of them")
+            + f": {reason})")
 
 
 def _plot_calibration(path, scores, labels, point: OperatingPoint) -> None:

@@ -7,6 +7,7 @@ unloadable model; 2 usage errors.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,16 +40,43 @@ def screening_options(command):
         click.option("--batch-size", default=16, show_default=True),
         click.option("--workers", default=2, show_default=True, help="Decoding threads."),
         click.option("--gradcam", type=click.Choice(["all", "flagged", "none"]), default="all", show_default=True),
-        click.option("--include-lateral", is_flag=True, help="Also score lateral and other non-frontal views."),
-        click.option("--any-body-part", is_flag=True,
-                     help="Also score images whose BodyPartExamined is not chest."),
         click.option("--dicom", is_flag=True,
                      help="Also write each report as a DICOM Encapsulated PDF of its study (<report>.dcm), "
                           "for the PACS."),
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return selection_options(command)
+
+
+def selection_options(command):
+    """The options that choose which images are screened (batch, watch, calibrate), given to the command as
+    one ``selection`` (:class:`cxrscreen.ingest.Selection`)."""
+    @functools.wraps(command)
+    def with_selection(*args, include_lateral, any_body_part, chest_body_parts, frontal_views, **kwargs):
+        from .ingest import Selection
+
+        try:
+            selection = Selection(include_lateral=include_lateral, any_body_part=any_body_part,
+                                  chest_body_parts=frozenset(chest_body_parts), frontal_views=frozenset(frontal_views))
+        except CxrError as exc:
+            _fail(exc)
+        return command(*args, selection=selection, **kwargs)
+
+    options = [
+        click.option("--include-lateral", is_flag=True, help="Also score lateral and other non-frontal views."),
+        click.option("--any-body-part", is_flag=True,
+                     help="Also score images whose BodyPartExamined is not chest."),
+        click.option("--chest-body-part", "chest_body_parts", multiple=True, metavar="NAME",
+                     help="Also score images whose BodyPartExamined is NAME: a site's own name for the chest "
+                          "(e.g. TORAX). Repeatable."),
+        click.option("--frontal-view", "frontal_views", multiple=True, metavar="NAME",
+                     help="Also score images whose ViewPosition is NAME: a site's own name for a frontal view "
+                          "(e.g. 'PA ERECT'). Repeatable."),
+    ]
+    for option in reversed(options):
+        with_selection = option(with_selection)
+    return with_selection
 
 
 @click.group()
@@ -98,7 +126,7 @@ def _stop_on_signals(say):
 @click.option("--report-processes", type=click.IntRange(min=0), default=None,
               help="Processes that write the PDF reports; 0: a thread of this one [default: one per 4 CPUs, "
                    "at most 4, for 64 studies or more; else 0].")
-def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, gradcam, force, include_lateral, any_body_part,
+def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, gradcam, force, selection,
           dicom, quiet, as_json, report_processes):
     """Screen every radiograph under INPUT... and write one PDF report per study into --out.
     SIGTERM or Ctrl-C stops it after the reports under way; the same command then goes on from there."""
@@ -110,9 +138,8 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
 
     try:
         options = BatchOptions(out=out, model_path=model_path, threshold=threshold, calibration=calibration,
-                               batch_size=batch_size,
-                               workers=workers, gradcam=gradcam, force=force, include_lateral=include_lateral,
-                               any_body_part=any_body_part, dicom=dicom, report_processes=report_processes)
+                               batch_size=batch_size, workers=workers, gradcam=gradcam, force=force,
+                               selection=selection, dicom=dicom, report_processes=report_processes)
         bar = None
         show_bar = not quiet and not as_json and sys.stderr.isatty()
 
@@ -176,15 +203,18 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
               help="Choose the highest threshold whose lower 95% bound of sensitivity, not the sensitivity "
                    "measured, reaches the target (refused when the data hold too few positive cases).")
 @click.option("--batch-size", default=16, show_default=True)
+@selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, conservative, batch_size, as_json):
+def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, conservative, batch_size, selection,
+              as_json):
     """Set the threshold for a target sensitivity on labeled DATA (NORMAL/ and PNEUMONIA/ folders, or a CSV of
     path,label[,patient])."""
     from .calibrate import run_calibration
 
     try:
         result = run_calibration(data, target=target_sensitivity, model_path=model_path, out=out, n_boot=n_boot,
-                                 prevalence=prevalence, batch_size=batch_size, conservative=conservative)
+                                 prevalence=prevalence, batch_size=batch_size, conservative=conservative,
+                                 selection=selection)
     except CxrError as exc:
         _fail(exc)
     if as_json:
@@ -242,7 +272,7 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, con
 @click.option("--once", is_flag=True, help="Handle what is in the inbox now, then exit (for cron). "
                                           "Exit code 1 when a file failed or an output could not be written.")
 def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan, state, worklist_days, model_path, threshold, calibration, batch_size,
-          workers, gradcam, include_lateral, any_body_part, dicom, report_processes, once):
+          workers, gradcam, selection, dicom, report_processes, once):
     """Screen studies as they arrive in INBOX, each exactly once; stop with SIGTERM or Ctrl-C."""
     from .watch import Watcher, WatchOptions, kv
 
@@ -253,7 +283,7 @@ def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan,
         options = WatchOptions(inbox=inbox, out=out, archive=archive, quarantine=quarantine, settle=settle,
                                rescan=rescan, state=state, worklist_days=worklist_days, model_path=model_path, threshold=threshold,
                                calibration=calibration, batch_size=batch_size, workers=workers, gradcam=gradcam,
-                               include_lateral=include_lateral, any_body_part=any_body_part, dicom=dicom, once=once,
+                               selection=selection, dicom=dicom, once=once,
                                remove_empty_folders=remove_empty_folders, report_processes=report_processes)
         with _stop_on_signals(on_stop) as stop:
             code = Watcher(options, stop=stop).run()

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax
+from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax, UsageError
 from .normalise import (COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale,
                         patient_orientation)
 from .records import FileKind, FileOutcome, Radiograph, Status, Study
@@ -501,12 +501,52 @@ def _file_uid(path: Path) -> str:
     return f"file-{digest[:20]}"
 
 
+def _name(value: str) -> str:
+    """A header value as selection compares it to a site's names: capitals, runs of spaces as one, no spaces
+    at the ends."""
+    return " ".join(str(value).upper().split())
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which images :func:`select` lets through beyond the default (a frontal chest radiograph).
+
+    ``include_lateral`` and ``any_body_part`` lift the view and body part rules; ``chest_body_parts`` and
+    ``frontal_views`` widen them by a site's own names for the chest and for a frontal view (a modality
+    that writes BodyPartExamined ``TORAX``, or ViewPosition ``PA ERECT``), compared in capitals. Names a
+    site gives are kept as they are compared (:func:`_name`); an empty one is refused.
+    """
+
+    include_lateral: bool = False
+    any_body_part: bool = False
+    chest_body_parts: frozenset[str] = frozenset()
+    frontal_views: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for name in ("chest_body_parts", "frontal_views"):
+            values = getattr(self, name)
+            if isinstance(values, str):
+                values = (values,)
+            names = frozenset(_name(v) for v in values)
+            if "" in names:
+                option = "--chest-body-part" if name == "chest_body_parts" else "--frontal-view"
+                raise UsageError(f"{option} needs a name (an empty value is already screened)")
+            object.__setattr__(self, name, names)
+
+    def as_json(self) -> dict:
+        return {"include_lateral": self.include_lateral, "any_body_part": self.any_body_part,
+                "chest_body_parts": sorted(self.chest_body_parts), "frontal_views": sorted(self.frontal_views)}
+
+
+EVERY_IMAGE = Selection(include_lateral=True, any_body_part=True)
+
+
 @dataclass(frozen=True)
 class SelectionRule:
     """A rule that skips an image: a field of the Radiograph, a test on its value, a reason.
 
-    ``override`` names the option that lifts the rule (``include_lateral``,
-    ``any_body_part``), or is empty when nothing lifts it.
+    ``override`` names the :class:`Selection` flag that lifts the rule (``include_lateral``,
+    ``any_body_part``) and ``widen`` the Selection's names it also lets through; empty when there is none.
     """
 
     field: str
@@ -514,6 +554,14 @@ class SelectionRule:
     rejects: Callable[[str], bool]
     reason: str
     override: str = ""
+    widen: str = ""
+
+    def skips(self, value: str, selection: Selection) -> bool:
+        if self.override and getattr(selection, self.override):
+            return False
+        if self.widen and _name(value) in getattr(selection, self.widen):
+            return False
+        return self.rejects(value)
 
 
 SELECTION_RULES: tuple[SelectionRule, ...] = (
@@ -529,21 +577,21 @@ SELECTION_RULES: tuple[SelectionRule, ...] = (
                   "secondary capture of a {label} (ConversionType {value}), not a radiograph"),
     SelectionRule("body_part", "(0018,0015) BodyPartExamined",
                   lambda v: v.upper() not in CHEST_BODY_PARTS,
-                  "body part {value!r} is not chest", override="any_body_part"),
+                  "body part {value!r} is not chest (--chest-body-part adds a site's own name for the chest)",
+                  override="any_body_part", widen="chest_body_parts"),
     SelectionRule("view_position", "(0018,5101) ViewPosition",
                   lambda v: v.upper() not in FRONTAL_VIEWS,
-                  "view {value!r} is not frontal (PA/AP)", override="include_lateral"),
+                  "view {value!r} is not frontal (PA/AP; --frontal-view adds a site's own name for one)",
+                  override="include_lateral", widen="frontal_views"),
 )
 
 
-def select(record: Radiograph, *, include_lateral: bool = False, any_body_part: bool = False) -> FileOutcome | None:
-    """Apply :data:`SELECTION_RULES`; a SKIPPED outcome for the first rule that rejects, else None."""
-    overrides = {"include_lateral": include_lateral, "any_body_part": any_body_part}
+def select(record: Radiograph, selection: Selection = Selection()) -> FileOutcome | None:
+    """Apply :data:`SELECTION_RULES` as ``selection`` widens them; a SKIPPED outcome for the first rule that
+    rejects, else None."""
     for rule in SELECTION_RULES:
-        if rule.override and overrides[rule.override]:
-            continue
         value = getattr(record, rule.field)
-        if rule.rejects(value):
+        if rule.skips(value, selection):
             reason = rule.reason.format(value=value, label=NOT_RADIOGRAPH_CONVERSIONS.get(value, ""))
             return FileOutcome(record.path, Status.SKIPPED, reason, step="select", tag=rule.tag,
                                **record.identifiers())
@@ -732,9 +780,8 @@ def not_regular(path: Path | str) -> str:
         return _dangling(Path(path)) if os.path.islink(path) else ""
 
 
-def read_record(path: Path | str, *, include_lateral: bool = False,
-                any_body_part: bool = False) -> Radiograph | FileOutcome:
-    """Read one file's header and decide: a Radiograph to score, or a SKIPPED/FAILED outcome."""
+def read_record(path: Path | str, selection: Selection = Selection()) -> Radiograph | FileOutcome:
+    """Read one file's header and decide, by ``selection``: a Radiograph to score, or a SKIPPED/FAILED outcome."""
     path = Path(path)
     try:
         try:
@@ -765,7 +812,7 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
                                 size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
             return colour_picture(record) or record
         with _header_warnings(path):
-            return _dicom_outcome(path, stat, include_lateral, any_body_part)
+            return _dicom_outcome(path, stat, selection)
     except CxrError as exc:
         exc.with_path(path)
         return FileOutcome.from_error(exc)
@@ -774,8 +821,7 @@ def read_record(path: Path | str, *, include_lateral: bool = False,
                                                  step="read", tag=tag_named_in(str(exc))))
 
 
-def _dicom_outcome(path: Path, stat: os.stat_result, include_lateral: bool,
-                   any_body_part: bool) -> Radiograph | FileOutcome:
+def _dicom_outcome(path: Path, stat: os.stat_result, selection: Selection) -> Radiograph | FileOutcome:
     # Large values (the pixel data) are deferred: the header is read, the pixels are not.
     ds = _dcmread(path, stop_before_pixels=False, force=True, defer_size=4096, pass_warnings_on=True)
     declared = undeclared_utf8(ds)
@@ -797,7 +843,7 @@ def _dicom_outcome(path: Path, stat: os.stat_result, include_lateral: bool,
         return FileOutcome(path, Status.SKIPPED, f"no pixel data ({name}, modality "
                            f"{record.modality or 'unknown'})", step="select",
                            tag="(7FE0,0010) PixelData", **record.identifiers())
-    skipped = select(record, include_lateral=include_lateral, any_body_part=any_body_part)
+    skipped = select(record, selection)
     if skipped is not None:
         return skipped
     try:
@@ -847,9 +893,9 @@ def tag_named_in(message: str) -> str:
     return tag_label(int("".join(found.groups()), 16)) if found else ""
 
 
-def scan(inputs: Iterable[Path | str], *, include_lateral: bool = False,
-         any_body_part: bool = False) -> Iterator[Radiograph | FileOutcome]:
-    """Discover and read the header of every input file; each ends as a Radiograph or FileOutcome."""
+def scan(inputs: Iterable[Path | str], selection: Selection = Selection()) -> Iterator[Radiograph | FileOutcome]:
+    """Discover and read the header of every input file; each ends, by ``selection``, as a Radiograph or
+    FileOutcome."""
     for path in discover(inputs):
         if isinstance(path, FileOutcome):
             yield path
@@ -857,7 +903,7 @@ def scan(inputs: Iterable[Path | str], *, include_lateral: bool = False,
         if not path.exists() and not path.is_symlink():
             yield FileOutcome(path, Status.FAILED, "no such file or folder", step="discover")
             continue
-        yield read_record(path, include_lateral=include_lateral, any_body_part=any_body_part)
+        yield read_record(path, selection)
 
 
 def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study], list[FileOutcome]]:

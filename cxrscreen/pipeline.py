@@ -35,7 +35,7 @@ from .encapsulate import dicom_images, dicom_report_name, write_encapsulated_pdf
 from .errors import CxrError, InputError, Interrupted, ModelError, OutputError, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
-from .ingest import group_studies, scan
+from .ingest import Selection, group_studies, scan
 from .normalise import load_unit_image, to_model_input
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import (SUMMARY_FIELDS, ImageResult, StudyResult, atomic_write, report_filename, write_study_report,
@@ -58,8 +58,7 @@ class BatchOptions:
     gradcam: str = "all"               # all | flagged | none
     calibration: Path | None = None    # default: the newest calibration file made for this model
     force: bool = False
-    include_lateral: bool = False
-    any_body_part: bool = False
+    selection: Selection = Selection()  # which images are screened (lateral views, other body parts, site names)
     dicom: bool = False                # also write each report as a DICOM Encapsulated PDF (cxrscreen.encapsulate)
     # Processes that write the reports: 0, a thread of this process; None, report_processes() decides (what
     # the CLI asks for). Not by default in the library: a report process is spawned, and spawning runs the
@@ -426,8 +425,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     model = model or load_model(options.model_path)
     threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration)
 
-    studies, loose = group_studies(_until_stopped(scan(inputs, include_lateral=options.include_lateral,
-                                                       any_body_part=options.any_body_part), stop))
+    studies, loose = group_studies(_until_stopped(scan(inputs, options.selection), stop))
     state = {} if options.force else _load_state(out)
     new_state: dict = {}
     to_score: list[Study] = []
@@ -561,7 +559,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
                     "compute": model.compute, "threshold": threshold, "operating_point": operating,
                     "appearance_limit": model.appearance.limit if model.appearance else None,
                     "calibration": calibration, "dicom_reports": options.dicom,
-                    "inputs": [str(p) for p in inputs]}
+                    "selection": options.selection.as_json(), "inputs": [str(p) for p in inputs]}
     # the state first: when the summary cannot be written, a re-run reuses the reports and writes it
     with _writing(out / STATE_FILE, "save the run's state"):
         _save_state(out, new_state)

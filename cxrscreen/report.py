@@ -342,6 +342,26 @@ def _report_link(report: str, style):
     return Paragraph(f'<a href="pdf:{name}" color="#1a4f9c">{name}</a>', style)
 
 
+def selection_note(selection: dict) -> str:
+    """What a run screened besides frontal chest images (:meth:`cxrscreen.ingest.Selection.as_json`), in a
+    sentence for the worklist; '' when it screened only those."""
+    parts = []
+    if selection.get("include_lateral"):
+        parts.append("lateral and other non-frontal views")
+    elif selection.get("frontal_views"):
+        parts.append("ViewPosition " + ", ".join(selection["frontal_views"]) + " as frontal")
+    if selection.get("any_body_part"):
+        parts.append("every body part")
+    elif selection.get("chest_body_parts"):
+        parts.append("BodyPartExamined " + ", ".join(selection["chest_body_parts"]) + " as chest")
+    if not parts:
+        return ""
+    lifted = selection.get("include_lateral") or selection.get("any_body_part")
+    return ("Also screened, by this run's options: " + "; ".join(parts) + "."
+            + (" The model was trained on frontal chest radiographs only: its scores of other images are not "
+               "validated." if lifted else ""))
+
+
 def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50) -> None:
     """A risk-sorted overview: flagged studies first, then by score; 50 studies a page. After the
     studies, every file that was not screened (failed, then skipped) with its study and the reason,
@@ -361,6 +381,9 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
                           f"{sum(r['status'] == 'failed' for r in others)} failed and "
                           f"{sum(r['status'] == 'skipped' for r in others)} skipped files"), styles["BodyText"]),
              Spacer(1, 3 * mm)]
+    widened = selection_note(meta.get("selection") or {})
+    if widened:
+        story[-1:-1] = [Paragraph(_p(widened), styles["BodyText"])]
     if meta.get("pending_studies"):
         story[-1:-1] = [Paragraph(_p(f"This run was stopped before it finished: {meta['pending_studies']} studies were "
                                      "not screened (listed as pending). Run the same command again to screen "

@@ -50,7 +50,8 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import group_studies, is_ignored, not_regular, read_record, temporary_suffix, walk
+from .ingest import (EVERY_IMAGE, Selection, group_studies, is_ignored, not_regular, read_record, temporary_suffix,
+                     walk)
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -87,8 +88,7 @@ class WatchOptions:
     batch_size: int = 16
     workers: int = 2
     gradcam: str = "all"
-    include_lateral: bool = False
-    any_body_part: bool = False
+    selection: Selection = Selection()   # which images are screened (lateral views, other body parts, site names)
     dicom: bool = False          # also write each report as a DICOM Encapsulated PDF (cxrscreen.encapsulate)
     report_processes: int = 0    # processes that write the reports; 0: a thread of the daemon (pipeline.report_executor)
     remove_empty_folders: bool = False   # folders of the inbox empty for EMPTY_FOLDER_AGE are removed
@@ -416,7 +416,7 @@ class Watcher:
             images = []
             for f in self.ledger.study_files(row.study_uid):
                 if f.status == "scored" and f.version == row.version:
-                    record = read_record(Path(f.location), include_lateral=True, any_body_part=True)
+                    record = read_record(Path(f.location), EVERY_IMAGE)
                     if isinstance(record, Radiograph):
                         images.append(dataclasses.replace(record, study_uid=row.study_uid))
             try:
@@ -633,7 +633,7 @@ class Watcher:
             if now - candidate.since < (1 + UNPARSED_SETTLES) * o.settle and os.path.islink(path):
                 return
         else:
-            record = read_record(Path(path), include_lateral=o.include_lateral, any_body_part=o.any_body_part)
+            record = read_record(Path(path), o.selection)
             try:
                 st = os.stat(path)
             except OSError:
@@ -789,7 +789,7 @@ class Watcher:
                 items.append(FileOutcome(location, Status.FAILED, "changed after it was taken (size or mtime "
                                          "differs from the ledger)", step="read", study_uid=uid))
                 continue
-            record = read_record(location, include_lateral=o.include_lateral, any_body_part=o.any_body_part)
+            record = read_record(location, o.selection)
             items.append(dataclasses.replace(record, study_uid=uid))
         return items
 
@@ -948,7 +948,8 @@ class Watcher:
                 "model_sha256": self.model.sha256, "compute": self.model.compute, "threshold": self.threshold,
                 "operating_point": self.operating,
                 "appearance_limit": self.model.appearance.limit if self.model.appearance else None,
-                "ledger": str(self.options.state_file), "worklist_days": days or "all", **self.ledger.counts()}
+                "selection": self.options.selection.as_json(), "ledger": str(self.options.state_file),
+                "worklist_days": days or "all", **self.ledger.counts()}
         self._summary_at = time.monotonic()
         try:
             write_summary(self.out, rows, meta)

@@ -250,6 +250,34 @@ def test_refusals_exit_2(tmp_path, model_copy, normal, pneumonia, args, message)
     assert message in result.output
 
 
+def test_calibrate_chooses_images_as_batch_does(tmp_path, model_copy):
+    """A site whose modality writes BodyPartExamined TORAX screens with --chest-body-part TORAX; calibrate
+    skipped all its studies as not chest, and its refusal did not say why."""
+    import cv2
+
+    from cxrscreen.testing import make_dicom, save
+
+    rng = np.random.default_rng(11)
+    for label, n in (("NORMAL", 21), ("PNEUMONIA", 21)):
+        (tmp_path / "site" / label).mkdir(parents=True)
+        for i in range(n):
+            img = cv2.GaussianBlur((rng.random((96, 96)) * 4000).astype(np.float32), (0, 0), 2 + 4 * rng.random())
+            save(make_dicom(img.astype(np.uint16), seed=f"{label}{i}", patient_id=f"{label}-{i}",
+                            body_part="TORAX"), tmp_path / "site" / label / f"{i}.dcm")
+    args = ["calibrate", str(tmp_path / "site"), "--model", str(model_copy.path), "--bootstrap", "50",
+            "--out", str(tmp_path / "cal.json")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2, refused.output
+    assert "no study scored" in refused.output and "42 files excluded, all: body part 'TORAX' is not chest " \
+                                                     "(--chest-body-part adds" in refused.output
+    result = CliRunner().invoke(main, [*args, "--chest-body-part", "torax", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["n"] == {"NORMAL": 21, "PNEUMONIA": 21} and not out["excluded"]
+    assert out["selection"] == {"include_lateral": False, "any_body_part": False, "chest_body_parts": ["TORAX"],
+                                "frontal_views": []}
+
+
 def test_twenty_studies_of_two_patients_are_refused(tmp_path, model_copy):
     data = make_labeled(tmp_path / "d", 22, 22)
     csv = tmp_path / "labels.csv"

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from conftest import colour_versions
 from cxrscreen import ingest
 from cxrscreen.errors import InputError, InvalidImageError, UnsupportedTransferSyntax
-from cxrscreen.ingest import discover, group_studies, read_record, scan
+from cxrscreen.ingest import EVERY_IMAGE, Selection, discover, group_studies, read_record, scan
 from cxrscreen.normalise import colour_frame, load_unit_image
 from cxrscreen.records import FileKind, FileOutcome, Radiograph, Status
 from cxrscreen.testing import SC_SOP_CLASS, damage, encapsulate_uncompressed, make_dicom, save, uid_from
@@ -197,7 +197,7 @@ def test_real_cr_is_selected_and_extremity_skipped():
         out = read_record(reference_file(name))
         assert isinstance(out, FileOutcome) and out.status is Status.SKIPPED
         assert "EXTREMITY" in out.reason and "(0018,0015)" in out.tag
-    assert isinstance(read_record(reference_file("RG3_UNCR.dcm"), any_body_part=True), Radiograph)
+    assert isinstance(read_record(reference_file("RG3_UNCR.dcm"), Selection(any_body_part=True)), Radiograph)
 
 
 # ---------------------------------------------------------------- discovery
@@ -398,12 +398,41 @@ def test_a_colour_image_that_cannot_be_decoded_fails_at_decoding_not_at_selectio
 def test_overrides_lift_the_view_and_body_part_rules(write_dicom, chest_pixels):
     lateral = write_dicom(chest_pixels, name="lat.dcm", view_position="LL")
     hand = write_dicom(chest_pixels, name="hand.dcm", body_part="HAND")
-    assert isinstance(read_record(lateral, include_lateral=True), Radiograph)
-    assert isinstance(read_record(hand, any_body_part=True), Radiograph)
+    assert isinstance(read_record(lateral, Selection(include_lateral=True)), Radiograph)
+    assert isinstance(read_record(hand, Selection(any_body_part=True)), Radiograph)
     ct = write_dicom(chest_pixels, name="ct.dcm", modality="CT")
-    assert isinstance(read_record(ct, include_lateral=True, any_body_part=True), FileOutcome)
+    assert isinstance(read_record(ct, EVERY_IMAGE), FileOutcome)
     shown = write_dicom(chest_pixels, name="pres.dcm", PresentationIntentType="FOR PRESENTATION")
     assert read_record(shown).presentation_intent == "FOR PRESENTATION"
+
+
+@pytest.mark.parametrize("field, written, given, other", [
+    ("body_part", "TORAX", "torax", "HAND"),
+    ("body_part", "CHEST PA", " chest   pa ", "CHEST AP"),
+    ("view_position", "PA ERECT", "pa erect", "LL"),
+])
+def test_a_sites_own_names_for_the_chest_and_a_frontal_view_are_screened(write_dicom, chest_pixels, field, written,
+                                                                         given, other):
+    """A modality that writes BodyPartExamined TORAX or ViewPosition 'PA ERECT' had every study skipped, and
+    the only way round, --any-body-part or --include-lateral, also screened knees or laterals."""
+    own = write_dicom(chest_pixels, name="own.dcm", **{field: written})
+    skipped = read_record(own)
+    assert skipped.status is Status.SKIPPED
+    assert ("--chest-body-part" if field == "body_part" else "--frontal-view") in skipped.reason
+    names = {"chest_body_parts" if field == "body_part" else "frontal_views": {given}}
+    selection = Selection(**names)
+    assert isinstance(read_record(own, selection), Radiograph)
+    assert read_record(write_dicom(chest_pixels, name="other.dcm", **{field: other}), selection).status \
+        is Status.SKIPPED                     # the name added, and only it
+    assert selection.as_json()[next(iter(names))] == [" ".join(given.upper().split())]
+
+
+def test_an_empty_site_name_is_refused():
+    from cxrscreen.errors import UsageError
+
+    with pytest.raises(UsageError, match="--chest-body-part needs a name"):
+        Selection(chest_body_parts={"  "})
+    assert Selection(frontal_views="PA ERECT").frontal_views == {"PA ERECT"}     # a string is one name
 
 
 # an attribute that may be empty, and the code sequence that decides then: the Radiograph field (make_dicom's
@@ -446,7 +475,7 @@ def test_a_dx_image_with_an_empty_view_or_body_part_takes_it_from_its_code_seque
         assert isinstance(out, Radiograph) and getattr(out, field) == decided
     else:
         assert out.status is Status.SKIPPED and reason.format(decided) in out.reason
-        assert getattr(read_record(path, **{override: True}), field) == decided
+        assert getattr(read_record(path, Selection(**{override: True})), field) == decided
     # the attribute, when given, decides; an empty sequence says nothing
     assert getattr(read_record(write_dicom(chest_pixels, name="both.dcm", **{field: given, sequence: [code]})),
                    field) == given

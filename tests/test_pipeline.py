@@ -823,3 +823,33 @@ def test_default_model_is_found_in_a_checkout_or_where_pip_install_put_it(tmp_pa
     assert infer.default_model_path() == shared
     monkeypatch.setenv("CXRSCREEN_MODEL", str(tmp_path / "mine.keras"))
     assert infer.default_model_path() == tmp_path / "mine.keras"
+
+
+def test_a_sites_own_names_are_screened_and_said_so_on_the_worklist(tmp_path, write_dicom, chest_pixels, model,
+                                                                  monkeypatch):
+    """--chest-body-part and --frontal-view: the studies a site's modality names its own way are screened, and
+    the worklist and summary say what the run let through besides frontal chest images."""
+    from conftest import pdf_text
+
+    from cxrscreen import pipeline
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    write_dicom(chest_pixels, name="inbox/torax.dcm", body_part="TORAX", study_seed="s1")
+    write_dicom(chest_pixels, name="inbox/erect.dcm", view_position="PA ERECT", study_seed="s2")
+    monkeypatch.setattr(pipeline, "load_model", lambda path=None: model)
+    plain = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(tmp_path / "a"), "--gradcam", "none",
+                                      "--json"])
+    summary = json.loads(plain.stdout)
+    assert plain.exit_code == 0 and summary["skipped_files"] == 2 and summary["scored_images"] == 0
+    assert "Also screened" not in pdf_text(tmp_path / "a" / "worklist.pdf")
+    wide = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(tmp_path / "b"), "--gradcam", "none", "--json",
+                                     "--chest-body-part", "Torax", "--frontal-view", "PA ERECT"])
+    summary = json.loads(wide.stdout)
+    assert wide.exit_code == 0 and summary["skipped_files"] == 0 and summary["scored_images"] == 2
+    assert summary["selection"] == {"include_lateral": False, "any_body_part": False, "chest_body_parts": ["TORAX"],
+                                    "frontal_views": ["PA ERECT"]}
+    assert "Also screened, by this run's options: ViewPosition PA ERECT as frontal; BodyPartExamined TORAX as " \
+           "chest." in pdf_text(tmp_path / "b" / "worklist.pdf")
+    empty = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(tmp_path / "c"), "--chest-body-part", " "])
+    assert empty.exit_code == 2 and "--chest-body-part needs a name" in empty.output

@@ -133,9 +133,9 @@ def test_slow_copy_and_part_rename_are_never_read_early(dirs, model, tmp_path, m
     reads: list[tuple[str, int]] = []
     real_read = watch_module.read_record
 
-    def spy(path, **kwargs):
+    def spy(path, *args, **kwargs):
         reads.append((Path(path).name, Path(path).stat().st_size))
-        return real_read(path, **kwargs)
+        return real_read(path, *args, **kwargs)
 
     monkeypatch.setattr(watch_module, "read_record", spy)
     slow = dicom_bytes(tmp_path, "slowcopy", rows=256)
