@@ -121,6 +121,13 @@ CREATE TABLE IF NOT EXISTS reports (
 """
 
 
+def _pending_study(db, study_uid: str, now: float) -> None:
+    """The study of a file pending now is pending (again, if it was reported), its last file arrived now."""
+    db.execute("INSERT INTO studies (study_uid, status, last_arrival, updated) VALUES (?, 'pending', ?, ?) "
+               "ON CONFLICT(study_uid) DO UPDATE SET status = 'pending', last_arrival = excluded.last_arrival, "
+               "updated = excluded.updated", (study_uid, now, now))
+
+
 @dataclass(frozen=True)
 class FileRow:
     id: int
@@ -342,10 +349,23 @@ class Ledger:
                 (path, path, size, mtime_ns, sha256, study_uid, status, step, tag, reason, now, patient_id,
                  accession, study_date, patient_name))
             if status == "pending" and study_uid:
-                db.execute("INSERT INTO studies (study_uid, status, last_arrival, updated) VALUES (?, 'pending', ?, ?) "
-                           "ON CONFLICT(study_uid) DO UPDATE SET status = 'pending', last_arrival = excluded.last_arrival,"
-                           " updated = excluded.updated", (study_uid, now, now))
+                _pending_study(db, study_uid, now)
             return cursor.lastrowid
+
+    def skipped_by(self, tags) -> list[FileRow]:
+        """Files skipped by the selection rules of ``tags`` (the view, the body part) that are still somewhere."""
+        tags = sorted(tags)
+        return self._files(f"status = 'skipped' AND step = 'select' AND location IS NOT NULL AND move_to IS NULL "
+                           f"AND tag IN ({', '.join('?' * len(tags))})", tuple(tags))
+
+    def retake(self, file_id: int, study_uid: str, now: float | None = None) -> None:
+        """A skipped file that a wider selection now screens: pending again, its study with it (as a file that
+        arrives now), reported again with it."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            db.execute("UPDATE files SET status = 'pending', step = '', tag = '', reason = '', study_uid = ? "
+                       "WHERE id = ?", (study_uid, file_id))
+            _pending_study(db, study_uid, now)
 
     def study_files(self, study_uid: str) -> list[FileRow]:
         return self._files("study_uid = ? AND location IS NOT NULL", (study_uid,))

@@ -50,8 +50,8 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import (EVERY_IMAGE, Selection, group_studies, is_ignored, not_regular, read_record, temporary_suffix,
-                     walk)
+from .ingest import (EVERY_IMAGE, SELECTION_RULES, Selection, group_studies, is_ignored, not_regular, read_record,
+                     temporary_suffix, walk)
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -71,6 +71,7 @@ RETRY_SECONDS = 60.0         # a round that failed with a tool error is retried 
 DICOM_COMPLETE = "dicom_reports_complete"   # ledger meta: "yes" when every current report has its .dcm
 STALLED_TRANSFER_AGE = 3600.0  # seconds a *.part (or other temporary name) stays unchanged before it is logged
 UNLISTABLE_KEY = "unlistable_folders"      # ledger meta: JSON list of the inbox folders the last rescan could not list
+SELECTION_KEY = "selection"                 # ledger meta: the last start's Selection, as JSON
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,7 @@ class Watcher:
         o = self.options
         self._note_model(calibration)
         self._recover()
+        self._selection_start()
         self._dicom_start()
         observer = self._start_observer()
         counts = self.ledger.counts()
@@ -385,6 +387,36 @@ class Watcher:
         for row in self.ledger.handled_in_place():        # handled, but a crash (or no --archive then) left it
             self._relocate(row)
         self.known = self.ledger.known_locations()
+
+    def _selection_start(self) -> None:
+        """When this start's selection differs from the last one's (a site name added with --chest-body-part or
+        --frontal-view, --include-lateral or --any-body-part given), read again the files the view and body part
+        rules skipped that are still there, in the inbox or the archive: those it now screens are pending again
+        and their studies reported (again, amended, where an image of theirs was reported). Without this they
+        stayed skipped: the ledger never reads a file it has handled twice."""
+        current = json.dumps(self.options.selection.as_json(), sort_keys=True)
+        if self.ledger.get_meta(SELECTION_KEY) == current:
+            return
+        tags = {rule.tag for rule in SELECTION_RULES if rule.override or rule.widen}
+        retaken = 0
+        for f in self.ledger.skipped_by(tags):
+            location = Path(f.location)
+            try:
+                st = location.stat()
+            except OSError:
+                continue
+            if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+                continue        # changed since: in the inbox the observer takes the new content
+            record = read_record(location, self.options.selection)
+            if isinstance(record, Radiograph):
+                self.ledger.retake(f.id, f.study_uid or record.study_uid)
+                log.info(kv(event="file_retaken", path=location, study=f.study_uid or record.study_uid,
+                            skipped_for=f.reason, note="screened by this start's options"))
+                retaken += 1
+        if retaken:
+            log.info(kv(event="selection_widened", files=retaken, note="files skipped before are screened now"))
+        with self.ledger.transaction():
+            self.ledger.set_meta(SELECTION_KEY, current)
 
     def _dicom_start(self) -> None:
         """With --dicom, back-fill the .dcm of studies reported without it, unless the ledger says every

@@ -766,6 +766,42 @@ def test_worklist_lists_recent_studies_and_the_ledger_keeps_all(dirs, model):
         WatchOptions(inbox, out, worklist_days=-1)
 
 
+def test_files_skipped_before_are_screened_when_a_start_widens_the_selection(dirs, model, tmp_path, caplog):
+    """A site sees its TORAX studies and its laterals skipped, and restarts watch with --chest-body-part TORAX
+    and --include-lateral: the files skipped before, archived since, are read again and their studies reported
+    (the study with a lateral amended); a start with the same options reads nothing again."""
+    from cxrscreen.ingest import Selection
+
+    inbox, out = dirs
+    one_image_study(inbox, "torax", body_part="TORAX")
+    (inbox / "pair").mkdir()
+    for i, view in enumerate(("PA", "LL")):
+        save(make_dicom(phantom(96, 96), seed=f"pair/{i}", study_seed="pair", patient_id="PAIR", view_position=view),
+             inbox / "pair" / f"{i}.dcm")
+    archive = tmp_path / "archive"
+    options = dict(archive=archive, settle=0.2, rescan=0.5, gradcam="none", once=True)
+    assert Watcher(WatchOptions(inbox, out, **options), model=model).run() == 0
+    assert {pid: r["status"] for pid, r in summary_studies(out).items()} == {"PAIR": "scored", "TORAX": "skipped"}
+    assert not list(inbox.rglob("*.dcm")) and len(list(archive.rglob("*.dcm"))) == 3
+
+    wider = Selection(include_lateral=True, chest_body_parts={"TORAX"})
+    with caplog.at_level("INFO", logger="cxrscreen.watch"):
+        assert Watcher(WatchOptions(inbox, out, selection=wider, **options), model=model).run() == 0
+    assert "event=selection_widened files=2" in caplog.text
+    studies = summary_studies(out)
+    assert {pid: (r["status"], len(r["files"])) for pid, r in studies.items()} == {"PAIR": ("scored", 2),
+                                                                                   "TORAX": ("scored", 1)}
+    versions = ledger_rows(out, "SELECT patient_id, version FROM studies ORDER BY patient_id")
+    assert versions == [("PAIR", 2), ("TORAX", 1)]            # the pair amended, TORAX reported once
+    assert ledger_rows(out, "SELECT count(*) FROM files WHERE status != 'scored'") == [(0,)]
+    assert all(Path(r[0]).is_relative_to(archive) for r in ledger_rows(out, "SELECT location FROM files"))
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cxrscreen.watch"):
+        assert Watcher(WatchOptions(inbox, out, selection=wider, **options), model=model).run() == 0
+    assert "file_retaken" not in caplog.text and len(reports(out)) == 3
+
+
 def test_restart_with_archive_moves_handled_files_and_finishes_an_interrupted_move(dirs, model, tmp_path):
     inbox, out = dirs
     first, second = write_study(inbox / "s", "moved", images=2)
