@@ -325,7 +325,10 @@ class Watcher:
         log.info(kv(event="start", inbox=self.inbox, out=self.out, state=o.state_file, model=model.path.name,
                     model_sha256=model.sha256[:16], compute=model.compute, threshold=self.threshold,
                     calibration=calibration or None, settle=o.settle,
-                    rescan=o.rescan,
+                    rescan=o.rescan, include_lateral=o.selection.include_lateral or None,
+                    any_body_part=o.selection.any_body_part or None,
+                    chest_body_parts=",".join(sorted(o.selection.chest_body_parts)) or None,
+                    frontal_views=",".join(sorted(o.selection.frontal_views)) or None,
                     pending_studies=counts["studies"].get("pending", 0), once=o.once))
         stopped_by = "once: inbox handled"
         try:

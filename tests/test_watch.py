@@ -788,6 +788,7 @@ def test_files_skipped_before_are_screened_when_a_start_widens_the_selection(dir
     with caplog.at_level("INFO", logger="cxrscreen.watch"):
         assert Watcher(WatchOptions(inbox, out, selection=wider, **options), model=model).run() == 0
     assert "event=selection_widened files=2" in caplog.text
+    assert "include_lateral=True chest_body_parts=TORAX" in caplog.text      # on the event=start line
     studies = summary_studies(out)
     assert {pid: (r["status"], len(r["files"])) for pid, r in studies.items()} == {"PAIR": ("scored", 2),
                                                                                    "TORAX": ("scored", 1)}
