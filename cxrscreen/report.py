@@ -342,6 +342,32 @@ def _report_link(report: str, style):
     return Paragraph(f'<a href="pdf:{name}" color="#1a4f9c">{name}</a>', style)
 
 
+# On the worklist, more files than this skipped for the same reason and belonging to no study are one row
+GROUP_SKIPPED_FROM = 4
+
+
+def group_skipped(rows: list[dict], at_least: int = GROUP_SKIPPED_FROM) -> list[dict]:
+    """The worklist's list of files not screened, with the files skipped for one reason that belong to no study
+    (a Mac's ``._*`` file beside every image copied from it, the text files of an export) as one row where
+    there are ``at_least`` of them, its ``label`` their number and first names (each is in summary.csv).
+    Failed files, and skipped ones of a study, stay a row each."""
+    by_reason: dict[tuple[str, str, str], list[dict]] = {}
+    for r in rows:
+        if r["status"] == "skipped" and not r["study_uid"]:
+            by_reason.setdefault((r["step"], r["tag"], r["reason"]), []).append(r)
+    grouped, done = [], set()
+    for r in rows:
+        key = (r["step"], r["tag"], r["reason"])
+        group = by_reason.get(key, []) if r["status"] == "skipped" and not r["study_uid"] else []
+        if len(group) < at_least:
+            grouped.append(r)
+        elif key not in done:
+            done.add(key)
+            names = ", ".join(Path(g["path"]).name for g in group[:3])
+            grouped.append({**r, "label": f"{len(group)} files: {names}... (each one in summary.csv)"})
+    return grouped
+
+
 def selection_note(selection: dict) -> str:
     """What a run screened besides frontal chest images (:meth:`cxrscreen.ingest.Selection.as_json`), in a
     sentence for the worklist; '' when it screened only those."""
@@ -415,8 +441,9 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
             story.append(PageBreak())
     if others:
         story += [Spacer(1, 4 * mm), Paragraph(f"Not screened: {len(others)} files (failed first)", styles["Heading3"])]
+        others = group_skipped(others)
         data = [["Status", "File", "Study UID", "Step / tag", "Reason"]] + [
-            [r["status"], paragraph(Path(r["path"]).name, small), r["study_uid"][-24:],
+            [r["status"], paragraph(r.get("label") or Path(r["path"]).name, small), r["study_uid"][-24:],
              Paragraph(_p(" ".join(x for x in (r["step"], r["tag"]) if x)), small),
              paragraph(r["reason"], small, base="L")]
             for r in others]

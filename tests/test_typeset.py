@@ -150,3 +150,25 @@ def test_a_long_hebrew_name_reads_first_line_first_in_the_report(tmp_path, write
                               threshold=0.7, operating_point={}, model_name="m", model_sha256="0" * 64)
     # pypdf reads each drawn line back into reading order: the name reads whole only when its lines are in order
     assert f"Patient name {person_name(LONG_HEBREW)} Birth date" in pdf_text(path)
+
+
+def test_files_skipped_alike_outside_any_study_are_one_row_of_the_worklist(tmp_path):
+    """A share written from a Mac holds a ._* file beside every image: each was a row of the worklist's list of
+    files not screened, burying the failed and skipped files of studies. Four or more alike are one row;
+    summary.csv keeps each."""
+    from cxrscreen.report import SUMMARY_FIELDS, group_skipped, write_worklist
+
+    def row(name, status="skipped", reason="a Mac's AppleDouble file", study=""):
+        return {**dict.fromkeys(SUMMARY_FIELDS, ""), "kind": "file", "status": status, "path": f"/in/{name}",
+                "step": "discover", "reason": reason, "study_uid": study}
+
+    rows = ([row("bad.dcm", "failed", "truncated")] + [row(f"._IM{i:04d}.dcm") for i in range(40)]
+            + [row("lat.dcm", reason="view 'LL' is not frontal", study="1.2.3")]
+            + [row(f"notes{i}.txt", reason="not an image") for i in range(3)])
+    grouped = group_skipped(rows)
+    assert [r.get("label") or r["path"] for r in grouped] == [
+        "/in/bad.dcm", "40 files: ._IM0000.dcm, ._IM0001.dcm, ._IM0002.dcm... (each one in summary.csv)",
+        "/in/lat.dcm", "/in/notes0.txt", "/in/notes1.txt", "/in/notes2.txt"]
+    write_worklist(tmp_path / "worklist.pdf", rows, {"model": "m", "threshold": 0.7})
+    text = pdf_text(tmp_path / "worklist.pdf")
+    assert "Not screened: 45 files" in text and "40 files: ._IM0000.dcm" in text and "._IM0039" not in text
