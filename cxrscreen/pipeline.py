@@ -423,7 +423,8 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
                progress: Callable[[int, int], None] | None, model: LoadedModel | None,
                stop: threading.Event) -> BatchSummary:
     model = model or load_model(options.model_path)
-    threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration)
+    threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration,
+                                                          options.selection)
 
     studies, loose = group_studies(_until_stopped(scan(inputs, options.selection), stop))
     state = {} if options.force else _load_state(out)
@@ -656,17 +657,33 @@ def _dicom_written(name: str | None, out: Path) -> bool:
     return name == "" or (bool(name) and (out / name).is_file())
 
 
-def resolve_threshold(model: LoadedModel, threshold: float | None,
-                      calibration_file: Path | None) -> tuple[float, dict, str]:
-    """(threshold, operating point, calibration file or "") from --threshold, a calibration, or the card."""
+def resolve_threshold(model: LoadedModel, threshold: float | None, calibration_file: Path | None,
+                      selection: Selection = Selection()) -> tuple[float, dict, str]:
+    """(threshold, operating point, calibration file or "") from --threshold, a calibration, or the card.
+
+    A calibration made with other selection options than ``selection``, the run's, is used and logged: its
+    threshold was set on other images (calibrated on frontal images only, say, for a run that scores laterals)."""
     from .calibrate import select_calibration
 
     if threshold is not None:
         return threshold, {"source": "threshold set by the user (--threshold): operating point unknown"}, ""
     calibration = select_calibration(model.path, model.sha256, calibration_file)
     if calibration is not None:
+        made_with = calibration.figures.get("selection")
+        if made_with is not None and made_with != selection.as_json():
+            log.warning("%s was calibrated with other selection options (%s) than this run's (%s): its threshold "
+                        "was set on other images; calibrate again with this run's options", calibration.path,
+                        _options_text(made_with), _options_text(selection.as_json()))
         return calibration.threshold, calibration.operating_point, str(calibration.path)
     return model.card.threshold, card_operating_point(model.card), ""
+
+
+def _options_text(selection: dict) -> str:
+    """:meth:`Selection.as_json` as the command-line options that give it; 'none' for the default."""
+    words = [f"--{key.replace('_', '-')}" for key in ("include_lateral", "any_body_part") if selection.get(key)]
+    words += [f"--chest-body-part {name!r}" for name in selection.get("chest_body_parts", ())]
+    words += [f"--frontal-view {name!r}" for name in selection.get("frontal_views", ())]
+    return " ".join(words) or "none"
 
 
 def card_operating_point(card) -> dict:

@@ -342,7 +342,7 @@ def _report_link(report: str, style):
     return Paragraph(f'<a href="pdf:{name}" color="#1a4f9c">{name}</a>', style)
 
 
-# On the worklist, more files than this skipped for the same reason and belonging to no study are one row
+# On the worklist, this many files or more skipped for one reason, and belonging to no study, are one row
 GROUP_SKIPPED_FROM = 4
 
 

@@ -304,7 +304,8 @@ class Watcher:
         o = self.options
         model = self._model or load_model(o.model_path)
         self.model = model
-        self.threshold, self.operating, calibration = resolve_threshold(model, o.threshold, o.calibration)
+        self.threshold, self.operating, calibration = resolve_threshold(model, o.threshold, o.calibration,
+                                                                        o.selection)
         self.screener = Screener(model, self.threshold, gradcam=o.gradcam, batch_size=o.batch_size,
                                  workers=o.workers)
         self._reporter = ReportWriter(o.report_processes, lost_note=kv(

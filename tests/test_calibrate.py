@@ -250,7 +250,7 @@ def test_refusals_exit_2(tmp_path, model_copy, normal, pneumonia, args, message)
     assert message in result.output
 
 
-def test_calibrate_chooses_images_as_batch_does(tmp_path, model_copy):
+def test_calibrate_chooses_images_as_batch_does(tmp_path, model_copy, caplog):
     """A site whose modality writes BodyPartExamined TORAX screens with --chest-body-part TORAX; calibrate
     skipped all its studies as not chest, and its refusal did not say why."""
     import cv2
@@ -276,6 +276,17 @@ def test_calibrate_chooses_images_as_batch_does(tmp_path, model_copy):
     assert out["n"] == {"NORMAL": 21, "PNEUMONIA": 21} and not out["excluded"]
     assert out["selection"] == {"include_lateral": False, "any_body_part": False, "chest_body_parts": ["TORAX"],
                                 "frontal_views": []}
+    # a run with other options uses it, and says its threshold was set on other images
+    from cxrscreen.ingest import Selection
+    from cxrscreen.pipeline import resolve_threshold
+
+    with caplog.at_level("WARNING", logger="cxrscreen"):
+        assert resolve_threshold(model_copy, None, tmp_path / "cal.json", Selection())[0] == out["threshold"]
+        assert "calibrated with other selection options (--chest-body-part 'TORAX') than this run's (none)" \
+            in caplog.text
+        caplog.clear()
+        resolve_threshold(model_copy, None, tmp_path / "cal.json", Selection(chest_body_parts={"TORAX"}))
+        assert not caplog.text
 
 
 def test_twenty_studies_of_two_patients_are_refused(tmp_path, model_copy):
