@@ -529,8 +529,7 @@ class Selection:
                 values = (values,)
             names = frozenset(_name(v) for v in values)
             if "" in names:
-                option = "--chest-body-part" if name == "chest_body_parts" else "--frontal-view"
-                raise UsageError(f"{option} needs a name (an empty value is already screened)")
+                raise UsageError(f"{SELECTION_OPTIONS[name]} needs a name (an empty value is already screened)")
             object.__setattr__(self, name, names)
 
     def as_json(self) -> dict:
@@ -539,6 +538,22 @@ class Selection:
 
 
 EVERY_IMAGE = Selection(include_lateral=True, any_body_part=True)
+# The command-line option that sets each field of a Selection, as messages name it
+SELECTION_OPTIONS = {"include_lateral": "--include-lateral", "any_body_part": "--any-body-part",
+                     "chest_body_parts": "--chest-body-part", "frontal_views": "--frontal-view"}
+
+
+def selection_options_text(selection: dict) -> str:
+    """:meth:`Selection.as_json` (a run's, or the one a calibration file records) as the options that give it;
+    'none' for the default."""
+    words = []
+    for field, option in SELECTION_OPTIONS.items():
+        value = selection.get(field)
+        if isinstance(value, list):
+            words += [f"{option} {name!r}" for name in value]
+        elif value:
+            words.append(option)
+    return " ".join(words) or "none"
 
 
 @dataclass(frozen=True)

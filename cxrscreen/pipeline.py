@@ -35,7 +35,7 @@ from .encapsulate import dicom_images, dicom_report_name, write_encapsulated_pdf
 from .errors import CxrError, InputError, Interrupted, ModelError, OutputError, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
-from .ingest import Selection, group_studies, scan
+from .ingest import Selection, group_studies, scan, selection_options_text
 from .normalise import load_unit_image, to_model_input
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import (SUMMARY_FIELDS, ImageResult, StudyResult, atomic_write, report_filename, write_study_report,
@@ -673,17 +673,9 @@ def resolve_threshold(model: LoadedModel, threshold: float | None, calibration_f
         if made_with is not None and made_with != selection.as_json():
             log.warning("%s was calibrated with other selection options (%s) than this run's (%s): its threshold "
                         "was set on other images; calibrate again with this run's options", calibration.path,
-                        _options_text(made_with), _options_text(selection.as_json()))
+                        selection_options_text(made_with), selection_options_text(selection.as_json()))
         return calibration.threshold, calibration.operating_point, str(calibration.path)
     return model.card.threshold, card_operating_point(model.card), ""
-
-
-def _options_text(selection: dict) -> str:
-    """:meth:`Selection.as_json` as the command-line options that give it; 'none' for the default."""
-    words = [f"--{key.replace('_', '-')}" for key in ("include_lateral", "any_body_part") if selection.get(key)]
-    words += [f"--chest-body-part {name!r}" for name in selection.get("chest_body_parts", ())]
-    words += [f"--frontal-view {name!r}" for name in selection.get("frontal_views", ())]
-    return " ".join(words) or "none"
 
 
 def card_operating_point(card) -> dict:
