@@ -351,14 +351,18 @@ def group_skipped(rows: list[dict], at_least: int = GROUP_SKIPPED_FROM) -> list[
     (a Mac's ``._*`` file beside every image copied from it, the text files of an export) as one row where
     there are ``at_least`` of them, its ``label`` their number and first names (each is in summary.csv).
     Failed files, and skipped ones of a study, stay a row each."""
+    def reason(r: dict) -> tuple[str, str, str] | None:
+        """What groups a row: its step, tag and reason when it is skipped outside any study, else None."""
+        return (r["step"], r["tag"], r["reason"]) if r["status"] == "skipped" and not r["study_uid"] else None
+
     by_reason: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
-        if r["status"] == "skipped" and not r["study_uid"]:
-            by_reason.setdefault((r["step"], r["tag"], r["reason"]), []).append(r)
+        if reason(r) is not None:
+            by_reason.setdefault(reason(r), []).append(r)
     grouped, done = [], set()
     for r in rows:
-        key = (r["step"], r["tag"], r["reason"])
-        group = by_reason.get(key, []) if r["status"] == "skipped" and not r["study_uid"] else []
+        key = reason(r)
+        group = by_reason.get(key, [])         # a row no reason groups (key None) is never in one
         if len(group) < at_least:
             grouped.append(r)
         elif key not in done:

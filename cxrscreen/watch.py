@@ -413,9 +413,10 @@ class Watcher:
                 continue        # changed since: in the inbox the observer takes the new content
             record = read_record(location, self.options.selection)
             if isinstance(record, Radiograph):
-                self.ledger.retake(f.id, f.study_uid or record.study_uid)
-                log.info(kv(event="file_retaken", path=location, study=f.study_uid or record.study_uid,
-                            skipped_for=f.reason, note="screened by this start's options"))
+                uid = f.study_uid or record.study_uid
+                self.ledger.retake(f.id, uid)
+                log.info(kv(event="file_retaken", path=location, study=uid, skipped_for=f.reason,
+                            note="screened by this start's options"))
                 retaken += 1
         if retaken:
             log.info(kv(event="selection_widened", files=retaken, note="files skipped before are screened now"))
