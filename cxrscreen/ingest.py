@@ -20,6 +20,7 @@ Nothing is ever written next to the inputs, and inputs are opened read-only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -36,8 +37,8 @@ import numpy as np
 
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax, UsageError
 from .normalise import (COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale,
-                        patient_orientation)
-from .records import FileKind, FileOutcome, Radiograph, Status, Study
+                        patient_orientation, presentation_words)
+from .records import FileKind, FileOutcome, Presentation, Radiograph, Status, Study
 from .threadwarnings import caught, listed
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ FRONTAL_VIEWS = frozenset({"", "PA", "AP"})
 # DX, mammography and intra-oral "For Processing" storage: raw detector data, not meant to be displayed
 FOR_PROCESSING_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2.1",
                                         "1.2.840.10008.5.1.4.1.1.1.3.1"})
+# Presentation states (GSPS, colour, pseudo-colour, blending...: PS3.4 B.5): a file of one is listed as skipped
+# with this tag, and the rotation and flip it gives its images are applied (see read_presentation)
+PRESENTATION_STATE_CLASSES = "1.2.840.10008.5.1.4.1.1.11."
+PRESENTATION_STATE_TAG = "(0008,0016) SOPClassUID"
 # Secondary captures that are not pictures of a patient's radiograph (PS3.3 C.8.6.1 ConversionType);
 # DF (digitized film), DV, DI, SI and WSD may be one and are screened.
 NOT_RADIOGRAPH_CONVERSIONS = {"SD": "scanned document", "SYN": "synthetic image", "DRW": "drawing"}
@@ -852,6 +857,8 @@ def _dicom_outcome(path: Path, stat: os.stat_result, selection: Selection) -> Ra
         record = _dicom_record(path, ds, stat)
     except _Skip as skip:
         return FileOutcome(path, Status.SKIPPED, skip.reason, step="select", tag=skip.tag)
+    if record.sop_class.startswith(PRESENTATION_STATE_CLASSES):
+        return presentation_outcome(path, ds, record)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         sop = str(ds.get("SOPClassUID", "")) or "unknown"
         name = getattr(ds.get("SOPClassUID", None), "name", "") or sop
@@ -870,6 +877,68 @@ def _dicom_outcome(path: Path, stat: os.stat_result, selection: Selection) -> Ra
         log.warning("%s: (2050,0020) PresentationLUTShape IDENTITY contradicts (0028,0004) PhotometricInterpretation "
                     "MONOCHROME1; shown as MONOCHROME1 (bone bright), as the pixel data are stored", path)
     return colour_picture(record, ds) or record
+
+
+def _stamp(date: str, time: str) -> str:
+    """A DA and a TM as one sortable text, ``YYYYMMDDHHMMSS.ffffff`` (the old ``HH:MM:SS`` form read too); ''
+    without a date."""
+    date = re.sub(r"\D", "", date)[:8]
+    if len(date) != 8:
+        return ""
+    whole, _, fraction = time.replace(":", "").strip().partition(".")
+    whole = re.sub(r"\D", "", whole)[:6]
+    return f"{date}{whole.ljust(6, '0')}.{re.sub(r'[^0-9]', '', fraction)[:6].ljust(6, '0')}" if whole else date
+
+
+def read_presentation(path: Path, ds) -> tuple[Presentation | None, str]:
+    """A presentation state's rotation and flip and the images they apply to (their first frame:
+    ReferencedFrameNumber, when given, must name frame 1); ``(None, why)`` when its values are not the
+    standard's (Image Rotation 0, 90, 180 or 270; Image Horizontal Flip Y or N): it is then not applied."""
+    images = set()
+    for series in ds.get("ReferencedSeriesSequence", None) or ():
+        for item in series.get("ReferencedImageSequence", None) or ():
+            uid = _text(item, "ReferencedSOPInstanceUID")
+            frames = item.get("ReferencedFrameNumber", None)
+            if frames not in (None, ""):
+                numbers = [frames] if isinstance(frames, (int, str)) else list(frames)
+                if 1 not in {int(str(n).strip() or 0) for n in numbers}:
+                    continue
+            if uid:
+                images.add(uid)
+    rotation, flip = ds.get("ImageRotation", None), _text(ds, "ImageHorizontalFlip").upper()
+    if rotation not in (None, "") and int(rotation) not in (0, 90, 180, 270):
+        return None, f"its (0070,0042) ImageRotation {rotation} is not 0, 90, 180 or 270"
+    if flip not in ("", "Y", "N"):
+        return None, f"its (0070,0041) ImageHorizontalFlip {flip!r} is not Y or N"
+    created = (_stamp(_text(ds, "PresentationCreationDate"), _text(ds, "PresentationCreationTime"))
+               or _stamp(_text(ds, "InstanceCreationDate"), _text(ds, "InstanceCreationTime")))
+    return Presentation(sop_uid=_text(ds, "SOPInstanceUID"), name=path.name, created=created,
+                        rotation=int(rotation or 0), flip=flip == "Y", images=frozenset(images)), ""
+
+
+def presentation_outcome(path: Path, ds, record: Radiograph) -> FileOutcome:
+    """A presentation state file: skipped (not an image), carrying what it does to its images."""
+    name = getattr(ds.get("SOPClassUID", None), "name", "") or record.sop_class
+    presentation, wrong = read_presentation(path, ds)
+    n = len(presentation.images) if presentation else 0
+    if presentation is None:
+        what = f"{wrong}, so it is not applied: its images are scored as stored"
+        log.warning("%s: presentation state not applied: %s", path, wrong)
+    elif presentation.transforms:
+        they = "they are" if n != 1 else "it is"
+        what = (f"it shows {n} image{'s' if n != 1 else ''} {presentation_words(presentation)}, and {they} so "
+                f"scored unless a newer presentation state of {'theirs' if n != 1 else 'its'} says otherwise")
+    else:
+        what = "it neither turns nor mirrors the images it references"
+    return FileOutcome(path, Status.SKIPPED, f"presentation state ({name}), not an image: {what}"
+                       + (" (its window and annotations are not applied)" if presentation else ""),
+                       step="select", tag=PRESENTATION_STATE_TAG,
+                       presentation=presentation, **record.identifiers())
+
+
+def is_presentation_state(step: str, tag: str) -> bool:
+    """Whether a skipped file's step and tag are those :func:`presentation_outcome` gives."""
+    return step == "select" and tag == PRESENTATION_STATE_TAG
 
 
 @contextmanager
@@ -927,7 +996,9 @@ def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study
     Returns the studies (those with at least one image to score, plus the skipped
     files that belong to them) and the outcomes that belong to no scored study.
     Duplicate SOP Instance UIDs (the same image twice) are kept once, the copy
-    listed as skipped.
+    listed as skipped. An image that a presentation state of its study turns or
+    mirrors (the newest of those that reference it: :func:`newest_presentations`)
+    carries it, to be scored as it shows the image.
     """
     images: "OrderedDict[str, list[Radiograph]]" = OrderedDict()
     skipped: dict[str, list[FileOutcome]] = {}
@@ -948,10 +1019,28 @@ def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study
             skipped.setdefault(item.study_uid, []).append(item)
         else:
             loose.append(item)
-    studies = [Study(uid, tuple(imgs), tuple(skipped.pop(uid, ()))) for uid, imgs in images.items()]
+    studies = []
+    for uid, imgs in images.items():
+        others = tuple(skipped.pop(uid, ()))
+        shown = newest_presentations(others)
+        studies.append(Study(uid, tuple(dataclasses.replace(img, presentation=shown[img.sop_uid])
+                                        if img.sop_uid in shown else img for img in imgs), others))
     for outcomes in skipped.values():
         loose.extend(outcomes)
     return studies, loose
+
+
+def newest_presentations(outcomes: Iterable[FileOutcome]) -> dict[str, Presentation]:
+    """For each image (SOP Instance UID) that the presentation states among ``outcomes`` reference, the newest
+    of them (by creation date and time), kept only when it turns or mirrors the image: a newer one that
+    does neither shows the image as stored, whatever an older one said."""
+    newest: dict[str, Presentation] = {}
+    for outcome in outcomes:
+        if (shown := outcome.presentation) is not None:
+            for uid in shown.images:
+                if uid not in newest or shown.newer_than(newest[uid]):
+                    newest[uid] = shown
+    return {uid: shown for uid, shown in newest.items() if shown.transforms}
 
 
 # --------------------------------------------------------------------------- decoding

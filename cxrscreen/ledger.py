@@ -367,6 +367,20 @@ class Ledger:
                        "WHERE id = ?", (study_uid, file_id))
             _pending_study(db, study_uid, now)
 
+    def reopen(self, study_uid: str, now: float | None = None) -> bool:
+        """A reported study is pending again (as if a file of it arrived now), to be reported again with a file
+        that changes it but is not an image (a presentation state); False when it is not a reported study."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            return db.execute("UPDATE studies SET status = 'pending', last_arrival = ?, updated = ? "
+                              "WHERE study_uid = ? AND status = 'done'", (now, now, study_uid)).rowcount > 0
+
+    def report_time(self, study_uid: str, version: int) -> float | None:
+        """When report ``version`` of the study was recorded; None when it has none of that version."""
+        row = self.db.execute("SELECT created FROM reports WHERE study_uid = ? AND version = ?",
+                               (study_uid, version)).fetchone()
+        return row[0] if row else None
+
     def study_files(self, study_uid: str) -> list[FileRow]:
         return self._files("study_uid = ? AND location IS NOT NULL", (study_uid,))
 

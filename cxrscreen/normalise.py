@@ -41,6 +41,12 @@ DICOM pixel transformations follow PS3.3 in this order:
    scored chests turned by 90 degrees with 5-11 points less sensitivity (``benchmarks/orientation.py``).
    A mirrored image (``R\\F``) is left as stored (the model scores it alike), and a missing or
    unreadable orientation means as stored.
+8. Presentation state (C.10.6): when the newest presentation state in the image's study that references
+   it turns or mirrors it (Image Rotation, clockwise, then Image Horizontal Flip), the image is taken as
+   that presentation shows it, and its Patient Orientation as turned with it (step 7 then turns what
+   is still not upright). An image stored on its side with no Patient Orientation, shown upright by a
+   presentation state, is so scored upright. The presentation's window, shutters and annotations are
+   not applied.
 
 Exported JPEG/PNG images are display values already: 8-bit ones map linearly
 to [0, 1]; 16-bit PNG gets the percentile window. Colour ones go to luma.
@@ -59,7 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, InvalidImageError, ModelError
-from .records import FileKind
+from .records import FileKind, Presentation
 
 PERCENTILE_WINDOW = (0.5, 99.5)
 # check_contrast(): a unit image whose 0.5th-99.5th percentile spread is below this (5 of 255 grey levels) is blank
@@ -663,8 +669,9 @@ def normalise_pixels(arr: np.ndarray, params: PixelParams) -> np.ndarray:
     return unit.astype(np.float32)
 
 
-def normalise_dataset(ds) -> np.ndarray:
-    """Decode the first frame of a pydicom Dataset and normalise it (see module doc)."""
+def normalise_dataset(ds, presentation: Presentation | None = None) -> np.ndarray:
+    """Decode the first frame of a pydicom Dataset and normalise it (see module doc), as ``presentation`` (the
+    newest presentation state that references it, if any) shows it."""
     from .errors import CxrError
     from .ingest import decode_first_frame, tag_named_in
 
@@ -676,7 +683,7 @@ def normalise_dataset(ds) -> np.ndarray:
         raise InvalidImageError(f"cannot read the header value: {type(exc).__name__}: {exc}", step="normalise",
                                 tag=tag_named_in(str(exc))) from None
     unit = normalise_pixels(colour_frame(ds) if params.is_colour else decode_first_frame(ds), params)
-    return upright(unit, patient_orientation(ds))
+    return upright(unit, patient_orientation(ds), presentation)
 
 
 _OPPOSITE = {"H": "F", "F": "H", "L": "R", "R": "L", "A": "P", "P": "A"}
@@ -710,20 +717,68 @@ def upright_turns(orientation: str) -> int:
     return 0
 
 
-def turn_note(orientation: str) -> str:
-    """What a report says of an image :func:`upright` turned; '' when it was not turned."""
+def _opposite(direction: str) -> str:
+    return "".join(_OPPOSITE[letter] for letter in direction)
+
+
+def shown_orientation(orientation: str, presentation: Presentation | None) -> str:
+    """The Patient Orientation of an image as ``presentation`` shows it: ``orientation`` turned with the image
+    (each quarter turn clockwise: the new rows run the opposite of the old columns, the new columns as the old
+    rows), then mirrored (rows the opposite way). Unchanged when it is not two values of A, P, R, L, H, F."""
+    values = orientation.split("\\")
+    if presentation is None or len(values) != 2 or not all(v and set(v) <= set(_OPPOSITE) for v in values):
+        return orientation
+    row, column = values
+    for _ in range(presentation.rotation // 90 % 4):
+        row, column = _opposite(column), row
+    if presentation.flip:
+        row = _opposite(row)
+    return f"{row}\\{column}"
+
+
+def presentation_words(presentation: Presentation) -> str:
+    """``turned 90 degrees clockwise and mirrored left to right``: what a presentation state does."""
+    parts = [f"turned {presentation.rotation} degrees clockwise"] if presentation.rotation else []
+    parts += ["mirrored left to right"] if presentation.flip else []
+    return " and ".join(parts)
+
+
+def turn_note(orientation: str, presentation: Presentation | None = None) -> str:
+    """What a report says of an image :func:`upright` turned or mirrored; '' when it was taken as stored."""
+    notes = []
+    if presentation is not None and presentation.transforms:
+        notes.append(f"Shown as its presentation state {presentation.name}"
+                     f"{' of ' + _readable_stamp(presentation.created) if presentation.created else ''} shows it: "
+                     f"{presentation_words(presentation)}.")
+        orientation = shown_orientation(orientation, presentation)
     turns = upright_turns(orientation)
-    if not turns:
+    if turns:
+        how = {1: "a quarter turn counter-clockwise", 2: "a half turn", 3: "a quarter turn clockwise"}[turns]
+        notes.append(f"{'Shown so, it is' if notes else 'Stored'} {'upside down' if turns == 2 else 'on its side'} "
+                     f"(Patient Orientation {orientation}{' as shown' if notes else ''}): turned upright, {how}.")
+    if not notes:
         return ""
-    how = {1: "a quarter turn counter-clockwise", 2: "a half turn", 3: "a quarter turn clockwise"}[turns]
-    return (f"Stored {'upside down' if turns == 2 else 'on its side'} (Patient Orientation {orientation}): "
-            f"turned upright, {how}, to be scored, and shown so here.")
+    return " ".join(notes)[:-1] + ", to be scored, and shown so here."
 
 
-def upright(unit: np.ndarray, orientation: str) -> np.ndarray:
-    """``unit`` turned upright as its Patient Orientation says (see :func:`upright_turns`)."""
+def _readable_stamp(created: str) -> str:
+    """``YYYYMMDDHHMMSS...`` as ``YYYY-MM-DD HH:MM``; the date alone when the time is zero-padded only."""
+    date = f"{created[:4]}-{created[4:6]}-{created[6:8]}"
+    return date if len(created) < 12 else f"{date} {created[8:10]}:{created[10:12]}"
+
+
+def upright(unit: np.ndarray, orientation: str, presentation: Presentation | None = None) -> np.ndarray:
+    """``unit`` as ``presentation`` shows it (turned clockwise, then mirrored), then turned upright as its Patient
+    Orientation, turned with it, says (see :func:`upright_turns`)."""
+    if presentation is not None and presentation.transforms:
+        unit = np.rot90(unit, -(presentation.rotation // 90))
+        if presentation.flip:
+            unit = unit[:, ::-1]
+        orientation = shown_orientation(orientation, presentation)
     turns = upright_turns(orientation)
-    return np.ascontiguousarray(np.rot90(unit, turns)) if turns else unit
+    if turns:
+        unit = np.rot90(unit, turns)
+    return unit if unit.flags.c_contiguous else np.ascontiguousarray(unit)
 
 
 def normalise_display_image(arr: np.ndarray) -> np.ndarray:
@@ -748,8 +803,10 @@ def normalise_display_image(arr: np.ndarray) -> np.ndarray:
     return unit.astype(np.float32)
 
 
-def load_unit_image(path: Path | str, kind: FileKind | None = None) -> np.ndarray:
-    """Read any supported file and return its unit image at native resolution.
+def load_unit_image(path: Path | str, kind: FileKind | None = None,
+                    presentation: Presentation | None = None) -> np.ndarray:
+    """Read any supported file and return its unit image at native resolution (a DICOM image as
+    ``presentation``, the newest presentation state that references it, shows it).
 
     Raises :class:`cxrscreen.errors.InputError` (with path, step and tag) on failure.
     """
@@ -761,7 +818,7 @@ def load_unit_image(path: Path | str, kind: FileKind | None = None) -> np.ndarra
         raise InputError(not_screenable(path), path=path, step="discover")
     try:
         if kind is FileKind.DICOM:
-            return normalise_dataset(read_dicom(path))
+            return normalise_dataset(read_dicom(path), presentation)
         return normalise_display_image(read_display_image(path))
     except InputError as exc:
         raise exc.with_path(path)

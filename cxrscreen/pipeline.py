@@ -256,7 +256,7 @@ def _prepare(image: Radiograph, spec) -> tuple[np.ndarray, np.ndarray]:
     """Decode and normalise one image: (model input, thumbnail unit image)."""
     import cv2
 
-    unit = load_unit_image(image.path, image.kind)
+    unit = load_unit_image(image.path, image.kind, image.presentation)
     scale = THUMBNAIL_SIDE / max(unit.shape)
     thumb = cv2.resize(unit, (max(1, round(unit.shape[1] * scale)), max(1, round(unit.shape[0] * scale))),
                        interpolation=cv2.INTER_AREA) if scale < 1 else unit

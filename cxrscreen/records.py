@@ -69,6 +69,29 @@ def age_in_years(patient_age: str, birth_date: str, study_date: str) -> float | 
 
 
 @dataclass(frozen=True)
+class Presentation:
+    """What a presentation state (GSPS and its kin, PS3.3 A.33) says of how its images are shown: turned
+    ``rotation`` degrees clockwise, then mirrored left to right when ``flip`` (the Spatial Transformation
+    module, C.10.6; DCMTK's ``dcmp2pgm`` applies them in that order). Its window, shutters, displayed area
+    and annotations are not taken: a reader's window is not what the model learned from."""
+
+    sop_uid: str
+    name: str                       # its file's name, for reports and logs
+    created: str                    # PresentationCreationDate + Time (YYYYMMDDHHMMSS...): the newest one applies
+    rotation: int = 0               # ImageRotation (0070,0042): 0, 90, 180 or 270
+    flip: bool = False              # ImageHorizontalFlip (0070,0041) == Y
+    images: frozenset[str] = frozenset()    # SOP Instance UIDs whose first frame it shows
+
+    @property
+    def transforms(self) -> bool:
+        """Whether it turns or mirrors its images at all."""
+        return bool(self.rotation or self.flip)
+
+    def newer_than(self, other: "Presentation") -> bool:
+        return (self.created, self.sop_uid) > (other.created, other.sop_uid)
+
+
+@dataclass(frozen=True)
 class Radiograph(_OfAStudy):
     """One image file selected for scoring, with the metadata a report needs.
 
@@ -105,6 +128,7 @@ class Radiograph(_OfAStudy):
     columns: int = 0
     frames: int = 1                 # NumberOfFrames; only the first frame is scored
     patient_orientation: str = ""   # PatientOrientation (0020,0020), values joined by "\\"; turned upright by it
+    presentation: Presentation | None = None    # the newest presentation state of the study that shows it
     photometric: str = ""
     transfer_syntax: str = ""
     size_bytes: int = 0
@@ -142,6 +166,7 @@ class FileOutcome(_OfAStudy):
     accession: str = ""
     study_date: str = ""
     patient_name: str = ""      # the DICOM PN value as read
+    presentation: Presentation | None = None    # a presentation state file (skipped: not an image) says this
 
     @classmethod
     def from_error(cls, error, **identifiers: str) -> "FileOutcome":

@@ -258,7 +258,7 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
         if img.frames > 1:
             story.append(Paragraph(f"Multi-frame image: frame 1 of {img.frames} was scored and is shown; "
                                    f"the other {img.frames - 1} were not.", styles["BodyText"]))
-        if note := turn_note(img.patient_orientation):
+        if note := turn_note(img.patient_orientation, img.presentation):
             story.append(Paragraph(_p(note), styles["BodyText"]))
         width = 85 * mm
         h = width * item.thumbnail.shape[0] / item.thumbnail.shape[1]

@@ -17,6 +17,7 @@ CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"          # Computed Radiography Image
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"        # Digital X-Ray Image Storage - For Presentation
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"          # Secondary Capture Image Storage
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"     # Basic Text SR Storage
+GSPS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"     # Grayscale Softcopy Presentation State Storage
 
 
 def uid_from(seed: str) -> str:
@@ -134,6 +135,44 @@ def make_text_sr(*, seed: str, study_seed: str | None = None, patient_id: str = 
     ds.CompletionFlag = "COMPLETE"
     ds.VerificationFlag = "UNVERIFIED"
     ds.ValueType = "CONTAINER"
+    return ds
+
+
+def make_presentation_state(images, *, seed: str, rotation: int | None = 0, flip: str | None = "N",
+                            created: str = "20261101120000", frames: dict | None = None):
+    """A Grayscale Softcopy Presentation State in the study of ``images`` (data sets) that references each of
+    them (``frames``: SOP Instance UID -> ReferencedFrameNumber for a multi-frame one), turning them
+    ``rotation`` degrees clockwise and flipping them when ``flip`` is Y (None leaves the attribute out), made
+    at ``created`` (YYYYMMDDHHMMSS). Its window and other display modules are left out."""
+    from pydicom.dataset import Dataset
+
+    first = images[0]
+    ds = make_dicom(None, seed=seed, modality="PR", sop_class=GSPS_SOP_CLASS, patient_id=first.PatientID,
+                    patient_name=str(first.PatientName), body_part="", view_position="")
+    ds.StudyInstanceUID = first.StudyInstanceUID
+    ds.AccessionNumber = first.get("AccessionNumber", "")
+    ds.ContentLabel = "CXRSCREEN"
+    ds.PresentationCreationDate, ds.PresentationCreationTime = created[:8], created[8:]
+    by_series: dict[str, list] = {}
+    for image in images:
+        item = Dataset()
+        item.ReferencedSOPClassUID = image.SOPClassUID
+        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
+        if frames and image.SOPInstanceUID in frames:
+            item.ReferencedFrameNumber = frames[image.SOPInstanceUID]
+        by_series.setdefault(image.SeriesInstanceUID, []).append(item)
+    series_items = []
+    for series_uid, items in by_series.items():
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedImageSequence = items
+        series_items.append(series)
+    ds.ReferencedSeriesSequence = series_items
+    if rotation is not None:
+        ds.ImageRotation = rotation
+    if flip is not None:
+        ds.ImageHorizontalFlip = flip
+    ds.PresentationLUTShape = "IDENTITY"
     return ds
 
 

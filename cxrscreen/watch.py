@@ -50,8 +50,8 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import (EVERY_IMAGE, SELECTION_RULES, Selection, group_studies, is_ignored, not_regular, read_record,
-                     temporary_suffix, walk)
+from .ingest import (EVERY_IMAGE, SELECTION_RULES, Selection, group_studies, is_ignored, is_presentation_state,
+                     not_regular, read_record, temporary_suffix, walk)
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -197,6 +197,7 @@ class _StudyWork:
     files: dict[str, FileRow]        # by current location
     prior_failed: list[FileOutcome]
     added: list[str]                 # names of files new since the last report
+    presentations: list[str] = dataclasses.field(default_factory=list)  # presentation states new since then
 
 
 @dataclass
@@ -700,7 +701,12 @@ class Watcher:
                 fields["status"] = "pending"
         else:
             fields.update(status=record.status.value, step=record.step, tag=record.tag, reason=record.reason)
+        shown = record.presentation if isinstance(record, FileOutcome) else None
+        resent = shown is not None and digest and self.ledger.file_with_hash(digest) is not None
         self.ledger.take_file(path=path, size=candidate.size, mtime_ns=candidate.mtime_ns, sha256=digest, **fields)
+        if shown is not None and shown.transforms and not resent and self.ledger.reopen(record.study_uid):
+            log.info(kv(event="study_reopened", uid=record.study_uid, path=path,
+                        reason="a presentation state that turns or mirrors its images came after its report"))
         self.known[path] = (candidate.size, candidate.mtime_ns)
         self.candidates.pop(path, None)
         self._summary_due = True
@@ -731,7 +737,10 @@ class Watcher:
             study_items = self._study_items(row, files)
             if study_items is None:
                 continue
-            work = _StudyWork(row, {f.location: f for f in files}, [], [Path(f.inbox_path).name for f in pending])
+            reported = self.ledger.report_time(row.study_uid, row.version) if row.version else None
+            work = _StudyWork(row, {f.location: f for f in files}, [], [Path(f.inbox_path).name for f in pending],
+                              [Path(f.inbox_path).name for f in files if reported is not None
+                               and f.taken_at > reported and is_presentation_state(f.step, f.tag)])
             for item in study_items:
                 if isinstance(item, FileOutcome) and item.status is Status.FAILED and \
                         work.files[str(item.path)].status == "failed":
@@ -812,7 +821,10 @@ class Watcher:
         for f in files:
             location = Path(f.location)
             if f.status in ("skipped", "failed"):
-                items.append(FileOutcome(location, Status(f.status), f.reason, step=f.step, tag=f.tag, study_uid=uid))
+                outcome = FileOutcome(location, Status(f.status), f.reason, step=f.step, tag=f.tag, study_uid=uid)
+                if f.status == "skipped" and is_presentation_state(f.step, f.tag):
+                    outcome = self._presentation_state(f, outcome)
+                items.append(outcome)
                 continue
             try:
                 st = location.stat()
@@ -829,6 +841,23 @@ class Watcher:
             record = read_record(location, o.selection)
             items.append(dataclasses.replace(record, study_uid=uid))
         return items
+
+    def _presentation_state(self, f: FileRow, outcome: FileOutcome) -> FileOutcome:
+        """A skipped presentation state read again, to carry what it does to its study's images; as the ledger
+        has it (applied to nothing) when it has changed or cannot be read since it was taken."""
+        location = Path(f.location)
+        try:
+            st = location.stat()
+        except OSError:
+            st = None
+        record = read_record(location) if st is not None and (st.st_size, st.st_mtime_ns) == (f.size, f.mtime_ns) \
+            else None
+        if record is None:
+            log.warning(kv(event="presentation_state_not_applied", path=f.location,
+                           reason="changed or gone since it was taken"))
+        if not isinstance(record, FileOutcome) or record.presentation is None:
+            return outcome
+        return dataclasses.replace(outcome, presentation=record.presentation)
 
     def _start_report(self, result: StudyResult, work: _StudyWork,
                       extra_skipped: list[FileOutcome] = ()) -> _Reporting:
@@ -851,9 +880,11 @@ class Watcher:
             job.report = job.base if version == 1 else f"{Path(job.base).stem}.v{version}.pdf"
             amendment = ""
             if version > 1:
-                added = ", ".join(work.added) or "none (re-screened)"
+                added = ", ".join(work.added) or ("none" if work.presentations else "none (re-screened)")
                 amendment = (f"Amended report, version {version}: supersedes version {version - 1} ({row.report}), "
-                             f"which is kept unchanged. Images added since: {added}.")
+                             f"which is kept unchanged. Images added since: {added}."
+                             + (f" Presentation states added since: {', '.join(work.presentations)}."
+                                if work.presentations else ""))
             job.writing = self._reporter.submit(functools.partial(
                 make_report, self.out / job.report, result, threshold=self.threshold,
                 operating_point=self.operating, model_name=self.model.path.name, model_sha256=self.model.sha256,

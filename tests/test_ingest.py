@@ -609,6 +609,54 @@ def test_studies_are_grouped_by_uid_and_jpegs_stand_alone(tmp_path, chest_pixels
     assert {o.path.name for o in first.skipped} == {"c.dcm", "copy_of_a.dcm"}
 
 
+def test_each_image_carries_the_newest_presentation_state_of_its_study_that_turns_or_mirrors_it(tmp_path,
+                                                                                                 chest_pixels):
+    """PACS exports carry presentation states (GSPS) beside the images: each is listed as skipped (not an
+    image) with what it does, and the image takes the newest that references it (its first frame), only
+    from its own study, and only when that one turns or mirrors it (a newer one that does not shows it as
+    stored). Values outside the standard's are not applied, and the file says so."""
+    from cxrscreen.ingest import PRESENTATION_STATE_TAG
+    from cxrscreen.testing import make_presentation_state
+
+    a = save(make_dicom(chest_pixels, seed="a", study_seed="S"), tmp_path / "a.dcm")
+    b = save(make_dicom(chest_pixels, seed="b", study_seed="S", view_position="AP"), tmp_path / "b.dcm")
+    multi = save(make_dicom(chest_pixels, seed="m", study_seed="S", more_frames=[chest_pixels]), tmp_path / "m.dcm")
+    other = save(make_dicom(chest_pixels, seed="o", study_seed="T"), tmp_path / "o.dcm")
+    a, b, multi, other = (pydicom_read(p) for p in (a, b, multi, other))
+    save(make_presentation_state([a, b, multi], seed="old", rotation=90, created="20261101120000",
+                                 frames={multi.SOPInstanceUID: 2}), tmp_path / "ps_old.dcm")
+    save(make_presentation_state([b], seed="new", rotation=0, created="20261102080000"), tmp_path / "ps_new.dcm")
+    save(make_presentation_state([other], seed="elsewhere", rotation=180, flip="Y"), tmp_path / "ps_t.dcm")
+    wrong = make_presentation_state([other], seed="wrong", rotation=45, created="20261103000000")
+    wrong.StudyInstanceUID = other.StudyInstanceUID
+    save(wrong, tmp_path / "ps_wrong.dcm")
+    cross = make_presentation_state([a], seed="cross", rotation=270, created="20261109000000")
+    cross.StudyInstanceUID = other.StudyInstanceUID       # another study's presentation state naming image a
+    save(cross, tmp_path / "ps_cross.dcm")
+
+    studies, loose = group_studies(scan([tmp_path]))
+    assert loose == []
+    shown = {img.path.name: img.presentation for study in studies for img in study.images}
+    assert shown["a.dcm"].name == "ps_old.dcm" and shown["a.dcm"].rotation == 90
+    assert shown["b.dcm"] is None            # the newer one shows it as stored
+    assert shown["m.dcm"] is None            # the old one names its frame 2 only
+    assert shown["o.dcm"].name == "ps_t.dcm" and (shown["o.dcm"].rotation, shown["o.dcm"].flip) == (180, True)
+    files = {o.path.name: o for study in studies for o in study.skipped}
+    assert set(files) == {"ps_old.dcm", "ps_new.dcm", "ps_t.dcm", "ps_wrong.dcm", "ps_cross.dcm"}
+    assert all(o.status is Status.SKIPPED and o.tag == PRESENTATION_STATE_TAG for o in files.values())
+    assert "it shows 2 images turned 90 degrees clockwise" in files["ps_old.dcm"].reason
+    assert "mirrored left to right" in files["ps_t.dcm"].reason
+    assert "neither turns nor mirrors" in files["ps_new.dcm"].reason
+    assert files["ps_wrong.dcm"].presentation is None
+    assert "(0070,0042) ImageRotation 45 is not 0, 90, 180 or 270, so it is not applied" in files["ps_wrong.dcm"].reason
+
+
+def pydicom_read(path):
+    import pydicom
+
+    return pydicom.dcmread(path)
+
+
 # ---------------------------------------------------------------- bad inputs
 
 def _outcome(path) -> FileOutcome:

@@ -22,6 +22,7 @@ from cxrscreen.normalise import (
     load_unit_image,
     normalise_pixels,
     resize_to_input,
+    shown_orientation,
     to_model_input,
     turn_note,
     upright_turns,
@@ -524,3 +525,55 @@ def test_an_image_stored_on_its_side_is_turned_upright_as_its_patient_orientatio
     as_stored = load_unit_image(write_dicom(turned, name="none.dcm"))      # no orientation: as stored
     assert np.array_equal(as_stored, load_unit_image(write_dicom(turned, name="none2.dcm", PatientOrientation="")))
     assert as_stored.shape == turned.shape
+
+
+def _presentation(rotation: int, flip: bool):
+    from cxrscreen.records import Presentation
+
+    return Presentation(sop_uid="2.25.1", name="ps.dcm", created="20261101120000.000000", rotation=rotation,
+                        flip=flip, images=frozenset({"2.25.2"}))
+
+
+# (ImageRotation, ImageHorizontalFlip) -> the Patient Orientation of an image that the presentation state shows
+# upright (L\F): worked out by hand, undoing the flip, then turning counter-clockwise as far as it turns clockwise
+_STORED_FOR_UPRIGHT = {(0, False): "L\\F", (90, False): "F\\R", (180, False): "R\\H", (270, False): "H\\L",
+                       (0, True): "R\\F", (90, True): "F\\L", (180, True): "L\\H", (270, True): "H\\R"}
+
+
+@pytest.mark.parametrize("rotation, flip", list(_STORED_FOR_UPRIGHT))
+def test_an_image_is_taken_as_its_presentation_state_shows_it(write_dicom, rotation, flip):
+    """A presentation state turns its image clockwise, then mirrors it (PS3.3 C.10.6; DCMTK's dcmp2pgm does
+    the same). An image stored on its side with no Patient Orientation, shown upright by its presentation
+    state, was scored on its side; with a Patient Orientation that says how it is stored, it is turned once,
+    not twice; where the two disagree, the Patient Orientation of the image as shown decides."""
+    upright_image = np.full((120, 90), 800, np.uint16)
+    upright_image[40:100, 10:40] = 200
+    upright_image[:8, :8] = 4000
+    expected = load_unit_image(write_dicom(upright_image, name="upright.dcm"))
+    stored = np.ascontiguousarray(np.rot90(upright_image[:, ::-1] if flip else upright_image, rotation // 90))
+    shown = _presentation(rotation, flip)
+    orientation = _STORED_FOR_UPRIGHT[rotation, flip]
+    assert shown_orientation(orientation, shown) == "L\\F"
+    assert np.array_equal(load_unit_image(write_dicom(stored, name="none.dcm"), presentation=shown), expected)
+    told = write_dicom(stored, name="told.dcm", PatientOrientation=orientation.split("\\"))
+    assert np.array_equal(load_unit_image(told, presentation=shown), expected)       # turned once, not twice
+    note = turn_note(orientation, shown)
+    assert note.startswith("Shown as its presentation state ps.dcm of 2026-11-01 12:00 shows it: ") == bool(
+        rotation or flip)
+    assert "Patient Orientation" not in note
+    if rotation:        # a Patient Orientation that says the stored image is upright: shown turned, so turned back
+        upright_told = write_dicom(stored, name="disagree.dcm", PatientOrientation=["L", "F"])
+        as_stored = load_unit_image(upright_told)
+        assert np.array_equal(load_unit_image(upright_told, presentation=shown),
+                              as_stored[:, ::-1] if flip else as_stored)
+        assert "(Patient Orientation " in turn_note("L\\F", shown) and "as shown): turned upright" in \
+            turn_note("L\\F", shown)
+
+
+@pytest.mark.parametrize("orientation, rotation, flip, shown", [
+    ("L\\F", 90, False, "H\\L"), ("L\\F", 270, False, "F\\R"), ("L\\F", 180, True, "L\\H"),
+    ("LP\\FH", 0, True, "RA\\FH"), ("", 90, False, ""), ("L", 90, True, "L"), ("X\\F", 180, False, "X\\F"),
+])
+def test_the_patient_orientation_turns_with_the_image(orientation, rotation, flip, shown):
+    assert shown_orientation(orientation, _presentation(rotation, flip)) == shown
+    assert shown_orientation(orientation, None) == orientation

@@ -551,6 +551,37 @@ def test_an_image_stored_on_its_side_is_scored_upright_and_its_report_says_so(tm
     assert "Patient Orientation" not in pdf_text(out / studies["upright.dcm"]["report"])
 
 
+def test_an_image_turned_upright_by_its_presentation_state_is_scored_so_and_a_new_one_redoes_it(
+        tmp_path, model, chest_pixels):
+    """An image stored on its side without a Patient Orientation, its presentation state (GSPS) turning it
+    upright on the PACS, was scored on its side. It is scored as the presentation shows it, its report says
+    so, and a presentation state that comes later to the folder redoes the study on the next run."""
+    import pydicom
+
+    from cxrscreen.testing import make_presentation_state
+
+    box, out = tmp_path / "in", tmp_path / "out"
+    save(make_dicom(chest_pixels, seed="upright", study_seed="U"), box / "upright.dcm")
+    side = save(make_dicom(np.ascontiguousarray(np.rot90(chest_pixels, 1)), seed="side", study_seed="S"),
+                box / "side" / "side.dcm")
+    summary = run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)
+    studies = {r["files"][0].rsplit("/", 1)[-1]: r for r in summary.rows if r["kind"] == "study"}
+    sideways = studies["side.dcm"]["score"]
+    assert sideways != pytest.approx(studies["upright.dcm"]["score"], abs=1e-3)
+
+    save(make_presentation_state([pydicom.dcmread(side)], seed="ps", rotation=90, created="20261101121500"),
+         box / "side" / "ps.dcm")
+    summary = run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)
+    assert summary.reused == 1          # the upright study; the other has a new file
+    studies = {r["files"][0].rsplit("/", 1)[-1]: r for r in summary.rows if r["kind"] == "study"}
+    assert studies["side.dcm"]["score"] == pytest.approx(studies["upright.dcm"]["score"], abs=1e-6)
+    text = pdf_text(out / studies["side.dcm"]["report"])
+    assert "Shown as its presentation state ps.dcm of 2026-11-01 12:15 shows it: turned 90 degrees clockwise, " \
+           "to be scored, and shown so here." in " ".join(text.split())
+    row = next(r for r in summary.rows if r["kind"] == "file" and r["path"].endswith("ps.dcm"))
+    assert row["status"] == "skipped" and "it shows 1 image turned 90 degrees clockwise" in row["reason"]
+
+
 def test_a_multi_frame_image_is_scored_on_its_first_frame_and_every_output_says_so(tmp_path, model, chest_pixels):
     other = np.random.default_rng(7).integers(0, 4096, chest_pixels.shape)     # frames 2 and 3: noise
     box, out = tmp_path / "in", tmp_path / "out"

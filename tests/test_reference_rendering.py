@@ -164,3 +164,45 @@ def test_monochrome1_with_presentation_lut_shape_identity_is_shown_as_monochrome
     identity = save(ds, tmp_path / "identity.dcm")
     np.testing.assert_array_equal(load_unit_image(identity), load_unit_image(plain))
     assert compare_with_dcmtk(identity).mean > 0.3          # DCMTK: the negative
+
+
+@pytest.mark.skipif(shutil.which("dcmpsmk") is None or shutil.which("dcmp2pgm") is None,
+                    reason="DCMTK's dcmpsmk and dcmp2pgm not installed")
+@pytest.mark.parametrize("rotation, flip", [(0, "Y"), (90, "N"), (180, "N"), (270, "N"), (90, "Y"), (270, "Y")])
+def test_a_presentation_state_turns_and_mirrors_its_image_as_dcmtk_shows_it(tmp_path, rotation, flip):
+    """A presentation state made by DCMTK (``dcmpsmk``), given a rotation and a flip, read by cxrscreen and
+    applied to its image, shows it as DCMTK's ``dcmp2pgm`` does: of the image's eight turns and mirrors,
+    DCMTK's picture matches cxrscreen's best, and by far. The image is noise, so that no other agrees."""
+    import subprocess
+
+    import cv2
+
+    from cxrscreen.ingest import read_presentation
+    from cxrscreen.testing import make_dicom
+
+    rng = np.random.default_rng(rotation + (flip == "Y"))
+    pixels = cv2.GaussianBlur(rng.integers(0, 4096, (96, 72)).astype(np.float32), (0, 0), 2)
+    pixels = np.round((pixels - pixels.min()) / np.ptp(pixels) * 4095).astype(np.uint16)
+    image = save(make_dicom(pixels, seed="ps-image", bits_stored=12, WindowCenter=2048, WindowWidth=4096),
+                 tmp_path / "image.dcm")
+    subprocess.run(["dcmpsmk", str(image), str(tmp_path / "made.dcm")], check=True, capture_output=True)
+    ds = pydicom.dcmread(tmp_path / "made.dcm")
+    ds.ImageRotation, ds.ImageHorizontalFlip = rotation, flip
+    ds.save_as(tmp_path / "ps.dcm")
+    subprocess.run(["dcmp2pgm", "-p", str(tmp_path / "ps.dcm"), str(image), str(tmp_path / "shown.pgm")],
+                   check=True, capture_output=True)
+    dcmtk = cv2.imread(str(tmp_path / "shown.pgm"), cv2.IMREAD_UNCHANGED).astype(np.float64)
+
+    presentation, wrong = read_presentation(tmp_path / "ps.dcm", pydicom.dcmread(tmp_path / "ps.dcm"))
+    assert not wrong and presentation.images == {pydicom.dcmread(image).SOPInstanceUID}
+    ours = load_unit_image(image, presentation=presentation)
+    as_stored = load_unit_image(image)
+    candidates = {(k, mirrored): np.rot90(as_stored[:, ::-1] if mirrored else as_stored, k)
+                  for k in range(4) for mirrored in (False, True)}
+
+    def agreement(picture):
+        return -1.0 if picture.shape != dcmtk.shape else float(np.corrcoef(picture.ravel(), dcmtk.ravel())[0, 1])
+
+    best = max(candidates, key=lambda key: agreement(candidates[key]))
+    assert np.array_equal(candidates[best], ours)
+    assert agreement(ours) > 0.99 and sorted(agreement(c) for c in candidates.values())[-2] < 0.5

@@ -242,6 +242,60 @@ def test_an_amended_study_gets_a_second_version_and_keeps_the_first(dirs, model,
     assert not list(inbox.rglob("*.dcm"))
 
 
+def test_a_presentation_state_is_applied_with_its_study_or_amends_its_report_when_it_comes_later(
+        dirs, model, tmp_path, caplog):
+    """An image stored on its side (no Patient Orientation) that its presentation state shows upright is scored
+    upright: with the image (one report), or arriving after the report (a second version, saying why)."""
+    import numpy as np
+    import pydicom
+
+    from cxrscreen.testing import make_presentation_state
+
+    inbox, out = dirs
+    archive, scratch = tmp_path / "archive", tmp_path / "scratch"
+
+    def sideways(study: str) -> Path:
+        return save(make_dicom(np.ascontiguousarray(np.rot90(phantom(96, 96), 1)), seed=f"{study}/0",
+                               study_seed=study, patient_id=study.upper()), scratch / f"{study}.dcm")
+
+    def presentation(image: Path) -> bytes:
+        return save(make_presentation_state([pydicom.dcmread(image)], seed=f"{image.stem}/ps", rotation=90),
+                    scratch / f"{image.stem}_ps.dcm").read_bytes()
+
+    together, later = sideways("together"), sideways("later")
+    caplog.set_level("INFO", logger="cxrscreen.watch")
+    running = Running(WatchOptions(inbox, out, archive=archive, settle=0.5, rescan=0.5, gradcam="none"), model)
+    try:
+        write_study(inbox / "upright", "upright")
+        (inbox / "t").mkdir()
+        (inbox / "t" / "ps.dcm").write_bytes(presentation(together))
+        (inbox / "t" / "image.dcm").write_bytes(together.read_bytes())
+        (inbox / "l").mkdir()
+        (inbox / "l" / "image.dcm").write_bytes(later.read_bytes())
+        wait_for(lambda: done_studies(out) == 3, "three reports")
+        (inbox / "l" / "ps.dcm").write_bytes(presentation(later))
+        wait_for(lambda: len(reports(out)) == 4, "the amended report")
+        wait_for(lambda: (archive / "l" / "ps.dcm").exists(), "the presentation state to be archived")
+        (inbox / "l" / "ps_resent.dcm").write_bytes(presentation(later))     # the same one again: no v3
+        wait_for(lambda: (archive / "l" / "ps_resent.dcm").exists(), "the copy to be archived")
+        write_study(inbox / "s", "sentinel")
+        wait_for(lambda: done_studies(out) == 4, "the study sent after the copy")
+    finally:
+        running.close()
+    scores = dict(ledger_rows(out, "SELECT patient_id, score FROM studies"))
+    assert scores["TOGETHER"] == pytest.approx(scores["UPRIGHT"], abs=1e-6)
+    assert scores["LATER"] == pytest.approx(scores["UPRIGHT"], abs=1e-6)
+    versions = ledger_rows(out, "SELECT s.patient_id, r.version, r.score FROM reports r JOIN studies s "
+                                "USING (study_uid) ORDER BY s.patient_id, r.version")
+    assert [(p, v) for p, v, _ in versions] == [("LATER", 1), ("LATER", 2), ("SENTINEL", 1), ("TOGETHER", 1),
+                                                 ("UPRIGHT", 1)]
+    assert versions[0][2] != pytest.approx(scores["UPRIGHT"], abs=1e-3)      # v1 scored it on its side
+    amended = " ".join(pdf_text(next(p for p in reports(out) if p.name.endswith(".v2.pdf"))).split())
+    assert "Images added since: none. Presentation states added since: ps.dcm." in amended
+    assert "Shown as its presentation state ps.dcm of 2026-11-01 12:00 shows it: turned 90 degrees clockwise" in amended
+    assert "event=study_reopened" in caplog.text
+
+
 def test_corrupt_and_truncated_files_land_in_quarantine_with_their_reason(dirs, model, tmp_path):
     inbox, out = dirs
     quarantine = tmp_path / "quarantine"
