@@ -38,7 +38,7 @@ import numpy as np
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax, UsageError
 from .normalise import (COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale,
                         patient_orientation, presentation_words)
-from .records import FileKind, FileOutcome, Presentation, Radiograph, Status, Study
+from .records import FileKind, FileOutcome, Presentation, Radiograph, Rejection, Status, Study
 from .threadwarnings import caught, listed
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,13 @@ FOR_PROCESSING_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.84
 # with this tag, and the rotation and flip it gives its images are applied (see read_presentation)
 PRESENTATION_STATE_CLASSES = "1.2.840.10008.5.1.4.1.1.11."
 PRESENTATION_STATE_TAG = "(0008,0016) SOPClassUID"
+# Rejection notes (IHE IOCM): a Key Object Selection whose document title is one of CID 7031's reasons for
+# removal from operational use; the images it names are not screened (see read_rejection)
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+REJECTION_TITLES = {"113001": "Rejected for Quality Reasons", "113037": "Rejected for Patient Safety Reasons",
+                    "113038": "Incorrect Modality Worklist Entry", "113039": "Data Retention Policy Expired"}
+REJECTION_TAG = "(0040,A043) ConceptNameCodeSequence"
+REJECTED_TAG = "(0008,0018) SOPInstanceUID"
 # Secondary captures that are not pictures of a patient's radiograph (PS3.3 C.8.6.1 ConversionType);
 # DF (digitized film), DV, DI, SI and WSD may be one and are screened.
 NOT_RADIOGRAPH_CONVERSIONS = {"SD": "scanned document", "SYN": "synthetic image", "DRW": "drawing"}
@@ -859,6 +866,11 @@ def _dicom_outcome(path: Path, stat: os.stat_result, selection: Selection) -> Ra
         return FileOutcome(path, Status.SKIPPED, skip.reason, step="select", tag=skip.tag)
     if record.sop_class.startswith(PRESENTATION_STATE_CLASSES):
         return presentation_outcome(path, ds, record)
+    if record.sop_class == KEY_OBJECT_SELECTION and (rejection := read_rejection(path, ds)) is not None:
+        n = len(rejection.images)
+        return FileOutcome(path, Status.SKIPPED, f"rejection note ({rejection.title}), not an image: the {n} "
+                           f"instance{'s' if n != 1 else ''} it names {'are' if n != 1 else 'is'} not screened",
+                           step="select", tag=REJECTION_TAG, rejection=rejection, **record.identifiers())
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         sop = str(ds.get("SOPClassUID", "")) or "unknown"
         name = getattr(ds.get("SOPClassUID", None), "name", "") or sop
@@ -936,9 +948,26 @@ def presentation_outcome(path: Path, ds, record: Radiograph) -> FileOutcome:
                        presentation=presentation, **record.identifiers())
 
 
-def is_presentation_state(step: str, tag: str) -> bool:
-    """Whether a skipped file's step and tag are those :func:`presentation_outcome` gives."""
-    return step == "select" and tag == PRESENTATION_STATE_TAG
+def read_rejection(path: Path, ds) -> Rejection | None:
+    """A Key Object Selection that is a rejection note (its Concept Name, the document title, is a DCM code of
+    :data:`REJECTION_TITLES`) with the instances its Current Requested Procedure Evidence names; None for any
+    other key object selection (Of Interest, For Teaching...), which withdraws nothing."""
+    title = (ds.get("ConceptNameCodeSequence", None) or [None])[0]
+    if title is None or _text(title, "CodingSchemeDesignator").upper() != "DCM" or \
+            _text(title, "CodeValue") not in REJECTION_TITLES:
+        return None
+    images = {_text(instance, "ReferencedSOPInstanceUID")
+              for evidence in ds.get("CurrentRequestedProcedureEvidenceSequence", None) or ()
+              for series in evidence.get("ReferencedSeriesSequence", None) or ()
+              for instance in series.get("ReferencedSOPSequence", None) or ()}
+    return Rejection(sop_uid=_text(ds, "SOPInstanceUID"), name=path.name, title=REJECTION_TITLES[_text(
+        title, "CodeValue")], images=frozenset(images - {""}))
+
+
+def changes_its_study(step: str, tag: str) -> bool:
+    """Whether a skipped file, by the step and tag it was skipped with, is a presentation state or a rejection
+    note: a file that is not an image but changes how its study's images are screened."""
+    return step == "select" and tag in (PRESENTATION_STATE_TAG, REJECTION_TAG)
 
 
 @contextmanager
@@ -998,7 +1027,8 @@ def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study
     Duplicate SOP Instance UIDs (the same image twice) are kept once, the copy
     listed as skipped. An image that a presentation state of its study turns or
     mirrors (the newest of those that reference it: :func:`newest_presentations`)
-    carries it, to be scored as it shows the image.
+    carries it, to be scored as it shows the image. An image that a rejection note
+    of its study names is listed as skipped, saying so.
     """
     images: "OrderedDict[str, list[Radiograph]]" = OrderedDict()
     skipped: dict[str, list[FileOutcome]] = {}
@@ -1021,10 +1051,18 @@ def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study
             loose.append(item)
     studies = []
     for uid, imgs in images.items():
-        others = tuple(skipped.pop(uid, ()))
+        others = list(skipped.pop(uid, ()))
+        rejected = {sop: o.rejection for o in others if o.rejection is not None for sop in o.rejection.images}
+        others += [FileOutcome(img.path, Status.SKIPPED, f"rejected by the rejection note {rejected[img.sop_uid].name} "
+                               f"({rejected[img.sop_uid].title}): withdrawn on the PACS, not screened", step="select",
+                               tag=REJECTED_TAG, **img.identifiers()) for img in imgs if img.sop_uid in rejected]
+        imgs = [img for img in imgs if img.sop_uid not in rejected]
+        if not imgs:
+            loose.extend(others)
+            continue
         shown = newest_presentations(others)
         studies.append(Study(uid, tuple(dataclasses.replace(img, presentation=shown[img.sop_uid])
-                                        if img.sop_uid in shown else img for img in imgs), others))
+                                        if img.sop_uid in shown else img for img in imgs), tuple(others)))
     for outcomes in skipped.values():
         loose.extend(outcomes)
     return studies, loose

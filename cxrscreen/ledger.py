@@ -433,7 +433,8 @@ class Ledger:
         """Record a screened study in one transaction: its report version (or its failure) and its files.
 
         ``outcomes`` maps file ids to ``(status, step, tag, reason)``. ``report`` empty means no image
-        could be scored: the study is ``failed`` and no version is recorded.
+        was scored and no version is recorded: the study is ``failed`` when a file of it failed, else (every
+        image withdrawn by a rejection note) ``done``, keeping the version it had, if any.
         """
         now = time.time() if now is None else now
         with self.transaction() as db:
@@ -446,7 +447,8 @@ class Ledger:
             for file_id, (status, step, tag, why) in outcomes.items():
                 db.execute("UPDATE files SET status = ?, step = ?, tag = ?, reason = ?, version = ? WHERE id = ?",
                            (status, step, tag, why, version if report else 0, file_id))
-            status = "pending" if newer else ("done" if report else "failed")
+            failed = any(o[0] == "failed" for o in outcomes.values())
+            status = "pending" if newer else ("done" if report or not failed else "failed")
             if report:
                 db.execute("INSERT OR REPLACE INTO reports (study_uid, version, report, score, flag, threshold, "
                            "model_sha256, images, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -92,6 +92,18 @@ class Presentation:
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """A rejection note (IHE IOCM: a Key Object Selection whose title is a reason for removal from operational
+    use, CID 7031): the images it names are withdrawn, for their quality, for the patient's safety, or as made
+    for the wrong worklist entry (another patient's), and a PACS no longer shows them."""
+
+    sop_uid: str
+    name: str                       # its file's name
+    title: str                      # the reason, e.g. "Incorrect Modality Worklist Entry"
+    images: frozenset[str] = frozenset()    # SOP Instance UIDs of the instances it rejects
+
+
+@dataclass(frozen=True)
 class Radiograph(_OfAStudy):
     """One image file selected for scoring, with the metadata a report needs.
 
@@ -167,6 +179,7 @@ class FileOutcome(_OfAStudy):
     study_date: str = ""
     patient_name: str = ""      # the DICOM PN value as read
     presentation: Presentation | None = None    # a presentation state file (skipped: not an image) says this
+    rejection: Rejection | None = None          # a rejection note file (skipped: not an image) withdraws these
 
     @classmethod
     def from_error(cls, error, **identifiers: str) -> "FileOutcome":

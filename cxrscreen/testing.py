@@ -18,6 +18,7 @@ DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"        # Digital X-Ray Image Storag
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"          # Secondary Capture Image Storage
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"     # Basic Text SR Storage
 GSPS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"     # Grayscale Softcopy Presentation State Storage
+KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"     # Key Object Selection Document Storage
 
 
 def uid_from(seed: str) -> str:
@@ -173,6 +174,43 @@ def make_presentation_state(images, *, seed: str, rotation: int | None = 0, flip
     if flip is not None:
         ds.ImageHorizontalFlip = flip
     ds.PresentationLUTShape = "IDENTITY"
+    return ds
+
+
+def make_key_object_selection(images, *, seed: str, code: str = "113001",
+                              meaning: str = "Rejected for Quality Reasons"):
+    """A Key Object Selection document in the study of ``images`` (data sets) naming each of them in its
+    Current Requested Procedure Evidence, titled ``code`` (DCM): 113001, 113037, 113038 and 113039 make it
+    an IHE IOCM rejection note, 113000 (Of Interest) a plain selection."""
+    from pydicom.dataset import Dataset
+
+    first = images[0]
+    ds = make_dicom(None, seed=seed, modality="KO", sop_class=KOS_SOP_CLASS, patient_id=first.PatientID,
+                    patient_name=str(first.PatientName), body_part="", view_position="")
+    ds.StudyInstanceUID = first.StudyInstanceUID
+    ds.AccessionNumber = first.get("AccessionNumber", "")
+    ds.ValueType = "CONTAINER"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = code, "DCM", meaning
+    ds.ConceptNameCodeSequence = [title]
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.ContentDate, ds.ContentTime = "20261101", "120000"
+    evidence = Dataset()
+    evidence.StudyInstanceUID = first.StudyInstanceUID
+    by_series: dict[str, list] = {}
+    for image in images:
+        item = Dataset()
+        item.ReferencedSOPClassUID = image.SOPClassUID
+        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
+        by_series.setdefault(image.SeriesInstanceUID, []).append(item)
+    series_items = []
+    for series_uid, items in by_series.items():
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedSOPSequence = items
+        series_items.append(series)
+    evidence.ReferencedSeriesSequence = series_items
+    ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
     return ds
 
 

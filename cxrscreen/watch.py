@@ -50,7 +50,7 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import (EVERY_IMAGE, SELECTION_RULES, Selection, group_studies, is_ignored, is_presentation_state,
+from .ingest import (EVERY_IMAGE, SELECTION_RULES, Selection, changes_its_study, group_studies, is_ignored,
                      not_regular, read_record, temporary_suffix, walk)
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
@@ -197,7 +197,7 @@ class _StudyWork:
     files: dict[str, FileRow]        # by current location
     prior_failed: list[FileOutcome]
     added: list[str]                 # names of files new since the last report
-    presentations: list[str] = dataclasses.field(default_factory=list)  # presentation states new since then
+    notes: list[str] = dataclasses.field(default_factory=list)  # presentation states, rejection notes new since
 
 
 @dataclass
@@ -701,12 +701,14 @@ class Watcher:
                 fields["status"] = "pending"
         else:
             fields.update(status=record.status.value, step=record.step, tag=record.tag, reason=record.reason)
-        shown = record.presentation if isinstance(record, FileOutcome) else None
-        resent = shown is not None and digest and self.ledger.file_with_hash(digest) is not None
+        changes = isinstance(record, FileOutcome) and (
+            record.presentation is not None and record.presentation.transforms or record.rejection is not None)
+        resent = changes and digest and self.ledger.file_with_hash(digest) is not None
         self.ledger.take_file(path=path, size=candidate.size, mtime_ns=candidate.mtime_ns, sha256=digest, **fields)
-        if shown is not None and shown.transforms and not resent and self.ledger.reopen(record.study_uid):
+        if changes and not resent and self.ledger.reopen(record.study_uid):
             log.info(kv(event="study_reopened", uid=record.study_uid, path=path,
-                        reason="a presentation state that turns or mirrors its images came after its report"))
+                        reason=f"a {'rejection note' if record.rejection else 'presentation state'} came after its "
+                               f"report"))
         self.known[path] = (candidate.size, candidate.mtime_ns)
         self.candidates.pop(path, None)
         self._summary_due = True
@@ -740,7 +742,7 @@ class Watcher:
             reported = self.ledger.report_time(row.study_uid, row.version) if row.version else None
             work = _StudyWork(row, {f.location: f for f in files}, [], [Path(f.inbox_path).name for f in pending],
                               [Path(f.inbox_path).name for f in files if reported is not None
-                               and f.taken_at > reported and is_presentation_state(f.step, f.tag)])
+                               and f.taken_at > reported and changes_its_study(f.step, f.tag)])
             for item in study_items:
                 if isinstance(item, FileOutcome) and item.status is Status.FAILED and \
                         work.files[str(item.path)].status == "failed":
@@ -822,8 +824,8 @@ class Watcher:
             location = Path(f.location)
             if f.status in ("skipped", "failed"):
                 outcome = FileOutcome(location, Status(f.status), f.reason, step=f.step, tag=f.tag, study_uid=uid)
-                if f.status == "skipped" and is_presentation_state(f.step, f.tag):
-                    outcome = self._presentation_state(f, outcome)
+                if f.status == "skipped" and changes_its_study(f.step, f.tag):
+                    outcome = self._read_again(f, outcome)
                 items.append(outcome)
                 continue
             try:
@@ -842,9 +844,9 @@ class Watcher:
             items.append(dataclasses.replace(record, study_uid=uid))
         return items
 
-    def _presentation_state(self, f: FileRow, outcome: FileOutcome) -> FileOutcome:
-        """A skipped presentation state read again, to carry what it does to its study's images; as the ledger
-        has it (applied to nothing) when it has changed or cannot be read since it was taken."""
+    def _read_again(self, f: FileRow, outcome: FileOutcome) -> FileOutcome:
+        """A skipped presentation state or rejection note read again, to carry what it does to its study's images;
+        as the ledger has it (changing nothing) when it has changed or cannot be read since it was taken."""
         location = Path(f.location)
         try:
             st = location.stat()
@@ -853,11 +855,10 @@ class Watcher:
         record = read_record(location) if st is not None and (st.st_size, st.st_mtime_ns) == (f.size, f.mtime_ns) \
             else None
         if record is None:
-            log.warning(kv(event="presentation_state_not_applied", path=f.location,
-                           reason="changed or gone since it was taken"))
-        if not isinstance(record, FileOutcome) or record.presentation is None:
+            log.warning(kv(event="note_not_applied", path=f.location, reason="changed or gone since it was taken"))
+        if not isinstance(record, FileOutcome) or (record.presentation is None and record.rejection is None):
             return outcome
-        return dataclasses.replace(outcome, presentation=record.presentation)
+        return dataclasses.replace(outcome, presentation=record.presentation, rejection=record.rejection)
 
     def _start_report(self, result: StudyResult, work: _StudyWork,
                       extra_skipped: list[FileOutcome] = ()) -> _Reporting:
@@ -880,11 +881,11 @@ class Watcher:
             job.report = job.base if version == 1 else f"{Path(job.base).stem}.v{version}.pdf"
             amendment = ""
             if version > 1:
-                added = ", ".join(work.added) or ("none" if work.presentations else "none (re-screened)")
+                added = ", ".join(work.added) or ("none" if work.notes else "none (re-screened)")
                 amendment = (f"Amended report, version {version}: supersedes version {version - 1} ({row.report}), "
                              f"which is kept unchanged. Images added since: {added}."
-                             + (f" Presentation states added since: {', '.join(work.presentations)}."
-                                if work.presentations else ""))
+                             + (f" Presentation states and rejection notes added since: {', '.join(work.notes)}."
+                                if work.notes else ""))
             job.writing = self._reporter.submit(functools.partial(
                 make_report, self.out / job.report, result, threshold=self.threshold,
                 operating_point=self.operating, model_name=self.model.path.name, model_sha256=self.model.sha256,
@@ -911,6 +912,11 @@ class Watcher:
         first = result.study.first
         identity = first.identifiers() if first else {}
         reason = "; ".join(f"{x.path.name}: {x.reason}" for x in result.failed)
+        if not job.report and not result.failed:       # nothing failed, nothing left: every image rejected
+            reason = "every image of it is withdrawn by a rejection note; not screened" + (
+                f" (its report version {job.work.row.version}, {job.work.row.report}, no longer stands)"
+                if job.work.row.version else "")
+            log.warning(kv(event="study_withdrawn", uid=uid, reason=reason))
         self.ledger.record_study(uid, version=job.version, report_base=job.base, report=job.report, score=score,
                                  flag=flag, threshold=self.threshold, model_sha256=self.model.sha256,
                                  identity=identity, outcomes=job.outcomes, reason=reason, warning=result.warning,
@@ -919,7 +925,8 @@ class Watcher:
         self._held.pop(uid, None)
         release(result)
         log.info(kv(event="study", uid=uid, version=job.version if job.report else None,
-                    status="reported" if job.report else "failed", score=score, flag=flag or None,
+                    status="reported" if job.report else "failed" if result.failed else "withdrawn", score=score,
+                    flag=flag or None,
                     images=len(result.images), failed=len(result.failed), skipped=len(result.study.skipped),
                     seconds=round(time.monotonic() - self._round_started, 2),
                     waited=round(time.time() - job.work.row.last_arrival, 1), report=job.report or None,
@@ -983,6 +990,12 @@ class Watcher:
                          reason=self._held.get(s.study_uid) or "not reported yet: screened once no new file of it "
                                                                f"has come for {self.options.settle:g} s (--settle)")
 
+    def _reported_or_waiting(self, uid: str) -> bool:
+        """Whether the ledger has a row of its own for this study in the summary (reported, pending or failed),
+        rather than one made from its skipped files (one whose every image a rejection note withdrew)."""
+        row = self.ledger.study(uid)
+        return row is not None and bool(row.version or row.status != "done")
+
     def _write_summary(self) -> None:
         days = self.options.worklist_days
         since = time.time() - days * 86400 if days else 0.0
@@ -1011,7 +1024,7 @@ class Watcher:
         listed = {r["study_uid"] for r in rows}
         # a study the ledger knows (pending, screened earlier, failed) is not "unscreened"
         rows = rank_rows(rows + unscreened_study_rows(
-            files, self.threshold, lambda uid: uid in listed or self.ledger.study(uid) is not None)) + files
+            files, self.threshold, lambda uid: uid in listed or self._reported_or_waiting(uid))) + files
         meta = {"tool_version": __version__, "mode": "watch", "inbox": str(self.inbox), "model": str(self.model.path),
                 "model_sha256": self.model.sha256, "compute": self.model.compute, "threshold": self.threshold,
                 "operating_point": self.operating,

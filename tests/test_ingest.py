@@ -651,6 +651,36 @@ def test_each_image_carries_the_newest_presentation_state_of_its_study_that_turn
     assert "(0070,0042) ImageRotation 45 is not 0, 90, 180 or 270, so it is not applied" in files["ps_wrong.dcm"].reason
 
 
+def test_images_a_rejection_note_of_their_study_names_are_listed_as_skipped_not_screened(tmp_path, chest_pixels):
+    """An IHE IOCM rejection note (a Key Object Selection titled with a reason for removal: a retake's bad
+    exposure, an image made on another patient's worklist entry) withdraws images that a PACS export may still
+    carry: they are listed as skipped, naming the note, and never scored. A study left with no image is a
+    study of skipped files; a key object selection of another title withdraws nothing."""
+    from cxrscreen.ingest import REJECTED_TAG, REJECTION_TAG
+    from cxrscreen.testing import make_key_object_selection
+
+    kept = save(make_dicom(chest_pixels, seed="kept", study_seed="S"), tmp_path / "kept.dcm")
+    retake = save(make_dicom(chest_pixels, seed="retake", study_seed="S"), tmp_path / "retake.dcm")
+    wrong = save(make_dicom(chest_pixels, seed="wrong", study_seed="W"), tmp_path / "wrong_patient.dcm")
+    kept, retake, wrong = (pydicom_read(p) for p in (kept, retake, wrong))
+    save(make_key_object_selection([retake], seed="reject"), tmp_path / "KO1.dcm")
+    save(make_key_object_selection([kept], seed="interest", code="113000", meaning="Of Interest"), tmp_path / "KO2.dcm")
+    save(make_key_object_selection([wrong], seed="mwl", code="113038", meaning="Incorrect Modality Worklist Entry"),
+         tmp_path / "KO3.dcm")
+
+    studies, loose = group_studies(scan([tmp_path]))
+    assert [[img.path.name for img in s.images] for s in studies] == [["kept.dcm"]]
+    skipped = {o.path.name: o for o in [*studies[0].skipped, *loose]}
+    assert skipped["retake.dcm"].status is Status.SKIPPED and skipped["retake.dcm"].tag == REJECTED_TAG
+    assert skipped["retake.dcm"].reason == ("rejected by the rejection note KO1.dcm (Rejected for Quality Reasons): "
+                                            "withdrawn on the PACS, not screened")
+    assert "(Incorrect Modality Worklist Entry)" in skipped["wrong_patient.dcm"].reason
+    assert skipped["wrong_patient.dcm"].study_uid == wrong.StudyInstanceUID
+    assert skipped["KO1.dcm"].tag == REJECTION_TAG and skipped["KO1.dcm"].reason == (
+        "rejection note (Rejected for Quality Reasons), not an image: the 1 instance it names is not screened")
+    assert skipped["KO2.dcm"].rejection is None and skipped["KO2.dcm"].reason.startswith("no pixel data")
+
+
 def pydicom_read(path):
     import pydicom
 

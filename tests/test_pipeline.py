@@ -582,6 +582,35 @@ def test_an_image_turned_upright_by_its_presentation_state_is_scored_so_and_a_ne
     assert row["status"] == "skipped" and "it shows 1 image turned 90 degrees clockwise" in row["reason"]
 
 
+def test_a_rejected_image_is_not_scored_and_a_study_all_rejected_is_a_skipped_study(tmp_path, model, chest_pixels):
+    """A PACS export carries a retake's rejected first exposure and a study made on the wrong patient's worklist
+    entry, each withdrawn by its rejection note (IHE IOCM): neither is scored, nor the second reported under
+    the patient it does not belong to."""
+    import pydicom
+
+    from cxrscreen.testing import make_key_object_selection
+
+    box, out = tmp_path / "in", tmp_path / "out"
+    noise = np.random.default_rng(3).integers(0, 4096, chest_pixels.shape)
+    save(make_dicom(chest_pixels, seed="kept", study_seed="S"), box / "s" / "kept.dcm")
+    retake = save(make_dicom(noise, seed="first", study_seed="S"), box / "s" / "first_exposure.dcm")
+    wrong = save(make_dicom(chest_pixels, seed="wrong", study_seed="W", patient_id="OTHER"), box / "w" / "w.dcm")
+    save(make_key_object_selection([pydicom.dcmread(retake)], seed="r1"), box / "s" / "KO.dcm")
+    save(make_key_object_selection([pydicom.dcmread(wrong)], seed="r2", code="113038",
+                                   meaning="Incorrect Modality Worklist Entry"), box / "w" / "KO.dcm")
+    summary = run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)
+    studies = {r["patient_id"]: r for r in summary.rows if r["kind"] == "study"}
+    assert studies["SYNTH-0001"]["status"] == "scored"
+    text = " ".join(pdf_text(out / studies["SYNTH-0001"]["report"]).split())
+    assert "kept.dcm - view PA - score" in text and "first_exposure.dcm - view" not in text
+    assert "withdrawn on the PACS, not screened" in text      # listed among the files not scored
+    assert studies["OTHER"]["status"] == "skipped" and not studies["OTHER"]["report"]
+    assert "Incorrect Modality Worklist Entry" in studies["OTHER"]["reason"]
+    files = {r["path"].rsplit("/", 1)[-1]: r for r in summary.rows if r["kind"] == "file"}
+    assert files["first_exposure.dcm"]["status"] == "skipped" and "rejection note" in files["first_exposure.dcm"]["reason"]
+    assert summary.exit_code == 0
+
+
 def test_a_multi_frame_image_is_scored_on_its_first_frame_and_every_output_says_so(tmp_path, model, chest_pixels):
     other = np.random.default_rng(7).integers(0, 4096, chest_pixels.shape)     # frames 2 and 3: noise
     box, out = tmp_path / "in", tmp_path / "out"

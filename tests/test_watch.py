@@ -291,9 +291,60 @@ def test_a_presentation_state_is_applied_with_its_study_or_amends_its_report_whe
                                                  ("UPRIGHT", 1)]
     assert versions[0][2] != pytest.approx(scores["UPRIGHT"], abs=1e-3)      # v1 scored it on its side
     amended = " ".join(pdf_text(next(p for p in reports(out) if p.name.endswith(".v2.pdf"))).split())
-    assert "Images added since: none. Presentation states added since: ps.dcm." in amended
+    assert "Images added since: none. Presentation states and rejection notes added since: ps.dcm." in amended
     assert "Shown as its presentation state ps.dcm of 2026-11-01 12:00 shows it: turned 90 degrees clockwise" in amended
     assert "event=study_reopened" in caplog.text
+
+
+def test_a_rejection_note_withdraws_its_images_before_or_after_their_report(dirs, model, tmp_path, caplog):
+    """A rejection note (IHE IOCM) that comes with its study keeps the images it names from being scored (a study
+    left with none is a study of skipped files, not a failure); one that comes after the report amends it
+    without them, and when none is left, the study's row says its report no longer stands."""
+    import pydicom
+
+    from cxrscreen.testing import make_key_object_selection
+
+    inbox, out = dirs
+    archive, scratch = tmp_path / "archive", tmp_path / "scratch"
+    caplog.set_level("INFO", logger="cxrscreen.watch")
+
+    def note(name: str, images: list[Path], code: str = "113001") -> bytes:
+        return save(make_key_object_selection([pydicom.dcmread(p) for p in images], seed=name, code=code),
+                    scratch / f"{name}.dcm").read_bytes()
+
+    two = write_study(scratch / "two", "two", 2)
+    wrong = write_study(scratch / "wrong", "wrong", 1)
+    alone = write_study(scratch / "alone", "alone", 1)
+    running = Running(WatchOptions(inbox, out, archive=archive, settle=0.5, rescan=0.5, gradcam="none"), model)
+    try:
+        (inbox / "w").mkdir()
+        (inbox / "w" / "KO.dcm").write_bytes(note("mwl", wrong, "113038"))
+        (inbox / "w" / "image.dcm").write_bytes(wrong[0].read_bytes())
+        for folder, files in (("t", two), ("a", alone)):
+            (inbox / folder).mkdir()
+            for path in files:
+                (inbox / folder / path.name).write_bytes(path.read_bytes())
+        wait_for(lambda: len(reports(out)) == 2, "the reports of the two studies not withdrawn")
+        (inbox / "t" / "KO.dcm").write_bytes(note("retake", two[:1]))
+        (inbox / "a" / "KO.dcm").write_bytes(note("all", alone))
+        wait_for(lambda: len(reports(out)) == 3, "the amended report without the rejected image")
+        wait_for(lambda: "event=study_withdrawn" in caplog.text, "the study whose only image was rejected")
+        wait_for(lambda: not list(inbox.rglob("*.dcm")), "every file to be archived")
+    finally:
+        running.close()
+    versions = ledger_rows(out, "SELECT s.patient_id, r.version, r.images FROM reports r JOIN studies s "
+                                "USING (study_uid) ORDER BY s.patient_id, r.version")
+    assert versions == [("ALONE", 1, 1), ("TWO", 1, 2), ("TWO", 2, 1)]
+    amended = " ".join(pdf_text(out / ledger_rows(out, "SELECT report FROM studies WHERE patient_id = 'TWO'")[0][0])
+                       .split())
+    assert "Images added since: none. Presentation states and rejection notes added since: KO.dcm." in amended
+    assert "two_000.dcm: skipped - rejected by the rejection note KO.dcm (Rejected for Quality Reasons)" in amended
+    summary = {r["patient_id"]: r for r in json.loads((out / "summary.json").read_text())["rows"]
+               if r["kind"] == "study"}
+    assert summary["WRONG"]["status"] == "skipped" and "Incorrect Modality Worklist Entry" in summary["WRONG"]["reason"]
+    assert "its report version 1" in summary["ALONE"]["reason"] and "no longer stands" in summary["ALONE"]["reason"]
+    assert ledger_rows(out, "SELECT status, tag FROM files WHERE inbox_path LIKE '%/w/image.dcm'") == [
+        ("skipped", "(0008,0018) SOPInstanceUID")]
 
 
 def test_corrupt_and_truncated_files_land_in_quarantine_with_their_reason(dirs, model, tmp_path):
