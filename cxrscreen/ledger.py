@@ -369,7 +369,8 @@ class Ledger:
 
     def reopen(self, study_uid: str, now: float | None = None) -> bool:
         """A reported study is pending again (as if a file of it arrived now), to be reported again with a file
-        that changes it but is not an image (a presentation state); False when it is not a reported study."""
+        that changes it but is not an image (a presentation state, a rejection note); False when it is not a
+        reported study."""
         now = time.time() if now is None else now
         with self.transaction() as db:
             return db.execute("UPDATE studies SET status = 'pending', last_arrival = ?, updated = ? "

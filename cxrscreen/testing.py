@@ -139,21 +139,11 @@ def make_text_sr(*, seed: str, study_seed: str | None = None, patient_id: str = 
     return ds
 
 
-def make_presentation_state(images, *, seed: str, rotation: int | None = 0, flip: str | None = "N",
-                            created: str = "20261101120000", frames: dict | None = None):
-    """A Grayscale Softcopy Presentation State in the study of ``images`` (data sets) that references each of
-    them (``frames``: SOP Instance UID -> ReferencedFrameNumber for a multi-frame one), turning them
-    ``rotation`` degrees clockwise and flipping them when ``flip`` is Y (None leaves the attribute out), made
-    at ``created`` (YYYYMMDDHHMMSS). Its window and other display modules are left out."""
+def _referenced_series(images, keyword: str, frames: dict | None = None) -> list:
+    """Referenced Series Sequence items naming ``images`` (data sets), series by series, each image an item of
+    the series' ``keyword`` sequence (``frames``: SOP Instance UID -> its ReferencedFrameNumber)."""
     from pydicom.dataset import Dataset
 
-    first = images[0]
-    ds = make_dicom(None, seed=seed, modality="PR", sop_class=GSPS_SOP_CLASS, patient_id=first.PatientID,
-                    patient_name=str(first.PatientName), body_part="", view_position="")
-    ds.StudyInstanceUID = first.StudyInstanceUID
-    ds.AccessionNumber = first.get("AccessionNumber", "")
-    ds.ContentLabel = "CXRSCREEN"
-    ds.PresentationCreationDate, ds.PresentationCreationTime = created[:8], created[8:]
     by_series: dict[str, list] = {}
     for image in images:
         item = Dataset()
@@ -166,9 +156,30 @@ def make_presentation_state(images, *, seed: str, rotation: int | None = 0, flip
     for series_uid, items in by_series.items():
         series = Dataset()
         series.SeriesInstanceUID = series_uid
-        series.ReferencedImageSequence = items
+        setattr(series, keyword, items)
         series_items.append(series)
-    ds.ReferencedSeriesSequence = series_items
+    return series_items
+
+
+def _object_of_study(image, *, seed: str, modality: str, sop_class: str):
+    """A data set without pixel data in the study (and of the patient) of ``image``."""
+    ds = make_dicom(None, seed=seed, modality=modality, sop_class=sop_class, patient_id=image.PatientID,
+                    patient_name=str(image.PatientName), body_part="", view_position="")
+    ds.StudyInstanceUID = image.StudyInstanceUID
+    ds.AccessionNumber = image.get("AccessionNumber", "")
+    return ds
+
+
+def make_presentation_state(images, *, seed: str, rotation: int | None = 0, flip: str | None = "N",
+                            created: str = "20261101120000", frames: dict | None = None):
+    """A Grayscale Softcopy Presentation State in the study of ``images`` (data sets) that references each of
+    them (``frames``: SOP Instance UID -> ReferencedFrameNumber for a multi-frame one), turning them
+    ``rotation`` degrees clockwise and flipping them when ``flip`` is Y (None leaves the attribute out), made
+    at ``created`` (YYYYMMDDHHMMSS). Its window and other display modules are left out."""
+    ds = _object_of_study(images[0], seed=seed, modality="PR", sop_class=GSPS_SOP_CLASS)
+    ds.ContentLabel = "CXRSCREEN"
+    ds.PresentationCreationDate, ds.PresentationCreationTime = created[:8], created[8:]
+    ds.ReferencedSeriesSequence = _referenced_series(images, "ReferencedImageSequence", frames)
     if rotation is not None:
         ds.ImageRotation = rotation
     if flip is not None:
@@ -184,11 +195,7 @@ def make_key_object_selection(images, *, seed: str, code: str = "113001",
     an IHE IOCM rejection note, 113000 (Of Interest) a plain selection."""
     from pydicom.dataset import Dataset
 
-    first = images[0]
-    ds = make_dicom(None, seed=seed, modality="KO", sop_class=KOS_SOP_CLASS, patient_id=first.PatientID,
-                    patient_name=str(first.PatientName), body_part="", view_position="")
-    ds.StudyInstanceUID = first.StudyInstanceUID
-    ds.AccessionNumber = first.get("AccessionNumber", "")
+    ds = _object_of_study(images[0], seed=seed, modality="KO", sop_class=KOS_SOP_CLASS)
     ds.ValueType = "CONTAINER"
     title = Dataset()
     title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = code, "DCM", meaning
@@ -196,20 +203,8 @@ def make_key_object_selection(images, *, seed: str, code: str = "113001",
     ds.ContinuityOfContent = "SEPARATE"
     ds.ContentDate, ds.ContentTime = "20261101", "120000"
     evidence = Dataset()
-    evidence.StudyInstanceUID = first.StudyInstanceUID
-    by_series: dict[str, list] = {}
-    for image in images:
-        item = Dataset()
-        item.ReferencedSOPClassUID = image.SOPClassUID
-        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
-        by_series.setdefault(image.SeriesInstanceUID, []).append(item)
-    series_items = []
-    for series_uid, items in by_series.items():
-        series = Dataset()
-        series.SeriesInstanceUID = series_uid
-        series.ReferencedSOPSequence = items
-        series_items.append(series)
-    evidence.ReferencedSeriesSequence = series_items
+    evidence.StudyInstanceUID = ds.StudyInstanceUID
+    evidence.ReferencedSeriesSequence = _referenced_series(images, "ReferencedSOPSequence")
     ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
     return ds
 

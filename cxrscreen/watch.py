@@ -50,8 +50,8 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import (EVERY_IMAGE, SELECTION_RULES, Selection, changes_its_study, group_studies, is_ignored,
-                     not_regular, read_record, temporary_suffix, walk)
+from .ingest import (EVERY_IMAGE, REJECTED_TAG, SELECTION_RULES, Selection, changes_its_study, group_studies,
+                     is_ignored, not_regular, read_record, temporary_suffix, walk)
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -912,8 +912,10 @@ class Watcher:
         first = result.study.first
         identity = first.identifiers() if first else {}
         reason = "; ".join(f"{x.path.name}: {x.reason}" for x in result.failed)
-        if not job.report and not result.failed:       # nothing failed, nothing left: every image rejected
-            reason = "every image of it is withdrawn by a rejection note; not screened" + (
+        if not job.report and not result.failed:       # nothing failed, nothing left to screen
+            withdrawn = any(tag == REJECTED_TAG for _, _, tag, _ in job.outcomes.values())
+            reason = ("every image of it is withdrawn by a rejection note" if withdrawn else
+                      "no image of it is left to screen") + "; not screened" + (
                 f" (its report version {job.work.row.version}, {job.work.row.report}, no longer stands)"
                 if job.work.row.version else "")
             log.warning(kv(event="study_withdrawn", uid=uid, reason=reason))
