@@ -872,9 +872,7 @@ def _dicom_outcome(path: Path, stat: os.stat_result, selection: Selection) -> Ra
                            f"instance{'s' if n != 1 else ''} it names {'are' if n != 1 else 'is'} not screened",
                            step="select", tag=REJECTION_TAG, rejection=rejection, **record.identifiers())
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop = str(ds.get("SOPClassUID", "")) or "unknown"
-        name = getattr(ds.get("SOPClassUID", None), "name", "") or sop
-        return FileOutcome(path, Status.SKIPPED, f"no pixel data ({name}, modality "
+        return FileOutcome(path, Status.SKIPPED, f"no pixel data ({_sop_class_name(ds)}, modality "
                            f"{record.modality or 'unknown'})", step="select",
                            tag="(7FE0,0010) PixelData", **record.identifiers())
     skipped = select(record, selection)
@@ -889,6 +887,12 @@ def _dicom_outcome(path: Path, stat: os.stat_result, selection: Selection) -> Ra
         log.warning("%s: (2050,0020) PresentationLUTShape IDENTITY contradicts (0028,0004) PhotometricInterpretation "
                     "MONOCHROME1; shown as MONOCHROME1 (bone bright), as the pixel data are stored", path)
     return colour_picture(record, ds) or record
+
+
+def _sop_class_name(ds) -> str:
+    """The data set's SOP class by its name (``Grayscale Softcopy Presentation State Storage``), else its UID,
+    else 'unknown'."""
+    return getattr(ds.get("SOPClassUID", None), "name", "") or str(ds.get("SOPClassUID", "")) or "unknown"
 
 
 def _stamp(date: str, time: str) -> str:
@@ -930,7 +934,6 @@ def read_presentation(path: Path, ds) -> tuple[Presentation | None, str]:
 
 def presentation_outcome(path: Path, ds, record: Radiograph) -> FileOutcome:
     """A presentation state file: skipped (not an image), carrying what it does to its images."""
-    name = getattr(ds.get("SOPClassUID", None), "name", "") or record.sop_class
     presentation, wrong = read_presentation(path, ds)
     n = len(presentation.images) if presentation else 0
     if presentation is None:
@@ -942,7 +945,7 @@ def presentation_outcome(path: Path, ds, record: Radiograph) -> FileOutcome:
                 f"scored unless a newer presentation state of {'theirs' if n != 1 else 'its'} says otherwise")
     else:
         what = "it neither turns nor mirrors the images it references"
-    return FileOutcome(path, Status.SKIPPED, f"presentation state ({name}), not an image: {what}"
+    return FileOutcome(path, Status.SKIPPED, f"presentation state ({_sop_class_name(ds)}), not an image: {what}"
                        + (" (its window and annotations are not applied)" if presentation else ""),
                        step="select", tag=PRESENTATION_STATE_TAG,
                        presentation=presentation, **record.identifiers())

@@ -700,15 +700,24 @@ def patient_orientation(ds) -> str:
         return ""
 
 
+def _directions(orientation: str) -> tuple[str, str] | None:
+    """The row and column directions a Patient Orientation (see :func:`patient_orientation`) gives; None when it
+    is not two values of the letters A, P, R, L, H, F."""
+    values = orientation.split("\\")
+    if len(values) != 2 or not all(v and set(v) <= set(_OPPOSITE) for v in values):
+        return None
+    return values[0], values[1]
+
+
 def upright_turns(orientation: str) -> int:
     """Counter-clockwise quarter turns (``np.rot90``'s ``k``) that bring an image whose Patient Orientation is
     ``orientation`` (see :func:`patient_orientation`) upright: its column axis (top to bottom) running to
     the patient's feet. 0 when it does already, or when the orientation is not two values of the letters
     A, P, R, L, H, F or has no axis along the body (each value's first letter is its main direction)."""
-    values = orientation.split("\\")
-    if len(values) != 2 or not all(v and set(v) <= set(_OPPOSITE) for v in values):
+    directions = _directions(orientation)
+    if directions is None:
         return 0
-    row, column = values[0][0], values[1][0]
+    row, column = directions[0][0], directions[1][0]
     # after k turns the (row, column) directions are: 1 (column, opposite row), 2 (opposite row, opposite
     # column), 3 (opposite column, row); the one whose column is F
     for k, new_column in ((0, column), (1, _OPPOSITE[row]), (2, _OPPOSITE[column]), (3, row)):
@@ -725,10 +734,10 @@ def shown_orientation(orientation: str, presentation: Presentation | None) -> st
     """The Patient Orientation of an image as ``presentation`` shows it: ``orientation`` turned with the image
     (each quarter turn clockwise: the new rows run the opposite of the old columns, the new columns as the old
     rows), then mirrored (rows the opposite way). Unchanged when it is not two values of A, P, R, L, H, F."""
-    values = orientation.split("\\")
-    if presentation is None or len(values) != 2 or not all(v and set(v) <= set(_OPPOSITE) for v in values):
+    directions = _directions(orientation)
+    if presentation is None or directions is None:
         return orientation
-    row, column = values
+    row, column = directions
     for _ in range(presentation.rotation // 90 % 4):
         row, column = _opposite(column), row
     if presentation.flip:
@@ -741,30 +750,6 @@ def presentation_words(presentation: Presentation) -> str:
     parts = [f"turned {presentation.rotation} degrees clockwise"] if presentation.rotation else []
     parts += ["mirrored left to right"] if presentation.flip else []
     return " and ".join(parts)
-
-
-def turn_note(orientation: str, presentation: Presentation | None = None) -> str:
-    """What a report says of an image :func:`upright` turned or mirrored; '' when it was taken as stored."""
-    notes = []
-    if presentation is not None and presentation.transforms:
-        notes.append(f"Shown as its presentation state {presentation.name}"
-                     f"{' of ' + _readable_stamp(presentation.created) if presentation.created else ''} shows it: "
-                     f"{presentation_words(presentation)}.")
-        orientation = shown_orientation(orientation, presentation)
-    turns = upright_turns(orientation)
-    if turns:
-        how = {1: "a quarter turn counter-clockwise", 2: "a half turn", 3: "a quarter turn clockwise"}[turns]
-        notes.append(f"{'Shown so, it is' if notes else 'Stored'} {'upside down' if turns == 2 else 'on its side'} "
-                     f"(Patient Orientation {orientation}{' as shown' if notes else ''}): turned upright, {how}.")
-    if not notes:
-        return ""
-    return " ".join(notes)[:-1] + ", to be scored, and shown so here."
-
-
-def _readable_stamp(created: str) -> str:
-    """``YYYYMMDDHHMMSS...`` as ``YYYY-MM-DD HH:MM``; the date alone when the time is zero-padded only."""
-    date = f"{created[:4]}-{created[4:6]}-{created[6:8]}"
-    return date if len(created) < 12 else f"{date} {created[8:10]}:{created[10:12]}"
 
 
 def upright(unit: np.ndarray, orientation: str, presentation: Presentation | None = None) -> np.ndarray:

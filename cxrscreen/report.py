@@ -21,8 +21,8 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from . import __version__
-from .normalise import turn_note
-from .records import FileOutcome, Radiograph, Study, age_in_years, parse_patient_age
+from .normalise import presentation_words, shown_orientation, upright_turns
+from .records import FileOutcome, Presentation, Radiograph, Study, age_in_years, parse_patient_age
 from .typeset import markup, paragraph, person_name, undecodable_as_hex
 
 # Images go into the PDFs as binary streams, not ASCII85 text: 20% smaller reports, and without
@@ -167,6 +167,26 @@ def display_time(value: str) -> str:
     if len(digits) in (4, 6) and digits.isdigit():
         return ":".join(digits[i:i + 2] for i in range(0, len(digits), 2))
     return value.strip()
+
+
+def turn_note(orientation: str, presentation: Presentation | None = None) -> str:
+    """What a report says of an image :func:`cxrscreen.normalise.upright` turned or mirrored; '' when it was taken
+    as stored."""
+    notes = []
+    if presentation is not None and presentation.transforms:
+        created = " ".join(filter(None, (display_date(presentation.created[:8]),
+                                         display_time(presentation.created[8:12]))))
+        notes.append(f"Shown as its presentation state {presentation.name}{' of ' + created if created else ''} "
+                     f"shows it: {presentation_words(presentation)}.")
+        orientation = shown_orientation(orientation, presentation)
+    turns = upright_turns(orientation)
+    if turns:
+        how = {1: "a quarter turn counter-clockwise", 2: "a half turn", 3: "a quarter turn clockwise"}[turns]
+        notes.append(f"{'Shown so, it is' if notes else 'Stored'} {'upside down' if turns == 2 else 'on its side'} "
+                     f"(Patient Orientation {orientation}{' as shown' if notes else ''}): turned upright, {how}.")
+    if not notes:
+        return ""
+    return " ".join(notes)[:-1] + ", to be scored, and shown so here."
 
 
 def display_age(patient_age: str, birth_date: str, study_date: str) -> str:

@@ -24,9 +24,9 @@ from cxrscreen.normalise import (
     resize_to_input,
     shown_orientation,
     to_model_input,
-    turn_note,
     upright_turns,
 )
+from cxrscreen.report import turn_note
 
 ROOT = Path(__file__).resolve().parents[1]
 
