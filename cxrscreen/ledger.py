@@ -9,7 +9,9 @@ Tables:
   report version that included it. ``move_to`` is set while a move is under way.
 * ``studies``: one row per study: ``pending`` (has files not yet reported),
   ``done`` or ``failed`` (no image could be scored), the latest report version,
-  its file, score and flag, and when its last file arrived.
+  its file, score and flag, and when its last file arrived. A ``done`` study with a
+  version but no score had that report withdrawn: every image of it was withdrawn
+  since (a rejection note), and it is flagged no more.
 * ``reports``: every report version written (old versions stay on disk).
 
 Every change is one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) with
@@ -39,7 +41,7 @@ from typing import Iterator
 
 from .errors import OutputError, UsageError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # How a state file of an older schema is brought up to date, step by step, when it is opened.
 _MIGRATIONS = {
@@ -58,6 +60,10 @@ _MIGRATIONS = {
     # before stay without one until their study is reported again
     4: ("ALTER TABLE files ADD COLUMN patient_name TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE studies ADD COLUMN patient_name TEXT NOT NULL DEFAULT ''"),
+    # 5 -> 6: a reported study whose every image was withdrawn since keeps no score or flag (cxrscreen 0.3.4 kept
+    # its report's, so the worklist still flagged it); no column changes
+    5: ("UPDATE studies SET score = NULL, flag = '' WHERE status = 'done' AND version > 0 AND NOT EXISTS "
+        "(SELECT 1 FROM files WHERE files.study_uid = studies.study_uid AND files.status = 'scored')",),
 }
 
 _SCHEMA = """
@@ -170,6 +176,11 @@ class StudyRow:
     appearance_caution: str
     unscored_frames: int
     patient_name: str
+
+    @property
+    def withdrawn(self) -> bool:
+        """Whether the study was reported, and every image of it withdrawn since: its report no longer stands."""
+        return self.status == "done" and self.version > 0 and self.score is None
 
 
 def _to_sqlite(value):
@@ -435,7 +446,8 @@ class Ledger:
 
         ``outcomes`` maps file ids to ``(status, step, tag, reason)``. ``report`` empty means no image
         was scored and no version is recorded: the study is ``failed`` when a file of it failed, else (every
-        image withdrawn by a rejection note) ``done``, keeping the version it had, if any.
+        image withdrawn by a rejection note) ``done``, keeping the version it had, if any, but not that
+        version's score and flag: its report no longer stands.
         """
         now = time.time() if now is None else now
         with self.transaction() as db:
@@ -463,6 +475,9 @@ class Ledger:
                             identity.get("accession", ""), identity.get("study_date", ""), reason, now,
                             warning, appearance, appearance_caution, unscored_frames, identity.get("patient_name", ""),
                             study_uid))
+            elif status == "done":      # nothing left to screen: an earlier report no longer stands
+                db.execute("UPDATE studies SET status = ?, score = NULL, flag = '', reason = ?, updated = ? "
+                           "WHERE study_uid = ?", (status, reason, now, study_uid))
             else:
                 db.execute("UPDATE studies SET status = ?, reason = ?, updated = ? WHERE study_uid = ?",
                            (status, reason, now, study_uid))

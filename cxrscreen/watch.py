@@ -981,16 +981,18 @@ class Watcher:
     # ------------------------------------------------------------------ summary and worklist
 
     def _pending_row(self, s: StudyRow) -> dict:
-        """The summary row of a study never reported yet: its identity from its files' headers, and why it
-        waits (its files are still coming, or the error it waits out)."""
+        """The summary row of a study never reported yet, or whose report was withdrawn: its identity from its
+        files' headers, and why it waits (its files are still coming, or the error it waits out)."""
         files = self.ledger.study_files(s.study_uid)
         known = next((f for f in files if f.patient_id or f.accession), files[0] if files else None)
+        why = f"not reported yet: screened once no new file of it has come for {self.options.settle:g} s (--settle)"
+        if s.version and s.reason:      # its report was withdrawn (every image), and a new file came since
+            why = f"{s.reason}; {why}"
         return study_row(s.study_uid, self.threshold, status="pending",
                          patient_id=known.patient_id if known else "", patient_name=known.patient_name if known else "",
                          accession=known.accession if known else "",
                          study_date=known.study_date if known else "", files=[f.location for f in files],
-                         reason=self._held.get(s.study_uid) or "not reported yet: screened once no new file of it "
-                                                               f"has come for {self.options.settle:g} s (--settle)")
+                         reason=self._held.get(s.study_uid) or why)
 
     def _reported_or_waiting(self, uid: str) -> bool:
         """Whether the ledger has a row of its own for this study in the summary (reported, pending or failed),
@@ -1003,18 +1005,26 @@ class Watcher:
         since = time.time() - days * 86400 if days else 0.0
         rows = []
         for s in self.ledger.recent_studies(since):
-            if not s.version and s.status == "pending":      # not reported yet: listed, with why it waits
+            standing = bool(s.version) and s.score is not None     # it has a report that stands
+            if not standing and s.status == "pending":      # not reported (or withdrawn) yet: listed, with why it waits
                 rows.append(self._pending_row(s))
                 continue
-            if not s.version and s.status != "failed":
+            if s.withdrawn:      # listed as batch lists a study with no image left: skipped, why, not flagged
+                rows.append(study_row(s.study_uid, self.threshold, status="skipped", patient_id=s.patient_id,
+                                      patient_name=s.patient_name, accession=s.accession, study_date=s.study_date,
+                                      version=s.version, reason=s.reason,
+                                      files=[f.location for f in self.ledger.study_files(s.study_uid)]))
                 continue
-            rows.append(study_row(s.study_uid, self.threshold, status="scored" if s.version else "failed",
-                                  flag=s.flag or "no", score=round(s.score, 6) if s.score is not None else "",
+            if not standing and s.status != "failed":
+                continue
+            rows.append(study_row(s.study_uid, self.threshold, status="scored" if standing else "failed",
+                                  flag=s.flag or "no", score=round(s.score, 6) if standing else "",
                                   patient_id=s.patient_id, patient_name=s.patient_name, accession=s.accession,
-                                  study_date=s.study_date, report=s.report, version=s.version, pending_amendment=s.status == "pending",
+                                  study_date=s.study_date, report=s.report if standing else "", version=s.version,
+                                  pending_amendment=s.status == "pending",
                                   warning=s.warning, appearance=round(s.appearance, 3) if s.appearance is not None
                                   else "", appearance_caution=s.appearance_caution,
-                                  unscored_frames=s.unscored_frames if s.version else "",
+                                  unscored_frames=s.unscored_frames if standing else "",
                                   files=[f.location for f in self.ledger.study_files(s.study_uid)],
                                   reason="; ".join(x for x in (s.reason, self._held.get(s.study_uid, "")
                                                                if s.status == "pending" else "") if x)))

@@ -330,19 +330,32 @@ def test_a_rejection_note_withdraws_its_images_before_or_after_their_report(dirs
         wait_for(lambda: len(reports(out)) == 3, "the amended report without the rejected image")
         wait_for(lambda: "event=study_withdrawn" in caplog.text, "the study whose only image was rejected")
         wait_for(lambda: not list(inbox.rglob("*.dcm")), "every file to be archived")
+        wait_for(lambda: listed_in(out, "ALONE").get("status") == "skipped", "the withdrawn study's row")
+        summary = summary_studies(out)
+        assert ledger_rows(out, "SELECT status, score, flag FROM studies WHERE patient_id = 'ALONE'") == \
+            [("done", None, "")]
+        retake = write_study(scratch / "retake", "alone", 1, start=1)[0]      # the retake of the rejected image
+        (inbox / "a" / retake.name).write_bytes(retake.read_bytes())
+        wait_for(lambda: listed_in(out, "ALONE").get("version") == 2, "the retake's report")
     finally:
         running.close()
     versions = ledger_rows(out, "SELECT s.patient_id, r.version, r.images FROM reports r JOIN studies s "
                                 "USING (study_uid) ORDER BY s.patient_id, r.version")
-    assert versions == [("ALONE", 1, 1), ("TWO", 1, 2), ("TWO", 2, 1)]
+    assert versions == [("ALONE", 1, 1), ("ALONE", 2, 1), ("TWO", 1, 2), ("TWO", 2, 1)]
+    retaken = listed_in(out, "ALONE")       # reported again: scored, flagged by its own score
+    (score,), = ledger_rows(out, "SELECT score FROM reports WHERE version = 2 AND images = 1 AND study_uid = "
+                                 "(SELECT study_uid FROM studies WHERE patient_id = 'ALONE')")
+    assert (retaken["status"], retaken["score"], retaken["flag"], retaken["reason"]) == \
+        ("scored", round(score, 6), "yes" if score >= running.watcher.threshold else "no", "")
     amended = " ".join(pdf_text(out / ledger_rows(out, "SELECT report FROM studies WHERE patient_id = 'TWO'")[0][0])
                        .split())
     assert "Images added since: none. Presentation states and rejection notes added since: KO.dcm." in amended
     assert "two_000.dcm: skipped - rejected by the rejection note KO.dcm (Rejected for Quality Reasons)" in amended
-    summary = {r["patient_id"]: r for r in json.loads((out / "summary.json").read_text())["rows"]
-               if r["kind"] == "study"}
     assert summary["WRONG"]["status"] == "skipped" and "Incorrect Modality Worklist Entry" in summary["WRONG"]["reason"]
-    assert "its report version 1" in summary["ALONE"]["reason"] and "no longer stands" in summary["ALONE"]["reason"]
+    alone = summary["ALONE"]     # no longer flagged, nor ranked by the score of a report that no longer stands
+    assert (alone["status"], alone["flag"], alone["score"], alone["report"], alone["version"]) == \
+        ("skipped", "no", "", "", 1)
+    assert "its report version 1" in alone["reason"] and "no longer stands" in alone["reason"]
     assert ledger_rows(out, "SELECT status, tag FROM files WHERE inbox_path LIKE '%/w/image.dcm'") == [
         ("skipped", "(0008,0018) SOPInstanceUID")]
 
@@ -1034,7 +1047,7 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
     db.close()
     ledger = Ledger(path)
     try:
-        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
+        assert ledger.get_meta("schema_version") == str(SCHEMA_VERSION) == "6"
         old = ledger.file_at("/in/a.dcm")
         assert (old.study_uid, old.reason, old.patient_id, old.patient_name) == ("1.2.3", "view LL", "", "")
         migrated = ledger.study("1.2.3")
@@ -1051,8 +1064,38 @@ def test_a_state_file_of_schema_1_is_migrated_and_a_newer_one_refused(tmp_path):
     with pytest.raises(UsageError, match="newer than this cxrscreen"):
         Ledger(path)
     fresh = Ledger(tmp_path / "fresh.sqlite")
-    assert fresh.get_meta("schema_version") == "5" and fresh.file_at("/nowhere") is None
+    assert fresh.get_meta("schema_version") == "6" and fresh.file_at("/nowhere") is None
     fresh.close()
+
+
+def test_a_schema_5_state_file_unflags_the_studies_whose_every_image_was_withdrawn(tmp_path):
+    """cxrscreen 0.3.4 (schema 5) kept the score and flag of a report whose every image a rejection note withdrew
+    since: the worklist went on flagging it. Opened by this version, such a study keeps its version and reason
+    and loses its score and flag; a study with an image still scored keeps both."""
+    from cxrscreen.ledger import Ledger
+
+    path = tmp_path / "state.sqlite"
+    ledger = Ledger(path)
+    try:
+        for uid, file_status in (("1.1", "skipped"), ("1.2", "scored")):
+            ledger.take_file(path=f"/in/{uid}.dcm", size=1, mtime_ns=1, sha256=uid, study_uid=uid, status="pending")
+            ledger.record_study(uid, version=1, report_base=uid, report=f"{uid}.pdf", score=0.9, flag="yes",
+                                threshold=0.5, model_sha256="m", identity={}, outcomes={
+                                    ledger.file_at(f"/in/{uid}.dcm").id: ("scored", "", "", "")})
+        with ledger.transaction() as db:     # as 0.3.4 recorded the withdrawal: the file skipped, the flag kept
+            db.execute("UPDATE files SET status = 'skipped', version = 0 WHERE study_uid = '1.1'")
+            db.execute("UPDATE studies SET reason = 'withdrawn' WHERE study_uid = '1.1'")
+        ledger.set_meta("schema_version", 5)
+    finally:
+        ledger.close()
+    ledger = Ledger(path)
+    try:
+        withdrawn, standing = ledger.study("1.1"), ledger.study("1.2")
+        assert (withdrawn.status, withdrawn.version, withdrawn.score, withdrawn.flag, withdrawn.reason) == \
+            ("done", 1, None, "", "withdrawn") and withdrawn.withdrawn
+        assert (standing.score, standing.flag) == (0.9, "yes") and not standing.withdrawn
+    finally:
+        ledger.close()
 
 
 def test_creating_the_ledger_is_one_transaction(tmp_path, monkeypatch):
