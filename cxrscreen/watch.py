@@ -50,8 +50,8 @@ from . import __version__
 from .encapsulate import dicom_report_name, write_encapsulated_pdf
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import (EVERY_IMAGE, REJECTED_TAG, SELECTION_RULES, Selection, changes_its_study, group_studies,
-                     is_ignored, not_regular, read_record, temporary_suffix, walk)
+from .ingest import (EVERY_IMAGE, PRESENTATION_STATE_TAG, REJECTED_TAG, SELECTION_RULES, Selection, changes_its_study,
+                     group_studies, is_ignored, newest_presentations, not_regular, read_record, temporary_suffix, walk)
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -702,7 +702,7 @@ class Watcher:
         else:
             fields.update(status=record.status.value, step=record.step, tag=record.tag, reason=record.reason)
         changes = isinstance(record, FileOutcome) and (
-            record.presentation is not None and record.presentation.transforms or record.rejection is not None)
+            record.rejection is not None or record.presentation is not None and self._shows_otherwise(record))
         resent = changes and digest and self.ledger.file_with_hash(digest) is not None
         self.ledger.take_file(path=path, size=candidate.size, mtime_ns=candidate.mtime_ns, sha256=digest, **fields)
         if changes and not resent and self.ledger.reopen(record.study_uid):
@@ -718,6 +718,25 @@ class Watcher:
         if fields["status"] == "failed":
             self.failed_files += 1
         self._relocate(self.ledger.file_at(path))     # a pending image waits for its study's report
+
+    def _shows_otherwise(self, record: FileOutcome) -> bool:
+        """Whether a presentation state just taken changes how an image of its reported study is shown: it is
+        the newest for an image it references, and turns or mirrors it otherwise than the one that applied
+        before (or none did). So one that neither turns nor mirrors reopens the study only where it displaces
+        one that did (a reader's window-level change, which PACS save as presentation states, changes nothing),
+        and a copy of one already taken changes nothing."""
+        row = self.ledger.study(record.study_uid)
+        if row is None or row.status != "done" or not row.version:     # only a reported study is reopened
+            return False
+        earlier = [self._read_again(f, FileOutcome(Path(f.location), Status.SKIPPED, f.reason, step=f.step, tag=f.tag,
+                                                   study_uid=f.study_uid))
+                   for f in self.ledger.study_files(record.study_uid)
+                   if f.status == "skipped" and f.tag == PRESENTATION_STATE_TAG and f.location]
+        before, after = newest_presentations(earlier), newest_presentations([*earlier, record])
+
+        def turn(shown) -> tuple[int, bool]:
+            return (shown.rotation, shown.flip) if shown is not None else (0, False)
+        return any(turn(before.get(uid)) != turn(after.get(uid)) for uid in record.presentation.images)
 
     # ------------------------------------------------------------------ screening ready studies
 

@@ -245,7 +245,9 @@ def test_an_amended_study_gets_a_second_version_and_keeps_the_first(dirs, model,
 def test_a_presentation_state_is_applied_with_its_study_or_amends_its_report_when_it_comes_later(
         dirs, model, tmp_path, caplog):
     """An image stored on its side (no Patient Orientation) that its presentation state shows upright is scored
-    upright: with the image (one report), or arriving after the report (a second version, saying why)."""
+    upright: with the image (one report), or arriving after the report (a second version, saying why). A newer
+    one that shows it as stored amends the report again; one that shows it as the last did (a copy, or a newer
+    one that only changes the window) does not."""
     import numpy as np
     import pydicom
 
@@ -258,9 +260,9 @@ def test_a_presentation_state_is_applied_with_its_study_or_amends_its_report_whe
         return save(make_dicom(np.ascontiguousarray(np.rot90(phantom(96, 96), 1)), seed=f"{study}/0",
                                study_seed=study, patient_id=study.upper()), scratch / f"{study}.dcm")
 
-    def presentation(image: Path) -> bytes:
-        return save(make_presentation_state([pydicom.dcmread(image)], seed=f"{image.stem}/ps", rotation=90),
-                    scratch / f"{image.stem}_ps.dcm").read_bytes()
+    def presentation(image: Path, name: str = "ps", rotation: int = 90, created: str = "20261101120000") -> bytes:
+        return save(make_presentation_state([pydicom.dcmread(image)], seed=f"{image.stem}/{name}", rotation=rotation,
+                                            created=created), scratch / f"{image.stem}_{name}.dcm").read_bytes()
 
     together, later = sideways("together"), sideways("later")
     caplog.set_level("INFO", logger="cxrscreen.watch")
@@ -278,21 +280,30 @@ def test_a_presentation_state_is_applied_with_its_study_or_amends_its_report_whe
         wait_for(lambda: (archive / "l" / "ps.dcm").exists(), "the presentation state to be archived")
         (inbox / "l" / "ps_resent.dcm").write_bytes(presentation(later))     # the same one again: no v3
         wait_for(lambda: (archive / "l" / "ps_resent.dcm").exists(), "the copy to be archived")
+        (inbox / "l" / "stored.dcm").write_bytes(presentation(later, "stored", 0, "20261102120000"))
+        wait_for(lambda: len(reports(out)) == 5, "the report of the image shown as stored again")
+        wait_for(lambda: (archive / "l" / "stored.dcm").exists(), "the newer presentation state to be archived")
+        (inbox / "l" / "window.dcm").write_bytes(presentation(later, "window", 0, "20261103120000"))    # no v4
+        wait_for(lambda: (archive / "l" / "window.dcm").exists(), "the window-only presentation state to be archived")
         write_study(inbox / "s", "sentinel")
         wait_for(lambda: done_studies(out) == 4, "the study sent after the copy")
     finally:
         running.close()
     scores = dict(ledger_rows(out, "SELECT patient_id, score FROM studies"))
     assert scores["TOGETHER"] == pytest.approx(scores["UPRIGHT"], abs=1e-6)
-    assert scores["LATER"] == pytest.approx(scores["UPRIGHT"], abs=1e-6)
     versions = ledger_rows(out, "SELECT s.patient_id, r.version, r.score FROM reports r JOIN studies s "
                                 "USING (study_uid) ORDER BY s.patient_id, r.version")
-    assert [(p, v) for p, v, _ in versions] == [("LATER", 1), ("LATER", 2), ("SENTINEL", 1), ("TOGETHER", 1),
-                                                 ("UPRIGHT", 1)]
-    assert versions[0][2] != pytest.approx(scores["UPRIGHT"], abs=1e-3)      # v1 scored it on its side
+    assert [(p, v) for p, v, _ in versions] == [("LATER", 1), ("LATER", 2), ("LATER", 3), ("SENTINEL", 1),
+                                                 ("TOGETHER", 1), ("UPRIGHT", 1)]
+    assert versions[0][2] != pytest.approx(versions[1][2], abs=1e-3)      # v1 scored it on its side, v2 upright
+    assert versions[2][2] == pytest.approx(versions[0][2], abs=1e-6)      # v3 as stored, as v1
+    assert versions[1][2] == pytest.approx(scores["UPRIGHT"], abs=1e-6)
     amended = " ".join(pdf_text(next(p for p in reports(out) if p.name.endswith(".v2.pdf"))).split())
     assert "Images added since: none. Presentation states and rejection notes added since: ps.dcm." in amended
     assert "Shown as its presentation state ps.dcm of 2026-11-01 12:00 shows it: turned 90 degrees clockwise" in amended
+    third = " ".join(pdf_text(next(p for p in reports(out) if p.name.endswith(".v3.pdf"))).split())
+    assert "Presentation states and rejection notes added since: ps_resent.dcm, stored.dcm." in third
+    assert "Shown as its presentation state" not in third
     assert "event=study_reopened" in caplog.text
 
 
