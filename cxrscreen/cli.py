@@ -318,9 +318,10 @@ def status(out, state, max_wait, as_json):
         last = result["last_report_at"]
         daemon = f"running: {result['holder'] or 'holder unknown'}" if result["running"] else "NOT running"
         click.echo(f"daemon: {daemon}")
-        click.echo(f"studies: {n['done']} reported, {n['pending']} pending"
+        click.echo(f"studies: {n['reported']} reported, {n['pending']} pending"
                    + (f" (the oldest waiting {wait / 60:.1f} min since its last file)" if wait is not None else "")
-                   + f", {n['failed']} with nothing screenable")
+                   + f", {n['not_screened']} with no image to screen (skipped or withdrawn), {n['failed']} failed "
+                     "(no image could be read)")
         click.echo("last report: " + (dt.datetime.fromtimestamp(last).strftime("%Y-%m-%d %H:%M:%S") if last
                                       else "none yet"))
         click.echo(f"files failed in the last 24 h: {result['failed_files_24h']}")

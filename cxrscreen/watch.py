@@ -128,7 +128,7 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
            now: float | None = None) -> dict:
     """What a monitoring check needs to know about a watch daemon, read from its ledger without
     disturbing it (SQLite read-only; the daemon's lock is only tested): whether a daemon holds the
-    ledger, the studies by status, how long the oldest pending study has waited since its last file,
+    ledger, the studies by status (``done`` split into ``reported`` and ``not_screened``), how long the oldest pending study has waited since its last file,
     when the last report was written, and the files failed in the last 24 hours. ``healthy`` is false,
     with the reasons in ``problems``, when no daemon runs or a study has waited over ``max_wait``
     seconds (a study is due ``--settle`` seconds after its last file)."""
@@ -141,7 +141,10 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
     try:
         db = sqlite3.connect(f"{state_file.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
-            studies = dict(db.execute("SELECT status, COUNT(*) FROM studies GROUP BY status").fetchall())
+            # a done study has a report that stands, or none (its images all skipped, or withdrawn since)
+            studies = dict(db.execute("SELECT CASE WHEN status != 'done' THEN status WHEN version > 0 AND score IS "
+                                      "NOT NULL THEN 'reported' ELSE 'not_screened' END, COUNT(*) FROM studies "
+                                      "GROUP BY 1").fetchall())
             oldest = db.execute("SELECT MIN(last_arrival) FROM studies WHERE status = 'pending'").fetchone()[0]
             last_report = db.execute("SELECT MAX(created) FROM reports").fetchone()[0]
             failed_day = db.execute("SELECT COUNT(*) FROM files WHERE status = 'failed' AND taken_at >= ?",
@@ -162,7 +165,8 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
     if waited is not None and waited > max_wait:
         problems.append(f"a study has waited {waited / 60:.0f} min since its last file (limit {max_wait / 60:.0f})")
     return {"ledger": str(state_file), "running": running, "holder": holder,
-            "studies": {k: studies.get(k, 0) for k in ("done", "pending", "failed")},
+            "studies": {"done": studies.get("reported", 0) + studies.get("not_screened", 0),
+                        **{k: studies.get(k, 0) for k in ("reported", "not_screened", "pending", "failed")}},
             "oldest_pending_wait_s": round(waited, 1) if waited is not None else None,
             "last_report_at": last_report, "failed_files_24h": failed_day,
             "unlistable_folders": unlistable if running else [],

@@ -25,7 +25,7 @@ from cxrscreen import watch as watch_module
 from cxrscreen.cli import main
 from cxrscreen.errors import UsageError
 from cxrscreen.testing import make_dicom, save
-from cxrscreen.watch import STATE_FILE, Watcher, WatchOptions, kv, move_file
+from cxrscreen.watch import STATE_FILE, Watcher, WatchOptions, health, kv, move_file
 
 DEADLINE = 180.0
 
@@ -345,6 +345,7 @@ def test_a_rejection_note_withdraws_its_images_before_or_after_their_report(dirs
         summary = summary_studies(out)
         assert ledger_rows(out, "SELECT status, score, flag FROM studies WHERE patient_id = 'ALONE'") == \
             [("done", None, "")]
+        assert health(out)["studies"] == {"done": 3, "reported": 1, "not_screened": 2, "pending": 0, "failed": 0}
         retake = write_study(scratch / "retake", "alone", 1, start=1)[0]      # the retake of the rejected image
         (inbox / "a" / retake.name).write_bytes(retake.read_bytes())
         wait_for(lambda: listed_in(out, "ALONE").get("version") == 2, "the retake's report")
@@ -731,7 +732,8 @@ def test_status_checks_a_daemon_from_its_ledger_for_monitoring(dirs, model):
         assert result.exit_code == 0, result.output
         state = json.loads(result.stdout)
         assert state["running"] and state["holder"].startswith(f"cxrscreen watch of {inbox} (pid ")
-        assert state["studies"] == {"done": 1, "pending": 0, "failed": 0} and state["last_report_at"] > 0
+        assert state["studies"] == {"done": 1, "reported": 1, "not_screened": 0, "pending": 0, "failed": 0}
+        assert state["last_report_at"] > 0
         assert state["healthy"] and state["problems"] == []
     finally:
         running.close()
