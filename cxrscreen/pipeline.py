@@ -245,6 +245,21 @@ def _study_key(study: Study, run_key: str) -> str:
     return digest.hexdigest()
 
 
+def _reports_no_longer_standing(unscreened: list[dict], earlier: dict, out: Path) -> dict:
+    """Of the studies with nothing screened in this run, those skipped (every image withdrawn by a rejection
+    note, or left out by the options) whose report an earlier run wrote into this folder: each row's reason
+    says that the report, still on disk, no longer stands. Returns their entries for the run's state, so the
+    next run says so too."""
+    kept = {}
+    for row in unscreened:
+        entry = earlier.get(row["study_uid"]) or {}
+        report = entry.get("withdrawn_report") or entry.get("row", {}).get("report", "")
+        if row["status"] == "skipped" and report and (out / report).is_file():
+            row["reason"] += f"; its report of an earlier run into this folder, {report}, no longer stands"
+            kept[row["study_uid"]] = {"withdrawn_report": report}
+    return kept
+
+
 def _load_state(out: Path) -> dict:
     try:
         return json.loads((out / STATE_FILE).read_text())
@@ -427,7 +442,8 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
                                                           options.selection)
 
     studies, loose = group_studies(_until_stopped(scan(inputs, options.selection), stop))
-    state = {} if options.force else _load_state(out)
+    earlier = _load_state(out)
+    state = {} if options.force else earlier
     new_state: dict = {}
     to_score: list[Study] = []
     reused_rows: list[dict] = []
@@ -540,8 +556,9 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     reached = {r.study.study_uid for r in results}
     pending = [pending_study_row(study, threshold) for study in to_score if study.study_uid not in reached]
     screened = {r["study_uid"] for r in rows + reused_rows + pending}
-    rows = rank_rows(rows + reused_rows + pending
-                     + unscreened_study_rows(file_rows, threshold, screened.__contains__))
+    unscreened = unscreened_study_rows(file_rows, threshold, screened.__contains__)
+    new_state.update(_reports_no_longer_standing(unscreened, earlier, out))
+    rows = rank_rows(rows + reused_rows + pending + unscreened)
     summary = BatchSummary(rows=rows + file_rows)
     summary.pending = len(pending)
     summary.studies = len(rows)

@@ -585,7 +585,8 @@ def test_an_image_turned_upright_by_its_presentation_state_is_scored_so_and_a_ne
 def test_a_rejected_image_is_not_scored_and_a_study_all_rejected_is_a_skipped_study(tmp_path, model, chest_pixels):
     """A PACS export carries a retake's rejected first exposure and a study made on the wrong patient's worklist
     entry, each withdrawn by its rejection note (IHE IOCM): neither is scored, nor the second reported under
-    the patient it does not belong to."""
+    the patient it does not belong to. Run again into a folder where an earlier run reported the second, its
+    row says that report no longer stands."""
     import pydicom
 
     from cxrscreen.testing import make_key_object_selection
@@ -595,6 +596,9 @@ def test_a_rejected_image_is_not_scored_and_a_study_all_rejected_is_a_skipped_st
     save(make_dicom(chest_pixels, seed="kept", study_seed="S"), box / "s" / "kept.dcm")
     retake = save(make_dicom(noise, seed="first", study_seed="S"), box / "s" / "first_exposure.dcm")
     wrong = save(make_dicom(chest_pixels, seed="wrong", study_seed="W", patient_id="OTHER"), box / "w" / "w.dcm")
+    before = {r["patient_id"]: r for r in run_batch([box], BatchOptions(out=out, gradcam="none"), model=model).rows
+              if r["kind"] == "study"}      # the PACS withdraws them after this run
+    assert before["OTHER"]["status"] == "scored" and (out / before["OTHER"]["report"]).is_file()
     save(make_key_object_selection([pydicom.dcmread(retake)], seed="r1"), box / "s" / "KO.dcm")
     save(make_key_object_selection([pydicom.dcmread(wrong)], seed="r2", code="113038",
                                    meaning="Incorrect Modality Worklist Entry"), box / "w" / "KO.dcm")
@@ -609,6 +613,11 @@ def test_a_rejected_image_is_not_scored_and_a_study_all_rejected_is_a_skipped_st
     files = {r["path"].rsplit("/", 1)[-1]: r for r in summary.rows if r["kind"] == "file"}
     assert files["first_exposure.dcm"]["status"] == "skipped" and "rejection note" in files["first_exposure.dcm"]["reason"]
     assert summary.exit_code == 0
+    stale = f"its report of an earlier run into this folder, {before['OTHER']['report']}, no longer stands"
+    assert studies["OTHER"]["reason"].endswith(stale) and studies["OTHER"]["flag"] == "no"
+    assert stale not in studies["SYNTH-0001"]["reason"]
+    again = run_batch([box], BatchOptions(out=out, gradcam="none"), model=model)      # and every run after
+    assert next(r for r in again.rows if r["patient_id"] == "OTHER" and r["kind"] == "study")["reason"].endswith(stale)
 
 
 def test_a_multi_frame_image_is_scored_on_its_first_frame_and_every_output_says_so(tmp_path, model, chest_pixels):
