@@ -285,12 +285,13 @@ _CONTINUED = re.compile(r"(\s|To enable the following instructions: )")    # a r
 
 
 def start_up_lines(text: str, min_level: int | None = None) -> str:
-    """Of what the Keras backend wrote to stderr as it started, what to show: its C++ log lines (and the lines
-    that continue them: indented, or TensorFlow's CPU-features message's second) below ``TF_CPP_MIN_LOG_LEVEL`` (I 0, W 1, E 2, F 3; default 2, as cxrscreen sets it)
-    left out, as TensorFlow leaves them out once its logging is set up; and at level 1 or more, absl's warning
-    that it is not, and the failure to initialise CUDA where no CUDA driver was found at all (a CPU server: it
-    follows from that). Everything else is kept: an error, the CUDA failure of a server whose driver is there,
-    Python's warnings. At level 0, every line is kept."""
+    """Of what the Keras backend wrote to stderr as it started, what to show. Left out: its C++ log lines (and
+    the lines that continue them: indented, or the second of TensorFlow's CPU-features message) below
+    ``TF_CPP_MIN_LOG_LEVEL`` (I 0, W 1, E 2, F 3; default 2, as cxrscreen sets it), as TensorFlow leaves them
+    out once its logging is set up; and at level 1 or more, absl's warning that it is not, and the failure to
+    initialise CUDA where no CUDA driver was found at all (a CPU server: it follows from that). Everything else
+    is kept: an error, the CUDA failure of a server whose driver is there, Python's warnings. At level 0, every
+    line is kept."""
     if min_level is None:
         try:
             min_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))

@@ -128,8 +128,9 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
            now: float | None = None) -> dict:
     """What a monitoring check needs to know about a watch daemon, read from its ledger without
     disturbing it (SQLite read-only; the daemon's lock is only tested): whether a daemon holds the
-    ledger, the studies by status (``done`` split into ``reported`` and ``not_screened``), how long the oldest pending study has waited since its last file,
-    when the last report was written, and the files failed in the last 24 hours. ``healthy`` is false,
+    ledger, the studies by status (``done`` also split into ``reported`` and ``not_screened``), how long
+    the oldest pending study has waited since its last file, when the last report was written, and the
+    files failed in the last 24 hours. ``healthy`` is false,
     with the reasons in ``problems``, when no daemon runs or a study has waited over ``max_wait``
     seconds (a study is due ``--settle`` seconds after its last file)."""
     state_file = Path(state) if state else Path(out) / STATE_FILE
