@@ -446,9 +446,10 @@ class Watcher:
         """With --dicom, once: the current report of each study reported before the daemon ran with
         --dicom gets its .dcm, made from the PDF and the study's scored images, read where the ledger says
         they are now (the archive). A study read from JPEG/PNG has none to have (its UID is ours: "file-...",
-        never a DICOM UID, which is digits and dots)."""
+        never a DICOM UID, which is digits and dots), nor one withdrawn since its report (no longer standing)."""
         missing = [s for s in self.ledger.studies("done")
-                   if s.report and not s.study_uid.startswith("file-") and (self.out / s.report).is_file()
+                   if s.report and not s.withdrawn and not s.study_uid.startswith("file-")
+                   and (self.out / s.report).is_file()
                    and not (self.out / dicom_report_name(s.report)).exists()]
         if missing:
             log.info(kv(event="dicom_backfill", studies=len(missing), note="reported before --dicom"))

@@ -815,17 +815,25 @@ def test_dicom_reports_are_written_for_each_version_as_new_instances_of_one_seri
 def test_dicom_reports_are_back_filled_once_for_studies_reported_before_dicom(dirs, model, tmp_path, caplog):
     """Turning --dicom on gave no .dcm to the studies the daemon had reported before: a site that chose
     to send reports to its PACS had a gap of every earlier study. Now the next start writes them, from the
-    PDF and the archived images, once; a JPEG study has none to have."""
+    PDF and the archived images, once; a JPEG study has none to have, nor one whose every image was withdrawn
+    since its report (its report no longer stands: it was tried at every start, and failed, for want of images)."""
     import cv2
     import pydicom
 
+    from cxrscreen.testing import make_key_object_selection
+
     inbox, out = dirs
     (original,) = write_study(inbox / "d", "backfill")
+    (withdrawn,) = write_study(inbox / "w", "withdrawn")
     cv2.imwrite(str(inbox / "export.jpg"), phantom(96, 96).astype("uint8"))
     options = dict(archive=tmp_path / "archive", settle=0.2, rescan=0.5, gradcam="none", once=True)
     sop = pydicom.dcmread(original).SOPInstanceUID
+    note = make_key_object_selection([pydicom.dcmread(withdrawn)], seed="withdrawn")
     assert Watcher(WatchOptions(inbox, out, **options), model=model).run() == 0
-    assert len(reports(out)) == 2 and not list(out.glob("*.dcm")) and not original.exists()   # archived
+    assert len(reports(out)) == 3 and not list(out.glob("*.dcm")) and not original.exists()   # archived
+    save(note, inbox / "w" / "KO.dcm")
+    assert Watcher(WatchOptions(inbox, out, **options), model=model).run() == 0
+    assert ledger_rows(out, "SELECT score FROM studies WHERE patient_id = 'WITHDRAWN'") == [(None,)]
     with caplog.at_level("INFO", logger="cxrscreen"):
         assert Watcher(WatchOptions(inbox, out, dicom=True, **options), model=model).run() == 0
     (dcm,) = out.glob("*.dcm")
