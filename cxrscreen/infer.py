@@ -336,9 +336,12 @@ def _stderr_kept(keep):
                     pass
                 os.dup2(saved, 2)
                 caught.seek(0)
-                shown = keep(caught.read().decode("utf-8", "surrogateescape"))
-                if shown:
-                    os.write(2, shown.encode("utf-8", "surrogateescape"))
+                shown = keep(caught.read().decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+                try:
+                    while shown:
+                        shown = shown[os.write(2, shown):]
+                except OSError:      # stderr closed or a broken pipe: what it would show is lost, not the run
+                    pass
     finally:
         os.close(saved)
 
