@@ -707,7 +707,7 @@ class Watcher:
                 fields["status"] = "pending"
         else:
             fields.update(status=record.status.value, step=record.step, tag=record.tag, reason=record.reason)
-        changes = isinstance(record, FileOutcome) and (
+        changes = isinstance(record, FileOutcome) and self._report_stands(record.study_uid) and (
             record.rejection is not None or record.presentation is not None and self._shows_otherwise(record))
         resent = changes and digest and self.ledger.file_with_hash(digest) is not None
         self.ledger.take_file(path=path, size=candidate.size, mtime_ns=candidate.mtime_ns, sha256=digest, **fields)
@@ -725,15 +725,19 @@ class Watcher:
             self.failed_files += 1
         self._relocate(self.ledger.file_at(path))     # a pending image waits for its study's report
 
+    def _report_stands(self, study_uid: str) -> bool:
+        """Whether the study has a report that stands, which a presentation state or rejection note that comes
+        after it can change (a study pending or failed is screened with them anyway; one withdrawn has nothing
+        left to change)."""
+        row = self.ledger.study(study_uid) if study_uid else None
+        return row is not None and row.status == "done" and bool(row.version) and not row.withdrawn
+
     def _shows_otherwise(self, record: FileOutcome) -> bool:
         """Whether a presentation state just taken changes how an image of its reported study is shown: it is
         the newest for an image it references, and turns or mirrors it otherwise than the one that applied
         before (or none did). So one that neither turns nor mirrors reopens the study only where it displaces
         one that did (a reader's window-level change, which PACS save as presentation states, changes nothing),
-        and a copy of one already taken changes nothing."""
-        row = self.ledger.study(record.study_uid)
-        if row is None or row.status != "done" or not row.version:     # only a reported study is reopened
-            return False
+        and a copy of one already taken changes nothing. For a study whose report stands (:meth:`_report_stands`)."""
         earlier = [self._read_again(f, FileOutcome(Path(f.location), Status.SKIPPED, f.reason, step=f.step, tag=f.tag,
                                                    study_uid=f.study_uid))
                    for f in self.ledger.study_files(record.study_uid)

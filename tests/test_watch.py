@@ -346,6 +346,9 @@ def test_a_rejection_note_withdraws_its_images_before_or_after_their_report(dirs
         assert ledger_rows(out, "SELECT status, score, flag FROM studies WHERE patient_id = 'ALONE'") == \
             [("done", None, "")]
         assert health(out)["studies"] == {"done": 3, "reported": 1, "not_screened": 2, "pending": 0, "failed": 0}
+        (inbox / "a" / "KO2.dcm").write_bytes(note("again", alone))       # nothing left to withdraw: not reopened
+        wait_for(lambda: (archive / "a" / "KO2.dcm").exists(), "the second note to be archived")
+        assert caplog.text.count("event=study_withdrawn") == 2 and caplog.text.count("event=study_reopened") == 2
         retake = write_study(scratch / "retake", "alone", 1, start=1)[0]      # the retake of the rejected image
         (inbox / "a" / retake.name).write_bytes(retake.read_bytes())
         wait_for(lambda: listed_in(out, "ALONE").get("version") == 2, "the retake's report")
