@@ -87,6 +87,11 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _count(n: int, one: str, many: str = "") -> str:
+    """``1 study``, ``2 studies``, ``0 files``."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 @contextmanager
 def _stop_on_signals(say):
     """While in it, SIGTERM and Ctrl-C set the event it gives (the command finishes what is under way) and
@@ -162,22 +167,23 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2, default=str))
     elif not quiet:
-        click.echo(f"{summary.studies} studies ({summary.reused} unchanged since the last run, "
+        click.echo(f"{_count(summary.studies, 'study', 'studies')} ({summary.reused} unchanged since the last run, "
                    f"{summary.unscreened_studies} with no screenable image), "
                    f"{summary.flagged} flagged, "
                    + (f"{summary.outside_population} outside the model's age range, " if summary.outside_population
                       else "")
                    + (f"{summary.unfamiliar} with an image unlike the training radiographs, " if summary.unfamiliar
                       else "")
-                   + (f"{summary.unscored_frames} frames of multi-frame images not scored (frame 1 of each is), "
-                      if summary.unscored_frames else "")
-                   + f"{summary.skipped_files} files skipped, "
+                   + (f"{_count(summary.unscored_frames, 'frame')} of multi-frame images not scored (frame 1 of "
+                      "each is), " if summary.unscored_frames else "")
+                   + f"{_count(summary.skipped_files, 'file')} skipped, "
                    f"{summary.failed_files} failed; "
-                   + (f"{summary.failed_reports} reports could not be made; " if summary.failed_reports else "")
+                   + (f"{_count(summary.failed_reports, 'report')} could not be made; " if summary.failed_reports
+                      else "")
                    + f"reports in {out}/ (worklist.pdf, summary.csv"
                    + (", a .dcm beside each PDF of a DICOM study" if dicom else "") + ")")
         if summary.interrupted:
-            click.echo(f"STOPPED before {summary.pending} studies (pending in the summary): run the same command "
+            click.echo(f"STOPPED before {_count(summary.pending, 'study', 'studies')} (pending in the summary): run the same command "
                        "again to screen them; the studies reported are reused", err=True)
         for row in summary.rows:
             if row["kind"] == "file" and row["status"] == "failed":

@@ -892,6 +892,15 @@ def test_a_command_starts_without_the_backends_start_up_noise(tmp_path):
         assert "cuInit" not in done.stderr
 
 
+def test_the_batch_line_counts_in_words(tmp_path):
+    """One study is "1 study", not "1 studies"."""
+    result = CliRunner().invoke(main, ["batch", str(SAMPLES / "study6_plain_jpeg"), "--out", str(tmp_path / "o"),
+                                       "--gradcam", "none"])
+    assert result.exit_code == 0, result.output
+    assert "1 study (0 unchanged since the last run, 0 with no screenable image)" in result.stdout
+    assert ", 0 files skipped, 0 failed;" in result.stdout
+
+
 def test_report_filename_is_unique_per_study():
     from cxrscreen.records import FileKind, Radiograph, Study
 
