@@ -256,6 +256,7 @@ def _reports_no_longer_standing(unscreened: list[dict], earlier: dict, out: Path
         report = entry.get("withdrawn_report") or entry.get("row", {}).get("report", "")
         if row["status"] == "skipped" and report and (out / report).is_file():
             row["reason"] += f"; its report of an earlier run into this folder, {report}, no longer stands"
+            row["withdrawn_report"] = report      # the worklist says so where the report's link would be
             kept[row["study_uid"]] = {"withdrawn_report": report}
     return kept
 

@@ -353,6 +353,14 @@ def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
         json.dump({**meta, "rows": rows}, handle, indent=2, default=str)
 
 
+def _no_report(row: dict) -> str:
+    """What the worklist's report cell says of a study without a report: its status, and the earlier report that
+    no longer stands, if it had one (every image of it withdrawn since)."""
+    if row.get("withdrawn_report"):
+        return f"{row['status']}: nothing left to screen; its earlier report {row['withdrawn_report']} no longer stands"
+    return row["status"]
+
+
 def _report_link(report: str, style):
     """The report's file name as a link that opens it (a PDF GoToR action to the file beside the worklist:
     Acrobat, browsers' viewers, Evince and Okular follow it). Report names are ASCII by construction."""
@@ -448,7 +456,7 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
                             paragraph(person_name(r.get("patient_name", "")), small),
                             paragraph(r["accession"], small), display_date(r["study_date"]),
                             r["study_uid"][-24:],
-                            _report_link(r["report"], small) if r["report"] else paragraph(r["status"], small),
+                            _report_link(r["report"], small) if r["report"] else paragraph(_no_report(r), small),
                             Paragraph(_p(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""),
                                                         r.get("unscored_frames", 0))),
                                       small)]

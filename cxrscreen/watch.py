@@ -1041,7 +1041,7 @@ class Watcher:
             if s.withdrawn:      # listed as batch lists a study with no image left: skipped, why, not flagged
                 rows.append(study_row(s.study_uid, self.threshold, status="skipped", patient_id=s.patient_id,
                                       patient_name=s.patient_name, accession=s.accession, study_date=s.study_date,
-                                      version=s.version, reason=s.reason,
+                                      version=s.version, reason=s.reason, withdrawn_report=s.report,
                                       files=[f.location for f in self.ledger.study_files(s.study_uid)]))
                 continue
             if not standing and s.status != "failed":

@@ -343,6 +343,7 @@ def test_a_rejection_note_withdraws_its_images_before_or_after_their_report(dirs
         wait_for(lambda: not list(inbox.rglob("*.dcm")), "every file to be archived")
         wait_for(lambda: listed_in(out, "ALONE").get("status") == "skipped", "the withdrawn study's row")
         summary = summary_studies(out)
+        withdrawn_on_worklist = wait_for(lambda: worklist_saying(out, "no longer stands"), "the worklist to say so")
         assert ledger_rows(out, "SELECT status, score, flag FROM studies WHERE patient_id = 'ALONE'") == \
             [("done", None, "")]
         assert health(out)["studies"] == {"done": 3, "reported": 1, "not_screened": 2, "pending": 0, "failed": 0}
@@ -371,6 +372,8 @@ def test_a_rejection_note_withdraws_its_images_before_or_after_their_report(dirs
     assert (alone["status"], alone["flag"], alone["score"], alone["report"], alone["version"]) == \
         ("skipped", "no", "", "", 1)
     assert "its report version 1" in alone["reason"] and "no longer stands" in alone["reason"]
+    assert alone["withdrawn_report"].startswith("ALONE_") and alone["withdrawn_report"].endswith(".pdf")
+    assert f"its earlier report {alone['withdrawn_report']} no longer stands" in withdrawn_on_worklist
     assert ledger_rows(out, "SELECT status, tag FROM files WHERE inbox_path LIKE '%/w/image.dcm'") == [
         ("skipped", "(0008,0018) SOPInstanceUID")]
 
@@ -490,6 +493,15 @@ def listed_in(out: Path, patient_id: str) -> dict:
         return summary_studies(out).get(patient_id, {})
     except (OSError, ValueError):
         return {}
+
+
+def worklist_saying(out: Path, words: str) -> str:
+    """The worklist's text (spaces normalised) once it says ``words``, else ''."""
+    try:
+        text = " ".join(pdf_text(out / "worklist.pdf").split())
+    except Exception:       # not written yet, or being replaced
+        return ""
+    return text if words in text else ""
 
 
 def summary_studies(out: Path) -> dict[str, dict]:
