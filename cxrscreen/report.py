@@ -461,7 +461,7 @@ def write_worklist(path: Path, rows: list[dict], meta: dict, per_page: int = 50)
                                                         r.get("unscored_frames", 0))),
                                       small)]
                            for r in chunk]
-        table = Table(data, repeatRows=1, colWidths=[w * mm for w in (7, 12, 10, 22, 32, 24, 15, 38, 68, 45)])
+        table = Table(data, repeatRows=1, colWidths=[w * mm for w in (7, 12, 10, 22, 32, 24, 15, 38, 78, 35)])
         style = [("FONTSIZE", (0, 0), (-1, -1), 7), ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey),
                  ("VALIGN", (0, 0), (-1, -1), "TOP")]
         for i, r in enumerate(chunk, start=1):
