@@ -259,9 +259,10 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     op_text = (f"sensitivity {sens:.3f}, specificity {spec:.3f} on {operating_point.get('source', 'validation data')}"
                if isinstance(sens, float) and isinstance(spec, float) else "not recorded")
     if score is not None:
-        story.append(Paragraph(f"Study score <b>{score:.3f}</b> (maximum over {len(result.images)} frontal "
-                               f"image(s)); threshold <b>{threshold:.3f}</b>; operating point: {_p(op_text)}.",
-                               styles["BodyText"]))
+        n = len(result.images)
+        over = "its one frontal image" if n == 1 else f"maximum over {n} frontal images"
+        story.append(Paragraph(f"Study score <b>{score:.3f}</b> ({over}); threshold <b>{threshold:.3f}</b>; "
+                               f"operating point: {_p(op_text)}.", styles["BodyText"]))
     for caution in filter(None, [result.warning, *result.appearance_caution.split(CAUTION_SEPARATOR)]):
         story.append(Paragraph(f'<font color="#8a4b00"><b>Caution: {_p(caution, bold=True)}.</b></font>',
                                styles["BodyText"]))

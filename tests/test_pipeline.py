@@ -607,6 +607,7 @@ def test_a_rejected_image_is_not_scored_and_a_study_all_rejected_is_a_skipped_st
     assert studies["SYNTH-0001"]["status"] == "scored"
     text = " ".join(pdf_text(out / studies["SYNTH-0001"]["report"]).split())
     assert "kept.dcm - view PA - score" in text and "first_exposure.dcm - view" not in text
+    assert "(its one frontal image); threshold" in text        # the rejected exposure is not counted either
     assert "withdrawn on the PACS, not screened" in text      # listed among the files not scored
     assert studies["OTHER"]["status"] == "skipped" and not studies["OTHER"]["report"]
     assert "Incorrect Modality Worklist Entry" in studies["OTHER"]["reason"]
