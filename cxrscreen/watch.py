@@ -146,6 +146,13 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
             studies = dict(db.execute("SELECT CASE WHEN status != 'done' THEN status WHEN version > 0 AND score IS "
                                       "NOT NULL THEN 'reported' ELSE 'not_screened' END, COUNT(*) FROM studies "
                                       "GROUP BY 1").fetchall())
+            # and the studies of files skipped (or failed) as they came, none of them an image to screen: a
+            # lateral-only or non-chest study has no row of its own, as in the summary
+            for kind, n in db.execute("SELECT kind, COUNT(*) FROM (SELECT CASE WHEN MAX(status = 'failed') THEN "
+                                      "'failed' ELSE 'not_screened' END AS kind FROM files WHERE study_uid != '' AND "
+                                      "study_uid NOT IN (SELECT study_uid FROM studies) GROUP BY study_uid) "
+                                      "GROUP BY kind"):
+                studies[kind] = studies.get(kind, 0) + n
             oldest = db.execute("SELECT MIN(last_arrival) FROM studies WHERE status = 'pending'").fetchone()[0]
             last_report = db.execute("SELECT MAX(created) FROM reports").fetchone()[0]
             failed_day = db.execute("SELECT COUNT(*) FROM files WHERE status = 'failed' AND taken_at >= ?",

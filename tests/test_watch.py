@@ -739,15 +739,19 @@ def test_status_checks_a_daemon_from_its_ledger_for_monitoring(dirs, model):
     from cxrscreen.ledger import Ledger
 
     inbox, out = dirs
+    save(make_dicom(phantom(96, 96), seed="hand", study_seed="hand", patient_id="HAND", body_part="HAND"),
+         inbox / "h" / "hand.dcm")       # a study with nothing to screen, skipped as it came: no ledger row
     write_study(inbox / "a", "status")
     running = Running(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none"), model)
     try:
         wait_for(lambda: done_studies(out) == 1, "the study to be reported")
+        wait_for(lambda: ledger_rows(out, "SELECT COUNT(*) FROM files WHERE status = 'skipped'")[0][0] == 1,
+                 "the hand to be taken")
         result = CliRunner().invoke(main, ["status", str(out), "--json"])
         assert result.exit_code == 0, result.output
         state = json.loads(result.stdout)
         assert state["running"] and state["holder"].startswith(f"cxrscreen watch of {inbox} (pid ")
-        assert state["studies"] == {"done": 1, "reported": 1, "not_screened": 0, "pending": 0, "failed": 0}
+        assert state["studies"] == {"done": 2, "reported": 1, "not_screened": 1, "pending": 0, "failed": 0}
         assert state["last_report_at"] > 0
         assert state["healthy"] and state["problems"] == []
     finally:
@@ -755,6 +759,7 @@ def test_status_checks_a_daemon_from_its_ledger_for_monitoring(dirs, model):
     stopped = CliRunner().invoke(main, ["status", str(out)])
     assert stopped.exit_code == 1 and "daemon: NOT running" in stopped.output
     assert "ATTENTION: no watch daemon holds this ledger" in stopped.output
+    assert "studies: 1 reported, 0 pending, 1 with no image to screen (skipped or withdrawn), 0 failed" in stopped.output
     ledger = Ledger(out / STATE_FILE)        # holds the ledger as a daemon does; a study taken two hours ago
     try:
         ledger.take_file(path=str(inbox / "late.dcm"), size=1, mtime_ns=1, sha256="0" * 64, study_uid="1.2.3",
