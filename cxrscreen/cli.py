@@ -183,8 +183,8 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
                    + f"reports in {out}/ (worklist.pdf, summary.csv"
                    + (", a .dcm beside each PDF of a DICOM study" if dicom else "") + ")")
         if summary.interrupted:
-            click.echo(f"STOPPED before {_count(summary.pending, 'study', 'studies')} (pending in the summary): run the same command "
-                       "again to screen them; the studies reported are reused", err=True)
+            click.echo(f"STOPPED before {_count(summary.pending, 'study', 'studies')} (pending in the summary): run "
+                       "the same command again to screen them; the studies reported are reused", err=True)
         for row in summary.rows:
             if row["kind"] == "file" and row["status"] == "failed":
                 click.echo(f"  FAILED {row['path']} [{row['step']}] {row['tag']}: {row['reason']}", err=True)
