@@ -714,8 +714,10 @@ class Watcher:
                 fields["status"] = "pending"
         else:
             fields.update(status=record.status.value, step=record.step, tag=record.tag, reason=record.reason)
-        changes = isinstance(record, FileOutcome) and self._report_stands(record.study_uid) and (
-            record.rejection is not None or record.presentation is not None and self._shows_otherwise(record))
+        # the ledger is asked only for a presentation state or rejection note, not for every file skipped as it comes
+        note = isinstance(record, FileOutcome) and (record.rejection is not None or record.presentation is not None)
+        changes = note and self._report_stands(record.study_uid) and (
+            record.rejection is not None or self._shows_otherwise(record))
         resent = changes and digest and self.ledger.file_with_hash(digest) is not None
         self.ledger.take_file(path=path, size=candidate.size, mtime_ns=candidate.mtime_ns, sha256=digest, **fields)
         if changes and not resent and self.ledger.reopen(record.study_uid):
