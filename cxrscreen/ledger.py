@@ -178,9 +178,14 @@ class StudyRow:
     patient_name: str
 
     @property
+    def stands(self) -> bool:
+        """Whether the study has a report that stands: reported (a version, with its score), not withdrawn since."""
+        return self.version > 0 and self.score is not None
+
+    @property
     def withdrawn(self) -> bool:
         """Whether the study was reported, and every image of it withdrawn since: its report no longer stands."""
-        return self.status == "done" and self.version > 0 and self.score is None
+        return self.status == "done" and self.version > 0 and not self.stands
 
 
 def _to_sqlite(value):

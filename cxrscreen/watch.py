@@ -739,7 +739,7 @@ class Watcher:
         after it can change (a study pending or failed is screened with them anyway; one withdrawn has nothing
         left to change)."""
         row = self.ledger.study(study_uid) if study_uid else None
-        return row is not None and row.status == "done" and bool(row.version) and not row.withdrawn
+        return row is not None and row.status == "done" and row.stands
 
     def _shows_otherwise(self, record: FileOutcome) -> bool:
         """Whether a presentation state just taken changes how an image of its reported study is shown: it is
@@ -1043,7 +1043,7 @@ class Watcher:
         since = time.time() - days * 86400 if days else 0.0
         rows = []
         for s in self.ledger.recent_studies(since):
-            standing = bool(s.version) and s.score is not None     # it has a report that stands
+            standing = s.stands
             if not standing and s.status == "pending":      # not reported (or withdrawn) yet: listed, with why it waits
                 rows.append(self._pending_row(s))
                 continue
