@@ -1114,11 +1114,40 @@ def decode_first_frame(ds) -> np.ndarray:
     if ts == ENCAPSULATED_UNCOMPRESSED:
         arr = _encapsulated_uncompressed_frame(ds, ts_text)
     else:
+        if isinstance(ts, str) and ts in JPEG_CODESTREAMS:
+            _check_codestream_ends(ds, ts_text)
         arr = _decoded_by_pydicom(ds, ts_text)
     if arr.shape[:2] != (rows, columns):
         raise InvalidImageError(f"decoded shape {arr.shape} does not match Rows x Columns {rows} x {columns}",
                                 step="decode", tag="(0028,0010) Rows")
     return arr
+
+
+# JPEG (baseline, extended, lossless) and JPEG-LS: a codestream ends with its end-of-image marker, FFD9
+# (ISO/IEC 10918-1 B.2.1, 14495-1 C.1.1), which scan data cannot hold (an FF in it is followed by 00 or a byte
+# under 80). JPEG 2000 and RLE decoders fail a codestream cut short themselves; these do not.
+JPEG_CODESTREAMS = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                              "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+
+
+def _check_codestream_ends(ds, ts_text: str) -> None:
+    """Fail a JPEG or JPEG-LS first frame whose codestream stops before its end-of-image marker. The file is
+    whole (a file cut short fails when it is read) but the frame is not: a gateway or an encoder cut it, or a
+    fragment is missing. libjpeg and CharLS decode such a frame without a word, the rows after the cut grey or
+    garbage (a JPEG baseline frame cut at half its bytes came out half grey), and it would be screened.
+    The marker is looked for in the frame's last 10 bytes, as pydicom looks for it between frames, so that
+    the padding some encoders put after it passes. Fragments that cannot be read are left to the decoder."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        with caught():              # pydicom warns of fragments it cannot place in frames: the decoder names it
+            frame = next(generate_frames(ds.PixelData, number_of_frames=_frames(ds)))
+    except Exception:
+        return
+    if b"\xff\xd9" not in frame[-10:]:
+        raise InputError(f"pixel data cannot be decoded ({ts_text}): frame 1 ends without the codestream's "
+                         "end-of-image marker (FFD9): it was cut short, and decoders give the part cut off as grey, "
+                         "which would be screened as image", step="decode", tag="(7FE0,0010) PixelData")
 
 
 # Encapsulated Uncompressed Explicit VR Little Endian (PS3.5 A.4.11, 2023): native little-endian frames, each in

@@ -166,6 +166,73 @@ def test_a_syntax_whose_decoders_are_not_installed_is_unsupported(monkeypatch):
                                 "requires pylibjpeg and pylibjpeg-rle")
 
 
+def _frame_cut(path: Path, keep: float, out: Path) -> Path:
+    """``path``'s copy whose one frame keeps the first ``keep`` of its codestream: the file is whole, its
+    frame is not (as a gateway that cut a frame leaves it)."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(path)
+    stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([stream[:int(len(stream) * keep)]])
+    ds.save_as(out)
+    return out
+
+
+def _jpeg_ls_file(pixels, tmp_path) -> Path:
+    return save(make_dicom(pixels, seed="ls", transfer_syntax="1.2.840.10008.1.2.4.80"), tmp_path / "ls.dcm")
+
+
+def _jpeg_baseline_file(pixels, tmp_path) -> Path:
+    return save(make_dicom((pixels >> 4).astype(np.uint8), seed="jb", transfer_syntax="1.2.840.10008.1.2.4.50"), tmp_path / "jb.dcm")
+
+
+@pytest.mark.parametrize("make", ["baseline", "lossless", "jpeg-ls"])
+@pytest.mark.parametrize("keep", [0.5, 0.97])
+def test_a_jpeg_frame_cut_short_in_a_whole_file_fails_at_decoding(tmp_path, chest_pixels, make, keep):
+    # libjpeg and CharLS decoded these without a word: the part cut off came out grey (or garbage) and was
+    # screened. A file cut short fails when it is read; this file is whole and only its frame is cut.
+    source = {"baseline": lambda: _jpeg_baseline_file(chest_pixels, tmp_path),
+              "lossless": lambda: reference_file("JPGLosslessP14SV1_1s_1f_8b.dcm"),
+              "jpeg-ls": lambda: _jpeg_ls_file(chest_pixels, tmp_path)}[make]()
+    assert decode(source).size                                  # the frame as it was decodes
+    path = _frame_cut(source, keep, tmp_path / "cut.dcm")
+    from pydicom.pixels import pixel_array
+    assert pixel_array(str(path)).shape[:2] == decode(source).shape[:2]     # what pydicom alone makes of it
+    with pytest.raises(InputError) as info:
+        load_unit_image(path)
+    assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
+    assert "frame 1 ends without the codestream's end-of-image marker (FFD9): it was cut short" in info.value.cause
+
+
+def test_a_jpeg_frame_that_lost_its_last_fragment_fails_at_decoding(tmp_path, chest_pixels):
+    import pydicom
+    from pydicom.encaps import generate_frames, itemize_fragment
+
+    ds = pydicom.dcmread(_jpeg_baseline_file(chest_pixels, tmp_path))
+    stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    third = len(stream) // 3 // 2 * 2                                   # even: no padding inside the codestream
+    pieces = [stream[:third], stream[third:2 * third], stream[2 * third:]]
+    for name, fragments in (("three.dcm", pieces), ("two.dcm", pieces[:2])):
+        empty_offset_table = itemize_fragment(b"")
+        ds.PixelData = empty_offset_table + b"".join(itemize_fragment(f) for f in fragments)
+        ds.save_as(tmp_path / name)
+    assert decode(tmp_path / "three.dcm").shape == chest_pixels.shape      # in three fragments, whole: decodes
+    with pytest.raises(InputError, match="end-of-image marker"):
+        load_unit_image(tmp_path / "two.dcm")
+
+
+@pytest.mark.parametrize("name", ["JPEG-LL.dcm", "JPGExtended.dcm"])
+def test_a_jpeg_frame_padded_after_its_end_marker_decodes(name):
+    # these end FF D9 FF (a pad byte after the marker): whole frames, as pydicom's own frame search takes them
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    path = reference_file(name)
+    assert next(generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1)).endswith(b"\xff\xd9\xff")
+    assert decode(path).size
+
+
 def test_unknown_transfer_syntax_is_a_per_file_failure(tmp_path, chest_pixels):
     ds = make_dicom(chest_pixels)
     ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"

@@ -551,6 +551,28 @@ def test_an_image_stored_on_its_side_is_scored_upright_and_its_report_says_so(tm
     assert "Patient Orientation" not in pdf_text(out / studies["upright.dcm"]["report"])
 
 
+def test_an_image_whose_jpeg_frame_was_cut_short_fails_its_study_not_scored_on_grey(tmp_path, model):
+    """The JPEG baseline sample, its frame's codestream cut at two thirds in a file otherwise whole (a gateway
+    that cut it): pydicom decodes it, the lower third grey. The file fails at decoding, naming why, and its
+    study is failed in the worklist, with no score."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    box, out = tmp_path / "in", tmp_path / "out"
+    box.mkdir()
+    ds = pydicom.dcmread(SAMPLES / "study5_cr_jpeg_baseline" / "IM0001.dcm")
+    stream = b"".join(generate_fragments(ds.PixelData))
+    ds.PixelData = encapsulate([stream[:len(stream) * 2 // 3]])
+    ds.save_as(box / "cut.dcm")
+    summary = run_batch([box], BatchOptions(out=out), model=model)
+    (study,) = [r for r in summary.rows if r["kind"] == "study"]
+    (row,) = [r for r in summary.rows if r["kind"] == "file"]
+    assert study["status"] == "failed" and study["score"] == "" and not study["report"]
+    assert row["status"] == "failed" and row["step"] == "decode" and row["tag"] == "(7FE0,0010) PixelData"
+    assert "end-of-image marker (FFD9): it was cut short" in row["reason"]
+    assert "cut.dcm" in pdf_text(out / "worklist.pdf")
+
+
 def test_an_image_turned_upright_by_its_presentation_state_is_scored_so_and_a_new_one_redoes_it(
         tmp_path, model, chest_pixels):
     """An image stored on its side without a Patient Orientation, its presentation state (GSPS) turning it
