@@ -42,7 +42,8 @@ def screening_options(command):
         click.option("--gradcam", type=click.Choice(["all", "flagged", "none"]), default="all", show_default=True),
         click.option("--dicom", is_flag=True,
                      help="Also write each report as a DICOM Encapsulated PDF of its study (<report>.dcm), "
-                          "for the PACS."),
+                          "for the PACS, and a rejection note of those whose images are all withdrawn since "
+                          "(<report>.rejection.dcm)."),
     ]
     for option in reversed(options):
         command = option(command)

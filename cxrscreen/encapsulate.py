@@ -18,6 +18,12 @@ PDF Storage instance (PS3.3 A.45.1) that a PACS files into the screened study, n
 
 A study read from JPEG/PNG has no DICOM identity to file a report under: it gets none
 (:func:`write_encapsulated_pdf` returns None). Nothing here reads or writes the input files.
+
+When every image of a reported study is withdrawn since (an IHE IOCM rejection note), its reports no longer
+stand, and a PACS that was sent their ``.dcm`` goes on showing them: :func:`write_rejection_note` writes a
+rejection note of cxrscreen's own for them (``<report>.rejection.dcm``), a Key Object Selection in the study,
+titled with the images' reason, which an IOCM-aware PACS applies to the reports as it applied the images' note
+to the images.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .ingest import KEY_OBJECT_SELECTION, REJECTION_TITLES
 from .records import FileKind, Radiograph
 from .report import atomic_write
 from .threadwarnings import caught, listed
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 SERIES_NUMBER = 9901
+NOTE_SERIES_NUMBER = 9902
 DOCUMENT_TITLE = "Chest radiograph screening report (cxrscreen, decision support)"
 
 
@@ -159,4 +167,129 @@ def write_encapsulated_pdf(path: Path, pdf_path: Path, images: Sequence[Radiogra
             ds.save_as(handle, enforce_file_format=True)
     if seen:
         log.warning("%s: written with %s (values copied from the images as they are)", path, listed(seen))
+    return Path(path)
+
+
+# --------------------------------------------------------------- rejection notes of cxrscreen's own reports
+
+# The codes of CID 7031 (Reasons for Rejection: REJECTION_TITLES), the most serious first: a study whose images
+# were withdrawn for several reasons has its reports withdrawn for the first of them
+REJECTION_ORDER = ("113037", "113038", "113001", "113039")
+# The study and patient attributes a note copies from the reports it names (so it lands where they did)
+_COPIED = ("SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+           "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+           "StudyDescription")
+
+
+def rejection_note_name(report_name: str) -> str:
+    """The file name of the rejection note of a study's reports, after its first report's: ``X.rejection.dcm``."""
+    return str(Path(report_name).with_suffix(".rejection.dcm"))
+
+
+def rejection_code(titles) -> str:
+    """The code a note of the reports gets, of the titles (CID 7031 meanings) of the notes that withdrew the
+    study's images: the most serious of them; Rejected for Quality Reasons when none is known."""
+    titles = set(titles)
+    return next((code for code in REJECTION_ORDER if REJECTION_TITLES[code] in titles), "113001")
+
+
+def withdrawn_description(study_uid: str, titles) -> str:
+    """The Key Object Description of a rejection note of cxrscreen's reports of a study: why it withdraws them."""
+    reasons = ", ".join(sorted(t for t in titles if t)) or "a rejection note"
+    return (f"Withdrawn by cxrscreen {__version__}: every image of study {study_uid} that its screening report "
+            f"was made of is withdrawn ({reasons}); the report no longer stands.")
+
+
+def rejection_note(reports: Sequence, code: str, description: str, *, now: dt.datetime | None = None):
+    """The IHE IOCM rejection note (a Key Object Selection Document, PS3.3 A.35.4, template TID 2010) that
+    withdraws ``reports``, the Encapsulated PDF data sets cxrscreen wrote of one study, for the reason ``code``
+    (a key of :data:`~cxrscreen.ingest.REJECTION_TITLES`). Patient and study are copied from the first report;
+    its SOP Instance UID is derived from the reports' (the same reports, the same note, however often it is
+    written); its own series holds cxrscreen's notes of the study. ``description`` is its Key Object
+    Description, for a reader."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+    def code_item(value: str, meaning: str) -> Dataset:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        return item
+
+    def reference(report) -> Dataset:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = report.SOPClassUID, report.SOPInstanceUID
+        return item
+
+    first, now = reports[0], now or dt.datetime.now()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = KEY_OBJECT_SELECTION
+    meta.MediaStorageSOPInstanceUID = derived_uid("/".join(sorted(r.SOPInstanceUID for r in reports))
+                                                  + "/cxrscreen rejection note")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    for keyword in _COPIED:             # Patient (C.7.1.1), General Study (C.7.2.1): as the reports have them
+        if keyword in first:
+            setattr(ds, keyword, first[keyword].value)
+    # SOP Common (C.12.1)
+    ds.SOPClassUID, ds.SOPInstanceUID = KEY_OBJECT_SELECTION, meta.MediaStorageSOPInstanceUID
+    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    # Key Object Document Series (C.17.6.1), General Equipment (C.7.5.1)
+    ds.Modality = "KO"
+    ds.SeriesInstanceUID = derived_uid(f"{first.StudyInstanceUID}/cxrscreen rejection notes")
+    ds.SeriesNumber = NOTE_SERIES_NUMBER
+    ds.SeriesDescription = "cxrscreen rejection notes"
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.Manufacturer = "cxrscreen"
+    ds.SoftwareVersions = __version__
+    # Key Object Document (C.17.6.2): the reports, in their series, as the evidence
+    ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    series = Dataset()
+    series.SeriesInstanceUID = first.SeriesInstanceUID
+    series.ReferencedSOPSequence = [reference(r) for r in reports]
+    evidence = Dataset()
+    evidence.StudyInstanceUID = first.StudyInstanceUID
+    evidence.ReferencedSeriesSequence = [series]
+    ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
+    # SR Document Content (C.17.3), TID 2010 Key Object Selection: the title is the reason for rejection
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = [code_item(code, REJECTION_TITLES[code])]
+    ds.ContinuityOfContent = "SEPARATE"
+    template = Dataset()
+    template.MappingResource, template.TemplateIdentifier = "DCMR", "2010"
+    ds.ContentTemplateSequence = [template]
+    text = Dataset()
+    text.RelationshipType, text.ValueType = "CONTAINS", "TEXT"
+    text.ConceptNameCodeSequence = [code_item("113012", "Key Object Description")]
+    text.TextValue = description
+    items = [text]
+    for report in reports:
+        item = Dataset()
+        item.RelationshipType, item.ValueType = "CONTAINS", "COMPOSITE"
+        item.ReferencedSOPSequence = [reference(report)]
+        items.append(item)
+    ds.ContentSequence = items
+    return ds
+
+
+def write_rejection_note(path: Path, reports: Sequence[Path], code: str, description: str) -> Path | None:
+    """Write the rejection note of the ``.dcm`` reports ``reports`` (those of them still there) as ``path``,
+    atomically; None, and nothing written, when none is there."""
+    from pydicom import dcmread
+
+    read = []
+    for report in reports:
+        try:
+            read.append(dcmread(report, defer_size="1 KB"))     # the PDF itself is not read
+        except FileNotFoundError:
+            continue
+    if not read:
+        return None
+    with caught() as seen:
+        ds = rejection_note(read, code, description)
+        with atomic_write(Path(path), "wb") as handle:
+            ds.save_as(handle, enforce_file_format=True)
+    if seen:
+        log.warning("%s: written with %s (values copied from the reports as they are)", path, listed(seen))
     return Path(path)

@@ -967,6 +967,18 @@ def read_rejection(path: Path, ds) -> Rejection | None:
         title, "CodeValue")], images=frozenset(images - {""}))
 
 
+def withdrawn_reason(note: Rejection) -> str:
+    """The reason a file row gives for an image that ``note`` withdrew (tag :data:`REJECTED_TAG`)."""
+    return f"rejected by the rejection note {note.name} ({note.title}): withdrawn on the PACS, not screened"
+
+
+def withdrawn_title(reason: str) -> str:
+    """The title (reason for rejection) of the note that withdrew an image, read back from the reason of its
+    file row (:func:`withdrawn_reason`); "" for any other reason."""
+    return next((title for title in REJECTION_TITLES.values()
+                 if reason.startswith("rejected by the rejection note ") and f" ({title}): withdrawn" in reason), "")
+
+
 def changes_its_study(step: str, tag: str) -> bool:
     """Whether a skipped file, by the step and tag it was skipped with, is a presentation state or a rejection
     note: a file that is not an image but changes how its study's images are screened."""
@@ -1056,8 +1068,7 @@ def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study
     for uid, imgs in images.items():
         others = list(skipped.pop(uid, ()))
         rejected = {sop: o.rejection for o in others if o.rejection is not None for sop in o.rejection.images}
-        others += [FileOutcome(img.path, Status.SKIPPED, f"rejected by the rejection note {rejected[img.sop_uid].name} "
-                               f"({rejected[img.sop_uid].title}): withdrawn on the PACS, not screened", step="select",
+        others += [FileOutcome(img.path, Status.SKIPPED, withdrawn_reason(rejected[img.sop_uid]), step="select",
                                tag=REJECTED_TAG, **img.identifiers()) for img in imgs if img.sop_uid in rejected]
         imgs = [img for img in imgs if img.sop_uid not in rejected]
         if not imgs:

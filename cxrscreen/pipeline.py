@@ -31,11 +31,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import LOG_FORMAT, __version__
-from .encapsulate import dicom_images, dicom_report_name, write_encapsulated_pdf
+from .encapsulate import (dicom_images, dicom_report_name, rejection_code, rejection_note_name, withdrawn_description,
+                          write_encapsulated_pdf, write_rejection_note)
 from .errors import CxrError, InputError, Interrupted, ModelError, OutputError, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
-from .ingest import Selection, group_studies, scan, selection_options_text
+from .ingest import REJECTED_TAG, Selection, group_studies, scan, selection_options_text, withdrawn_title
 from .normalise import load_unit_image, to_model_input
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import (SUMMARY_FIELDS, ImageResult, StudyResult, atomic_write, report_filename, write_study_report,
@@ -245,19 +246,42 @@ def _study_key(study: Study, run_key: str) -> str:
     return digest.hexdigest()
 
 
-def _reports_no_longer_standing(unscreened: list[dict], earlier: dict, out: Path) -> dict:
+def _reports_no_longer_standing(unscreened: list[dict], earlier: dict, out: Path, file_rows: list[dict],
+                                dicom: bool) -> dict:
     """Of the studies with nothing screened in this run, those skipped (every image withdrawn by a rejection
     note, or left out by the options) whose report an earlier run wrote into this folder: each row's reason
-    says that the report, still on disk, no longer stands. Returns their entries for the run's state, so the
-    next run says so too."""
+    says that the report, still on disk, no longer stands. With ``dicom``, a study whose images rejection notes
+    withdrew and whose report was written as ``.dcm`` too gets a rejection note of that ``.dcm`` (once), for a
+    PACS it was sent to; one left out by the options gets none (its images still stand). Returns their
+    entries for the run's state, so the next run says so too."""
+    titles: dict[str, set] = {}          # study -> the reasons of the notes that withdrew its images
+    for r in file_rows:
+        if r["tag"] == REJECTED_TAG:
+            titles.setdefault(r["study_uid"], set()).add(withdrawn_title(r["reason"]))
     kept = {}
     for row in unscreened:
-        entry = earlier.get(row["study_uid"]) or {}
+        uid = row["study_uid"]
+        entry = earlier.get(uid) or {}
         report = entry.get("withdrawn_report") or entry.get("row", {}).get("report", "")
-        if row["status"] == "skipped" and report and (out / report).is_file():
-            row["reason"] += f"; its report of an earlier run into this folder, {report}, no longer stands"
-            row["withdrawn_report"] = report      # the worklist says so where the report's link would be
-            kept[row["study_uid"]] = {"withdrawn_report": report}
+        if row["status"] != "skipped" or not report or not (out / report).is_file():
+            continue
+        row["reason"] += f"; its report of an earlier run into this folder, {report}, no longer stands"
+        row["withdrawn_report"] = report      # the worklist says so where the report's link would be
+        sent = dicom_report_name(report) if (out / dicom_report_name(report)).is_file() else ""
+        note = entry.get("rejection_note", "")
+        if note and not (out / note).is_file():
+            note = ""                         # removed since: written again with --dicom, else not named
+        if dicom and uid in titles and sent and not note:
+            note = rejection_note_name(report)
+            with _writing(out / note, "write the rejection note of the study's DICOM report"):
+                written = write_rejection_note(out / note, [out / sent], rejection_code(titles[uid]),
+                                               withdrawn_description(uid, titles[uid]))
+            note = written.name if written else ""
+        if note:
+            row["rejection_note"] = note
+            named = f" {sent}" if sent else ""
+            row["reason"] += f"; rejection note {note} withdraws its DICOM report{named} on the PACS"
+        kept[uid] = {"withdrawn_report": report, "rejection_note": note}
     return kept
 
 
@@ -558,7 +582,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     pending = [pending_study_row(study, threshold) for study in to_score if study.study_uid not in reached]
     screened = {r["study_uid"] for r in rows + reused_rows + pending}
     unscreened = unscreened_study_rows(file_rows, threshold, screened.__contains__)
-    new_state.update(_reports_no_longer_standing(unscreened, earlier, out))
+    new_state.update(_reports_no_longer_standing(unscreened, earlier, out, file_rows, options.dicom))
     rows = rank_rows(rows + reused_rows + pending + unscreened)
     summary = BatchSummary(rows=rows + file_rows)
     summary.pending = len(pending)

@@ -358,7 +358,9 @@ def _no_report(row: dict) -> str:
     """What the worklist's report cell says of a study without a report: its status, and the earlier report that
     no longer stands, if it had one (every image of it withdrawn since)."""
     if row.get("withdrawn_report"):
-        return f"{row['status']}: nothing left to screen; its earlier report {row['withdrawn_report']} no longer stands"
+        note = f"; withdrawn on the PACS by {row['rejection_note']}" if row.get("rejection_note") else ""
+        return (f"{row['status']}: nothing left to screen; its earlier report {row['withdrawn_report']} no longer "
+                f"stands{note}")
     return row["status"]
 
 

@@ -47,11 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .encapsulate import dicom_report_name, write_encapsulated_pdf
+from .encapsulate import (dicom_report_name, rejection_code, rejection_note_name, withdrawn_description,
+                          write_encapsulated_pdf, write_rejection_note)
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
 from .ingest import (EVERY_IMAGE, PRESENTATION_STATE_TAG, REJECTED_TAG, SELECTION_RULES, Selection, changes_its_study,
-                     group_studies, is_ignored, newest_presentations, not_regular, read_record, temporary_suffix, walk)
+                     group_studies, is_ignored, newest_presentations, not_regular, read_record, temporary_suffix, walk,
+                     withdrawn_title)
 from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -72,6 +74,11 @@ DICOM_COMPLETE = "dicom_reports_complete"   # ledger meta: "yes" when every curr
 STALLED_TRANSFER_AGE = 3600.0  # seconds a *.part (or other temporary name) stays unchanged before it is logged
 UNLISTABLE_KEY = "unlistable_folders"      # ledger meta: JSON list of the inbox folders the last rescan could not list
 SELECTION_KEY = "selection"                 # ledger meta: the last start's Selection, as JSON
+
+
+def report_name(base: str, version: int) -> str:
+    """The file name of version ``version`` of the report first written as ``base``: X.pdf, X.v2.pdf, ..."""
+    return base if version == 1 else f"{Path(base).stem}.v{version}.pdf"
 
 
 @dataclass(frozen=True)
@@ -445,9 +452,47 @@ class Watcher:
             if self.ledger.get_meta(DICOM_COMPLETE) != "no":
                 with self.ledger.transaction():
                     self.ledger.set_meta(DICOM_COMPLETE, "no")
-        elif self.ledger.get_meta(DICOM_COMPLETE) != "yes" and self._backfill_dicom():
+            return
+        if self.ledger.get_meta(DICOM_COMPLETE) != "yes" and self._backfill_dicom():
             with self.ledger.transaction():
                 self.ledger.set_meta(DICOM_COMPLETE, "yes")
+        self._backfill_rejection_notes()
+
+    def _backfill_rejection_notes(self) -> None:
+        """With --dicom, at each start: a study withdrawn while no rejection note was written of its .dcm reports
+        (by cxrscreen 0.3.5 or older, by a start without --dicom, or a note that failed) gets it. Withdrawn
+        studies are few: this stats a file or two of each."""
+        for row in self.ledger.studies("done"):
+            if self.stop.is_set():
+                return
+            if (row.withdrawn and row.report_base and not (self.out / rejection_note_name(row.report_base)).exists()
+                    and any(self.out.joinpath(dicom_report_name(report_name(row.report_base, v))).exists()
+                            for v in range(1, row.version + 1))):
+                self._withdraw_dicom_reports(row, [f.reason for f in self.ledger.study_files(row.study_uid)
+                                                   if f.tag == REJECTED_TAG])
+
+    def _withdraw_dicom_reports(self, row: StudyRow, reasons: list[str]) -> Path | None:
+        """The rejection note of the .dcm of every version of the reports of ``row``'s study, whose images the
+        notes these ``reasons`` name withdrew (file rows' reasons, :func:`~cxrscreen.ingest.withdrawn_reason`):
+        its path; None when there is none to write (no .dcm, or no image withdrawn by a note), or when it could
+        not be written (logged: the daemon goes on, and its next start tries again)."""
+        titles = {withdrawn_title(reason) for reason in reasons} - {""}
+        if not titles:
+            return None
+        sent = [self.out / dicom_report_name(report_name(row.report_base, v)) for v in range(1, row.version + 1)]
+        note = self.out / rejection_note_name(row.report_base)
+        try:
+            written = write_rejection_note(note, sent, rejection_code(titles),
+                                           withdrawn_description(row.study_uid, titles))
+        except Exception as exc:        # the disk, or a .dcm damaged since: this note only
+            log.error(kv(event="rejection_note_failed", uid=row.study_uid, note=note.name,
+                         error=f"{type(exc).__name__}: {exc}"))
+            return None
+        if written is not None:
+            log.warning(kv(event="rejection_note", uid=row.study_uid, note=written.name,
+                           withdraws=",".join(p.name for p in sent if p.exists()),
+                           note_for="send it to the PACS the reports were sent to"))
+        return written
 
     def _backfill_dicom(self) -> bool:
         """With --dicom, once: the current report of each study reported before the daemon ran with
@@ -916,7 +961,7 @@ class Watcher:
         job = _Reporting(result, work, version, row.report_base, "", outcomes, failed_files)
         if result.images:
             job.base = job.base or report_filename(result.study)
-            job.report = job.base if version == 1 else f"{Path(job.base).stem}.v{version}.pdf"
+            job.report = report_name(job.base, version)
             amendment = ""
             if version > 1:
                 added = ", ".join(work.added) or ("none" if work.notes else "none (re-screened)")
@@ -962,6 +1007,9 @@ class Watcher:
                                  identity=identity, outcomes=job.outcomes, reason=reason, warning=result.warning,
                                  appearance=result.appearance, appearance_caution=result.appearance_caution,
                                  unscored_frames=result.unscored_frames)
+        if self.options.dicom and not job.report and job.work.row.version:    # its reports stand no more
+            self._withdraw_dicom_reports(job.work.row, [reason for _, _, tag, reason in job.outcomes.values()
+                                                        if tag == REJECTED_TAG])
         self._held.pop(uid, None)
         release(result)
         log.info(kv(event="study", uid=uid, version=job.version if job.report else None,
@@ -1038,6 +1086,11 @@ class Watcher:
         row = self.ledger.study(uid)
         return row is not None and bool(row.version or row.status != "done")
 
+    def _rejection_note_of(self, s: StudyRow) -> dict:
+        """``{"rejection_note": name}`` when the withdrawn study ``s`` has a rejection note of its .dcm reports."""
+        note = rejection_note_name(s.report_base) if s.report_base else ""
+        return {"rejection_note": note} if note and (self.out / note).is_file() else {}
+
     def _write_summary(self) -> None:
         days = self.options.worklist_days
         since = time.time() - days * 86400 if days else 0.0
@@ -1051,7 +1104,8 @@ class Watcher:
                 rows.append(study_row(s.study_uid, self.threshold, status="skipped", patient_id=s.patient_id,
                                       patient_name=s.patient_name, accession=s.accession, study_date=s.study_date,
                                       version=s.version, reason=s.reason, withdrawn_report=s.report,
-                                      files=[f.location for f in self.ledger.study_files(s.study_uid)]))
+                                      files=[f.location for f in self.ledger.study_files(s.study_uid)],
+                                      **self._rejection_note_of(s)))
                 continue
             if not standing and s.status != "failed":
                 continue

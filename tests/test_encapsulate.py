@@ -11,7 +11,8 @@ import pydicom
 import pytest
 
 from conftest import phantom
-from cxrscreen.encapsulate import ENCAPSULATED_PDF_STORAGE, encapsulated_pdf, write_encapsulated_pdf
+from cxrscreen.encapsulate import (ENCAPSULATED_PDF_STORAGE, encapsulated_pdf, rejection_code, write_encapsulated_pdf,
+                                  write_rejection_note)
 from cxrscreen.ingest import group_studies, read_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,50 @@ def test_dicom3tools_finds_no_error_in_the_encapsulated_pdf(tmp_path, write_dico
     check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
     lines = (check.stdout + check.stderr).splitlines()
     assert "EncapsulatedPDF" in lines and not [line for line in lines if line.startswith("Error")], lines
+
+
+def _two_versions(tmp_path, write_dicom, **attributes) -> list[Path]:
+    """A study's report and its amendment (version 2), each written as .dcm."""
+    images = _images(write_dicom(phantom(64, 64), name="a.dcm", **attributes))
+    pdf = tmp_path / "r.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n%%EOF\n")
+    return [write_encapsulated_pdf(tmp_path / f"r.v{v}.dcm", pdf, images, version=v) for v in (1, 2)]
+
+
+def test_a_rejection_note_withdraws_every_version_of_a_report_in_its_study(tmp_path, write_dicom):
+    reports = _two_versions(tmp_path, write_dicom, patient_name="Иванов^Иван",
+                            SpecificCharacterSet="ISO_IR 144")
+    path = write_rejection_note(tmp_path / "r.rejection.dcm", [*reports, tmp_path / "gone.dcm"], "113037", "why")
+    note, sent = pydicom.dcmread(path), [pydicom.dcmread(r) for r in reports]
+    assert note.SpecificCharacterSet == "ISO_IR 144" and str(note.PatientName) == "Иванов^Иван"
+    assert note.StudyInstanceUID == sent[0].StudyInstanceUID and note.ConceptNameCodeSequence[0].CodeValue == "113037"
+    assert [r.ReferencedSOPInstanceUID for r in
+            note.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence] == [
+        d.SOPInstanceUID for d in sent]                        # both versions; the one not there is left out
+    # the same reports, the same note: writing it again sends a PACS nothing new
+    again = pydicom.dcmread(write_rejection_note(tmp_path / "again.dcm", reports, "113037", "why"))
+    assert again.SOPInstanceUID == note.SOPInstanceUID
+    assert write_rejection_note(tmp_path / "none.dcm", [tmp_path / "gone.dcm"], "113001", "why") is None
+    assert not (tmp_path / "none.dcm").exists()
+
+
+def test_a_rejection_note_of_reports_takes_the_most_serious_reason_of_the_images():
+    assert rejection_code({"Rejected for Quality Reasons", "Rejected for Patient Safety Reasons"}) == "113037"
+    assert rejection_code({"Rejected for Quality Reasons", "Incorrect Modality Worklist Entry"}) == "113038"
+    assert rejection_code({"Data Retention Policy Expired"}) == "113039"
+    assert rejection_code({""}) == rejection_code(set()) == "113001"
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_dicom3tools_finds_no_error_in_the_rejection_note(tmp_path, write_dicom):
+    import subprocess
+
+    reports = _two_versions(tmp_path, write_dicom, StudyID="S1")
+    path = write_rejection_note(tmp_path / "r.rejection.dcm", reports, "113038", "Withdrawn by cxrscreen")
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    lines = (check.stdout + check.stderr).splitlines()
+    assert "KeyObjectSelectionDocument" in lines
+    assert not [line for line in lines if line.startswith(("Error", "Warning"))], lines
 
 
 @pytest.mark.skipif(shutil.which("dcm2pdf") is None, reason="dcm2pdf (DCMTK) not installed")

@@ -646,6 +646,69 @@ def test_a_rejected_image_is_not_scored_and_a_study_all_rejected_is_a_skipped_st
     assert next(r for r in again.rows if r["patient_id"] == "OTHER" and r["kind"] == "study")["reason"].endswith(stale)
 
 
+def test_a_withdrawn_studys_dicom_report_gets_a_rejection_note_of_its_own(tmp_path, model, chest_pixels):
+    """A study reported with --dicom whose image the PACS withdraws since (wrong worklist entry): its .dcm report,
+    sent to the PACS, was left standing there. A later --dicom run writes a rejection note (IHE IOCM) of that
+    report, with the images' reason, once; a study only left out by this run's options gets none (its images
+    stand), nor does a run without --dicom write one."""
+    import pydicom
+
+    from cxrscreen.ingest import Selection, read_rejection
+    from cxrscreen.testing import make_key_object_selection
+
+    box, out = tmp_path / "in", tmp_path / "out"
+    wrong = save(make_dicom(chest_pixels, seed="wrong", study_seed="W", patient_id="OTHER"), box / "w" / "w.dcm")
+    save(make_dicom(chest_pixels, seed="lat", study_seed="L", patient_id="LATERAL", view_position="LL"),
+         box / "l" / "l.dcm")
+    wide = Selection(include_lateral=True)
+    first = {r["patient_id"]: r for r in run_batch([box], BatchOptions(out=out, gradcam="none", dicom=True,
+                                                                      selection=wide), model=model).rows
+             if r["kind"] == "study"}
+    sent = out / first["OTHER"]["report"].replace(".pdf", ".dcm")
+    assert sent.is_file() and (out / first["LATERAL"]["report"].replace(".pdf", ".dcm")).is_file()
+    save(make_key_object_selection([pydicom.dcmread(wrong)], seed="r2", code="113038",
+                                   meaning="Incorrect Modality Worklist Entry"), box / "w" / "KO.dcm")
+
+    def run(dicom: bool) -> dict:
+        rows = run_batch([box], BatchOptions(out=out, gradcam="none", dicom=dicom), model=model).rows
+        return {r["patient_id"]: r for r in rows if r["kind"] == "study"}
+
+    without = run(dicom=False)
+    assert not list(out.glob("*.rejection.dcm")) and "rejection_note" not in without["OTHER"]
+    studies = run(dicom=True)
+    name = first["OTHER"]["report"].replace(".pdf", ".rejection.dcm")
+    assert studies["OTHER"]["rejection_note"] == name and [p.name for p in out.glob("*.rejection.dcm")] == [name]
+    assert studies["OTHER"]["reason"].endswith(f"; rejection note {name} withdraws its DICOM report {sent.name} "
+                                               "on the PACS")
+    assert studies["LATERAL"]["status"] == "skipped" and "no longer stands" in studies["LATERAL"]["reason"]
+    assert "rejection_note" not in studies["LATERAL"]         # left out by the options: its report still stands
+
+    note, report = pydicom.dcmread(out / name), pydicom.dcmread(sent)
+    assert note.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59" and note.Modality == "KO"
+    title = note.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
+        "113038", "DCM", "Incorrect Modality Worklist Entry")                      # the images' reason
+    assert (note.StudyInstanceUID, note.PatientID, note.PatientName, note.AccessionNumber) == (
+        report.StudyInstanceUID, report.PatientID, report.PatientName, report.AccessionNumber)
+    assert note.SeriesInstanceUID not in (report.SeriesInstanceUID, pydicom.dcmread(wrong).SeriesInstanceUID)
+    (evidence,) = note.CurrentRequestedProcedureEvidenceSequence
+    (series,) = evidence.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == report.SeriesInstanceUID
+    assert [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in series.ReferencedSOPSequence] == [
+        (report.SOPClassUID, report.SOPInstanceUID)]
+    assert [i.ValueType for i in note.ContentSequence] == ["TEXT", "COMPOSITE"]
+    assert note.ContentSequence[1].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == report.SOPInstanceUID
+    assert "Incorrect Modality Worklist Entry" in note.ContentSequence[0].TextValue
+    # read as any rejection note is read: it withdraws the report, and nothing else
+    assert read_rejection(out / name, note).images == {report.SOPInstanceUID}
+    worklist = " ".join(pdf_text(out / "worklist.pdf").split())
+    assert f"withdrawn on the PACS by {name}" in worklist
+
+    written = (out / name).stat().st_mtime_ns
+    again = run(dicom=True)                                       # written once, named by every run after
+    assert again["OTHER"]["rejection_note"] == name and (out / name).stat().st_mtime_ns == written
+
+
 def test_a_multi_frame_image_is_scored_on_its_first_frame_and_every_output_says_so(tmp_path, model, chest_pixels):
     other = np.random.default_rng(7).integers(0, 4096, chest_pixels.shape)     # frames 2 and 3: noise
     box, out = tmp_path / "in", tmp_path / "out"

@@ -378,6 +378,58 @@ def test_a_rejection_note_withdraws_its_images_before_or_after_their_report(dirs
         ("skipped", "(0008,0018) SOPInstanceUID")]
 
 
+def test_a_withdrawn_studys_dicom_reports_get_a_rejection_note_and_a_start_writes_one_missing(
+        dirs, model, tmp_path, caplog):
+    """With --dicom, a study reported twice (an image came later: v2) whose every image is then withdrawn (for the
+    patient's safety): both .dcm reports, sent to the PACS, are withdrawn there by one rejection note of
+    cxrscreen's own, with the images' reason, which the worklist names. A start with --dicom writes the note a
+    withdrawn study lacks (withdrawn by 0.3.5, or by a start without --dicom)."""
+    import pydicom
+
+    from cxrscreen.testing import make_key_object_selection
+
+    inbox, out = dirs
+    archive, scratch = tmp_path / "archive", tmp_path / "scratch"
+    caplog.set_level("INFO", logger="cxrscreen.watch")
+    images = write_study(scratch, "later", 2)
+    options = WatchOptions(inbox, out, archive=archive, settle=0.3, rescan=0.5, gradcam="none", dicom=True)
+    running = Running(options, model)
+    try:
+        (inbox / images[0].name).write_bytes(images[0].read_bytes())
+        wait_for(lambda: len(reports(out)) == 1, "the first report")
+        (inbox / images[1].name).write_bytes(images[1].read_bytes())
+        wait_for(lambda: len(reports(out)) == 2, "the amended report")
+        note = make_key_object_selection([pydicom.dcmread(p) for p in images], seed="unsafe", code="113037",
+                                         meaning="Rejected for Patient Safety Reasons")
+        save(note, inbox / "KO.dcm")
+        wait_for(lambda: "event=rejection_note " in caplog.text, "the rejection note of the reports")
+        worklist = wait_for(lambda: worklist_saying(out, "withdrawn on the PACS by"), "the worklist to name it")
+    finally:
+        running.close()
+    sent = sorted(out.glob("LATER_*.dcm"))
+    (written,) = [p for p in sent if p.name.endswith(".rejection.dcm")]
+    sent.remove(written)
+    assert [p.name.endswith(".v2.dcm") for p in sent] == [False, True]
+    ours = pydicom.dcmread(written)
+    assert ours.ConceptNameCodeSequence[0].CodeValue == "113037"
+    referenced = ours.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert {r.ReferencedSOPInstanceUID for r in referenced} == {pydicom.dcmread(p).SOPInstanceUID for p in sent}
+    assert listed_in(out, "LATER")["rejection_note"] == written.name and f"withdrawn on the PACS by {written.name}" \
+        in worklist
+
+    written.unlink()                                # as a withdrawal by 0.3.5 left it
+    for dicom, expected in ((False, False), (True, True)):
+        starts = caplog.text.count("event=start ")
+        running = Running(WatchOptions(inbox, out, archive=archive, settle=0.3, rescan=0.5, gradcam="none",
+                                       dicom=dicom), model)
+        try:
+            wait_for(lambda: caplog.text.count("event=start ") > starts, "the start")     # after the back-fills
+        finally:
+            running.close()
+        assert written.exists() is expected and running.watcher.reports_written == 0
+    assert pydicom.dcmread(written).SOPInstanceUID == ours.SOPInstanceUID     # the same note as before
+
+
 def test_corrupt_and_truncated_files_land_in_quarantine_with_their_reason(dirs, model, tmp_path):
     inbox, out = dirs
     quarantine = tmp_path / "quarantine"
