@@ -5,5 +5,5 @@ stages and :mod:`cxrscreen.normalise` for the one preprocessing path that
 training and screening share.
 """
 
-__version__ = "0.3.5"
+__version__ = "0.3.6"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"     # the CLI's log lines, and its report processes'
