@@ -1135,8 +1135,9 @@ def decode_first_frame(ds) -> np.ndarray:
 
 
 # JPEG (baseline, extended, lossless) and JPEG-LS: a codestream ends with its end-of-image marker, FFD9
-# (ISO/IEC 10918-1 B.2.1, 14495-1 C.1.1), which scan data cannot hold (an FF in it is followed by 00 or a byte
-# under 80). JPEG 2000 and RLE decoders fail a codestream cut short themselves; these do not.
+# (ISO/IEC 10918-1 B.2.1, 14495-1 C.1.1), which scan data cannot hold (an FF in it is followed by 00 or a
+# restart marker's D0-D7 in JPEG, by a byte under 80 in JPEG-LS). JPEG 2000 and RLE decoders fail a codestream
+# cut short themselves (checked at 40 cuts of seven JPEG 2000 and HTJ2K files); these do not.
 JPEG_CODESTREAMS = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
                               "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
 
