@@ -273,6 +273,33 @@ def damage(data: bytes, rng) -> tuple[bytes, str]:
     return bytes(out), how
 
 
+def cut_frame(data: bytes, rng) -> bytes | None:
+    """``data`` (a DICOM file's bytes) with the codestream of its one frame cut short at a point ``rng`` (a
+    ``random.Random``) chooses before its end marker, the file otherwise whole, as a gateway that cut a frame
+    leaves it; None for a file that is not single-frame encapsulated (compressed) DICOM."""
+    import io
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if ("PixelData" not in ds or not ds.file_meta.TransferSyntaxUID.is_encapsulated
+                or int(ds.get("NumberOfFrames", 1) or 1) != 1):
+            return None
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:       # not DICOM, or its fragments cannot be read: there is no frame to cut
+        return None
+    end = frame.rfind(b"\xff\xd9")                 # JPEG's EOI, JPEG 2000's EOC; else (RLE, native) the end
+    ds.PixelData = encapsulate([frame[:rng.randrange(1, end if end > 1 else len(frame))]])
+    out = io.BytesIO()
+    try:
+        ds.save_as(out, enforce_file_format=False)
+    except Exception:       # an odd element pydicom reads and cannot write back (pydicom's test files have some)
+        return None
+    return out.getvalue()
+
+
 # Transfer syntaxes DCMTK's dcmj2pnm / dcml2pnm decode themselves; any other (JPEG 2000) is decompressed by
 # pydicom first, so that only the display pipeline, not the decoder, is compared.
 _DCMTK_DECODES = {

@@ -222,6 +222,26 @@ def test_a_jpeg_frame_that_lost_its_last_fragment_fails_at_decoding(tmp_path, ch
         load_unit_image(tmp_path / "two.dcm")
 
 
+def test_every_bundled_compressed_sample_with_its_frame_cut_short_fails_at_decoding(tmp_path):
+    """cxrscreen.testing.cut_frame, which benchmarks/damaged_files.py runs on every file pydicom ships, on the
+    samples: JPEG 2000, RLE and JPEG baseline, each cut at three points; an uncompressed file has no frame to cut."""
+    import random
+
+    from cxrscreen.testing import cut_frame
+
+    rng = random.Random(5)
+    compressed = [p for p in sorted((ROOT / "samples").rglob("IM*.dcm")) if cut_frame(p.read_bytes(), rng)]
+    assert len(compressed) >= 3
+    for source in compressed:
+        for k in range(3):
+            path = tmp_path / f"{source.parent.name}_{k}.dcm"
+            path.write_bytes(cut_frame(source.read_bytes(), rng))
+            with pytest.raises(InputError) as info:
+                decode(path)
+            assert info.value.step == "decode", source
+    assert cut_frame((ROOT / "samples" / "study3_pa_and_lateral" / "IM0001.dcm").read_bytes(), rng) is None
+
+
 @pytest.mark.parametrize("name", ["JPEG-LL.dcm", "JPGExtended.dcm"])
 def test_a_jpeg_frame_padded_after_its_end_marker_decodes(name):
     # these end FF D9 FF (a pad byte after the marker): whole frames, as pydicom's own frame search takes them
