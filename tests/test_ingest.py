@@ -184,7 +184,8 @@ def _jpeg_ls_file(pixels, tmp_path) -> Path:
 
 
 def _jpeg_baseline_file(pixels, tmp_path) -> Path:
-    return save(make_dicom((pixels >> 4).astype(np.uint8), seed="jb", transfer_syntax="1.2.840.10008.1.2.4.50"), tmp_path / "jb.dcm")
+    return save(make_dicom((pixels >> 4).astype(np.uint8), seed="jb", transfer_syntax="1.2.840.10008.1.2.4.50"),
+                tmp_path / "jb.dcm")
 
 
 @pytest.mark.parametrize("make", ["baseline", "lossless", "jpeg-ls"])
