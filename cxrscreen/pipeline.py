@@ -273,9 +273,16 @@ def _reports_no_longer_standing(unscreened: list[dict], earlier: dict, out: Path
             note = ""                         # removed since: written again with --dicom, else not named
         if dicom and uid in titles and sent and not note:
             note = rejection_note_name(report)
-            with _writing(out / note, "write the rejection note of the study's DICOM report"):
-                written = write_rejection_note(out / note, [out / sent], rejection_code(titles[uid]),
-                                               withdrawn_description(uid, titles[uid]))
+            try:
+                with _writing(out / note, "write the rejection note of the study's DICOM report"):
+                    written = write_rejection_note(out / note, [out / sent], rejection_code(titles[uid]),
+                                                   withdrawn_description(uid, titles[uid]))
+            except Exception as exc:        # after screening: the run's state is still saved, the next run retries
+                cause = (exc.cause if isinstance(exc, OutputError) else
+                         f"cannot write the rejection note of the study's DICOM report: {type(exc).__name__}: {exc}")
+                log.error("%s: %s", out / note, cause)
+                row.update(status="failed", step="report", reason=f"{row['reason']}; {cause}")
+                written = None
             note = written.name if written else ""
         if note:
             row["rejection_note"] = note

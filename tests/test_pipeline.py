@@ -646,7 +646,8 @@ def test_a_rejected_image_is_not_scored_and_a_study_all_rejected_is_a_skipped_st
     assert next(r for r in again.rows if r["patient_id"] == "OTHER" and r["kind"] == "study")["reason"].endswith(stale)
 
 
-def test_a_withdrawn_studys_dicom_report_gets_a_rejection_note_of_its_own(tmp_path, model, chest_pixels):
+def test_a_withdrawn_studys_dicom_report_gets_a_rejection_note_of_its_own(tmp_path, model, chest_pixels,
+                                                                         monkeypatch):
     """A study reported with --dicom whose image the PACS withdraws since (wrong worklist entry): its .dcm report,
     sent to the PACS, was left standing there. A later --dicom run writes a rejection note (IHE IOCM) of that
     report, with the images' reason, once; a study only left out by this run's options gets none (its images
@@ -675,7 +676,18 @@ def test_a_withdrawn_studys_dicom_report_gets_a_rejection_note_of_its_own(tmp_pa
 
     without = run(dicom=False)
     assert not list(out.glob("*.rejection.dcm")) and "rejection_note" not in without["OTHER"]
-    studies = run(dicom=True)
+    with monkeypatch.context() as patch:      # a full disk: the study fails (exit 1), the run's state is kept
+        import cxrscreen.pipeline as pipeline
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        patch.setattr(pipeline, "write_rejection_note", full)
+        failing = run_batch([box], BatchOptions(out=out, gradcam="none", dicom=True), model=model)
+    row = next(r for r in failing.rows if r["kind"] == "study" and r["patient_id"] == "OTHER")
+    assert (row["status"], row["step"], failing.exit_code) == ("failed", "report", 1) and "rejection_note" not in row
+    assert row["reason"].endswith("cannot write the rejection note of the study's DICOM report: "
+                                  "No space left on device")
+    studies = run(dicom=True)                                  # the next run writes it
     name = first["OTHER"]["report"].replace(".pdf", ".rejection.dcm")
     assert studies["OTHER"]["rejection_note"] == name and [p.name for p in out.glob("*.rejection.dcm")] == [name]
     assert studies["OTHER"]["reason"].endswith(f"; rejection note {name} withdraws its DICOM report {sent.name} "
