@@ -87,24 +87,50 @@ def _character_set(declared: str, values) -> str | list[str]:
     return "ISO_IR 192" if seen else terms
 
 
+def _new_instance(sop_class: str, sop_uid: str, now: dt.datetime):
+    """An empty Part-10 data set (explicit VR little endian) of ``sop_class``, its file meta and SOP Common
+    module (PS3.3 C.12.1) filled in: the instance ``sop_uid``, created ``now``."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    return ds
+
+
+def _write(path: Path, build, values_from: str) -> Path | None:
+    """Write the data set ``build()`` makes as ``path``, atomically; None, and nothing written, when it makes
+    none. Values are copied as the inputs (``values_from``) have them, an over-long one too: pydicom's warnings
+    are one log line."""
+    with caught() as seen:
+        ds = build()
+        if ds is None:
+            return None
+        with atomic_write(Path(path), "wb") as handle:
+            ds.save_as(handle, enforce_file_format=True)
+    if seen:
+        log.warning("%s: written with %s (values copied from the %s as they are)", path, listed(seen), values_from)
+    return Path(path)
+
+
 def encapsulated_pdf(pdf: bytes, images: Sequence[Radiograph], *, version: int = 1, now: dt.datetime | None = None):
     """The Encapsulated PDF data set (a pydicom FileDataset) of ``pdf``, the report of the study whose
     scored images are ``images``; None when none of them is DICOM."""
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import generate_uid
 
     images = dicom_images(images)
     if not images:
         return None
     first = images[0]
     now = now or dt.datetime.now()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid(prefix=None)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds = _new_instance(ENCAPSULATED_PDF_STORAGE, generate_uid(prefix=None), now)
     text = {
         # Patient (PS3.3 C.7.1.1)
         "PatientName": first.patient_name, "PatientID": first.patient_id,
@@ -118,10 +144,6 @@ def encapsulated_pdf(pdf: bytes, images: Sequence[Radiograph], *, version: int =
     charset = _character_set(first.character_set, text.values())
     if charset:
         ds.SpecificCharacterSet = charset
-    # SOP Common (C.12.1)
-    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     for keyword, value in text.items():
         if value or keyword not in ("IssuerOfPatientID", "StudyDescription"):     # type 3: only when known
             setattr(ds, keyword, value)
@@ -159,15 +181,7 @@ def write_encapsulated_pdf(path: Path, pdf_path: Path, images: Sequence[Radiogra
                            version: int = 1) -> Path | None:
     """Write the report ``pdf_path`` of the study whose scored images are ``images`` as ``path`` (an
     Encapsulated PDF instance of that study), atomically; None, and nothing written, when none is DICOM."""
-    with caught() as seen:      # values copied as the images have them, an over-long one too: pydicom warns
-        ds = encapsulated_pdf(Path(pdf_path).read_bytes(), images, version=version)
-        if ds is None:
-            return None
-        with atomic_write(Path(path), "wb") as handle:
-            ds.save_as(handle, enforce_file_format=True)
-    if seen:
-        log.warning("%s: written with %s (values copied from the images as they are)", path, listed(seen))
-    return Path(path)
+    return _write(path, lambda: encapsulated_pdf(Path(pdf_path).read_bytes(), images, version=version), "images")
 
 
 # --------------------------------------------------------------- rejection notes of cxrscreen's own reports
@@ -207,8 +221,7 @@ def rejection_note(reports: Sequence, code: str, description: str, *, now: dt.da
     its SOP Instance UID is derived from the reports' (the same reports, the same note, however often it is
     written); its own series holds cxrscreen's notes of the study. ``description`` is its Key Object
     Description, for a reader."""
-    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.dataset import Dataset
 
     def code_item(value: str, meaning: str) -> Dataset:
         item = Dataset()
@@ -221,19 +234,11 @@ def rejection_note(reports: Sequence, code: str, description: str, *, now: dt.da
         return item
 
     first, now = reports[0], now or dt.datetime.now()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = KEY_OBJECT_SELECTION
-    meta.MediaStorageSOPInstanceUID = derived_uid("/".join(sorted(r.SOPInstanceUID for r in reports))
-                                                  + "/cxrscreen rejection note")
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds = _new_instance(KEY_OBJECT_SELECTION, derived_uid("/".join(sorted(r.SOPInstanceUID for r in reports))
+                                                         + "/cxrscreen rejection note"), now)
     for keyword in _COPIED:             # Patient (C.7.1.1), General Study (C.7.2.1): as the reports have them
         if keyword in first:
             setattr(ds, keyword, first[keyword].value)
-    # SOP Common (C.12.1)
-    ds.SOPClassUID, ds.SOPInstanceUID = KEY_OBJECT_SELECTION, meta.MediaStorageSOPInstanceUID
-    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     # Key Object Document Series (C.17.6.1), General Equipment (C.7.5.1)
     ds.Modality = "KO"
     ds.SeriesInstanceUID = derived_uid(f"{first.StudyInstanceUID}/cxrscreen rejection notes")
@@ -284,12 +289,4 @@ def write_rejection_note(path: Path, reports: Sequence[Path], code: str, descrip
             read.append(dcmread(report, defer_size="1 KB"))     # the PDF itself is not read
         except FileNotFoundError:
             continue
-    if not read:
-        return None
-    with caught() as seen:
-        ds = rejection_note(read, code, description)
-        with atomic_write(Path(path), "wb") as handle:
-            ds.save_as(handle, enforce_file_format=True)
-    if seen:
-        log.warning("%s: written with %s (values copied from the reports as they are)", path, listed(seen))
-    return Path(path)
+    return _write(path, lambda: rejection_note(read, code, description) if read else None, "reports")
