@@ -42,6 +42,8 @@ from typing import Iterator
 from .errors import OutputError, UsageError
 
 SCHEMA_VERSION = 6
+# StudyRow.stands, for queries of the studies table: a report that stands
+STANDS_SQL = "(version > 0 AND score IS NOT NULL)"
 
 # How a state file of an older schema is brought up to date, step by step, when it is opened.
 _MIGRATIONS = {
@@ -179,7 +181,8 @@ class StudyRow:
 
     @property
     def stands(self) -> bool:
-        """Whether the study has a report that stands: reported (a version, with its score), not withdrawn since."""
+        """Whether the study has a report that stands: reported (a version, with its score), not withdrawn since
+        (:data:`STANDS_SQL` in SQL)."""
         return self.version > 0 and self.score is not None
 
     @property
@@ -434,6 +437,11 @@ class Ledger:
 
     def studies(self, status: str | None = None) -> list[StudyRow]:
         return self._studies("status = ?", (status,)) if status else self._studies("1")
+
+    def withdrawn_studies(self) -> list[StudyRow]:
+        """The studies whose report no longer stands (:attr:`StudyRow.withdrawn`), found by the database: few,
+        among every study a ledger of years holds."""
+        return self._studies(f"status = 'done' AND version > 0 AND NOT {STANDS_SQL}")
 
     def recent_studies(self, since: float) -> list[StudyRow]:
         """Studies updated at or after ``since`` (epoch seconds), and every pending one."""

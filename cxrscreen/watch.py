@@ -54,7 +54,7 @@ from .infer import LoadedModel, load_model, sha256_file
 from .ingest import (EVERY_IMAGE, PRESENTATION_STATE_TAG, REJECTED_TAG, SELECTION_RULES, Selection, changes_its_study,
                      group_studies, is_ignored, newest_presentations, not_regular, read_record, temporary_suffix, walk,
                      withdrawn_title)
-from .ledger import FileRow, Ledger, StudyRow, fsync_dir, in_use
+from .ledger import STANDS_SQL, FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
                        unscreened_study_rows)
@@ -150,8 +150,8 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
         db = sqlite3.connect(f"{state_file.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
             # a done study has a report that stands, or none (its images all skipped, or withdrawn since)
-            studies = dict(db.execute("SELECT CASE WHEN status != 'done' THEN status WHEN version > 0 AND score IS "
-                                      "NOT NULL THEN 'reported' ELSE 'not_screened' END, COUNT(*) FROM studies "
+            studies = dict(db.execute(f"SELECT CASE WHEN status != 'done' THEN status WHEN {STANDS_SQL} THEN "
+                                      "'reported' ELSE 'not_screened' END, COUNT(*) FROM studies "
                                       "GROUP BY 1").fetchall())
             # and the studies of files skipped (or failed) as they came, none of them an image to screen: a
             # lateral-only or non-chest study has no row of its own, as in the summary
@@ -462,10 +462,10 @@ class Watcher:
         """With --dicom, at each start: a study withdrawn while no rejection note was written of its .dcm reports
         (by cxrscreen 0.3.5 or older, by a start without --dicom, or a note that failed) gets it. Withdrawn
         studies are few: this stats a file or two of each."""
-        for row in self.ledger.studies("done"):
+        for row in self.ledger.withdrawn_studies():
             if self.stop.is_set():
                 return
-            if (row.withdrawn and row.report_base and not (self.out / rejection_note_name(row.report_base)).exists()
+            if (row.report_base and not (self.out / rejection_note_name(row.report_base)).exists()
                     and any(self.out.joinpath(dicom_report_name(report_name(row.report_base, v))).exists()
                             for v in range(1, row.version + 1))):
                 self._withdraw_dicom_reports(row, [f.reason for f in self.ledger.study_files(row.study_uid)

@@ -417,6 +417,14 @@ def test_a_withdrawn_studys_dicom_reports_get_a_rejection_note_and_a_start_write
     assert listed_in(out, "LATER")["rejection_note"] == written.name and f"withdrawn on the PACS by {written.name}" \
         in worklist
 
+    from cxrscreen.ledger import Ledger
+
+    ledger = Ledger(out / STATE_FILE)               # the database finds the studies StudyRow calls withdrawn
+    try:
+        assert [s.study_uid for s in ledger.withdrawn_studies()] == [s.study_uid for s in ledger.studies()
+                                                                      if s.withdrawn] == [ours.StudyInstanceUID]
+    finally:
+        ledger.close()
     written.unlink()                                # as a withdrawal by 0.3.5 left it
     for dicom, expected in ((False, False), (True, True)):
         starts = caplog.text.count("event=start ")
