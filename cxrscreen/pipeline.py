@@ -267,7 +267,8 @@ def _reports_no_longer_standing(unscreened: list[dict], earlier: dict, out: Path
             continue
         row["reason"] += f"; its report of an earlier run into this folder, {report}, no longer stands"
         row["withdrawn_report"] = report      # the worklist says so where the report's link would be
-        sent = dicom_report_name(report) if (out / dicom_report_name(report)).is_file() else ""
+        dcm = dicom_report_name(report)
+        sent = dcm if (out / dcm).is_file() else ""
         note = entry.get("rejection_note", "")
         if note and not (out / note).is_file():
             note = ""                         # removed since: written again with --dicom, else not named
