@@ -369,14 +369,15 @@ def read_labeled_csv(path) -> list[tuple["object", int, str]]:
     return rows
 
 
-def _labeled_studies(data, selection=None):
+def _labeled_studies(data, selection=None, patient_pattern=None):
     """Studies with labels from ``DATA/{NORMAL,PNEUMONIA}/**`` or a CSV ``path,label``, their images chosen by
     ``selection`` (a :class:`cxrscreen.ingest.Selection`; default: frontal chest images, as ``batch``'s).
 
     Returns ``(studies, labels {uid: 0/1}, patients {uid: key}, excluded FileOutcomes, inputs digest)``.
     A study's patient key, which the bootstrap resamples by, is the CSV's ``patient`` column where it
-    names one, else the DICOM Issuer of Patient ID and Patient ID, else (a JPEG or PNG, or a DICOM without
-    a Patient ID) the study itself.
+    names one, else what ``patient_pattern`` (a compiled regular expression) finds in its files' paths
+    (:func:`patient_from_path`), else the DICOM Issuer of Patient ID and Patient ID, else (a JPEG or PNG,
+    or a DICOM without a Patient ID) the study itself. A pattern that finds no patient in any file is refused.
     """
     import hashlib
     from pathlib import Path
@@ -398,13 +399,19 @@ def _labeled_studies(data, selection=None):
             raise UsageError(f"{data} must hold NORMAL/ and PNEUMONIA/ folders (or pass a CSV path,label)",
                              step="calibration")
         sources = [(folder, label, "") for label, folder in enumerate(folders)]
+    root = data.parent if data.is_file() else data      # the paths a pattern reads are relative to it
     items, label_of, patient_of = [], {}, {}
     for path, label, patient in sources:
         for item in scan([path], selection):
             items.append(item)
             label_of[item.path] = label
-            if patient:
-                patient_of[item.path] = patient
+            found = patient_pattern and patient_from_path(patient_pattern, item.path, root)
+            if patient or found:
+                patient_of[item.path] = f"csv:{patient}" if patient else f"pattern:{found}"
+    if patient_pattern and items and not any(key.startswith("pattern:") for key in patient_of.values()):
+        example = _relative_name(items[0].path, root)
+        raise UsageError(f"--patient-pattern {patient_pattern.pattern!r} finds no patient in any of the "
+                         f"{len(items)} files' paths (one is {example!r})", step="calibration")
     studies, excluded = group_studies(items)
     labels, patients, kept = {}, {}, []
     for study in studies:
@@ -423,10 +430,34 @@ def _labeled_studies(data, selection=None):
     return kept, labels, patients, excluded, digest.hexdigest()
 
 
+def _relative_name(path, root) -> str:
+    """``path`` relative to ``root`` with forward slashes, or whole where it is elsewhere."""
+    import os
+    from pathlib import Path
+
+    for strip in (os.path.abspath, os.path.realpath):      # a CSV's paths are resolved, a folder's are not
+        try:
+            return Path(strip(path)).relative_to(strip(root)).as_posix()
+        except ValueError:
+            pass
+    return Path(path).as_posix()
+
+
+def patient_from_path(pattern, path, root) -> str:
+    """The patient that ``pattern`` (a compiled regular expression) finds in ``path``, read relative to
+    ``root`` with forward slashes (``PNEUMONIA/person12_virus_40.jpeg``, ``P0042/2026-01-03.dcm``): the
+    first of its groups that took part in the match (``(person\\d+)|(IM-\\d+)``), else the whole match;
+    '' when it does not match, or matches nothing."""
+    match = pattern.search(_relative_name(path, root))
+    if not match:
+        return ""
+    return next((group for group in match.groups() if group is not None), match.group(0))
+
+
 def _patient_key(study, patient_of: dict) -> str:
     named = {patient_of[r.path] for r in study.images if r.path in patient_of}
     if len(named) == 1:
-        return "csv:" + named.pop()
+        return named.pop()
     first = study.first
     if first is not None and first.patient_id:
         return f"dicom:{first.issuer_of_patient_id}\\{first.patient_id}"
@@ -435,7 +466,7 @@ def _patient_key(study, patient_of: dict) -> str:
 
 def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_boot: int = 2000,
                     prevalence: float | None = None, batch_size: int = 16, workers: int = 2, model=None,
-                    conservative: bool = False, selection=None) -> dict:
+                    conservative: bool = False, selection=None, patient_pattern: str | None = None) -> dict:
     """Score a labeled set as ``batch`` would, choose the threshold, write the calibration file and plot.
 
     ``selection`` (a :class:`cxrscreen.ingest.Selection`) chooses the images as ``batch``'s options do: a site
@@ -444,13 +475,19 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     The threshold is the highest whose sensitivity on the data reaches ``target``; ``conservative``: the
     highest whose lower 95% bound of sensitivity does (refused when no threshold's does).
 
+    ``patient_pattern``, a regular expression, finds each file's patient in its path (relative to ``data``,
+    or to a CSV's folder): its first group, else the whole match. The bootstrap resamples those patients
+    (a site's exported JPEGs named by patient, or one folder per patient); see :func:`_labeled_studies`.
+
     Raises :class:`cxrscreen.errors.UsageError` (exit code 2) for every refusal, and
     :class:`cxrscreen.errors.OutputError` (exit code 1) when the calibration cannot be written
     (a folder it may not write, found before scoring; a full disk).
     """
     import datetime as _dt
     import json
+    import logging
     import os
+    from collections import Counter
     from pathlib import Path
 
     from . import __version__
@@ -465,6 +502,15 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         raise UsageError(f"--target-sensitivity {target} is outside (0, 1]", step="calibration")
     if prevalence is not None and not 0 < prevalence < 1:
         raise UsageError(f"--prevalence {prevalence} is outside (0, 1)", step="calibration")
+    pattern = None
+    if patient_pattern:
+        import re
+
+        try:
+            pattern = re.compile(patient_pattern)
+        except re.error as exc:
+            raise UsageError(f"--patient-pattern {patient_pattern!r} is not a regular expression: {exc}",
+                             step="calibration") from None
     model = model or load_model(model_path)
     folder = Path(out).parent if out else model.path.parent
     folder = next(f for f in (folder, *folder.parents) if f.exists())    # atomic_write makes the rest
@@ -472,7 +518,7 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         raise OutputError(f"cannot write the calibration in {folder}" + ("" if out else " beside the model")
                           + ": permission denied" + ("" if out else "; give --out FILE"),
                           path=folder, step="calibration")
-    studies, labels, patients, excluded, digest = _labeled_studies(data, selection)
+    studies, labels, patients, excluded, digest = _labeled_studies(data, selection, pattern)
     scores, failed = score_studies(studies, model, batch_size=batch_size, workers=workers)
     excluded = list(excluded) + failed
     uids = [s.study_uid for s in studies if s.study_uid in scores]
@@ -485,6 +531,12 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
                          step="calibration")
     groups = [patients[u] for u in uids]
     people = group_count(y, groups)
+    keyed_by = dict(sorted(Counter(g.split(":", 1)[0] for g in groups).items()))   # csv, pattern, dicom, study
+    if pattern and len(uids) > keyed_by.get("csv", 0) + keyed_by.get("pattern", 0):
+        logging.getLogger(__name__).warning("--patient-pattern %r found no patient in the files of %d of %d studies: their patient is "
+                    "the DICOM Patient ID (%d) or the study itself (%d)", patient_pattern,
+                    keyed_by.get("dicom", 0) + keyed_by.get("study", 0), len(uids), keyed_by.get("dicom", 0),
+                    keyed_by.get("study", 0))
     small = [k for k, v in people.items() if v < MIN_PER_CLASS]
     if small:       # twenty studies of two patients are two patients' evidence
         raise UsageError(f"fewer than {MIN_PER_CLASS} patients of {', '.join(small)}: studies {counts}, patients "
@@ -517,7 +569,8 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         "sensitivity": point.sensitivity, "sensitivity_ci95": ci["sensitivity"],
         "specificity": point.specificity, "specificity_ci95": ci["specificity"],
         "prevalence": prev, "ppv": ppv, "npv": npv, "bootstrap": n_boot,
-        "bootstrap_unit": "patient", "patients": people,
+        "bootstrap_unit": "patient", "patients": people, "patient_pattern": patient_pattern or None,
+        "patients_from": keyed_by,
         "sensitivity_lower_bound_below_target": bool(lower < target),
         "confusion_matrix": point.to_json()["confusion_matrix"],
     }

@@ -209,11 +209,16 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
 @click.option("--conservative", is_flag=True,
               help="Choose the highest threshold whose lower 95% bound of sensitivity, not the sensitivity "
                    "measured, reaches the target (refused when the data hold too few positive cases).")
+@click.option("--patient-pattern", metavar="REGEX",
+              help="Find each file's patient in its path relative to DATA (or the CSV's folder) with this regular "
+                   "expression, the first group that took part or else the whole match: '^[^/]+/([^/]+)/' for a folder per "
+                   "patient under NORMAL/ and PNEUMONIA/. A CSV's patient column comes first; without either, "
+                   "the DICOM Patient ID, else each study is its own patient.")
 @click.option("--batch-size", default=16, show_default=True)
 @selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, conservative, batch_size, selection,
-              as_json):
+def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, conservative, patient_pattern,
+              batch_size, selection, as_json):
     """Set the threshold for a target sensitivity on labeled DATA (NORMAL/ and PNEUMONIA/ folders, or a CSV of
     path,label[,patient])."""
     from .calibrate import run_calibration
@@ -221,7 +226,7 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, con
     try:
         result = run_calibration(data, target=target_sensitivity, model_path=model_path, out=out, n_boot=n_boot,
                                  prevalence=prevalence, batch_size=batch_size, conservative=conservative,
-                                 selection=selection)
+                                 selection=selection, patient_pattern=patient_pattern)
     except CxrError as exc:
         _fail(exc)
     if as_json:

@@ -134,6 +134,89 @@ def test_calibration_resamples_the_patients_dicom_and_a_csv_name(tmp_path):
     assert group_count([labels[u] for u in uids], [patients[u] for u in uids]) == {"NORMAL": 2, "PNEUMONIA": 3}
 
 
+def test_a_patient_pattern_finds_the_patient_in_a_file_name_or_folder(tmp_path):
+    """A folder of exported JPEGs/PNGs was one patient per file, whatever their names said: on the Kermany
+    test split 624 "patients" for 427. --patient-pattern reads the patient from the path (relative to DATA,
+    or to the CSV's folder); a CSV's patient column still comes first; a DICOM it does not match keeps its
+    Patient ID."""
+    import re
+
+    import cv2
+
+    from cxrscreen.calibrate import _labeled_studies, patient_from_path
+    from cxrscreen.testing import make_dicom, save
+
+    rng = np.random.default_rng(8)
+    png = lambda path: (path.parent.mkdir(parents=True, exist_ok=True),
+                        cv2.imwrite(str(path), (rng.random((64, 64)) * 255).astype(np.uint8)))
+    for name in ("person1_bacteria_1.jpeg", "person1_virus_7.jpeg", "person2_bacteria_3.jpeg"):
+        png(tmp_path / "site" / "PNEUMONIA" / name)
+    for name in ("IM-0115-0001.jpeg", "NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1427-0002.jpeg", "P7/a.png", "P7/b.png"):
+        png(tmp_path / "site" / "NORMAL" / name)
+    save(make_dicom((rng.random((64, 64)) * 4000).astype(np.uint16), seed="d", patient_id="PAT9"),
+         tmp_path / "site" / "NORMAL" / "1.2.3.dcm")
+    kermany = re.compile(r"(person\d+(?=_)|NORMAL2-IM-\d+|IM-\d+)|^NORMAL/(P\d+)/")
+    studies, labels, patients, excluded, _ = _labeled_studies(tmp_path / "site", patient_pattern=kermany)
+    assert not excluded and len(studies) == 9
+    by_file = {s.first.path.name: patients[s.study_uid] for s in studies}
+    assert by_file["person1_bacteria_1.jpeg"] == by_file["person1_virus_7.jpeg"] == "pattern:person1"
+    assert by_file["person2_bacteria_3.jpeg"] == "pattern:person2"
+    assert by_file["IM-0115-0001.jpeg"] == "pattern:IM-0115"
+    assert by_file["NORMAL2-IM-1427-0001.jpeg"] == by_file["NORMAL2-IM-1427-0002.jpeg"] == "pattern:NORMAL2-IM-1427"
+    assert by_file["1.2.3.dcm"].startswith("dicom:") and by_file["1.2.3.dcm"].endswith("PAT9")
+    assert by_file["a.png"] == by_file["b.png"] == "pattern:P7"       # the group that took part
+    folder = re.compile(r"^NORMAL/(P\d+)/")
+    assert patient_from_path(folder, tmp_path / "site" / "NORMAL" / "P7" / "a.png", tmp_path / "site") == "P7"
+    assert patient_from_path(re.compile(r"P\d+"), tmp_path / "elsewhere" / "P3.png", tmp_path / "site") == "P3"
+    assert patient_from_path(folder, tmp_path / "site" / "NORMAL" / "a.png", tmp_path / "site") == ""
+
+    # a CSV: paths relative to its folder; its patient column comes first
+    rows = ["path,label,patient", "site/PNEUMONIA/person1_bacteria_1.jpeg,PNEUMONIA,kid-1",
+            "site/PNEUMONIA/person1_virus_7.jpeg,PNEUMONIA,", "site/NORMAL/P7/a.png,NORMAL,",
+            "site/NORMAL/P7/b.png,NORMAL,"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    studies, _, patients, _, _ = _labeled_studies(tmp_path / "labels.csv",
+                                                  patient_pattern=re.compile(r"^site/[A-Z]+/(person\d+|P\d+)"))
+    by_file = {s.first.path.name: patients[s.study_uid] for s in studies}
+    assert by_file == {"person1_bacteria_1.jpeg": "csv:kid-1", "person1_virus_7.jpeg": "pattern:person1",
+                       "a.png": "pattern:P7", "b.png": "pattern:P7"}
+
+
+def test_a_patient_pattern_that_is_wrong_or_finds_nothing_is_refused(tmp_path, model_copy):
+    data = make_labeled(tmp_path / "d", 21, 21)
+    run = lambda pattern: CliRunner().invoke(main, ["calibrate", str(data), "--model", str(model_copy.path),
+                                                    "--bootstrap", "50", "--patient-pattern", pattern])
+    result = run("person(\\d+")
+    assert result.exit_code == 2 and "--patient-pattern 'person(\\\\d+' is not a regular expression: missing )" \
+        in result.output, result.output
+    result = run("^person\\d+")
+    assert result.exit_code == 2, result.output
+    assert "finds no patient in any of the 42 files' paths (one is 'NORMAL/nested/NORMAL_0.png')" in result.output
+
+
+def test_calibrate_with_a_patient_pattern_resamples_its_patients(tmp_path, model_copy, caplog):
+    """Twenty-one patients of each class, two images each, the patient in the name: the file counts the
+    patients the pattern found and where each study's came from; one file it does not match is warned of."""
+    import cv2
+
+    rng = np.random.default_rng(12)
+    for label in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "d" / label).mkdir(parents=True)
+        for i in range(42):
+            img = cv2.GaussianBlur((rng.random((96, 96)) * 255).astype(np.uint8), (0, 0), 2 + 4 * rng.random())
+            name = f"{label.lower()}-{i // 2:02d}_{i % 2}.png" if i < 41 else "unnamed.png"
+            cv2.imwrite(str(tmp_path / "d" / label / name), img)
+    with caplog.at_level("WARNING", logger="cxrscreen"):
+        result = CliRunner().invoke(main, ["calibrate", str(tmp_path / "d"), "--model", str(model_copy.path),
+                                           "--bootstrap", "50", "--patient-pattern", r"/([a-z]+-\d+)_", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["n"] == {"NORMAL": 42, "PNEUMONIA": 42} and out["patients"] == {"NORMAL": 22, "PNEUMONIA": 22}
+    assert out["patients_from"] == {"pattern": 82, "study": 2} and out["patient_pattern"] == r"/([a-z]+-\d+)_"
+    assert "found no patient in the files of 2 of 84 studies: their patient is the DICOM Patient ID (0) or the " \
+           "study itself (2)" in caplog.text
+
+
 def test_an_interval_holds_the_exact_binomial_one_where_the_bootstrap_collapses():
     """Every positive above the threshold: the percentile bootstrap says sensitivity [1, 1]; 60 of 60 are as
     consistent with 0.95 (Clopper-Pearson lower bound 0.9404)."""
