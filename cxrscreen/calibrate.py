@@ -533,10 +533,11 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     people = group_count(y, groups)
     keyed_by = dict(sorted(Counter(g.split(":", 1)[0] for g in groups).items()))   # csv, pattern, dicom, study
     if pattern and len(uids) > keyed_by.get("csv", 0) + keyed_by.get("pattern", 0):
-        logging.getLogger(__name__).warning("--patient-pattern %r found no patient in the files of %d of %d studies: their patient is "
-                    "the DICOM Patient ID (%d) or the study itself (%d)", patient_pattern,
-                    keyed_by.get("dicom", 0) + keyed_by.get("study", 0), len(uids), keyed_by.get("dicom", 0),
-                    keyed_by.get("study", 0))
+        logging.getLogger(__name__).warning(
+            "--patient-pattern %r found no patient in the files of %d of %d studies: their patient is the DICOM "
+            "Patient ID (%d) or the study itself (%d)", patient_pattern,
+            keyed_by.get("dicom", 0) + keyed_by.get("study", 0), len(uids), keyed_by.get("dicom", 0),
+            keyed_by.get("study", 0))
     small = [k for k, v in people.items() if v < MIN_PER_CLASS]
     if small:       # twenty studies of two patients are two patients' evidence
         raise UsageError(f"fewer than {MIN_PER_CLASS} patients of {', '.join(small)}: studies {counts}, patients "

@@ -211,9 +211,9 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
                    "measured, reaches the target (refused when the data hold too few positive cases).")
 @click.option("--patient-pattern", metavar="REGEX",
               help="Find each file's patient in its path relative to DATA (or the CSV's folder) with this regular "
-                   "expression, the first group that took part or else the whole match: '^[^/]+/([^/]+)/' for a folder per "
-                   "patient under NORMAL/ and PNEUMONIA/. A CSV's patient column comes first; without either, "
-                   "the DICOM Patient ID, else each study is its own patient.")
+                   "expression, the first group that took part or else the whole match: '^[^/]+/([^/]+)/' for a "
+                   "folder per patient under NORMAL/ and PNEUMONIA/. A CSV's patient column comes first; "
+                   "without either, the DICOM Patient ID, else each study is its own patient.")
 @click.option("--batch-size", default=16, show_default=True)
 @selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
