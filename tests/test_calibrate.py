@@ -208,10 +208,16 @@ def test_calibrate_with_a_patient_pattern_resamples_its_patients(tmp_path, model
             cv2.imwrite(str(tmp_path / "d" / label / name), img)
     with caplog.at_level("WARNING", logger="cxrscreen"):
         result = CliRunner().invoke(main, ["calibrate", str(tmp_path / "d"), "--model", str(model_copy.path),
-                                           "--bootstrap", "50", "--patient-pattern", r"/([a-z]+-\d+)_", "--json"])
+                                           "--bootstrap", "50", "--patient-pattern", r"/([a-z]+-\d+)_",
+                                           "--out", str(tmp_path / "cal.json")])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+    out = json.loads((tmp_path / "cal.json").read_text())
     assert out["n"] == {"NORMAL": 42, "PNEUMONIA": 42} and out["patients"] == {"NORMAL": 22, "PNEUMONIA": 22}
+    lines = result.stdout.splitlines()          # what a person reads
+    assert lines[0] == "42 NORMAL and 42 PNEUMONIA studies (of 22 and 22 patients: the intervals resample patients)"
+    assert lines[1] == f"ROC AUC {out['auc']:.3f} (95% CI {out['auc_ci95'][0]:.3f}-{out['auc_ci95'][1]:.3f})"
+    assert lines[2].startswith(f"threshold {out['threshold']:.4f}: the highest at which the sensitivity reaches")
+    assert lines[-1] == f"wrote {tmp_path / 'cal.json'} and {tmp_path / 'cal.png'}"
     assert out["patients_from"] == {"pattern": 82, "study": 2} and out["patient_pattern"] == r"/([a-z]+-\d+)_"
     assert "found no patient in the files of 2 of 84 studies: their patient is the DICOM Patient ID (0) or the " \
            "study itself (2)" in caplog.text
