@@ -104,9 +104,11 @@ def ignored_reason(name: str, folder: bool = False) -> str:
     return f"a temporary name (*{temporary_suffix(name)}): a transfer still under way, or one that failed; not read"
 
 
-def is_output_folder(folder: Path | str) -> bool:
-    """Whether ``folder`` is where a cxrscreen writes (its lock, batch state or watch ledger is there)."""
-    return any(os.path.exists(os.path.join(folder, marker)) for marker in OUTPUT_MARKERS)
+def is_output_folder(names: Iterable[str]) -> bool:
+    """Whether a folder whose files are ``names`` is where a cxrscreen writes (its lock, batch state or watch
+    ledger is there). From the listing the walk has, not by asking for each marker: on a network share
+    each question is a round trip, three per folder."""
+    return not set(OUTPUT_MARKERS).isdisjoint(names)
 
 
 def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | None = None,
@@ -146,7 +148,7 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        if is_output_folder(folder):
+        if is_output_folder(files):
             log.info("not scanning %s: a cxrscreen output folder (reports, not inputs)", folder)
             dirs[:] = []
             continue
