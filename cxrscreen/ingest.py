@@ -1023,17 +1023,73 @@ def tag_named_in(message: str) -> str:
     return tag_label(int("".join(found.groups()), 16)) if found else ""
 
 
-def scan(inputs: Iterable[Path | str], selection: Selection = Selection()) -> Iterator[Radiograph | FileOutcome]:
-    """Discover and read the header of every input file; each ends, by ``selection``, as a Radiograph or
-    FileOutcome."""
-    for path in discover(inputs):
+def read_ahead(function: Callable, items: Iterable, *, threads: int, ahead: int, name: str) -> Iterator[tuple]:
+    """``(item, function(item))`` for each of ``items``, in their order, computed by ``threads`` threads up
+    to ``ahead`` items in advance, while the caller works on the ones before. ``function`` should return
+    its failures: an exception it raises is raised here, at its item's turn. A consumer that stops early
+    waits only for the items under way. The header scan's and the decoders' loop."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+    try:
+        pending: deque = deque()
+        iterator = iter(items)
+        for item in iterator:
+            pending.append((item, pool.submit(function, item)))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            item, future = pending.popleft()
+            for following in iterator:
+                pending.append((following, pool.submit(function, following)))
+                break
+            yield item, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Threads that read headers once the reads wait more than they compute: on a network share (a PACS export
+# on NFS or SMB) each file costs round trips, which threads overlap; on a local disk whose files are cached,
+# the reads compute (parsing, in Python) and threads only contend for the interpreter: 8 threads made such
+# a scan twice as slow on 2 cores. See benchmarks/share_scan.py.
+SCAN_THREADS = 8
+SCAN_PROBE = 16          # reads timed at a time, to decide
+
+
+def scan(inputs: Iterable[Path | str], selection: Selection = Selection(), *,
+         threads: int = SCAN_THREADS) -> Iterator[Radiograph | FileOutcome]:
+    """Discover and read the header of every input file, yielded in the order found; each ends, by
+    ``selection``, as a Radiograph or FileOutcome. Files are read one at a time, timed, until
+    :data:`SCAN_PROBE` reads in a row spend more time waiting (for the disk or the network) than computing;
+    the rest are read ``threads`` at a time."""
+    import time
+
+    def read(path: Path | FileOutcome) -> Radiograph | FileOutcome:
         if isinstance(path, FileOutcome):
-            yield path
-            continue
+            return path
         if not path.exists() and not path.is_symlink():
-            yield FileOutcome(path, Status.FAILED, "no such file or folder", step="discover")
-            continue
-        yield read_record(path, selection)
+            return FileOutcome(path, Status.FAILED, "no such file or folder", step="discover")
+        return read_record(path, selection)
+
+    paths = iter(discover(inputs))
+    reads, waited, computed = 0, 0.0, 0.0
+    for path in paths:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        outcome = read(path)
+        cpu = time.thread_time() - cpu
+        computed, waited = computed + cpu, waited + time.perf_counter() - wall - cpu
+        yield outcome
+        reads += 1
+        if reads == SCAN_PROBE:
+            if waited > computed and threads > 1:
+                break
+            reads, waited, computed = 0, 0.0, 0.0
+    else:
+        return
+    log.debug("header reads wait more than they compute: reading %d files at a time", threads)
+    for _, outcome in read_ahead(read, paths, threads=threads, ahead=4 * threads, name="cxr-scan"):
+        yield outcome
 
 
 def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study], list[FileOutcome]]:

@@ -36,7 +36,8 @@ from .encapsulate import (dicom_images, dicom_report_name, rejection_code, rejec
 from .errors import CxrError, InputError, Interrupted, ModelError, OutputError, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
-from .ingest import REJECTED_TAG, Selection, group_studies, scan, selection_options_text, withdrawn_title
+from .ingest import (REJECTED_TAG, Selection, group_studies, read_ahead, scan, selection_options_text,
+                     withdrawn_title)
 from .normalise import load_unit_image, to_model_input
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import (SUMMARY_FIELDS, ImageResult, StudyResult, atomic_write, report_filename, write_study_report,
@@ -321,22 +322,8 @@ def _decoded_stream(images: list[Radiograph], spec, workers: int, ahead: int):
         except Exception as exc:  # a decoder bug must fail one file, never the batch
             return InputError(f"{type(exc).__name__}: {exc}", path=image.path, step="normalise")
 
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-decode")
-    try:
-        pending = deque()
-        iterator = iter(images)
-        for image in iterator:
-            pending.append((image, pool.submit(task, image)))
-            if len(pending) >= ahead:
-                break
-        while pending:
-            image, future = pending.popleft()
-            nxt = next(iterator, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(task, nxt)))
-            yield image, future.result()
-    finally:   # a consumer that stops early (watch on SIGTERM) must not wait for queued decodes
-        pool.shutdown(wait=True, cancel_futures=True)
+    # a consumer that stops early (watch on SIGTERM) does not wait for the queued decodes
+    yield from read_ahead(task, images, threads=workers, ahead=ahead, name="cxr-decode")
 
 
 class Screener:

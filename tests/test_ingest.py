@@ -1070,6 +1070,93 @@ def test_bundled_samples_scan_as_documented():
     assert {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80"} <= syntaxes
 
 
+def _files_read_by(monkeypatch, work):
+    """``read_record`` replaced by one that does ``work`` and records which thread read each file."""
+    import threading
+
+    read_in = {}
+
+    def read(path, selection=Selection()):
+        work()
+        read_in[Path(path).name] = threading.current_thread()
+        return FileOutcome(Path(path), Status.SKIPPED, "read", step="discover")
+
+    monkeypatch.setattr(ingest, "read_record", read)
+    return read_in
+
+
+def _folder_of(tmp_path, n: int) -> Path:
+    for i in range(n):
+        (tmp_path / f"{i:03d}.dcm").write_bytes(b"x")
+    return tmp_path
+
+
+def test_a_scan_whose_reads_wait_reads_in_threads_in_the_order_found(tmp_path, monkeypatch):
+    """On a network share each header read waits for round trips: after SCAN_PROBE reads that waited more
+    than they computed, the rest are read SCAN_THREADS at a time, and still yielded in the order found."""
+    import threading
+    import time
+
+    read_in = _files_read_by(monkeypatch, lambda: time.sleep(0.01))
+    items = list(scan([_folder_of(tmp_path, 60)]))
+    names = [f"{i:03d}.dcm" for i in range(60)]
+    assert [item.path.name for item in items] == names
+    first = ingest.SCAN_PROBE
+    assert all(read_in[name] is threading.main_thread() for name in names[:first])
+    assert all(read_in[name].name.startswith("cxr-scan") for name in names[first:])
+    assert len({read_in[name] for name in names[first:]}) > 1
+    # one thread asked for: one at a time, in this one
+    read_in.clear()
+    assert [item.path.name for item in scan([tmp_path], threads=1)] == names
+    assert set(read_in.values()) == {threading.main_thread()}
+
+
+def test_a_scan_whose_reads_compute_reads_one_at_a_time(tmp_path, monkeypatch):
+    """Files cached on a local disk: the reads compute (parsing), and threads would only contend for the
+    interpreter (8 of them made such a scan twice as slow on 2 cores)."""
+    import threading
+    import time
+
+    def compute():
+        until = time.thread_time() + 0.002
+        while time.thread_time() < until:
+            pass
+
+    read_in = _files_read_by(monkeypatch, compute)
+    assert len(list(scan([_folder_of(tmp_path, 40)]))) == 40
+    assert set(read_in.values()) == {threading.main_thread()}
+
+
+def test_read_ahead_keeps_order_raises_at_the_item_and_stops_early():
+    import threading
+    import time
+
+    from cxrscreen.ingest import read_ahead
+
+    def slow_square(n):
+        time.sleep(0.002 * (n % 3))
+        if n == 7:
+            raise ValueError("seven")
+        return n * n
+
+    assert list(read_ahead(slow_square, range(7), threads=3, ahead=4, name="t")) == [(n, n * n) for n in range(7)]
+    got = []
+    with pytest.raises(ValueError, match="seven"):
+        for n, square in read_ahead(slow_square, range(20), threads=3, ahead=4, name="t"):
+            got.append(n)
+    assert got == list(range(7))
+    started = []
+
+    def record(n):
+        started.append(n)
+        return n
+
+    stream = read_ahead(record, range(1000), threads=2, ahead=5, name="t")
+    assert next(stream) == (0, 0)
+    stream.close()        # the pool is shut down: what was queued is not run
+    assert len(started) <= 7 and not any(t.name.startswith("t_") for t in threading.enumerate())
+
+
 def test_a_png_whose_header_promises_a_decompression_bomb_fails_before_it_is_decoded(tmp_path):
     """9,600 x 9,600 is within MAX_PIXELS but over Pillow's limit, whose warning fails the file (only the header
     exists here: a decoder would fail on it anyway, but not as an absurd size)."""
