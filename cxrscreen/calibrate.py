@@ -476,7 +476,8 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     highest whose lower 95% bound of sensitivity does (refused when no threshold's does).
 
     ``patient_pattern``, a regular expression, finds each file's patient in its path (relative to ``data``,
-    or to a CSV's folder): its first group, else the whole match. The bootstrap resamples those patients
+    or to a CSV's folder): the first of its groups that took part, else the whole match
+    (:func:`patient_from_path`). The bootstrap resamples those patients
     (a site's exported JPEGs named by patient, or one folder per patient); see :func:`_labeled_studies`.
 
     Raises :class:`cxrscreen.errors.UsageError` (exit code 2) for every refusal, and
