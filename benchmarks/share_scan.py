@@ -1,19 +1,19 @@
-"""The header scan on a network share: files read one at a time against cxrscreen's scan.
+"""The scan on a network share: folders listed and headers read one at a time against cxrscreen's scan.
 
     pip install fusepy        # and a Linux machine with /dev/fuse and fusermount (apt install fuse3)
-    python benchmarks/share_scan.py [--files 300] [--latency 2] [--side 1024]
+    python benchmarks/share_scan.py [--files 300] [--latency 2] [--side 1024] [--per-study 2]
 
 A PACS export is often read from NFS or SMB, where every request for a file (its attributes, opening it,
 each read) waits a round trip: 0.2-1 ms on a LAN, several ms to a remote site. This script writes FILES
-uncompressed 12-bit DX files of SIDE x SIDE (needs nothing from ../shared) and serves them through a
-FUSE file system of its own that passes every request through after LATENCY ms, served by several
-threads as a file server would. It then times, each on a fresh mount (so that the first pass's pages
-are not cached for the second):
+uncompressed 12-bit DX files of SIDE x SIDE, PER_STUDY in each study's folder as a PACS export has them
+(needs nothing from ../shared), and serves them through a FUSE file system of its own that passes every
+request through after LATENCY ms, served by several threads as a file server would. It then times, each
+on a fresh mount (so that the first pass's pages are not cached for the second):
 
-- baseline: ``scan(threads=1)``, every header read one after the other, as the scan read them until it
-  had threads;
-- cxrscreen: ``scan()``, which reads one at a time while the reads compute more than they wait, and
-  otherwise 8 at a time (:data:`cxrscreen.ingest.SCAN_THREADS`);
+- baseline: ``scan(threads=1)``, every folder listed and every header read one after the other, as the
+  scan did until it had threads;
+- cxrscreen: ``scan()``, which lists folders and reads headers one at a time while that computes more
+  than it waits, and otherwise 8 at a time (:class:`cxrscreen.ingest.Waits`);
 
 and both again on the local folder (cached), where the scan must not be slower than one at a time.
 Prints the times, the ratios and the requests per file the share served. The file server is Python

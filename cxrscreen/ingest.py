@@ -113,8 +113,11 @@ def is_output_folder(names: Iterable[str]) -> bool:
 
 def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | None = None,
          left_out: list[tuple[str, str]] | None = None, avoid: Mapping[tuple[int, int], str] | None = None,
-         avoided: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+         avoided: list[tuple[str, str]] | None = None, threads: int = 8) -> Iterator[tuple[str, list[str], list[str]]]:
     """:func:`os.walk` of ``root`` as discovery needs it: top-down, each folder's sub-folders and files sorted.
+    The caller may prune the sub-folders of the folder it is given, as with os.walk. Folders are listed one at
+    a time until :data:`WALK_PROBE` listings in a row wait more than they compute (:class:`Waits`: a network
+    share); then the next ones are listed ahead of their turn, ``threads`` at a time (1: never).
 
     * Links to folders are followed (an export may link a study's folder in from elsewhere), and each
       folder is walked once, known by its device and inode in ``seen`` (pass one set to share it between
@@ -130,34 +133,111 @@ def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | N
       silence: its :class:`OSError`, whose ``filename`` is the folder, is appended to ``errors`` as it is met,
       for the caller to report.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     seen = set() if seen is None else seen
-    for folder, dirs, files in os.walk(root, onerror=errors.append, followlinks=True):
+    waits = Waits(WALK_PROBE)
+    pool = None
+    listings: dict = {}          # folder -> its listing, asked for before its turn once listings wait
+
+    def ask(folder: str) -> None:
+        nonlocal pool
+        if folder not in listings:
+            pool = pool or ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cxr-walk")
+            listings[folder] = pool.submit(_listing, folder)
+
+    def listing(folder: str):
+        if folder in listings:
+            return listings.pop(folder).result()
+        with waits.timed():
+            return _listing(folder)
+
+    try:
+        stack = [os.fspath(root)]
+        while stack:
+            if waits.slow and threads > 1:       # the next folders to walk, listed ahead in threads
+                for following in reversed(stack[-2 * threads:]):
+                    ask(following)
+            folder = stack.pop()
+            listed = listing(folder)
+            if isinstance(listed, OSError):
+                errors.append(listed)
+                continue
+            st, dirs, files = listed
+            if avoid and (st.st_dev, st.st_ino) in avoid:       # each link to it said, not only the first
+                if avoided is not None:
+                    avoided.append((folder, avoid[st.st_dev, st.st_ino]))
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                log.info("not scanning %s: that folder is walked already (through a link, or named twice)", folder)
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            if is_output_folder(files):
+                log.info("not scanning %s: a cxrscreen output folder (reports, not inputs)", folder)
+                continue
+            if left_out is not None:
+                left_out.extend((os.path.join(folder, d), ignored_reason(d, folder=True)) for d in sorted(dirs)
+                                if d.startswith("."))
+                left_out.extend((os.path.join(folder, f), ignored_reason(f)) for f in sorted(files)
+                                if is_ignored(f))
+            dirs = sorted(d for d in dirs if not d.startswith("."))
+            yield folder, dirs, sorted(name for name in files if not is_ignored(name))
+            stack.extend(os.path.join(folder, name) for name in reversed(dirs))   # as the caller left them
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# The walk lists folders in threads once listings wait more than they compute: on a network share each folder
+# costs round trips (its attributes, opening and reading its listing), and a PACS export has a folder per
+# study; on a local disk threads would only add their handing over (benchmarks/share_scan.py).
+WALK_PROBE = 8           # listings timed at a time, to decide
+
+
+class Waits:
+    """Whether calls timed in one thread wait (for a disk or a network) more than they compute: after every
+    ``probe`` calls :meth:`timed`, ``slow`` says whether those waited longer, in wall time not spent on the
+    CPU, than they computed. How the scan and the walk decide to use threads: on a network share their calls
+    wait for round trips, which threads overlap; on a local disk whose files are cached the calls compute, in
+    Python, and threads would only contend for the interpreter."""
+
+    def __init__(self, probe: int) -> None:
+        self.probe, self.slow = probe, False
+        self._calls, self._waited, self._computed = 0, 0.0, 0.0
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        import time
+
+        wall, cpu = time.perf_counter(), time.thread_time()
         try:
-            st = os.stat(folder)
-        except OSError as exc:
-            errors.append(exc)
-            dirs[:] = []
-            continue
-        if avoid and (st.st_dev, st.st_ino) in avoid:       # each link to it said, not only the first
-            if avoided is not None:
-                avoided.append((folder, avoid[st.st_dev, st.st_ino]))
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            log.info("not scanning %s: that folder is walked already (through a link, or named twice)", folder)
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        if is_output_folder(files):
-            log.info("not scanning %s: a cxrscreen output folder (reports, not inputs)", folder)
-            dirs[:] = []
-            continue
-        if left_out is not None:
-            left_out.extend((os.path.join(folder, d), ignored_reason(d, folder=True)) for d in sorted(dirs)
-                            if d.startswith("."))
-            left_out.extend((os.path.join(folder, f), ignored_reason(f)) for f in sorted(files) if is_ignored(f))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        yield folder, dirs, sorted(name for name in files if not is_ignored(name))
+            yield
+        finally:
+            cpu = time.thread_time() - cpu
+            self._computed += cpu
+            self._waited += time.perf_counter() - wall - cpu
+            self._calls += 1
+            if self._calls == self.probe:
+                self.slow = self._waited > self._computed
+                self._calls, self._waited, self._computed = 0, 0.0, 0.0
+
+
+def _listing(folder: str) -> tuple[os.stat_result, list[str], list[str]] | OSError:
+    """What :func:`os.walk` (following links) learns of ``folder``, with its stat: ``(stat, sub-folder names,
+    other names)``, in the order listed; or the OSError that stopped it, naming the folder."""
+    try:
+        st = os.stat(folder)
+        dirs, files = [], []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:         # as os.walk: an entry whose type cannot be known is not a folder
+                    is_dir = False
+                (dirs if is_dir else files).append(entry.name)
+        return st, dirs, files
+    except OSError as exc:
+        return exc
 
 
 def unlistable(error: OSError, root: Path) -> FileOutcome:
@@ -168,7 +248,7 @@ def unlistable(error: OSError, root: Path) -> FileOutcome:
                        "its files were not screened", step="discover")
 
 
-def discover(inputs: Iterable[Path | str]) -> Iterator[Path | FileOutcome]:
+def discover(inputs: Iterable[Path | str], *, threads: int = 8) -> Iterator[Path | FileOutcome]:
     """Yield every candidate file under ``inputs`` (files or folders), recursively and sorted.
 
     Folders are walked by :func:`walk`: links to folders followed, each folder once (no cycles, and a
@@ -178,7 +258,8 @@ def discover(inputs: Iterable[Path | str]) -> Iterator[Path | FileOutcome]:
     line: a ``--out`` inside the input would otherwise have its reports listed as skipped inputs, and its
     ``.dcm`` reports, which carry the study's UID, would join the study they report and change it, so that
     every re-run redid it. A folder that cannot be listed comes as a FAILED :class:`FileOutcome`
-    (:func:`unlistable`), in its place in the walk.
+    (:func:`unlistable`), in its place in the walk. ``threads``: as many folders listed at a time, once
+    listings wait (see :func:`walk`).
     """
     seen: set[tuple[int, int]] = set()
     for item in inputs:
@@ -188,7 +269,7 @@ def discover(inputs: Iterable[Path | str]) -> Iterator[Path | FileOutcome]:
             continue
         errors: list[OSError] = []
         left_out: list[tuple[str, str]] = []
-        for folder, _dirs, files in walk(root, errors, seen, left_out):
+        for folder, _dirs, files in walk(root, errors, seen, left_out, threads=threads):
             while errors:
                 yield unlistable(errors.pop(0), root)
             for path, why in left_out:
@@ -1049,10 +1130,8 @@ def read_ahead(function: Callable, items: Iterable, *, threads: int, ahead: int,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-# Threads that read headers once the reads wait more than they compute: on a network share (a PACS export
-# on NFS or SMB) each file costs round trips, which threads overlap; on a local disk whose files are cached,
-# the reads compute (parsing, in Python) and threads only contend for the interpreter: 8 threads made such
-# a scan twice as slow on 2 cores. See benchmarks/share_scan.py.
+# Threads that read headers once the reads wait more than they compute (:class:`Waits`): on a local disk
+# whose files are cached, 8 threads made the scan twice as slow on 2 cores. See benchmarks/share_scan.py.
 SCAN_THREADS = 8
 SCAN_PROBE = 16          # reads timed at a time, to decide
 
@@ -1062,9 +1141,8 @@ def scan(inputs: Iterable[Path | str], selection: Selection = Selection(), *,
     """Discover and read the header of every input file, yielded in the order found; each ends, by
     ``selection``, as a Radiograph or FileOutcome. Files are read one at a time, timed, until
     :data:`SCAN_PROBE` reads in a row spend more time waiting (for the disk or the network) than computing;
-    the rest are read ``threads`` at a time."""
-    import time
-
+    the rest are read ``threads`` at a time. The folders are walked likewise (:func:`walk`); ``threads=1``:
+    everything one at a time, in this thread."""
     def read(path: Path | FileOutcome) -> Radiograph | FileOutcome:
         if isinstance(path, FileOutcome):
             return path
@@ -1072,19 +1150,14 @@ def scan(inputs: Iterable[Path | str], selection: Selection = Selection(), *,
             return FileOutcome(path, Status.FAILED, "no such file or folder", step="discover")
         return read_record(path, selection)
 
-    paths = iter(discover(inputs))
-    reads, waited, computed = 0, 0.0, 0.0
+    paths = iter(discover(inputs, threads=threads))
+    waits = Waits(SCAN_PROBE)
     for path in paths:
-        wall, cpu = time.perf_counter(), time.thread_time()
-        outcome = read(path)
-        cpu = time.thread_time() - cpu
-        computed, waited = computed + cpu, waited + time.perf_counter() - wall - cpu
+        with waits.timed():
+            outcome = read(path)
         yield outcome
-        reads += 1
-        if reads == SCAN_PROBE:
-            if waited > computed and threads > 1:
-                break
-            reads, waited, computed = 0, 0.0, 0.0
+        if waits.slow and threads > 1:
+            break
     else:
         return
     log.debug("header reads wait more than they compute: reading %d files at a time", threads)

@@ -1127,6 +1127,51 @@ def test_a_scan_whose_reads_compute_reads_one_at_a_time(tmp_path, monkeypatch):
     assert set(read_in.values()) == {threading.main_thread()}
 
 
+def test_a_walk_whose_listings_wait_lists_ahead_in_threads_and_walks_the_same(tmp_path, monkeypatch):
+    """A folder per study on a network share: after WALK_PROBE listings that waited, the next folders are
+    listed ahead in threads; the walk is the same as one folder at a time: order, links walked once,
+    hidden and output folders left out, a folder the caller prunes not entered."""
+    import threading
+    import time
+
+    for patient in range(4):
+        for study in range(5):
+            folder = tmp_path / "export" / f"P{patient}" / f"S{study}"
+            folder.mkdir(parents=True)
+            (folder / "IM1.dcm").write_bytes(b"x")
+            (folder / ".hidden").write_bytes(b"x")
+    (tmp_path / "export" / ".snapshot" / "S9").mkdir(parents=True)
+    (tmp_path / "export" / "P1" / "reports").mkdir()
+    (tmp_path / "export" / "P1" / "reports" / ".cxrscreen-state.json").write_text("{}")
+    (tmp_path / "export" / "P2" / "again").symlink_to(tmp_path / "export" / "P0", target_is_directory=True)
+    (tmp_path / "export" / "P3" / "skip-me").mkdir()
+
+    def walked(**kwargs):
+        errors, left_out, out = [], [], []
+        for folder, dirs, files in ingest.walk(tmp_path / "export", errors, left_out=left_out, **kwargs):
+            out.append((os.path.relpath(folder, tmp_path), list(dirs), files))
+            dirs[:] = [d for d in dirs if d != "skip-me"]
+        return out, errors, left_out
+
+    one_at_a_time = walked(threads=1)
+    listed_in, listing = {}, ingest._listing
+
+    def slow_listing(folder):
+        time.sleep(0.005)
+        listed_in[folder] = threading.current_thread().name
+        return listing(folder)
+
+    monkeypatch.setattr(ingest, "_listing", slow_listing)
+    assert walked() == one_at_a_time
+    folders, errors, left_out = one_at_a_time
+    assert folders[0] == ("export", ["P0", "P1", "P2", "P3"], []) and not errors
+    assert [f for f, _, _ in folders].count(os.path.join("export", "P0", "S0")) == 1     # the link: once
+    assert len(folders) == 1 + 4 + 20 and not any("skip-me" in f or "reports" in f for f, _, _ in folders)
+    assert len(left_out) == 20 + 1              # the hidden files, the hidden folder
+    assert sum(name.startswith("cxr-walk") for name in listed_in.values()) > 10
+    assert not any("skip-me" in folder or "snapshot" in folder for folder in listed_in)      # never listed
+
+
 def test_read_ahead_keeps_order_raises_at_the_item_and_stops_early():
     import threading
     import time
