@@ -50,6 +50,9 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 MAX_DIMENSION = 16384        # pixels per side; CR/DX detectors are under 5000
 MIN_DIMENSION = 64
 MAX_PIXELS = 100_000_000     # per frame: beyond this a file is a decompression bomb, not a radiograph
+# Folders listed and headers read at a time once they wait more than they compute (:class:`Waits`: a network
+# share); on a local disk whose files are cached, 8 threads made the scan twice as slow on 2 cores
+SCAN_THREADS = 8
 
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG", "OT", "DR"})
 CHEST_BODY_PARTS = frozenset({"", "CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", "PORT CHEST"})
@@ -113,7 +116,8 @@ def is_output_folder(names: Iterable[str]) -> bool:
 
 def walk(root: Path | str, errors: list[OSError], seen: set[tuple[int, int]] | None = None,
          left_out: list[tuple[str, str]] | None = None, avoid: Mapping[tuple[int, int], str] | None = None,
-         avoided: list[tuple[str, str]] | None = None, threads: int = 8) -> Iterator[tuple[str, list[str], list[str]]]:
+         avoided: list[tuple[str, str]] | None = None,
+         threads: int = SCAN_THREADS) -> Iterator[tuple[str, list[str], list[str]]]:
     """:func:`os.walk` of ``root`` as discovery needs it: top-down, each folder's sub-folders and files sorted.
     The caller may prune the sub-folders of the folder it is given, as with os.walk. Folders are listed one at
     a time until :data:`WALK_PROBE` listings in a row wait more than they compute (:class:`Waits`: a network
@@ -248,7 +252,7 @@ def unlistable(error: OSError, root: Path) -> FileOutcome:
                        "its files were not screened", step="discover")
 
 
-def discover(inputs: Iterable[Path | str], *, threads: int = 8) -> Iterator[Path | FileOutcome]:
+def discover(inputs: Iterable[Path | str], *, threads: int = SCAN_THREADS) -> Iterator[Path | FileOutcome]:
     """Yield every candidate file under ``inputs`` (files or folders), recursively and sorted.
 
     Folders are walked by :func:`walk`: links to folders followed, each folder once (no cycles, and a
@@ -1130,10 +1134,7 @@ def read_ahead(function: Callable, items: Iterable, *, threads: int, ahead: int,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-# Threads that read headers once the reads wait more than they compute (:class:`Waits`): on a local disk
-# whose files are cached, 8 threads made the scan twice as slow on 2 cores. See benchmarks/share_scan.py.
-SCAN_THREADS = 8
-SCAN_PROBE = 16          # reads timed at a time, to decide
+SCAN_PROBE = 16          # header reads timed at a time, to decide whether to read in threads (:class:`Waits`)
 
 
 def scan(inputs: Iterable[Path | str], selection: Selection = Selection(), *,
