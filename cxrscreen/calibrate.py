@@ -459,8 +459,8 @@ def _patient_key(study, patient_of: dict) -> str:
     if len(named) == 1:
         return named.pop()
     first = study.first
-    if first is not None and first.patient_id:
-        return f"dicom:{first.issuer_of_patient_id}\\{first.patient_id}"
+    if first is not None and first.patient_key:
+        return first.patient_key
     return "study:" + study.study_uid
 
 

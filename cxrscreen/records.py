@@ -147,6 +147,13 @@ class Radiograph(_OfAStudy):
     mtime_ns: int = 0
 
     @property
+    def patient_key(self) -> str:
+        """The patient as the DICOM header names it, to keep a patient's images together (calibration's
+        bootstrap, training's split): ``dicom:`` Issuer of Patient ID ``\\`` Patient ID; '' without a
+        Patient ID (a JPEG or PNG)."""
+        return f"dicom:{self.issuer_of_patient_id}\\{self.patient_id}" if self.patient_id else ""
+
+    @property
     def view(self) -> str:
         """A short label for the view, for reports: ``PA``, ``AP`` or ``unknown``."""
         return self.view_position or "unknown"

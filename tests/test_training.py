@@ -93,6 +93,37 @@ def test_patient_split_never_leaks_and_is_seeded(labeled_folder):
     assert [e.path for e in again_val] == [e.path for e in val]
 
 
+def test_a_dicom_patient_is_the_one_its_header_names_on_one_side_of_the_split(tmp_path):
+    """A site's DICOM training data: each file was its own patient (its file name), so a patient's images
+    went to both sides of the validation split. Now the DICOM Patient ID (with its issuer) keys them, as
+    calibration does; a CSV's patient column still comes first, and a JPEG keeps its name's patient."""
+    import cv2
+
+    from cxrscreen.testing import make_dicom, save, uid_from
+
+    rng = np.random.default_rng(4)
+    for label in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(24):       # twelve patients of each class, two images each, named by their UIDs
+            img = cv2.GaussianBlur((rng.random((80, 80)) * 4000).astype(np.float32), (0, 0), 3).astype(np.uint16)
+            save(make_dicom(img, seed=f"{label}{i}", patient_id=f"{label[:2]}{i // 2:02d}"),
+                 tmp_path / "train" / label / f"{uid_from(label + str(i))}.dcm")
+    cv2.imwrite(str(tmp_path / "train" / "NORMAL" / "person7_x.png"), (rng.random((80, 80)) * 255).astype(np.uint8))
+    examples = D.list_examples(tmp_path / "train")
+    by_name = {e.path.name: e.patient for e in examples}
+    assert len(examples) == 49 and by_name.pop("person7_x.png") == "person7"
+    assert sorted(set(by_name.values())) == sorted(f"dicom:\\{c}{n:02d}" for c in ("NO", "PN") for n in range(12))
+    for seed in range(5):
+        train, val = D.patient_split(examples, 0.3, seed=seed)
+        assert {e.patient for e in train}.isdisjoint({e.patient for e in val})
+        assert all(sum(e.patient == p for e in val) == 2 for p in {e.patient for e in val} if p != "person7")
+    # a CSV: its patient column first, else the header
+    dicoms = sorted((tmp_path / "train" / "PNEUMONIA").glob("*.dcm"))
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label,patient\n" + f"{dicoms[0]},PNEUMONIA,kid-1\n{dicoms[1]},PNEUMONIA,\n")
+    assert [e.patient for e in D.list_examples(csv)] == ["kid-1", by_name[dicoms[1].name]]
+
+
 def test_class_weights_balance_the_classes():
     examples = [D.Example(Path(f"{i}"), int(i >= 25), str(i)) for i in range(100)]
     weights = D.class_weights(examples)

@@ -26,16 +26,16 @@ import logging
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from cxrscreen.calibrate import CLASSES, class_folders, read_labeled_csv
 from cxrscreen.errors import CxrError
-from cxrscreen.ingest import discover, not_screenable, sniff
+from cxrscreen.ingest import EVERY_IMAGE, discover, not_screenable, read_record, sniff
 from cxrscreen.normalise import PreprocessSpec, equalize_input, load_model_input, load_unit_image, resize_to_input
-from cxrscreen.records import FileOutcome
+from cxrscreen.records import FileKind, FileOutcome, Radiograph
 
 log = logging.getLogger("training")
 
@@ -50,7 +50,8 @@ class Example:
 
 
 def patient_id(path: Path | str) -> str:
-    """Patient id from a Kermany file name (``person123_bacteria_4.jpeg`` -> ``person123``)."""
+    """Patient id from a Kermany file name (``person123_bacteria_4.jpeg`` -> ``person123``); else the file's
+    own name (its own patient)."""
     name = Path(path).name
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(name)
@@ -75,13 +76,17 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     image, or cannot be read or decoded (truncated, corrupt), is left out, with a warning, and appended
     to ``excluded`` as ``{"path", "reason"}`` for the card. Before, a non-image vanished without a word,
     and a corrupt image stopped the run when its batch came, minutes or an hour in.
+
+    An example's patient, which the validation split keeps on one side: the CSV's ``patient`` column where
+    it names one, else the DICOM Issuer of Patient ID and Patient ID (as calibration keys a patient), else
+    :func:`patient_id` of the file's name. Before, a DICOM file was its own patient whatever its header
+    said, and a patient's images went to both sides of the split.
     """
     source = Path(source)
     candidates: list[Example] = []
     left_out: list[dict] = []
     if source.is_file() and source.suffix.lower() == ".csv":
-        candidates = [Example(path, label, patient or patient_id(path))
-                      for path, label, patient in read_labeled_csv(source)]
+        candidates = [Example(path, label, patient.strip()) for path, label, patient in read_labeled_csv(source)]
     else:
         folders = class_folders(source) if source.is_dir() else None
         if folders is None:
@@ -100,25 +105,31 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
                 if kind is None:
                     left_out.append({"path": str(path), "reason": not_screenable(path)})
                 else:
-                    candidates.append(Example(path, value, patient_id(path)))
+                    candidates.append(Example(path, value, ""))
 
-    def unreadable(example: Example) -> str:
+    def checked(example: Example) -> tuple[str, Example]:
+        """(why it is left out, or ''; the example with its patient)."""
         try:
-            load_unit_image(example.path)
+            kind = sniff(example.path)
+            load_unit_image(example.path, kind)
         except CxrError as exc:
-            return exc.cause
+            return exc.cause, example
         except Exception as exc:       # a decoder's own error: this file is left out, the run goes on
-            return f"{type(exc).__name__}: {exc}"
-        return ""
+            return f"{type(exc).__name__}: {exc}", example
+        patient = example.patient
+        if not patient and kind is FileKind.DICOM:
+            record = read_record(example.path, EVERY_IMAGE)
+            patient = record.patient_key if isinstance(record, Radiograph) else ""
+        return "", replace(example, patient=patient or patient_id(example.path))
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cxr-check") as pool:
-        reasons = list(pool.map(unreadable, candidates))
-    left_out += [{"path": str(e.path), "reason": why} for e, why in zip(candidates, reasons) if why]
+        results = list(pool.map(checked, candidates))
+    left_out += [{"path": str(e.path), "reason": why} for why, e in results if why]
     for item in left_out:
         log.warning("left out %s: %s", item["path"], item["reason"])
     if excluded is not None:
         excluded.extend(left_out)
-    return [e for e, why in zip(candidates, reasons) if not why]
+    return [e for why, e in results if not why]
 
 
 def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int = 1337):
