@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -1151,19 +1152,28 @@ def scan(inputs: Iterable[Path | str], selection: Selection = Selection(), *,
             return FileOutcome(path, Status.FAILED, "no such file or folder", step="discover")
         return read_record(path, selection)
 
-    paths = iter(discover(inputs, threads=threads))
-    waits = Waits(SCAN_PROBE)
-    for path in paths:
-        with waits.timed():
-            outcome = read(path)
+    for _, outcome in once_they_wait(read, discover(inputs, threads=threads), Waits(SCAN_PROBE), threads=threads,
+                                     name="cxr-scan"):
         yield outcome
+
+
+def once_they_wait(function: Callable, items: Iterable, waits: "Waits", *, threads: int, name: str) -> Iterator[tuple]:
+    """``(item, function(item))`` for each of ``items``, in their order: one at a time in this thread, each
+    call timed by ``waits``, until ``waits`` finds the calls waiting more than they compute; the rest by
+    :func:`read_ahead`, ``threads`` at a time (1: never). ``waits`` may be kept from one call to the next,
+    so that a daemon learns once that its files are on a share."""
+    items = iter(items)
+    for item in items:
         if waits.slow and threads > 1:
+            items = itertools.chain([item], items)
             break
+        with waits.timed():
+            result = function(item)
+        yield item, result
     else:
         return
-    log.debug("header reads wait more than they compute: reading %d files at a time", threads)
-    for _, outcome in read_ahead(read, paths, threads=threads, ahead=4 * threads, name="cxr-scan"):
-        yield outcome
+    log.debug("%s: calls wait more than they compute: %d at a time", name, threads)
+    yield from read_ahead(function, items, threads=threads, ahead=4 * threads, name=name)
 
 
 def group_studies(items: Iterable[Radiograph | FileOutcome]) -> tuple[list[Study], list[FileOutcome]]:

@@ -51,9 +51,9 @@ from .encapsulate import (dicom_report_name, rejection_code, rejection_note_name
                           write_encapsulated_pdf, write_rejection_note)
 from .errors import OutputError, UsageError
 from .infer import LoadedModel, load_model, sha256_file
-from .ingest import (EVERY_IMAGE, PRESENTATION_STATE_TAG, REJECTED_TAG, SELECTION_RULES, Selection, changes_its_study,
-                     group_studies, is_ignored, newest_presentations, not_regular, read_record, temporary_suffix, walk,
-                     withdrawn_title)
+from .ingest import (EVERY_IMAGE, PRESENTATION_STATE_TAG, REJECTED_TAG, SCAN_PROBE, SCAN_THREADS, SELECTION_RULES,
+                     Selection, Waits, changes_its_study, group_studies, is_ignored, newest_presentations, not_regular,
+                     once_they_wait, read_record, temporary_suffix, walk, withdrawn_title)
 from .ledger import STANDS_SQL, FileRow, Ledger, StudyRow, fsync_dir, in_use
 from .pipeline import (REPORTS_AHEAD_BATCHES, ReportJob, ReportWriter, Screener, check_screening_options, file_rows,
                        lock_holder, make_report, output_lock, rank_rows, release, resolve_threshold, study_row,
@@ -268,6 +268,19 @@ def _free_path(dest: Path) -> Path:
     return candidate
 
 
+def _hashed(path: str, record) -> tuple:
+    """``(record, the file's SHA-256)``; for a file that cannot be read, a FAILED record saying so, and ''."""
+    try:
+        return record, sha256_file(Path(path))
+    except OSError as exc:
+        return FileOutcome(Path(path), Status.FAILED, f"cannot read: {exc}", step="read"), ""
+
+
+def _unparsed(record) -> bool:
+    """A file whose header could not be parsed, or that is not recognised: maybe still being written."""
+    return isinstance(record, FileOutcome) and (record.status is Status.FAILED or record.step == "discover")
+
+
 class Watcher:
     """The daemon. :meth:`run` returns when ``stop`` is set (SIGTERM/SIGINT), or in ``once`` mode when
     everything in the inbox is handled. The model is loaded once."""
@@ -283,6 +296,7 @@ class Watcher:
         self._dirty_lock = threading.Lock()
         self._rescan_soon = threading.Event()
         self.candidates: dict[str, _Candidate] = {}
+        self._reads = Waits(SCAN_PROBE)        # whether settled files are read in threads (a share): learnt once
         self._unlistable: set[str] = set()     # inbox folders that could not be listed at the last rescan
         self._stalled: set[str] = set()        # temporary names logged as stalled transfers, still there
         self._linked_own: set[str] = set()     # links in the inbox to our own folders, logged, still there
@@ -715,40 +729,58 @@ class Watcher:
 
     def _settle(self) -> None:
         settle = self.options.settle
+        due = []
         for path in sorted(self.candidates):
             now = time.monotonic()
             self._observe(path, now)
             candidate = self.candidates.get(path)
             if candidate is not None and now - candidate.since >= settle:
-                self._take(path, candidate, now)
+                due.append((path, candidate))
+        # their headers read and their bytes hashed one at a time, or ahead in threads once those reads wait
+        # (a share); each then taken here, in order
+        for (path, candidate), read in once_they_wait(self._read_settled, due, self._reads, threads=SCAN_THREADS,
+                                                      name="cxr-take"):
+            self._take(path, candidate, time.monotonic(), read)
 
-    def _take(self, path: str, candidate: _Candidate, now: float) -> None:
+    def _read_settled(self, item: tuple[str, _Candidate]) -> tuple:
+        """What taking a settled file reads of it, in any thread: ``(record, SHA-256, stat or None)``; the
+        digest is '' where the file is not to be hashed (a FIFO or device; changed or gone since it settled;
+        unreadable, the record saying so) and None for a file whose header could not be parsed (hashed only
+        if it is taken)."""
+        path, candidate = item
+        if candidate.special:       # read_record only stats these
+            return read_record(Path(path)), "", None
+        record = read_record(Path(path), self.options.selection)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return record, "", None
+        if (st.st_size, st.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
+            return record, "", st          # changed since it settled: observed again, not taken
+        if _unparsed(record):
+            return record, None, st        # hashed only if it is taken
+        return *_hashed(path, record), st
+
+    def _take(self, path: str, candidate: _Candidate, now: float, read: tuple) -> None:
         o = self.options
-        if candidate.special:       # read_record only stats these; a dangling link's target may still come
-            record, digest = read_record(Path(path)), ""
+        record, digest, st = read
+        if candidate.special:       # a dangling link's target may still come
             if now - candidate.since < (1 + UNPARSED_SETTLES) * o.settle and os.path.islink(path):
                 return
         else:
-            record = read_record(Path(path), o.selection)
-            try:
-                st = os.stat(path)
-            except OSError:
+            if st is None:
                 self.candidates.pop(path, None)
                 return
             if (st.st_size, st.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
                 self.candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now)   # changed while read
                 return
-            unparsed = isinstance(record, FileOutcome) and (record.status is Status.FAILED or record.step == "discover")
-            if unparsed:
+            if _unparsed(record):
                 if candidate.unparsed_since is None:
                     candidate.unparsed_since = now
                     log.debug(kv(event="unparsed", path=path, reason=record.reason, note="waiting, may be incomplete"))
                 if now - candidate.unparsed_since < UNPARSED_SETTLES * o.settle:
                     return
-            try:
-                digest = sha256_file(Path(path))
-            except OSError as exc:
-                record, digest = FileOutcome(Path(path), Status.FAILED, f"cannot read: {exc}", step="read"), ""
+                record, digest = _hashed(path, record)
         fields = dict(status="", step="", tag="", reason="", **record.identifiers())
         if isinstance(record, Radiograph):
             earlier = self.ledger.file_with_hash(digest)

@@ -540,6 +540,33 @@ def test_identical_copy_is_skipped_and_files_already_there_are_processed(dirs, m
     assert {p: p.stat().st_mtime_ns for p in reports(out)} == before
 
 
+def test_files_on_a_share_are_read_and_hashed_in_threads_and_taken_in_order(dirs, model, monkeypatch):
+    """An inbox on NFS or SMB: each settled file's header read and hash wait for round trips. Once they
+    wait more than they compute, the next files are read ahead in threads; each is still taken (recorded,
+    checked against the files taken before it) in order, here, so an identical copy is still found."""
+    inbox, out = dirs
+    for study in range(6):
+        write_study(inbox / f"s{study}", f"share{study}", images=4)
+    (inbox / "s9").mkdir()
+    (inbox / "s9" / "copy.dcm").write_bytes((inbox / "s0" / "share0_000.dcm").read_bytes())
+    taken_in, read_record = [], watch_module.read_record
+
+    def slow_read(path, *args):
+        time.sleep(0.01)          # round trips
+        taken_in.append(threading.current_thread().name)
+        return read_record(path, *args)
+
+    monkeypatch.setattr(watch_module, "read_record", slow_read)
+    code = Watcher(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True), model=model).run()
+    assert code == 0
+    rows = ledger_rows(out, "SELECT inbox_path, status, reason FROM files ORDER BY inbox_path")
+    assert len(rows) == 25 and [r[1] for r in rows].count("scored") == 24
+    assert rows[-1][0].endswith("copy.dcm") and rows[-1][1] == "skipped" and "identical copy of" in rows[-1][2]
+    threads = [name for name in taken_in if name.startswith("cxr-take")]
+    assert len(threads) >= 25 - 16 and len(set(threads)) > 1       # after the first 16 reads, several at a time
+    assert done_studies(out) == 6 and len(reports(out)) == 6
+
+
 def one_image_study(inbox: Path, name: str, **header) -> Path:
     """A study of one image in ``inbox/name/name.dcm``, patient NAME, with these make_dicom header fields."""
     (inbox / name).mkdir()
