@@ -6,7 +6,8 @@
 Prints ROC AUC, sensitivity, specificity and accuracy at the model card's
 (validation-chosen) threshold, each with a percentile bootstrap interval that
 resamples patients (stratified by class; the patient is in the Kermany file
-names, or a CSV's `patient` column: a patient's images are alike, and
+names, or a CSV's `patient` column, or what `--patient-pattern REGEX` finds in
+the paths, or a DICOM's Patient ID: a patient's images are alike, and
 resampling them one by one gives intervals too narrow), next to the published
 figures of the seed notebooks and of Kermany et al. 2018.
 Needs ../shared (or any folder with NORMAL/ and PNEUMONIA/); skips cleanly without.
@@ -37,6 +38,8 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "cxr-default.keras")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "chest_xray" / "test")
     parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--patient-pattern", metavar="REGEX", default=None,
+                        help="find each file's patient in its path (as `python -m training evaluate`'s option)")
     args = parser.parse_args()
     if not args.data.is_dir():
         print(f"skipped: {args.data} not found (this benchmark needs a labeled folder)")
@@ -44,7 +47,7 @@ def main() -> int:
     from cxrscreen.calibrate import bootstrap_intervals, group_count, operating_point
     from training.train import evaluate
 
-    result = evaluate(args.model, args.data)
+    result = evaluate(args.model, args.data, patient_pattern=args.patient_pattern)
     scores, labels = np.array(result["scores"]), np.array(result["labels"])
     point = operating_point(scores, labels, result["threshold"])
     ci = bootstrap_intervals(scores, labels, result["threshold"], args.bootstrap, groups=result["patients"])

@@ -377,7 +377,8 @@ def _labeled_studies(data, selection=None, patient_pattern=None):
     A study's patient key, which the bootstrap resamples by, is the CSV's ``patient`` column where it
     names one, else what ``patient_pattern`` (a compiled regular expression) finds in its files' paths
     (:func:`patient_from_path`), else the DICOM Issuer of Patient ID and Patient ID, else (a JPEG or PNG,
-    or a DICOM without a Patient ID) the study itself. A pattern that finds no patient in any file is refused.
+    or a DICOM without a Patient ID) the study itself. A pattern that finds no patient in any file whose CSV row
+    names none is refused.
     """
     import hashlib
     from pathlib import Path
@@ -400,18 +401,20 @@ def _labeled_studies(data, selection=None, patient_pattern=None):
                              step="calibration")
         sources = [(folder, label, "") for label, folder in enumerate(folders)]
     root = data.parent if data.is_file() else data      # the paths a pattern reads are relative to it
-    items, label_of, patient_of = [], {}, {}
+    items, label_of, patient_of, unnamed = [], {}, {}, []
     for path, label, patient in sources:
         for item in scan([path], selection):
             items.append(item)
             label_of[item.path] = label
-            found = patient_pattern and patient_from_path(patient_pattern, item.path, root)
+            found = not patient and patient_pattern and patient_from_path(patient_pattern, item.path, root)
             if patient or found:
                 patient_of[item.path] = f"csv:{patient}" if patient else f"pattern:{found}"
-    if patient_pattern and items and not any(key.startswith("pattern:") for key in patient_of.values()):
-        example = _relative_name(items[0].path, root)
+            elif patient_pattern:
+                unnamed.append(item.path)
+    if unnamed and not any(key.startswith("pattern:") for key in patient_of.values()):
         raise UsageError(f"--patient-pattern {patient_pattern.pattern!r} finds no patient in any of the "
-                         f"{len(items)} files' paths (one is {example!r})", step="calibration")
+                         f"{len(unnamed)} files' paths (one is {relative_name(unnamed[0], root)!r})",
+                         step="calibration")
     studies, excluded = group_studies(items)
     labels, patients, kept = {}, {}, []
     for study in studies:
@@ -430,7 +433,7 @@ def _labeled_studies(data, selection=None, patient_pattern=None):
     return kept, labels, patients, excluded, digest.hexdigest()
 
 
-def _relative_name(path, root) -> str:
+def relative_name(path, root) -> str:
     """``path`` relative to ``root`` with forward slashes, or whole where it is elsewhere."""
     import os
     from pathlib import Path
@@ -443,12 +446,27 @@ def _relative_name(path, root) -> str:
     return Path(path).as_posix()
 
 
+def compile_patient_pattern(text: str | None, step: str):
+    """``--patient-pattern``'s regular expression compiled (None for none); refused with a
+    :class:`cxrscreen.errors.UsageError` when it is not one. Calibration's and training's."""
+    import re
+
+    from .errors import UsageError
+
+    if not text:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise UsageError(f"--patient-pattern {text!r} is not a regular expression: {exc}", step=step) from None
+
+
 def patient_from_path(pattern, path, root) -> str:
     """The patient that ``pattern`` (a compiled regular expression) finds in ``path``, read relative to
     ``root`` with forward slashes (``PNEUMONIA/person12_virus_40.jpeg``, ``P0042/2026-01-03.dcm``): the
     first of its groups that took part in the match (``(person\\d+)|(IM-\\d+)``), else the whole match;
     '' when it does not match, or matches nothing."""
-    match = pattern.search(_relative_name(path, root))
+    match = pattern.search(relative_name(path, root))
     if not match:
         return ""
     return next((group for group in match.groups() if group is not None), match.group(0))
@@ -503,15 +521,7 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         raise UsageError(f"--target-sensitivity {target} is outside (0, 1]", step="calibration")
     if prevalence is not None and not 0 < prevalence < 1:
         raise UsageError(f"--prevalence {prevalence} is outside (0, 1)", step="calibration")
-    pattern = None
-    if patient_pattern:
-        import re
-
-        try:
-            pattern = re.compile(patient_pattern)
-        except re.error as exc:
-            raise UsageError(f"--patient-pattern {patient_pattern!r} is not a regular expression: {exc}",
-                             step="calibration") from None
+    pattern = compile_patient_pattern(patient_pattern, step="calibration")
     model = model or load_model(model_path)
     folder = Path(out).parent if out else model.path.parent
     folder = next(f for f in (folder, *folder.parents) if f.exists())    # atomic_write makes the rest

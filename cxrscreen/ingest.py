@@ -39,7 +39,7 @@ import numpy as np
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax, UsageError
 from .normalise import (COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale,
                         patient_orientation, presentation_words)
-from .records import FileKind, FileOutcome, Presentation, Radiograph, Rejection, Status, Study
+from .records import FileKind, FileOutcome, Presentation, Radiograph, Rejection, Status, Study, patient_key
 from .threadwarnings import caught, listed
 
 log = logging.getLogger(__name__)
@@ -593,6 +593,11 @@ def _text(ds, keyword: str) -> str:
     if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
         value = value[0] if len(value) else ""
     return str(value).strip()
+
+
+def dataset_patient_key(ds) -> str:
+    """The patient of a read data set, as :attr:`cxrscreen.records.Radiograph.patient_key` names them."""
+    return patient_key(_text(ds, "IssuerOfPatientID"), _text(ds, "PatientID"))
 
 
 def _file_uid(path: Path) -> str:

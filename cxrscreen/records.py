@@ -103,6 +103,12 @@ class Rejection:
     images: frozenset[str] = frozenset()    # SOP Instance UIDs of the instances it rejects
 
 
+def patient_key(issuer_of_patient_id: str, patient_id: str) -> str:
+    """A patient as a DICOM header names them: ``dicom:`` Issuer of Patient ID ``\\`` Patient ID; '' without a
+    Patient ID."""
+    return f"dicom:{issuer_of_patient_id}\\{patient_id}" if patient_id else ""
+
+
 @dataclass(frozen=True)
 class Radiograph(_OfAStudy):
     """One image file selected for scoring, with the metadata a report needs.
@@ -148,10 +154,9 @@ class Radiograph(_OfAStudy):
 
     @property
     def patient_key(self) -> str:
-        """The patient as the DICOM header names it, to keep a patient's images together (calibration's
-        bootstrap, training's split): ``dicom:`` Issuer of Patient ID ``\\`` Patient ID; '' without a
-        Patient ID (a JPEG or PNG)."""
-        return f"dicom:{self.issuer_of_patient_id}\\{self.patient_id}" if self.patient_id else ""
+        """The patient as the DICOM header names it (:func:`patient_key`), to keep a patient's images together
+        (calibration's bootstrap, training's split); '' without a Patient ID (a JPEG or PNG)."""
+        return patient_key(self.issuer_of_patient_id, self.patient_id)
 
     @property
     def view(self) -> str:

@@ -124,6 +124,77 @@ def test_a_dicom_patient_is_the_one_its_header_names_on_one_side_of_the_split(tm
     assert [e.patient for e in D.list_examples(csv)] == ["kid-1", by_name[dicoms[1].name]]
 
 
+def test_a_patient_pattern_finds_each_patient_in_the_paths_for_the_split(tmp_path, caplog):
+    """A site's exported images, one folder per patient and named by date: without a pattern each name was a
+    "patient" (the same date in two folders, one patient), and a patient's images went to both sides of the
+    split. ``--patient-pattern`` reads the patient from the path as calibration does: after a CSV's patient
+    column, before the DICOM Patient ID and the file name; files it misses are warned of, and a pattern that
+    finds nobody is refused."""
+    import re
+
+    import cv2
+
+    from cxrscreen.errors import UsageError
+    from cxrscreen.testing import make_dicom, save
+
+    rng = np.random.default_rng(5)
+    for label in ("NORMAL", "PNEUMONIA"):
+        for n in range(12):
+            folder = tmp_path / "train" / label / f"P{label[0]}{n:03d}"
+            folder.mkdir(parents=True)
+            for day in (3, 4):
+                cv2.imwrite(str(folder / f"2026-01-0{day}.png"), (rng.random((64, 64)) * 255).astype(np.uint8))
+    unsorted = tmp_path / "train" / "PNEUMONIA" / "unsorted"
+    unsorted.mkdir()
+    save(make_dicom((rng.random((64, 64)) * 4000).astype(np.uint16), seed="u", patient_id="H77"), unsorted / "a.dcm")
+    cv2.imwrite(str(unsorted / "person9_virus_1.png"), (rng.random((64, 64)) * 255).astype(np.uint8))
+    pattern = re.compile(r"^[A-Z]+/(P[NP]\d+)/")
+
+    assert len({e.patient for e in D.list_examples(tmp_path / "train")}) == 4     # dates, H77, person9
+    with caplog.at_level("WARNING", logger="training"):
+        examples = D.list_examples(tmp_path / "train", patient_pattern=pattern)
+    by_path = {e.path.relative_to(tmp_path / "train").as_posix(): e for e in examples}
+    assert by_path["NORMAL/PN003/2026-01-04.png"].patient == "PN003"
+    assert by_path["PNEUMONIA/PP011/2026-01-03.png"].patient_from == "pattern"
+    assert (by_path["PNEUMONIA/unsorted/a.dcm"].patient, by_path["PNEUMONIA/unsorted/a.dcm"].patient_from) == \
+        ("dicom:\\H77", "dicom")
+    assert by_path["PNEUMONIA/unsorted/person9_virus_1.png"].patient == "person9"
+    assert D.patients_from(examples) == {"dicom": 1, "name": 1, "pattern": 48}
+    assert "found no patient in the paths of 2 of 50 files" in caplog.text
+    for seed in range(5):
+        train, val = D.patient_split(examples, 0.3, seed=seed)
+        assert {e.patient for e in train}.isdisjoint({e.patient for e in val})
+        assert sum(e.patient_from == "pattern" for e in val) % 2 == 0 and val     # both of a patient's days
+
+    # a CSV: paths relative to its folder, its patient column first
+    rows = [("train/NORMAL/PN001/2026-01-03.png", "NORMAL", "kid-1"),
+            ("train/NORMAL/PN001/2026-01-04.png", "NORMAL", ""), ("train/PNEUMONIA/PP002/2026-01-03.png", "PNEUMONIA", "")]
+    (tmp_path / "labels.csv").write_text("path,label,patient\n" + "".join(f"{r[0]},{r[1]},{r[2]}\n" for r in rows))
+    listed = D.list_examples(tmp_path / "labels.csv", patient_pattern=re.compile(r"/(P[NP]\d+)/"))
+    assert [(e.patient, e.patient_from) for e in listed] == [("kid-1", "csv"), ("PN001", "pattern"),
+                                                             ("PP002", "pattern")]
+    with pytest.raises(UsageError, match=r"finds no patient in any of the 50 files' paths \(one is 'NORMAL/"):
+        D.list_examples(tmp_path / "train", patient_pattern=re.compile(r"^patients/(\d+)/"))
+
+
+def test_training_commands_refuse_a_patient_pattern_that_is_not_one_or_finds_nobody(labeled_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from training.__main__ import cli
+
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["fit", "--data", str(labeled_folder), "--out", str(tmp_path / "m.keras"),
+                              "--patient-pattern", "person(\\d+"])
+    assert bad.exit_code == 2 and "is not a regular expression" in bad.output
+    nobody = runner.invoke(cli, ["fit", "--data", str(labeled_folder), "--out", str(tmp_path / "m.keras"),
+                                 "--patient-pattern", "^P\\d+/", "--weights", "none", "--no-test"])
+    assert nobody.exit_code == 2 and "finds no patient in any of the 20 files' paths" in nobody.output
+    assert not (tmp_path / "m.keras").exists()
+    both = runner.invoke(cli, ["evaluate", "--model", str(default_model_path()), "--data", str(labeled_folder / "test"),
+                               "--record", "--patient-pattern", "person"])
+    assert both.exit_code == 2 and "not taken with it" in both.output
+
+
 def test_class_weights_balance_the_classes():
     examples = [D.Example(Path(f"{i}"), int(i >= 25), str(i)) for i in range(100)]
     weights = D.class_weights(examples)
@@ -249,17 +320,27 @@ def test_record_test_scores_the_test_split_once_into_the_card(labeled_folder, tm
     from training.train import FitConfig, evaluate, fit, record_test
 
     out = tmp_path / "nt" / "no-test.keras"
-    config = FitConfig(input_size=32, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3, workers=1)
+    pattern = r"(?:person|IM-)(\d+)"     # the card keeps it; the test split's patients are found with it too
+    config = FitConfig(input_size=32, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3, workers=1,
+                       patient_pattern=pattern)
     card = fit(labeled_folder, out, config, test_dir=False)
     assert card["metrics"]["test"] is None and card["data"]["test"] is None
+    assert card["data"]["patient_pattern"] == pattern and card["data"]["train"]["patients_from"] == {
+        "pattern": card["data"]["train"]["NORMAL"] + card["data"]["train"]["PNEUMONIA"]}
+    assert {row.split(",")[3] for row in out.with_suffix(".split.csv").read_text().split()[1:]} == \
+        {str(n) for n in range(5)} | {f"{n:04d}" for n in range(5)}
     recorded = record_test(out, labeled_folder / "test")
     on_disk = json.loads(out.with_suffix(".json").read_text())
     assert on_disk["metrics"]["test"] == recorded["metrics"]["test"]
     assert on_disk["data"]["test"]["NORMAL"] == 4 and on_disk["data"]["test"]["PNEUMONIA"] == 4
+    assert on_disk["data"]["test"]["patients"] == 4 and on_disk["data"]["test"]["patients_from"] == {"pattern": 8}
     assert on_disk["metrics"]["validation"] == card["metrics"]["validation"]     # nothing else moves
     again = evaluate(out, labeled_folder / "test")
     assert again["auc"] == pytest.approx(on_disk["metrics"]["test"]["auc"])
     assert len(again["patients"]) == len(again["scores"]) and all(again["patients"])   # for the bootstrap
+    assert again["patients_from"] == {"name": 8}
+    assert sorted(set(evaluate(out, labeled_folder / "test", patient_pattern=pattern)["patients"])) == \
+        ["0100", "0101", "100", "101"]
     with pytest.raises(SystemExit, match="scored once"):
         record_test(out, labeled_folder / "test")
 
@@ -382,9 +463,11 @@ def test_ensemble_of_members_on_one_split(labeled_folder, tmp_path):
     from training.ensemble import make_ensemble
     from training.train import FitConfig, fit
 
+    pattern = r"(?:person|IM-)(\d+)"      # other keys than the name rule's: another split unless applied
+
     def member(name, seed, split_seed):
         config = FitConfig(input_size=64, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3,
-                           workers=1, seed=seed, split_seed=split_seed)
+                           workers=1, seed=seed, split_seed=split_seed, patient_pattern=pattern)
         fit(labeled_folder, tmp_path / name / f"{name}.keras", config, test_dir=False)
         return tmp_path / name / f"{name}.keras"
 
@@ -395,6 +478,8 @@ def test_ensemble_of_members_on_one_split(labeled_folder, tmp_path):
     assert card["threshold"]["chosen_on"] == "validation" and card["metrics"]["test"]["n_positive"] == 4
     assert card["training"]["split_seed"] == 7
     assert D.read_split(out.with_suffix(".split.csv")) == D.read_split(first.with_suffix(".split.csv"))
+    assert out.with_suffix(".split.csv").read_text() == first.with_suffix(".split.csv").read_text()  # patients too
+    assert card["data"]["patient_pattern"] == pattern and card["data"]["test"]["patients_from"] == {"pattern": 8}
     for suffix in (".json", ".roc.png", ".training_curves.png"):
         assert out.with_suffix(suffix).is_file()
 
@@ -415,6 +500,11 @@ def test_ensemble_of_members_on_one_split(labeled_folder, tmp_path):
 
     with pytest.raises(ModelError, match="another train/validation split"):
         make_ensemble([first, other_split], labeled_folder, tmp_path / "bad" / "bad.keras", workers=1)
+    unlike = json.loads(card_path(second).read_text())
+    unlike["data"]["patient_pattern"] = r"person(\d+)"
+    card_path(second).write_text(json.dumps(unlike))
+    with pytest.raises(ModelError, match="different --patient-pattern"):
+        make_ensemble([first, second], labeled_folder, tmp_path / "bad" / "bad.keras", workers=1)
 
 
 def test_lite2_classifier_gets_the_converted_imagenet_weights():

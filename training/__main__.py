@@ -34,6 +34,25 @@ def cli() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
 
+def _pattern(ctx, param, value):
+    """``--patient-pattern`` checked when the command line is read (before Keras starts): kept as text."""
+    from cxrscreen.calibrate import compile_patient_pattern
+    from cxrscreen.errors import UsageError
+
+    try:
+        compile_patient_pattern(value, step="training")
+    except UsageError as exc:
+        raise click.BadParameter(exc.cause) from None
+    return value or None
+
+
+PATIENT_PATTERN = click.option(
+    "--patient-pattern", metavar="REGEX", callback=_pattern,
+    help="Find each file's patient in its path relative to the data folder (or the CSV's folder): the first "
+         "group that took part in the match, else the whole match. After a CSV's patient column, before the "
+         "DICOM Patient ID and the Kermany file-name rule.")
+
+
 @cli.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, path_type=Path),
               help="DIR with train/{NORMAL,PNEUMONIA} (and test/), a class folder pair, or a CSV path,label.")
@@ -68,10 +87,11 @@ def cli() -> None:
 @click.option("--age-years", type=(int, int), default=None, metavar="MIN MAX",
               help="Ages (completed years, both included) the training images cover; a report on a patient "
                    "outside them carries a caution. Needs --population.")
+@PATIENT_PATTERN
 @_keras
 def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_size, head_epochs, finetune_epochs,
         head_lr, finetune_lr, top_fraction, val_fraction, target_sensitivity, seed, split_seed, max_examples, workers,
-        augment_level, equalize, population, age_years):
+        augment_level, equalize, population, age_years, patient_pattern):
     """Two-phase transfer learning; writes NAME.keras, NAME.json (card), plots and the split."""
     from cxrscreen.infer import Population
 
@@ -90,11 +110,13 @@ def fit(data_dir, backbone, out, test_dir, no_test, weights, input_size, batch_s
                        top_fraction=top_fraction, val_fraction=val_fraction,
                        target_sensitivity=target_sensitivity, seed=seed, split_seed=split_seed,
                        weights=None if weights == "none" else weights, max_examples=max_examples, workers=workers,
-                       augment=augment_level, equalize=equalize)
-    from cxrscreen.errors import CxrError
+                       augment=augment_level, equalize=equalize, patient_pattern=patient_pattern)
+    from cxrscreen.errors import CxrError, UsageError
 
     try:
         card = run_fit(data_dir, out, config, _test_choice(test_dir, no_test), population=described)
+    except UsageError as exc:
+        raise click.UsageError(exc.message) from None
     except CxrError as exc:
         raise click.ClickException(exc.message) from None
     except (WeightsUnavailable, FileNotFoundError, KeyError) as exc:
@@ -155,17 +177,26 @@ def ensemble(members, data_dir, out, test_dir, no_test, target_sensitivity, batc
 @click.option("--record", is_flag=True,
               help="Write the result into the card as its test metrics (once; for a model trained with "
                    "--no-test, after deciding on validation). Redraws NAME.roc.png.")
+@PATIENT_PATTERN
 @_keras
-def evaluate(model_path, data_dir, batch_size, record):
+def evaluate(model_path, data_dir, batch_size, record, patient_pattern):
     """Score a labeled folder at the model card's threshold."""
+    from cxrscreen.errors import UsageError
+
     from .train import evaluate as run_evaluate, record_test
 
-    if record:
-        card = record_test(model_path, data_dir, batch_size)
-        click.echo(json.dumps({"model": str(model_path), "threshold": card["threshold"]["value"],
-                               "test": card["metrics"]["test"]}, indent=2))
-        return
-    result = run_evaluate(model_path, data_dir, batch_size)
+    if record and patient_pattern:
+        raise click.UsageError("--record finds the test images' patients as the model's training found them (the "
+                               "card's pattern): --patient-pattern is not taken with it")
+    try:
+        if record:
+            card = record_test(model_path, data_dir, batch_size)
+            click.echo(json.dumps({"model": str(model_path), "threshold": card["threshold"]["value"],
+                                   "test": card["metrics"]["test"]}, indent=2))
+            return
+        result = run_evaluate(model_path, data_dir, batch_size, patient_pattern)
+    except UsageError as exc:
+        raise click.UsageError(exc.message) from None
     for per_image in ("scores", "labels", "patients"):
         result.pop(per_image)
     click.echo(json.dumps(result, indent=2))

@@ -26,16 +26,18 @@ import logging
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from cxrscreen.calibrate import CLASSES, class_folders, read_labeled_csv
-from cxrscreen.errors import CxrError
-from cxrscreen.ingest import EVERY_IMAGE, discover, not_screenable, read_record, sniff
-from cxrscreen.normalise import PreprocessSpec, equalize_input, load_model_input, load_unit_image, resize_to_input
-from cxrscreen.records import FileKind, FileOutcome, Radiograph
+from cxrscreen.calibrate import CLASSES, class_folders, patient_from_path, read_labeled_csv, relative_name
+from cxrscreen.errors import CxrError, UsageError
+from cxrscreen.ingest import dataset_patient_key, discover, not_screenable, read_dicom, sniff
+from cxrscreen.normalise import (PreprocessSpec, equalize_input, load_model_input, load_unit_image,
+                                 normalise_dataset, resize_to_input)
+from cxrscreen.records import FileKind, FileOutcome
 
 log = logging.getLogger("training")
 
@@ -47,6 +49,7 @@ class Example:
     path: Path
     label: int            # 1 = PNEUMONIA
     patient: str
+    patient_from: str = field(default="", compare=False)    # csv, pattern, dicom or name (list_examples)
 
 
 def patient_id(path: Path | str) -> str:
@@ -69,7 +72,8 @@ def split_folder(data_dir: Path | str, name: str) -> Path | None:
     return next((p for p in sorted(data_dir.iterdir()) if p.name.lower() == name and p.is_dir()), None)
 
 
-def list_examples(source: Path | str, excluded: list[dict] | None = None, *, workers: int = 2) -> list[Example]:
+def list_examples(source: Path | str, excluded: list[dict] | None = None, *, workers: int = 2,
+                  patient_pattern=None) -> list[Example]:
     """Examples from ``DIR/{NORMAL,PNEUMONIA}/**`` (JPEG/PNG/DICOM, any depth) or a CSV of ``path,label``.
 
     Every image is decoded once here, as training and scoring will decode it: a file that is not an
@@ -78,9 +82,12 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     and a corrupt image stopped the run when its batch came, minutes or an hour in.
 
     An example's patient, which the validation split keeps on one side: the CSV's ``patient`` column where
-    it names one, else the DICOM Issuer of Patient ID and Patient ID (as calibration keys a patient), else
-    :func:`patient_id` of the file's name. Before, a DICOM file was its own patient whatever its header
-    said, and a patient's images went to both sides of the split.
+    it names one, else what ``patient_pattern`` (a compiled regular expression, ``--patient-pattern``) finds
+    in the file's path relative to ``source`` or to the CSV's folder
+    (:func:`cxrscreen.calibrate.patient_from_path`, as calibration reads it), else the DICOM Issuer of Patient
+    ID and Patient ID (as calibration keys a patient), else :func:`patient_id` of the file's name.
+    ``Example.patient_from`` says which (``csv``, ``pattern``, ``dicom``, ``name``). A pattern that finds no
+    patient in any file is refused (:class:`cxrscreen.errors.UsageError`); files it misses are warned of.
     """
     source = Path(source)
     candidates: list[Example] = []
@@ -106,21 +113,30 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
                     left_out.append({"path": str(path), "reason": not_screenable(path)})
                 else:
                     candidates.append(Example(path, value, ""))
+    root = source.parent if source.is_file() else source      # the paths a pattern reads are relative to it
 
     def checked(example: Example) -> tuple[str, Example]:
         """(why it is left out, or ''; the example with its patient)."""
         try:
             kind = sniff(example.path)
-            load_unit_image(example.path, kind)
+            if kind is FileKind.DICOM:      # read once: the pixels to check, the header for the patient
+                dataset = read_dicom(example.path)
+                normalise_dataset(dataset)
+            else:
+                load_unit_image(example.path, kind)
         except CxrError as exc:
             return exc.cause, example
         except Exception as exc:       # a decoder's own error: this file is left out, the run goes on
             return f"{type(exc).__name__}: {exc}", example
-        patient = example.patient
-        if not patient and kind is FileKind.DICOM:
-            record = read_record(example.path, EVERY_IMAGE)
-            patient = record.patient_key if isinstance(record, Radiograph) else ""
-        return "", replace(example, patient=patient or patient_id(example.path))
+        if example.patient:
+            return "", replace(example, patient_from="csv")
+        found = patient_pattern and patient_from_path(patient_pattern, example.path, root)
+        if found:
+            return "", replace(example, patient=found, patient_from="pattern")
+        named = dataset_patient_key(dataset) if kind is FileKind.DICOM else ""
+        if named:
+            return "", replace(example, patient=named, patient_from="dicom")
+        return "", replace(example, patient=patient_id(example.path), patient_from="name")
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cxr-check") as pool:
         results = list(pool.map(checked, candidates))
@@ -129,7 +145,29 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
         log.warning("left out %s: %s", item["path"], item["reason"])
     if excluded is not None:
         excluded.extend(left_out)
-    return [e for why, e in results if not why]
+    examples = [e for why, e in results if not why]
+    if patient_pattern and examples:
+        _check_pattern_found(patient_pattern, examples, root)
+    return examples
+
+
+def patients_from(examples: list[Example]) -> dict[str, int]:
+    """How many examples had their patient from each source (``csv``, ``pattern``, ``dicom``, ``name``)."""
+    return dict(sorted(Counter(e.patient_from for e in examples if e.patient_from).items()))
+
+
+def _check_pattern_found(pattern, examples: list[Example], root: Path) -> None:
+    """Refuse a pattern that found no patient in any file; warn of the files it missed (counted by where
+    their patient came from instead)."""
+    counts = patients_from(examples)
+    missed = counts.get("dicom", 0) + counts.get("name", 0)
+    if not counts.get("pattern") and missed:
+        raise UsageError(f"--patient-pattern {pattern.pattern!r} finds no patient in any of the {missed} files' "
+                         f"paths (one is {relative_name(examples[0].path, root)!r})", step="training")
+    if missed:
+        log.warning("--patient-pattern %r found no patient in the paths of %d of %d files: their patient is the "
+                    "DICOM Patient ID (%d) or the file's name (%d)", pattern.pattern, missed, len(examples),
+                    counts.get("dicom", 0), counts.get("name", 0))
 
 
 def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int = 1337):

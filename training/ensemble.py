@@ -20,7 +20,7 @@ from cxrscreen.errors import ModelError
 from cxrscreen.infer import CARD_FORMAT, load_model
 
 from . import data as D
-from .train import device_description, finish
+from .train import card_patient_pattern, device_description, finish
 
 
 def build_ensemble(members: list, name: str = "cxr_ensemble"):
@@ -61,11 +61,16 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
     if split_seed is None or val_fraction is None:
         raise ModelError(f"{loaded[0].path}: card has no training split seed / validation fraction",
                          step="ensemble")
+    patterns = {(card.get("data") or {}).get("patient_pattern") for card in cards}
+    if len(patterns) > 1:
+        raise ModelError(f"the members found patients with different --patient-pattern: {sorted(map(str, patterns))}",
+                         step="ensemble")
+    pattern = card_patient_pattern(cards[0])
     data_dir = Path(data_dir)
     train_source = D.split_folder(data_dir, "train") or data_dir
     excluded: list[dict] = []
-    train, val = D.patient_split(D.list_examples(train_source, excluded, workers=workers), float(val_fraction),
-                                 int(split_seed))
+    examples = D.list_examples(train_source, excluded, workers=workers, patient_pattern=pattern)
+    train, val = D.patient_split(examples, float(val_fraction), int(split_seed))
     expected = D.split_names(train=train, validation=val)
     for member, card in zip(loaded, cards):
         split_file = member.path.parent / str((card.get("data") or {}).get("split_file", ""))
@@ -104,4 +109,4 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
     curves = {f"member {i}": (card.get("training") or {}).get("history") or {} for i, card in enumerate(cards)}
     return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
                   test_dir=test_dir, target_sensitivity=target_sensitivity, batch_size=batch_size,
-                  workers=workers, curves=curves, excluded=excluded)
+                  workers=workers, curves=curves, excluded=excluded, patient_pattern=pattern)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrscreen import __version__
-from cxrscreen.calibrate import operating_point, threshold_for_sensitivity
+from cxrscreen.calibrate import compile_patient_pattern, operating_point, threshold_for_sensitivity
 from cxrscreen.infer import CARD_FORMAT, Population, accelerators, card_path, sha256_file
 from cxrscreen.normalise import PreprocessSpec
 
@@ -50,6 +50,7 @@ class FitConfig:
     split_seed: int | None = None         # default: seed; fix it to train ensemble members on one split
     weights: str | None = "imagenet"
     max_examples: int | None = None       # smoke runs
+    patient_pattern: str | None = None    # finds the patient in a file's path (training.data.list_examples)
     workers: int = 2
     extra: dict = field(default_factory=dict)
 
@@ -125,7 +126,8 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
     data_dir = Path(data_dir)
     train_source = D.split_folder(data_dir, "train") or data_dir
     excluded: list[dict] = []
-    examples = D.list_examples(train_source, excluded, workers=config.workers)
+    pattern = compile_patient_pattern(config.patient_pattern, step="training")
+    examples = D.list_examples(train_source, excluded, workers=config.workers, patient_pattern=pattern)
     split_seed = config.seed if config.split_seed is None else config.split_seed
     if config.max_examples:
         rng = random.Random(split_seed)
@@ -185,18 +187,19 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
     }
     return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
                   test_dir=test_dir, target_sensitivity=config.target_sensitivity, batch_size=config.batch_size,
-                  workers=config.workers, curves={"": history}, excluded=excluded)
+                  workers=config.workers, curves={"": history}, excluded=excluded, patient_pattern=pattern)
 
 
 def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val, split_file: Path,
            test_dir: Path | str | None | bool, target_sensitivity: float, batch_size: int, workers: int,
-           curves: dict[str, dict], excluded: list[dict] = ()) -> dict:
+           curves: dict[str, dict], excluded: list[dict] = (), patient_pattern=None) -> dict:
     """Threshold on validation, score test (if any), save the model and write card and plots.
 
     Shared by a single fit and an ensemble; ``card`` holds what only the caller knows. ``test_dir``
     None means ``data_dir/test`` when it exists; False means no test split at all. ``excluded``: the
     training folder's files that :func:`training.data.list_examples` left out; the card lists them
-    with the test folder's.
+    with the test folder's. ``patient_pattern`` (compiled) finds the test images' patients as it found the
+    training images' (``--patient-pattern``).
     """
     excluded = [{"split": "train", **item} for item in excluded]
     # The files of a previous model of this name go first: a run stopped from here on (the scoring below takes
@@ -217,7 +220,7 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
         test_dir = D.split_folder(data_dir, "test")
     if test_dir:
         left_out: list[dict] = []
-        test = D.list_examples(test_dir, left_out, workers=workers)
+        test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=patient_pattern)
         excluded += [{"split": "test", **item} for item in left_out]
         test_scores, test_labels = score_examples(saved, test, spec, batch_size, workers)
         test_point = operating_point(test_scores, test_labels, threshold)
@@ -235,6 +238,7 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
                       "chosen_on": "validation", "validation": val_point.to_json()},
         "data": {"source": str(data_dir), "split": "patient-level, seeded, stratified by class; test split "
                  "never used for training, selection or threshold", "split_file": split_file.name,
+                 "patient_pattern": patient_pattern.pattern if patient_pattern else None,
                  "train": _counts(train), "validation": _counts(val), "test": test_counts,
                  # files of the folders that are not images or could not be decoded: not in any count
                  "excluded": excluded, "horizontal_flips": False},
@@ -340,9 +344,11 @@ def float32_config(config):
 
 
 def _counts(examples) -> dict:
+    """Images of each class and patients; for examples just listed, where their patients came from."""
     labels = [e.label for e in examples]
-    return {"NORMAL": labels.count(0), "PNEUMONIA": labels.count(1),
-            "patients": len({e.patient for e in examples})}
+    counts = {"NORMAL": labels.count(0), "PNEUMONIA": labels.count(1), "patients": len({e.patient for e in examples})}
+    found = D.patients_from(examples)
+    return {**counts, "patients_from": found} if found else counts
 
 
 def _last_conv_layer(model) -> str:
@@ -398,6 +404,11 @@ def _plot_roc(path: Path, val_scores, val_labels, test_scores, test_labels, thre
     plt.close(fig)
 
 
+def card_patient_pattern(card: dict):
+    """The ``--patient-pattern`` a card's model was trained with, compiled; None for none."""
+    return compile_patient_pattern((card.get("data") or {}).get("patient_pattern"), step="training")
+
+
 def read_card(model_path: Path) -> dict:
     """The card of a saved model, for the commands that rewrite it (``appearance``, ``evaluate --record``,
     ``rethreshold``); refused when the model file is not the one the card was written for."""
@@ -441,7 +452,7 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
     spec, threshold = loaded.card.preprocessing, loaded.card.threshold
     val_scores, val_labels = _validation_scores(loaded.keras_model, model_path, card, spec, batch_size, workers)
     left_out: list[dict] = []
-    test = D.list_examples(test_dir, left_out, workers=workers)
+    test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=card_patient_pattern(card))
     test_scores, test_labels = score_examples(loaded.keras_model, test, spec, batch_size, workers)
     point = operating_point(test_scores, test_labels, threshold)
     card["metrics"]["test"] = point.to_json()
@@ -502,7 +513,7 @@ def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batc
                  "previous_on_saved_model": operating_point(val_scores, val_labels, old["value"]).to_json()}
     test_scores = test_labels = None
     if card["metrics"].get("test"):         # measured again at the new threshold (test_dir checked above)
-        test = D.list_examples(test_dir, [], workers=workers)
+        test = D.list_examples(test_dir, [], workers=workers, patient_pattern=card_patient_pattern(card))
         test_scores, test_labels = score_examples(model, test, spec, batch_size, workers)
         corrected["previous_test"] = card["metrics"]["test"]
         card["data"]["test"] = {**(card["data"].get("test") or {}), **_counts(test), "source": str(test_dir),
@@ -516,14 +527,18 @@ def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batc
     return card
 
 
-def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32) -> dict:
-    """Score a labeled folder with a saved model at its card's threshold."""
+def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32,
+             patient_pattern: str | None = None) -> dict:
+    """Score a labeled folder with a saved model at its card's threshold; ``patients`` (for a bootstrap)
+    as :func:`training.data.list_examples` finds them, with ``patient_pattern`` (``--patient-pattern``)."""
     from cxrscreen.infer import load_model
 
     loaded = load_model(model_path)
     excluded: list[dict] = []
-    examples = D.list_examples(data_dir, excluded)
+    pattern = compile_patient_pattern(patient_pattern, step="evaluate")
+    examples = D.list_examples(data_dir, excluded, patient_pattern=pattern)
     scores, labels = score_examples(loaded.keras_model, examples, loaded.card.preprocessing, batch_size)
     point = operating_point(scores, labels, loaded.card.threshold)
     return {"model": str(model_path), "data": str(data_dir), **point.to_json(), "excluded": excluded,
-            "scores": scores.tolist(), "labels": labels.tolist(), "patients": [e.patient for e in examples]}
+            "patients_from": D.patients_from(examples), "scores": scores.tolist(), "labels": labels.tolist(),
+            "patients": [e.patient for e in examples]}
