@@ -180,6 +180,14 @@ def test_a_patient_pattern_finds_the_patient_in_a_file_name_or_folder(tmp_path):
     by_file = {s.first.path.name: patients[s.study_uid] for s in studies}
     assert by_file == {"person1_bacteria_1.jpeg": "csv:kid-1", "person1_virus_7.jpeg": "pattern:person1",
                        "a.png": "pattern:P7", "b.png": "pattern:P7"}
+    # a pattern is not run where the CSV names the patient, nor refused for finding nobody there
+    (tmp_path / "named.csv").write_text("path,label,patient\nsite/NORMAL/P7/a.png,NORMAL,kid-2\n")
+    studies, _, patients, _, _ = _labeled_studies(tmp_path / "named.csv", patient_pattern=re.compile(r"^nowhere"))
+    assert list(patients.values()) == ["csv:kid-2"]
+    from cxrscreen.errors import UsageError
+
+    with pytest.raises(UsageError, match="in any of the 3 files' paths"):     # the 3 rows that name nobody
+        _labeled_studies(tmp_path / "labels.csv", patient_pattern=re.compile(r"^nowhere"))
 
 
 def test_a_patient_pattern_that_is_wrong_or_finds_nothing_is_refused(tmp_path, model_copy):
