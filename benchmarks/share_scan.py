@@ -16,6 +16,15 @@ on a fresh mount (so that the first pass's pages are not cached for the second):
   than it waits, and otherwise 8 at a time (:class:`cxrscreen.ingest.Waits`);
 
 and both again on the local folder (cached), where the scan must not be slower than one at a time.
+Then ``watch`` with the share as its inbox: a rescan (the folders walked, every file stat-ed), and, once
+the file attributes the kernel keeps have expired (1 s here; an NFS inbox mounted ``noac``, as is done to
+see new files at once, keeps none), a poll (every file still settling stat-ed, every 0.25 s):
+
+- baseline: the files stat-ed one after the other, as ``watch`` did until it stat-ed them in threads;
+- cxrscreen: one at a time while that computes more than it waits, then 8 at a time.
+
+The rescan's own stats mostly find what its walk just fetched: its gain is the poll's.
+
 Prints the times, the ratios and the requests per file the share served. The file server is Python
 and shares the machine's cores with the scan, so a real share's gain is larger where the scan's CPU
 is not the limit. Exits 0 with a line saying why when FUSE cannot be used here.
@@ -110,6 +119,24 @@ def timed_scan(folder: Path, threads: int | None) -> tuple[float, int]:
     return time.perf_counter() - start, len(items)
 
 
+def timed_watch(inbox: Path, out: Path, serial: bool, expire: float) -> tuple[float, float, int]:
+    """``watch`` on ``inbox``: seconds of a rescan (the walk, and a stat of every file) and, ``expire`` seconds
+    later, of a poll (every file still settling stat-ed again), and the files seen."""
+    from cxrscreen.ingest import Waits
+    from cxrscreen.watch import Watcher, WatchOptions
+
+    watcher = Watcher(WatchOptions(inbox, out, settle=3600, gradcam="none"))      # nothing settles here
+    if serial:
+        watcher._stats = Waits(probe=10**9)      # never judged: every stat in this thread
+    start = time.perf_counter()
+    watcher._rescan(time.monotonic())
+    rescan = time.perf_counter() - start
+    time.sleep(expire)
+    start = time.perf_counter()
+    watcher._settle()
+    return rescan, time.perf_counter() - start, len(watcher.candidates)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=300)
@@ -173,6 +200,23 @@ def main() -> int:
         for label, times in local.items():
             print(f"  local  {label:10s} {min(times):7.3f} s (best of {len(times)})")
         print(f"ratio on the local disk, baseline / cxrscreen: {min(local['baseline']) / min(local['cxrscreen']):.2f}x")
+        watched = {}
+        for label, serial in (("baseline", True), ("cxrscreen", False)):
+            process = mounted(source, mountpoint, args.latency, work / f"watch-{label}.json")
+            try:
+                rescan, poll, n = timed_watch(mountpoint, work / f"out-{label}", serial, expire=1.5)
+            finally:
+                unmount(mountpoint, process)
+            assert n == args.files, n
+            watched[label] = rescan, poll
+            print(f"  watch, share  {label:10s} rescan {rescan:6.2f} s   poll {poll:6.2f} s")
+        (rescan_before, poll_before), (rescan_now, poll_now) = watched["baseline"], watched["cxrscreen"]
+        print(f"ratio of watch on the share, baseline / cxrscreen: rescan {rescan_before / rescan_now:.2f}x, "
+              f"poll {poll_before / poll_now:.2f}x")
+        local = {label: min(timed_watch(source, work / f"out-local-{label}", serial, expire=0)[1] for _ in range(3))
+                 for label, serial in (("baseline", True), ("cxrscreen", False))}
+        print(f"  watch, local  poll: baseline {local['baseline'] * 1000:.1f} ms, cxrscreen "
+              f"{local['cxrscreen'] * 1000:.1f} ms (best of 3): {local['baseline'] / local['cxrscreen']:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

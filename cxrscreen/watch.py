@@ -43,6 +43,7 @@ import stat as stat_module
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,6 +269,19 @@ def _free_path(dest: Path) -> Path:
     return candidate
 
 
+def _candidate_stat(path: str) -> tuple[os.stat_result, bool] | None:
+    """A file's stat (its target's) and whether it is a symbolic link whose target is missing (listed, once it
+    stays so, never opened); None when it is gone, or cannot be stat-ed and is no such link."""
+    try:
+        return os.stat(path), False
+    except OSError:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return (st, True) if stat_module.S_ISLNK(st.st_mode) else None
+
+
 def _hashed(path: str, record) -> tuple:
     """``(record, the file's SHA-256)``; for a file that cannot be read, a FAILED record saying so, and ''."""
     try:
@@ -297,6 +311,7 @@ class Watcher:
         self._rescan_soon = threading.Event()
         self.candidates: dict[str, _Candidate] = {}
         self._reads = Waits(SCAN_PROBE)        # whether settled files are read in threads (a share): learnt once
+        self._stats = Waits(SCAN_PROBE)        # whether the files seen are stat-ed in threads, likewise
         self._unlistable: set[str] = set()     # inbox folders that could not be listed at the last rescan
         self._stalled: set[str] = set()        # temporary names logged as stalled transfers, still there
         self._linked_own: set[str] = set()     # links in the inbox to our own folders, logged, still there
@@ -611,20 +626,25 @@ class Watcher:
     def _drain_events(self, now: float) -> None:
         with self._dirty_lock:
             dirty, self._dirty = self._dirty, set()
-        for path in dirty:
-            self._observe(path, now)
+        for path, seen in self._stat_all(dirty):
+            self._observe(path, now, seen)
 
     def _rescan(self, now: float) -> None:
         root = os.path.normpath(self.inbox)
         errors: list[OSError] = []
         left_out: list[tuple[str, str]] = []
         avoided: list[tuple[str, str]] = []
-        for folder, dirs, files in walk(self.inbox, errors, left_out=left_out, avoid=self._own_folders(),
-                                        avoided=avoided):
-            if self.options.remove_empty_folders and not dirs and not files and os.path.normpath(folder) != root:
-                self._remove_if_stale(folder)
-            for name in files:
-                self._observe(os.path.normpath(os.path.join(folder, name)), now)
+
+        def found() -> Iterator[str]:
+            for folder, dirs, files in walk(self.inbox, errors, left_out=left_out, avoid=self._own_folders(),
+                                            avoided=avoided):
+                if self.options.remove_empty_folders and not dirs and not files and os.path.normpath(folder) != root:
+                    self._remove_if_stale(folder)
+                for name in files:
+                    yield os.path.normpath(os.path.join(folder, name))
+
+        for path, seen in self._stat_all(found()):
+            self._observe(path, now, seen)
         self._report_unlistable(errors)
         self._report_stalled([path for path, _ in left_out if temporary_suffix(path)])
         self._report_links_to_own(avoided)
@@ -700,19 +720,19 @@ class Watcher:
             return
         log.info(kv(event="folder_removed", path=folder, note="empty and unchanged for an hour or more"))
 
-    def _observe(self, path: str, now: float) -> None:
-        special = False
-        try:
-            st = os.stat(path)
-        except OSError:
-            try:
-                st = os.lstat(path)     # a symbolic link whose target is missing: listed, once it stays so
-            except OSError:
-                st = None
-            if st is None or not stat_module.S_ISLNK(st.st_mode):
-                self.candidates.pop(path, None)
-                return
-            special = True
+    def _stat_all(self, paths: Iterable[str]) -> Iterator[tuple[str, tuple | None]]:
+        """``(path, _candidate_stat(path))`` for each of ``paths``, in order: one at a time, or ahead in threads
+        once those stats wait more than they compute (an inbox on a share: a round trip each, for every file
+        in the inbox at every rescan, and for every waiting file at every poll)."""
+        return once_they_wait(_candidate_stat, paths, self._stats, threads=SCAN_THREADS, name="cxr-stat")
+
+    def _observe(self, path: str, now: float, seen: tuple | None) -> None:
+        """Note what ``seen`` (:func:`_candidate_stat` of ``path``) says of a file: a candidate, and since
+        when it has been as it is now; or not one (gone, a folder, or taken already as it is)."""
+        if seen is None:
+            self.candidates.pop(path, None)
+            return
+        st, special = seen
         if stat_module.S_ISDIR(st.st_mode):     # a dangling link whose target came as a folder: walked, not read
             self.candidates.pop(path, None)
             return
@@ -730,9 +750,9 @@ class Watcher:
     def _settle(self) -> None:
         settle = self.options.settle
         due = []
-        for path in sorted(self.candidates):
+        for path, seen in self._stat_all(sorted(self.candidates)):
             now = time.monotonic()
-            self._observe(path, now)
+            self._observe(path, now, seen)
             candidate = self.candidates.get(path)
             if candidate is not None and now - candidate.since >= settle:
                 due.append((path, candidate))

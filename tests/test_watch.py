@@ -567,6 +567,28 @@ def test_files_on_a_share_are_read_and_hashed_in_threads_and_taken_in_order(dirs
     assert done_studies(out) == 6 and len(reports(out)) == 6
 
 
+def test_files_seen_on_a_share_are_stat_ed_in_threads_in_order(dirs, model, monkeypatch):
+    """An inbox on NFS or SMB: every rescan stats every file in the inbox, and every poll every file waiting
+    to settle, each a round trip. Once those stats wait more than they compute, the next are made ahead in
+    threads; each file is still observed in order, and every study is taken and reported."""
+    inbox, out = dirs
+    for study in range(5):
+        write_study(inbox / f"s{study}", f"stat{study}", images=4)
+    stat_in, candidate_stat = [], watch_module._candidate_stat
+
+    def slow_stat(path):
+        time.sleep(0.005)          # a round trip
+        stat_in.append(threading.current_thread().name)
+        return candidate_stat(path)
+
+    monkeypatch.setattr(watch_module, "_candidate_stat", slow_stat)
+    code = Watcher(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True), model=model).run()
+    assert code == 0 and done_studies(out) == 5 and len(reports(out)) == 5
+    threads = [name for name in stat_in if name.startswith("cxr-stat")]
+    assert len(stat_in) - len(threads) == 16 and len(set(threads)) > 1     # the probe, then several at a time
+    assert ledger_rows(out, "SELECT COUNT(*) FROM files WHERE status = 'scored'") == [(20,)]
+
+
 def one_image_study(inbox: Path, name: str, **header) -> Path:
     """A study of one image in ``inbox/name/name.dcm``, patient NAME, with these make_dicom header fields."""
     (inbox / name).mkdir()
@@ -1099,10 +1121,11 @@ def test_a_dangling_link_whose_target_comes_as_a_folder_is_not_taken_as_a_file(d
     inbox, out = dirs
     (inbox / "later").symlink_to(tmp_path / "later", target_is_directory=True)
     watcher = Watcher(WatchOptions(inbox, out, settle=0.0, rescan=1.0, gradcam="none"))
-    watcher._observe(str(inbox / "later"), 0.0)
-    assert watcher.candidates[str(inbox / "later")].special
+    later = str(inbox / "later")
+    watcher._observe(later, 0.0, watch_module._candidate_stat(later))
+    assert watcher.candidates[later].special
     (tmp_path / "later").mkdir()
-    watcher._observe(str(inbox / "later"), 1.0)
+    watcher._observe(later, 1.0, watch_module._candidate_stat(later))
     assert watcher.candidates == {}
 
 
