@@ -32,7 +32,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -286,16 +286,33 @@ def discover(inputs: Iterable[Path | str], *, threads: int = SCAN_THREADS) -> It
             yield unlistable(error, root)
 
 
-def _read_head(path: Path, size: int = 512) -> bytes:
+HEAD_SIZE = 512     # the bytes that say what a file is (sniff, not_screenable)
+
+
+def _read_head(path: Path) -> bytes:
+    with _opened(path) as (_, head):
+        return head
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[tuple[BinaryIO, bytes]]:
+    """``path`` opened for reading, and its first :data:`HEAD_SIZE` bytes; opening or reading it failing as an
+    InputError. One open serves the recognition and the header read: on a share each open is a round trip."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(size)
+        handle = open(path, "rb")
+        try:
+            head = handle.read(HEAD_SIZE)
+        except BaseException:
+            handle.close()
+            raise
     except PermissionError as exc:
         raise InputError(f"permission denied ({exc.strerror})", path=path, step="read") from None
     except IsADirectoryError:
         raise InputError("is a directory", path=path, step="read") from None
     except OSError as exc:
         raise InputError(f"cannot open: {exc.strerror or exc}", path=path, step="read") from None
+    with handle:
+        yield handle, head
 
 
 def _looks_like_raw_dataset(head: bytes) -> bool:
@@ -373,17 +390,20 @@ def sniff(path: Path, head: bytes | None = None) -> FileKind | None:
 # --------------------------------------------------------------------------- reading
 
 def _dcmread(path: Path, *, stop_before_pixels: bool, force: bool = False, defer_size: int | None = None,
-             pass_warnings_on: bool = False):
+             pass_warnings_on: bool = False, handle: BinaryIO | None = None):
     """pydicom.dcmread with the file's errors as InputError (a truncated file included). The other warnings of
     the parse are passed on to the caller when ``pass_warnings_on`` (:func:`_header_warnings` logs them once
-    per file, when its header is read), else dropped (the file is read again to decode its pixels)."""
+    per file, when its header is read), else dropped (the file is read again to decode its pixels).
+    ``handle``: ``path`` already open, read from its start (deferred values are read later by name)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         with caught() as seen:
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=force,
-                                 defer_size=defer_size)
+            if handle is not None:
+                handle.seek(0)
+            ds = pydicom.dcmread(path if handle is None else handle, stop_before_pixels=stop_before_pixels,
+                                 force=force, defer_size=defer_size)
     except PermissionError as exc:
         raise InputError(f"permission denied ({exc.strerror})", path=path, step="read") from None
     except InvalidDicomError as exc:
@@ -916,23 +936,23 @@ def read_record(path: Path | str, selection: Selection = Selection()) -> Radiogr
         if stat.st_size == 0:
             raise InputError("empty file (0 bytes): the transfer failed or is still in progress",
                              path=path, step="read")
-        head = _read_head(path)
-        kind = sniff(path, head)
-        if kind is None:
-            what = not_screenable(path, head)
-            if path.suffix.lower() in DICOM_SUFFIXES:
-                preview = head[:16]
-                raise InputError(f"named {path.suffix} but is not DICOM: " + (
-                    what if what != NOT_SCREENABLE else
-                    f"no 'DICM' preamble and no parseable data set (starts with {preview!r})"),
-                    path=path, step="discover")
-            return FileOutcome(path, Status.SKIPPED, what, step="discover")
-        if kind is not FileKind.DICOM:
-            record = Radiograph(path=path, kind=kind, study_uid=_file_uid(path),
-                                size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
-            return colour_picture(record) or record
-        with _header_warnings(path):
-            return _dicom_outcome(path, stat, selection)
+        with _opened(path) as (handle, head):
+            kind = sniff(path, head)
+            if kind is None:
+                what = not_screenable(path, head)
+                if path.suffix.lower() in DICOM_SUFFIXES:
+                    preview = head[:16]
+                    raise InputError(f"named {path.suffix} but is not DICOM: " + (
+                        what if what != NOT_SCREENABLE else
+                        f"no 'DICM' preamble and no parseable data set (starts with {preview!r})"),
+                        path=path, step="discover")
+                return FileOutcome(path, Status.SKIPPED, what, step="discover")
+            if kind is FileKind.DICOM:
+                with _header_warnings(path):
+                    return _dicom_outcome(path, stat, selection, handle)
+        record = Radiograph(path=path, kind=kind, study_uid=_file_uid(path),
+                            size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        return colour_picture(record) or record
     except CxrError as exc:
         exc.with_path(path)
         return FileOutcome.from_error(exc)
@@ -941,9 +961,10 @@ def read_record(path: Path | str, selection: Selection = Selection()) -> Radiogr
                                                  step="read", tag=tag_named_in(str(exc))))
 
 
-def _dicom_outcome(path: Path, stat: os.stat_result, selection: Selection) -> Radiograph | FileOutcome:
+def _dicom_outcome(path: Path, stat: os.stat_result, selection: Selection,
+                   handle: BinaryIO | None = None) -> Radiograph | FileOutcome:
     # Large values (the pixel data) are deferred: the header is read, the pixels are not.
-    ds = _dcmread(path, stop_before_pixels=False, force=True, defer_size=4096, pass_warnings_on=True)
+    ds = _dcmread(path, stop_before_pixels=False, force=True, defer_size=4096, pass_warnings_on=True, handle=handle)
     declared = undeclared_utf8(ds)
     if declared is not None:
         from pydicom.charset import convert_encodings

@@ -619,6 +619,35 @@ def test_the_header_read_leaves_the_pixel_data_unread(tmp_path, chest_pixels, ch
     assert reads == []
 
 
+_OPENED: list[str] | None = None       # while a list, every file Python opens is appended to it
+
+
+def _count_opens(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None:
+        _OPENED.append(str(args[0]))
+
+
+def test_a_file_is_opened_once_to_recognise_it_and_read_its_header(tmp_path, chest_pixels):
+    """On a share each open is a round trip (and NFS revalidates the file's attributes at each one): the header
+    read opened every DICOM file twice, once for its first bytes and once more for pydicom. A value left on
+    disk by the header read (the pixel data) is read later by its name, as before."""
+    import sys
+
+    global _OPENED
+    dicom = save(make_dicom(chest_pixels, seed="opened-once"), tmp_path / "image.dcm")
+    sys.addaudithook(_count_opens)      # audit hooks stay: this one counts only while _OPENED is a list
+    _OPENED = []
+    try:
+        record = read_record(dicom)
+        opened, _OPENED = _OPENED, []
+        pixels = load_unit_image(dicom)
+    finally:
+        _OPENED = None
+    assert isinstance(record, Radiograph) and record.patient_name == "SYNTHETIC^PATIENT"
+    assert opened.count(str(dicom)) == 1, opened
+    assert pixels.shape == chest_pixels.shape
+
+
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])     # explicit, implicit VR
 def test_text_in_undeclared_utf8_is_read_as_utf8(tmp_path, chest_pixels, syntax, caplog):
     """No (0008,0005) means ASCII; a modality that wrote UTF-8 anyway gets its names read as written,
