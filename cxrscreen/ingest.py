@@ -483,13 +483,16 @@ _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def _display_header(path: Path) -> _DisplayHeader:
-    """Size, Pillow mode and EXIF orientation of a JPEG or PNG, its size checked before anything is decoded."""
+def _display_header(path: Path, handle: BinaryIO | None = None) -> _DisplayHeader:
+    """Size, Pillow mode and EXIF orientation of a JPEG or PNG, its size checked before anything is decoded;
+    from ``handle``, ``path`` already open, where given."""
     from PIL import Image
 
     try:
         with caught() as seen:
-            with Image.open(path) as img:     # the header only: nothing is decoded here
+            if handle is not None:
+                handle.seek(0)
+            with Image.open(path if handle is None else handle) as img:     # the header only: nothing decoded
                 (width, height), mode, orientation = img.size, img.mode, _exif_orientation(img)
         bomb = next((w.message for w in seen if issubclass(w.category, Image.DecompressionBombWarning)), None)
         if bomb is not None:
@@ -738,21 +741,22 @@ def select(record: Radiograph, selection: Selection = Selection()) -> FileOutcom
     return None
 
 
-def colour_picture(record: Radiograph, ds=None) -> FileOutcome | None:
+def colour_picture(record: Radiograph, ds=None, handle: BinaryIO | None = None) -> FileOutcome | None:
     """A SKIPPED outcome when a colour image is a colour picture rather than a radiograph, else None.
 
     :func:`cxrscreen.normalise.colour_fraction` measures how much of the first frame has colour that its
     brightness does not explain; over :data:`~cxrscreen.normalise.COLOUR_PICTURE_FRACTION` the image is a
     photograph, a colour test pattern or a heatmap overlay, not a radiograph (even a tinted
     film scan, or one with colour annotations, stays far below). Grey images are not decoded here. ``ds``
-    is the data set of a DICOM record (its pixels are read now); JPEG/PNG are decoded from ``record.path``.
-    An image that cannot be decoded passes: the decode step fails it, naming the cause.
+    is the data set of a DICOM record (its pixels are read now); JPEG/PNG are decoded from ``record.path``
+    (their header read from ``handle``, the file already open, where given). An image that cannot be decoded
+    passes: the decode step fails it, naming the cause.
     """
     import cv2
 
     try:
         if ds is None:
-            header = _display_header(record.path)
+            header = _display_header(record.path, handle)
             if header.mode in _GREY_IMAGE_MODES:
                 return None
             bgr = _decode_display(record.path, header, reduced=True)
@@ -950,9 +954,9 @@ def read_record(path: Path | str, selection: Selection = Selection()) -> Radiogr
             if kind is FileKind.DICOM:
                 with _header_warnings(path):
                     return _dicom_outcome(path, stat, selection, handle)
-        record = Radiograph(path=path, kind=kind, study_uid=_file_uid(path),
-                            size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
-        return colour_picture(record) or record
+            record = Radiograph(path=path, kind=kind, study_uid=_file_uid(path),
+                                size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+            return colour_picture(record, handle=handle) or record
     except CxrError as exc:
         exc.with_path(path)
         return FileOutcome.from_error(exc)
