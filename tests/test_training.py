@@ -168,7 +168,8 @@ def test_a_patient_pattern_finds_each_patient_in_the_paths_for_the_split(tmp_pat
 
     # a CSV: paths relative to its folder, its patient column first
     rows = [("train/NORMAL/PN001/2026-01-03.png", "NORMAL", "kid-1"),
-            ("train/NORMAL/PN001/2026-01-04.png", "NORMAL", ""), ("train/PNEUMONIA/PP002/2026-01-03.png", "PNEUMONIA", "")]
+            ("train/NORMAL/PN001/2026-01-04.png", "NORMAL", ""),
+            ("train/PNEUMONIA/PP002/2026-01-03.png", "PNEUMONIA", "")]
     (tmp_path / "labels.csv").write_text("path,label,patient\n" + "".join(f"{r[0]},{r[1]},{r[2]}\n" for r in rows))
     listed = D.list_examples(tmp_path / "labels.csv", patient_pattern=re.compile(r"/(P[NP]\d+)/"))
     assert [(e.patient, e.patient_from) for e in listed] == [("kid-1", "csv"), ("PN001", "pattern"),
@@ -190,9 +191,11 @@ def test_training_commands_refuse_a_patient_pattern_that_is_not_one_or_finds_nob
                                  "--patient-pattern", "^P\\d+/", "--weights", "none", "--no-test"])
     assert nobody.exit_code == 2 and "finds no patient in any of the 20 files' paths" in nobody.output
     assert not (tmp_path / "m.keras").exists()
-    both = runner.invoke(cli, ["evaluate", "--model", str(default_model_path()), "--data", str(labeled_folder / "test"),
-                               "--record", "--patient-pattern", "person"])
+    evaluate = ["evaluate", "--model", str(default_model_path()), "--data", str(labeled_folder / "test")]
+    both = runner.invoke(cli, [*evaluate, "--record", "--patient-pattern", "person"])
     assert both.exit_code == 2 and "not taken with it" in both.output
+    scored = runner.invoke(cli, [*evaluate, "--patient-pattern", "^P\\d+/"])
+    assert scored.exit_code == 2 and "finds no patient in any of the 8 files' paths" in scored.output
 
 
 def test_class_weights_balance_the_classes():
