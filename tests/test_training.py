@@ -355,9 +355,14 @@ def test_rethreshold_chooses_the_threshold_again_from_the_saved_model(labeled_fo
     from training.train import FitConfig, evaluate, fit, rethreshold
 
     out = tmp_path / "rt" / "rt.keras"
-    config = FitConfig(input_size=32, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3, workers=1)
-    fit(labeled_folder, out, config, test_dir=labeled_folder / "test")
+    only_train = r"(?:person|IM-0*)([0-4])(?!\d)"     # finds the training patients, no test patient (100, 101)
+    config = FitConfig(input_size=32, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3, workers=1,
+                       patient_pattern=only_train)
+    fit(labeled_folder, out, config, test_dir=labeled_folder / "test")    # not refused once trained: counted
     right = json.loads(card_path(out).read_text())
+    train = right["data"]["train"]
+    assert train["patients_from"] == {"pattern": train["NORMAL"] + train["PNEUMONIA"]}
+    assert right["data"]["test"]["patients_from"] == {"name": 8} and right["data"]["test"]["patients"] == 4
     assert rethreshold(out, labeled_folder / "test") == right            # already right: unchanged, on disk too
     assert json.loads(card_path(out).read_text()) == right
     wrong = json.loads(json.dumps(right))

@@ -73,7 +73,7 @@ def split_folder(data_dir: Path | str, name: str) -> Path | None:
 
 
 def list_examples(source: Path | str, excluded: list[dict] | None = None, *, workers: int = 2,
-                  patient_pattern=None) -> list[Example]:
+                  patient_pattern=None, refuse_unmatched: bool = True) -> list[Example]:
     """Examples from ``DIR/{NORMAL,PNEUMONIA}/**`` (JPEG/PNG/DICOM, any depth) or a CSV of ``path,label``.
 
     Every image is decoded once here, as training and scoring will decode it: a file that is not an
@@ -87,7 +87,9 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     (:func:`cxrscreen.calibrate.patient_from_path`, as calibration reads it), else the DICOM Issuer of Patient
     ID and Patient ID (as calibration keys a patient), else :func:`patient_id` of the file's name.
     ``Example.patient_from`` says which (``csv``, ``pattern``, ``dicom``, ``name``). A pattern that finds no
-    patient in any file is refused (:class:`cxrscreen.errors.UsageError`); files it misses are warned of.
+    patient in any file is refused (:class:`cxrscreen.errors.UsageError`), unless not ``refuse_unmatched``
+    (a test split listed with the pattern training was given, once the model is trained: there the patients
+    are only counted); files it misses are warned of.
     """
     source = Path(source)
     candidates: list[Example] = []
@@ -147,7 +149,7 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
         excluded.extend(left_out)
     examples = [e for why, e in results if not why]
     if patient_pattern and examples:
-        _check_pattern_found(patient_pattern, examples, root)
+        _check_pattern_found(patient_pattern, examples, root, refuse_unmatched)
     return examples
 
 
@@ -156,14 +158,15 @@ def patients_from(examples: list[Example]) -> dict[str, int]:
     return dict(sorted(Counter(e.patient_from for e in examples if e.patient_from).items()))
 
 
-def _check_pattern_found(pattern, examples: list[Example], root: Path) -> None:
-    """Refuse a pattern that found no patient in any file; warn of the files it missed (counted by where
-    their patient came from instead)."""
+def _check_pattern_found(pattern, examples: list[Example], root: Path, refuse: bool) -> None:
+    """Refuse (``refuse``) a pattern that found no patient in any file; warn of the files it missed (counted
+    by where their patient came from instead)."""
     counts = patients_from(examples)
     missed = counts.get("dicom", 0) + counts.get("name", 0)
-    if not counts.get("pattern") and missed:
+    if refuse and not counts.get("pattern") and missed:
+        example = next(e.path for e in examples if e.patient_from in ("dicom", "name"))
         raise UsageError(f"--patient-pattern {pattern.pattern!r} finds no patient in any of the {missed} files' "
-                         f"paths (one is {relative_name(examples[0].path, root)!r})", step="training")
+                         f"paths (one is {relative_name(example, root)!r})", step="training")
     if missed:
         log.warning("--patient-pattern %r found no patient in the paths of %d of %d files: their patient is the "
                     "DICOM Patient ID (%d) or the file's name (%d)", pattern.pattern, missed, len(examples),

@@ -220,7 +220,8 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
         test_dir = D.split_folder(data_dir, "test")
     if test_dir:
         left_out: list[dict] = []
-        test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=patient_pattern)
+        test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=patient_pattern,
+                               refuse_unmatched=False)     # the model is trained: its test patients are counted
         excluded += [{"split": "test", **item} for item in left_out]
         test_scores, test_labels = score_examples(saved, test, spec, batch_size, workers)
         test_point = operating_point(test_scores, test_labels, threshold)
@@ -452,7 +453,8 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
     spec, threshold = loaded.card.preprocessing, loaded.card.threshold
     val_scores, val_labels = _validation_scores(loaded.keras_model, model_path, card, spec, batch_size, workers)
     left_out: list[dict] = []
-    test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=card_patient_pattern(card))
+    test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=card_patient_pattern(card),
+                           refuse_unmatched=False)
     test_scores, test_labels = score_examples(loaded.keras_model, test, spec, batch_size, workers)
     point = operating_point(test_scores, test_labels, threshold)
     card["metrics"]["test"] = point.to_json()
@@ -513,7 +515,8 @@ def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batc
                  "previous_on_saved_model": operating_point(val_scores, val_labels, old["value"]).to_json()}
     test_scores = test_labels = None
     if card["metrics"].get("test"):         # measured again at the new threshold (test_dir checked above)
-        test = D.list_examples(test_dir, [], workers=workers, patient_pattern=card_patient_pattern(card))
+        test = D.list_examples(test_dir, [], workers=workers, patient_pattern=card_patient_pattern(card),
+                               refuse_unmatched=False)
         test_scores, test_labels = score_examples(model, test, spec, batch_size, workers)
         corrected["previous_test"] = card["metrics"]["test"]
         card["data"]["test"] = {**(card["data"].get("test") or {}), **_counts(test), "source": str(test_dir),
