@@ -272,6 +272,30 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
     assert score.shape == (1,) and 0 <= score[0] <= 1
 
 
+def test_a_test_split_that_cannot_be_read_is_refused_before_training(labeled_folder, tmp_path):
+    """The test split is listed after training: a --test folder without NORMAL/ and PNEUMONIA/ (or a CSV with a
+    bad row) stopped the run there, the training done and the model saved without its card."""
+    from cxrscreen.errors import UsageError
+    from training.ensemble import make_ensemble
+    from training.train import FitConfig, fit
+
+    (tmp_path / "elsewhere" / "images").mkdir(parents=True)
+    bad_csv = tmp_path / "test.csv"
+    bad_csv.write_text("path,label\nx.png,MAYBE\n")
+    out = tmp_path / "m" / "m.keras"
+    config = FitConfig(input_size=32, batch_size=8, head_epochs=1, finetune_epochs=0, val_fraction=0.3, workers=1)
+    with pytest.raises(SystemExit, match="must hold NORMAL/ and PNEUMONIA/"):
+        fit(labeled_folder, out, config, test_dir=tmp_path / "elsewhere")
+    assert not any(out.parent.iterdir())       # nothing trained, nothing written
+    with pytest.raises(UsageError, match="line 2: label 'MAYBE'"):
+        fit(labeled_folder, out, config, test_dir=bad_csv)
+    assert not any(out.parent.iterdir())
+    with pytest.raises(SystemExit, match="must hold NORMAL/ and PNEUMONIA/"):
+        make_ensemble([default_model_path(), default_model_path()], labeled_folder, tmp_path / "e" / "e.keras",
+                      test_dir=tmp_path / "elsewhere")
+    assert not any((tmp_path / "e").iterdir())
+
+
 def test_card_population_round_trips_and_warns_outside_its_ages():
     from cxrscreen.errors import ModelError
     from cxrscreen.infer import ModelCard

@@ -97,11 +97,8 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     if source.is_file() and source.suffix.lower() == ".csv":
         candidates = [Example(path, label, patient.strip()) for path, label, patient in read_labeled_csv(source)]
     else:
-        folders = class_folders(source) if source.is_dir() else None
-        if folders is None:
-            raise SystemExit(f"{source} must hold NORMAL/ and PNEUMONIA/ folders (names in any case), or be a CSV "
-                             "of path,label")
-        for value, folder in enumerate(folders):
+        check_labeled(source)
+        for value, folder in enumerate(class_folders(source)):
             for path in discover([folder]):
                 if isinstance(path, FileOutcome):     # a folder it could not list, a hidden or temporary file
                     left_out.append({"path": str(path.path), "reason": path.reason})
@@ -151,6 +148,18 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     if patient_pattern and examples:
         _check_pattern_found(patient_pattern, examples, root, refuse_unmatched)
     return examples
+
+
+def check_labeled(source: Path | str) -> None:
+    """Refuse (SystemExit, naming it) what :func:`list_examples` cannot read: neither a folder holding NORMAL/
+    and PNEUMONIA/ nor a CSV of path,label (a CSV's rows are read and checked too). For a test split, checked
+    before training: it is listed after, and a wrong one stopped the run there."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        read_labeled_csv(source)
+    elif (class_folders(source) if source.is_dir() else None) is None:
+        raise SystemExit(f"{source} must hold NORMAL/ and PNEUMONIA/ folders (names in any case), or be a CSV "
+                         "of path,label")
 
 
 def patients_from(examples: list[Example]) -> dict[str, int]:

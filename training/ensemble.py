@@ -20,7 +20,7 @@ from cxrscreen.errors import ModelError
 from cxrscreen.infer import CARD_FORMAT, load_model
 
 from . import data as D
-from .train import card_patient_pattern, device_description, finish
+from .train import card_patient_pattern, device_description, finish, test_source
 
 
 def build_ensemble(members: list, name: str = "cxr_ensemble"):
@@ -67,6 +67,7 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
                          step="ensemble")
     pattern = card_patient_pattern(cards[0])
     data_dir = Path(data_dir)
+    test_dir = test_source(data_dir, test_dir)      # refused now if it cannot be read, not at the end
     train_source = D.split_folder(data_dir, "train") or data_dir
     excluded: list[dict] = []
     examples = D.list_examples(train_source, excluded, workers=workers, patient_pattern=pattern)

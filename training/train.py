@@ -124,6 +124,7 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
 
     spec = PreprocessSpec(input_size=(config.input_size, config.input_size), equalize=config.equalize)
     data_dir = Path(data_dir)
+    test_dir = test_source(data_dir, test_dir)      # refused now if it cannot be read, not after training
     train_source = D.split_folder(data_dir, "train") or data_dir
     excluded: list[dict] = []
     pattern = compile_patient_pattern(config.patient_pattern, step="training")
@@ -190,6 +191,18 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
                   workers=config.workers, curves={"": history}, excluded=excluded, patient_pattern=pattern)
 
 
+def test_source(data_dir: Path, test_dir: Path | str | None | bool) -> Path | bool:
+    """The labeled test split: ``test_dir``, or ``data_dir``'s ``test`` folder when None and it has one; False
+    for none. One that :func:`training.data.list_examples` could not read is refused here
+    (:func:`training.data.check_labeled`): fit and ensemble ask before training, as it is scored after."""
+    if test_dir is None:
+        test_dir = D.split_folder(data_dir, "test")
+    if not test_dir:
+        return False
+    D.check_labeled(test_dir)
+    return Path(test_dir)
+
+
 def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val, split_file: Path,
            test_dir: Path | str | None | bool, target_sensitivity: float, batch_size: int, workers: int,
            curves: dict[str, dict], excluded: list[dict] = (), patient_pattern=None) -> dict:
@@ -216,8 +229,7 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     threshold = threshold_for_sensitivity(val_scores, val_labels, target_sensitivity)
     val_point = operating_point(val_scores, val_labels, threshold)
     test_point, test_counts, test_scores, test_labels = None, None, None, None
-    if test_dir is None:
-        test_dir = D.split_folder(data_dir, "test")
+    test_dir = test_source(data_dir, test_dir)
     if test_dir:
         left_out: list[dict] = []
         test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=patient_pattern,
