@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -272,9 +273,10 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
     assert score.shape == (1,) and 0 <= score[0] <= 1
 
 
-def test_a_test_split_that_cannot_be_read_is_refused_before_training(labeled_folder, tmp_path):
+def test_a_test_split_or_output_folder_that_cannot_be_used_is_refused_before_training(labeled_folder, tmp_path):
     """The test split is listed after training: a --test folder without NORMAL/ and PNEUMONIA/ (or a CSV with a
-    bad row) stopped the run there, the training done and the model saved without its card."""
+    bad row) stopped the run there, the training done and the model saved without its card. An output folder
+    it may not write stopped it at the first checkpoint."""
     from cxrscreen.errors import UsageError
     from training.ensemble import make_ensemble
     from training.train import FitConfig, fit
@@ -294,6 +296,14 @@ def test_a_test_split_that_cannot_be_read_is_refused_before_training(labeled_fol
         make_ensemble([default_model_path(), default_model_path()], labeled_folder, tmp_path / "e" / "e.keras",
                       test_dir=tmp_path / "elsewhere")
     assert not any((tmp_path / "e").iterdir())
+    locked = tmp_path / "locked"      # a folder it may not write (os.access: root may write anywhere)
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+        with pytest.raises(SystemExit, match=f"cannot write in {locked}: permission denied"):
+            fit(labeled_folder, locked / "m.keras", config)
+        with pytest.raises(SystemExit, match="permission denied"):
+            make_ensemble([default_model_path(), default_model_path()], labeled_folder, locked / "e.keras")
 
 
 def test_card_population_round_trips_and_warns_outside_its_ages():

@@ -20,7 +20,7 @@ from cxrscreen.errors import ModelError
 from cxrscreen.infer import CARD_FORMAT, load_model
 
 from . import data as D
-from .train import card_patient_pattern, device_description, finish, test_source
+from .train import card_patient_pattern, device_description, finish, test_source, writable_out
 
 
 def build_ensemble(members: list, name: str = "cxr_ensemble"):
@@ -45,8 +45,7 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
     """Build, threshold on validation, and write ``out`` + card + plots + split, as ``fit`` does."""
     if len(member_paths) < 2:
         raise ModelError("an ensemble needs at least two --member models", step="ensemble")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = writable_out(out)
     loaded = [load_model(path) for path in member_paths]
     spec = loaded[0].card.preprocessing
     cards = [m.card.raw for m in loaded]

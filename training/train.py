@@ -108,8 +108,7 @@ def fit(data_dir: Path | str, out: Path | str, config: FitConfig,
     ``population`` (whom the training images came from) goes into the card for screening to report."""
     import keras
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = writable_out(out)
     seed_everything(config.seed)
     policy = keras.mixed_precision.global_policy()
     config.batch_size = use_gpu_settings(config.batch_size)
@@ -189,6 +188,16 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
     return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
                   test_dir=test_dir, target_sensitivity=config.target_sensitivity, batch_size=config.batch_size,
                   workers=config.workers, curves={"": history}, excluded=excluded, patient_pattern=pattern)
+
+
+def writable_out(out: Path | str) -> Path:
+    """``out`` as a Path, its folder made; refused (SystemExit) when that folder cannot be written: known
+    before training, not when the first checkpoint or the model is saved."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise SystemExit(f"cannot write in {out.parent}: permission denied")
+    return out
 
 
 def test_source(data_dir: Path, test_dir: Path | str | None | bool) -> Path | bool:
