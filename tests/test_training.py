@@ -276,7 +276,8 @@ def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
 def test_a_test_split_or_output_folder_that_cannot_be_used_is_refused_before_training(labeled_folder, tmp_path):
     """The test split is listed after training: a --test folder without NORMAL/ and PNEUMONIA/ (or a CSV with a
     bad row) stopped the run there, the training done and the model saved without its card. An output folder
-    it may not write stopped it at the first checkpoint."""
+    it may not write stopped it at the first checkpoint; an unknown backbone once every image was
+    decoded."""
     from cxrscreen.errors import UsageError
     from training.ensemble import make_ensemble
     from training.train import FitConfig, fit
@@ -296,6 +297,13 @@ def test_a_test_split_or_output_folder_that_cannot_be_used_is_refused_before_tra
         make_ensemble([default_model_path(), default_model_path()], labeled_folder, tmp_path / "e" / "e.keras",
                       test_dir=tmp_path / "elsewhere")
     assert not any((tmp_path / "e").iterdir())
+    # an unknown backbone (or weights that cannot be had) is said before the images are listed and decoded
+    from training import train as T
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(T.D, "list_examples", lambda *args, **kwargs: pytest.fail("listed the images first"))
+        with pytest.raises(KeyError, match="unknown backbone 'resnet9000'"):
+            fit(labeled_folder, out, FitConfig(backbone="resnet9000", input_size=32, workers=1))
     locked = tmp_path / "locked"      # a folder it may not write (os.access: root may write anywhere)
     real_access = os.access
     with pytest.MonkeyPatch.context() as patch:

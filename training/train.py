@@ -124,6 +124,10 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
     spec = PreprocessSpec(input_size=(config.input_size, config.input_size), equalize=config.equalize)
     data_dir = Path(data_dir)
     test_dir = test_source(data_dir, test_dir)      # refused now if it cannot be read, not after training
+    # built before the images are listed (every one decoded: minutes), so that an unknown backbone or weights
+    # that cannot be had are said at once; the listing uses no Keras random state, so the model is the same
+    model, backbone_layers = build_classifier(config.backbone, spec.input_size, weights=config.weights,
+                                              dropout=config.dropout, seed=config.seed)
     train_source = D.split_folder(data_dir, "train") or data_dir
     excluded: list[dict] = []
     pattern = compile_patient_pattern(config.patient_pattern, step="training")
@@ -139,8 +143,6 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
     stem = out.with_suffix("")
     split_file = Path(f"{stem}.split.csv")     # written by finish(), with the model and its card
 
-    model, backbone_layers = build_classifier(config.backbone, spec.input_size, weights=config.weights,
-                                              dropout=config.dropout, seed=config.seed)
     weights = D.class_weights(train)
     train_seq = D.make_sequence(train, spec, batch_size=config.batch_size, train=True, seed=config.seed,
                                 workers=config.workers, augment_level=config.augment)
