@@ -412,9 +412,7 @@ def _labeled_studies(data, selection=None, patient_pattern=None):
             elif patient_pattern:
                 unnamed.append(item.path)
     if unnamed and not any(key.startswith("pattern:") for key in patient_of.values()):
-        raise UsageError(f"--patient-pattern {patient_pattern.pattern!r} finds no patient in any of the "
-                         f"{len(unnamed)} files' paths (one is {relative_name(unnamed[0], root)!r})",
-                         step="calibration")
+        raise pattern_finds_nobody(patient_pattern, unnamed, root, step="calibration")
     studies, excluded = group_studies(items)
     labels, patients, kept = {}, {}, []
     for study in studies:
@@ -459,6 +457,14 @@ def compile_patient_pattern(text: str | None, step: str):
         return re.compile(text)
     except re.error as exc:
         raise UsageError(f"--patient-pattern {text!r} is not a regular expression: {exc}", step=step) from None
+
+
+def pattern_finds_nobody(pattern, paths: list, root, step: str):
+    """The refusal of a ``--patient-pattern`` that found no patient in any of ``paths`` (those it was run on)."""
+    from .errors import UsageError
+
+    return UsageError(f"--patient-pattern {pattern.pattern!r} finds no patient in any of the {len(paths)} files' "
+                      f"paths (one is {relative_name(paths[0], root)!r})", step=step)
 
 
 def patient_from_path(pattern, path, root) -> str:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrscreen.calibrate import CLASSES, class_folders, patient_from_path, read_labeled_csv, relative_name
-from cxrscreen.errors import CxrError, UsageError
+from cxrscreen.calibrate import CLASSES, class_folders, patient_from_path, pattern_finds_nobody, read_labeled_csv
+from cxrscreen.errors import CxrError
 from cxrscreen.ingest import dataset_patient_key, discover, not_screenable, read_dicom, sniff
 from cxrscreen.normalise import (PreprocessSpec, equalize_input, load_model_input, load_unit_image,
                                  normalise_dataset, resize_to_input)
@@ -173,9 +173,8 @@ def _check_pattern_found(pattern, examples: list[Example], root: Path, refuse: b
     counts = patients_from(examples)
     missed = counts.get("dicom", 0) + counts.get("name", 0)
     if refuse and not counts.get("pattern") and missed:
-        example = next(e.path for e in examples if e.patient_from in ("dicom", "name"))
-        raise UsageError(f"--patient-pattern {pattern.pattern!r} finds no patient in any of the {missed} files' "
-                         f"paths (one is {relative_name(example, root)!r})", step="training")
+        unnamed = [e.path for e in examples if e.patient_from in ("dicom", "name")]
+        raise pattern_finds_nobody(pattern, unnamed, root, step="training")
     if missed:
         log.warning("--patient-pattern %r found no patient in the paths of %d of %d files: their patient is the "
                     "DICOM Patient ID (%d) or the file's name (%d)", pattern.pattern, missed, len(examples),
