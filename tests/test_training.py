@@ -45,6 +45,7 @@ def test_patient_ids_from_kermany_names():
     assert D.patient_id("person123_bacteria_4.jpeg") == "person123"
     assert D.patient_id("IM-0115-0001.jpeg") == "IM-0115"
     assert D.patient_id("NORMAL2-IM-0468-0001.jpeg") == "NORMAL2-IM-0468"
+    assert D.patient_id("2026-01-03.png") == ""      # no patient in the name: list_examples keys the file itself
 
 
 def test_files_that_are_not_images_or_cannot_be_decoded_are_left_out_and_listed(labeled_folder):
@@ -151,7 +152,16 @@ def test_a_patient_pattern_finds_each_patient_in_the_paths_for_the_split(tmp_pat
     cv2.imwrite(str(unsorted / "person9_virus_1.png"), (rng.random((64, 64)) * 255).astype(np.uint8))
     pattern = re.compile(r"^[A-Z]+/(P[NP]\d+)/")
 
-    assert len({e.patient for e in D.list_examples(tmp_path / "train")}) == 4     # dates, H77, person9
+    with caplog.at_level("WARNING", logger="training"):
+        without = D.list_examples(tmp_path / "train")
+    # without a pattern each of those files is its own patient, said so (it was its name: two dates, for 48
+    # files of 24 patients); the DICOM keeps its header's, the Kermany name its patient
+    assert len({e.patient for e in without}) == 50
+    assert D.patients_from(without) == {"dicom": 1, "file": 48, "name": 1}
+    assert "48 of 50 files name no patient" in caplog.text and "give --patient-pattern" in caplog.text
+    assert {e.patient for e in without if e.path.name == "2026-01-03.png" and e.path.parent.name == "PN000"} == \
+        {"file:NORMAL/PN000/2026-01-03.png"}
+    caplog.clear()
     with caplog.at_level("WARNING", logger="training"):
         examples = D.list_examples(tmp_path / "train", patient_pattern=pattern)
     by_path = {e.path.relative_to(tmp_path / "train").as_posix(): e for e in examples}
@@ -161,7 +171,7 @@ def test_a_patient_pattern_finds_each_patient_in_the_paths_for_the_split(tmp_pat
         ("dicom:\\H77", "dicom")
     assert by_path["PNEUMONIA/unsorted/person9_virus_1.png"].patient == "person9"
     assert D.patients_from(examples) == {"dicom": 1, "name": 1, "pattern": 48}
-    assert "found no patient in the paths of 2 of 50 files" in caplog.text
+    assert "found no patient in the paths of 2 of 50 files" in caplog.text and "name no patient" not in caplog.text
     for seed in range(5):
         train, val = D.patient_split(examples, 0.3, seed=seed)
         assert {e.patient for e in train}.isdisjoint({e.patient for e in val})

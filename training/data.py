@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrscreen.calibrate import CLASSES, class_folders, patient_from_path, pattern_finds_nobody, read_labeled_csv
+from cxrscreen.calibrate import (CLASSES, class_folders, patient_from_path, pattern_finds_nobody, read_labeled_csv,
+                                 relative_name)
 from cxrscreen.errors import CxrError
 from cxrscreen.ingest import dataset_patient_key, discover, not_screenable, read_dicom, sniff
 from cxrscreen.normalise import (PreprocessSpec, equalize_input, load_model_input, load_unit_image,
@@ -53,14 +54,14 @@ class Example:
 
 
 def patient_id(path: Path | str) -> str:
-    """Patient id from a Kermany file name (``person123_bacteria_4.jpeg`` -> ``person123``); else the file's
-    own name (its own patient)."""
+    """Patient id from a Kermany file name (``person123_bacteria_4.jpeg`` -> ``person123``); '' for another
+    name."""
     name = Path(path).name
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(name)
         if match:
             return match.group(1)
-    return Path(name).stem
+    return ""
 
 
 def split_folder(data_dir: Path | str, name: str) -> Path | None:
@@ -85,8 +86,11 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     it names one, else what ``patient_pattern`` (a compiled regular expression, ``--patient-pattern``) finds
     in the file's path relative to ``source`` or to the CSV's folder
     (:func:`cxrscreen.calibrate.patient_from_path`, as calibration reads it), else the DICOM Issuer of Patient
-    ID and Patient ID (as calibration keys a patient), else :func:`patient_id` of the file's name.
-    ``Example.patient_from`` says which (``csv``, ``pattern``, ``dicom``, ``name``). A pattern that finds no
+    ID and Patient ID (as calibration keys a patient), else :func:`patient_id` of a Kermany file name, else
+    the file itself (``file:`` and its path relative to ``source``: its own patient, warned of; before, its
+    name without the suffix, so that same-named files of different folders, ``P1/2026-01-03.png`` and
+    ``P2/2026-01-03.png``, were one "patient"). ``Example.patient_from`` says which (``csv``, ``pattern``,
+    ``dicom``, ``name``, ``file``). A pattern that finds no
     patient in any file is refused (:class:`cxrscreen.errors.UsageError`), unless not ``refuse_unmatched``
     (a test split listed with the pattern training was given, once the model is trained: there the patients
     are only counted); files it misses are warned of.
@@ -135,7 +139,10 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
         named = dataset_patient_key(dataset) if kind is FileKind.DICOM else ""
         if named:
             return "", replace(example, patient=named, patient_from="dicom")
-        return "", replace(example, patient=patient_id(example.path), patient_from="name")
+        named = patient_id(example.path)
+        if named:
+            return "", replace(example, patient=named, patient_from="name")
+        return "", replace(example, patient=f"file:{relative_name(example.path, root)}", patient_from="file")
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cxr-check") as pool:
         results = list(pool.map(checked, candidates))
@@ -147,6 +154,12 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     examples = [e for why, e in results if not why]
     if patient_pattern and examples:
         _check_pattern_found(patient_pattern, examples, root, refuse_unmatched)
+    alone = patients_from(examples).get("file", 0)
+    if alone:
+        log.warning("%d of %d files name no patient (no CSV patient column, --patient-pattern match, DICOM Patient "
+                    "ID or Kermany file name): each is its own patient in the validation split, so a patient's "
+                    "other images may be on the other side; give --patient-pattern or a CSV patient column",
+                    alone, len(examples))
     return examples
 
 
@@ -163,7 +176,8 @@ def check_labeled(source: Path | str) -> None:
 
 
 def patients_from(examples: list[Example]) -> dict[str, int]:
-    """How many examples had their patient from each source (``csv``, ``pattern``, ``dicom``, ``name``)."""
+    """How many examples had their patient from each source (``csv``, ``pattern``, ``dicom``, ``name``,
+    ``file``)."""
     return dict(sorted(Counter(e.patient_from for e in examples if e.patient_from).items()))
 
 
@@ -171,14 +185,14 @@ def _check_pattern_found(pattern, examples: list[Example], root: Path, refuse: b
     """Refuse (``refuse``) a pattern that found no patient in any file; warn of the files it missed (counted
     by where their patient came from instead)."""
     counts = patients_from(examples)
-    missed = counts.get("dicom", 0) + counts.get("name", 0)
+    missed = counts.get("dicom", 0) + counts.get("name", 0) + counts.get("file", 0)
     if refuse and not counts.get("pattern") and missed:
-        unnamed = [e.path for e in examples if e.patient_from in ("dicom", "name")]
+        unnamed = [e.path for e in examples if e.patient_from in ("dicom", "name", "file")]
         raise pattern_finds_nobody(pattern, unnamed, root, step="training")
     if missed:
         log.warning("--patient-pattern %r found no patient in the paths of %d of %d files: their patient is the "
-                    "DICOM Patient ID (%d) or the file's name (%d)", pattern.pattern, missed, len(examples),
-                    counts.get("dicom", 0), counts.get("name", 0))
+                    "DICOM Patient ID (%d), a Kermany file name (%d) or the file itself (%d)", pattern.pattern, missed,
+                    len(examples), counts.get("dicom", 0), counts.get("name", 0), counts.get("file", 0))
 
 
 def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int = 1337):
