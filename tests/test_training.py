@@ -209,6 +209,49 @@ def test_training_commands_refuse_a_patient_pattern_that_is_not_one_or_finds_nob
     assert scored.exit_code == 2 and "finds no patient in any of the 8 files' paths" in scored.output
 
 
+def test_patients_that_share_an_identical_image_stay_on_one_side_of_the_split(tmp_path, caplog):
+    """The same radiograph exported twice, under two patient IDs (a merged record, a re-sent study with new
+    UIDs): split by patient, one copy could be trained on and the other validated on. Patients that share a
+    decoded image are kept together; identical images labelled both classes are warned of."""
+    import cv2
+
+    from cxrscreen.testing import make_dicom, save
+
+    rng = np.random.default_rng(6)
+
+    def image():
+        return cv2.GaussianBlur((rng.random((72, 72)) * 4000).astype(np.float32), (0, 0), 2).astype(np.uint16)
+
+    for label in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for n in range(24):
+            for k in range(2):
+                save(make_dicom(image(), seed=f"{label}{n}-{k}", patient_id=f"{label[:2]}{n:02d}"),
+                     tmp_path / "train" / label / f"{label}{n}-{k}.dcm")
+    shared = image()        # one picture, sent again under another patient's ID
+    save(make_dicom(shared, seed="twice-a", patient_id="NO03"), tmp_path / "train" / "NORMAL" / "twice-a.dcm")
+    save(make_dicom(shared, seed="twice-b", patient_id="NO17"), tmp_path / "train" / "NORMAL" / "twice-b.dcm")
+    contradicted = image()
+    save(make_dicom(contradicted, seed="both-a", patient_id="NO05"), tmp_path / "train" / "NORMAL" / "both-a.dcm")
+    save(make_dicom(contradicted, seed="both-b", patient_id="PN05"), tmp_path / "train" / "PNEUMONIA" / "both-b.dcm")
+    with caplog.at_level("WARNING", logger="training"):
+        examples = D.list_examples(tmp_path / "train")
+    assert "2 groups of identical images are keyed to different patients" in caplog.text
+    assert "1 groups of identical images are labelled both NORMAL and PNEUMONIA" in caplog.text
+    apart = 0
+    for seed in range(20):
+        train, val = D.patient_split(examples, 0.3, seed=seed)
+        validated = {e.patient for e in val}
+        assert {e.patient for e in train}.isdisjoint(validated)
+        assert ("dicom:\\NO03" in validated) == ("dicom:\\NO17" in validated)
+        assert ("dicom:\\NO05" in validated) == ("dicom:\\PN05" in validated)
+        apart += ("dicom:\\NO04" in validated) != ("dicom:\\NO03" in validated)
+    assert apart        # patients that share nothing are still split apart
+    # examples read back from a split file carry no digest: each patient on its own, as written
+    plain = [D.Example(e.path, e.label, e.patient) for e in examples]
+    assert len({e.patient for e in D.patient_split(plain, 0.3, seed=1)[1]}) > 0
+
+
 def test_class_weights_balance_the_classes():
     examples = [D.Example(Path(f"{i}"), int(i >= 25), str(i)) for i in range(100)]
     weights = D.class_weights(examples)

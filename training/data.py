@@ -22,6 +22,7 @@ be shown in practice.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import random
 import re
@@ -50,7 +51,8 @@ class Example:
     path: Path
     label: int            # 1 = PNEUMONIA
     patient: str
-    patient_from: str = field(default="", compare=False)    # csv, pattern, dicom or name (list_examples)
+    patient_from: str = field(default="", compare=False)    # csv, pattern, dicom, name or file (list_examples)
+    pixels: str = field(default="", compare=False)          # SHA-256 of the decoded image (list_examples)
 
 
 def patient_id(path: Path | str) -> str:
@@ -124,13 +126,14 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
             kind = sniff(example.path)
             if kind is FileKind.DICOM:      # read once: the pixels to check, the header for the patient
                 dataset = read_dicom(example.path)
-                normalise_dataset(dataset)
+                unit = normalise_dataset(dataset)
             else:
-                load_unit_image(example.path, kind)
+                unit = load_unit_image(example.path, kind)
         except CxrError as exc:
             return exc.cause, example
         except Exception as exc:       # a decoder's own error: this file is left out, the run goes on
             return f"{type(exc).__name__}: {exc}", example
+        example = replace(example, pixels=_pixels_digest(unit))
         if example.patient:
             return "", replace(example, patient_from="csv")
         found = patient_pattern and patient_from_path(patient_pattern, example.path, root)
@@ -152,6 +155,7 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     if excluded is not None:
         excluded.extend(left_out)
     examples = [e for why, e in results if not why]
+    _warn_of_identical_images(examples)
     if patient_pattern and examples:
         _check_pattern_found(patient_pattern, examples, root, refuse_unmatched)
     alone = patients_from(examples).get("file", 0)
@@ -161,6 +165,28 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
                     "other images may be on the other side; give --patient-pattern or a CSV patient column",
                     alone, len(examples))
     return examples
+
+
+def _pixels_digest(unit: np.ndarray) -> str:
+    """SHA-256 of a decoded image (its shape and values): the same picture under another name, header or file."""
+    unit = np.ascontiguousarray(unit)
+    return hashlib.sha256(repr(unit.shape).encode() + unit.tobytes()).hexdigest()
+
+
+def _warn_of_identical_images(examples: list[Example]) -> None:
+    """Warn of identical images that are keyed to different patients (the split keeps them on one side:
+    :func:`patient_split`) or labelled both classes (a contradiction in the labels)."""
+    by_pixels: dict[str, list[Example]] = {}
+    for example in examples:
+        by_pixels.setdefault(example.pixels, []).append(example)
+    same = [group for group in by_pixels.values() if len(group) > 1]
+    for what, found in (("are keyed to different patients (kept on one side of the validation split)",
+                         [g for g in same if len({e.patient for e in g}) > 1]),
+                        ("are labelled both NORMAL and PNEUMONIA (check those labels)",
+                         [g for g in same if len({e.label for e in g}) > 1])):
+        if found:
+            log.warning("%d groups of identical images %s, e.g. %s", len(found), what,
+                        " and ".join(str(e.path) for e in found[0][:2]))
 
 
 def check_labeled(source: Path | str) -> None:
@@ -196,10 +222,13 @@ def _check_pattern_found(pattern, examples: list[Example], root: Path, refuse: b
 
 
 def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int = 1337):
-    """Split by patient (no patient on both sides), stratified by class, seeded."""
+    """Split by patient (no patient on both sides), stratified by class, seeded. Patients that share an
+    identical image (the same picture exported twice, under two patient IDs or names) are kept together, as
+    one: otherwise that image would be trained on and validated on."""
+    together = _patients_sharing_images(examples)
     by_patient: dict[str, list[Example]] = {}
     for ex in examples:
-        by_patient.setdefault(ex.patient, []).append(ex)
+        by_patient.setdefault(together.get(ex.patient, ex.patient), []).append(ex)
     patients = sorted(by_patient)
     random.Random(seed).shuffle(patients)
     totals = [sum(1 for e in examples if e.label == c) for c in (0, 1)]
@@ -210,9 +239,30 @@ def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int
         if taken[label] < val_fraction * totals[label]:
             val_patients.add(patient)
             taken[label] += len(by_patient[patient])
-    train = [e for e in examples if e.patient not in val_patients]
-    val = [e for e in examples if e.patient in val_patients]
+    train = [e for e in examples if together.get(e.patient, e.patient) not in val_patients]
+    val = [e for e in examples if together.get(e.patient, e.patient) in val_patients]
     return train, val
+
+
+def _patients_sharing_images(examples: list[Example]) -> dict[str, str]:
+    """{patient: the first (sorted) patient of those it shares an identical image with, directly or through
+    others}, for the patients that share one."""
+    parent: dict[str, str] = {}
+
+    def root(patient: str) -> str:
+        while parent.get(patient, patient) != patient:
+            patient = parent[patient]
+        return patient
+
+    first_with: dict[str, str] = {}
+    for ex in examples:
+        if not ex.pixels:          # read from a split file: no digest
+            continue
+        other = first_with.setdefault(ex.pixels, ex.patient)
+        a, b = root(other), root(ex.patient)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {patient: root(patient) for patient in parent} | {root(p): root(p) for p in parent}
 
 
 def write_split(path: Path, **splits: list[Example]) -> None:
