@@ -291,19 +291,27 @@ def test_batches_equalize_after_augmenting_and_match_screening_input(labeled_fol
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")
-def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path):
+def test_smoke_fit_writes_a_loadable_model_and_card(labeled_folder, tmp_path, caplog):
     from training.train import FitConfig, fit
+
+    import shutil
 
     out = tmp_path / "models" / "smoke.keras"
     config = FitConfig(input_size=64, batch_size=8, head_epochs=1, finetune_epochs=1, val_fraction=0.3,
                        workers=1, equalize="clahe")
-    card = fit(labeled_folder, out, config, population=Population("synthetic phantoms", (1, 5)))
+    # a training image in the test split too, under another name: its test figures count it as unseen, said so
+    shutil.copy(labeled_folder / "train" / "PNEUMONIA" / "person0_bacteria_0.jpeg",
+                labeled_folder / "test" / "PNEUMONIA" / "person300_bacteria_9.jpeg")
+    with caplog.at_level("WARNING", logger="training"):
+        card = fit(labeled_folder, out, config, population=Population("synthetic phantoms", (1, 5)))
+    assert card["data"]["test"]["identical_to_training"] == 1 and card["data"]["test"]["PNEUMONIA"] == 5
+    assert "1 test images are identical to training or validation images" in caplog.text
     for suffix in (".json", ".split.csv", ".roc.png", ".training_curves.png"):
         assert (out.parent / f"smoke{suffix}").is_file() or out.with_suffix(suffix).is_file()
     written = json.loads(out.with_suffix(".json").read_text())
     assert written["preprocessing"]["input_size"] == [64, 64] and written["preprocessing"]["equalize"] == "clahe"
     assert written["threshold"]["chosen_on"] == "validation"
-    assert written["metrics"]["test"]["n_positive"] == 4 and written["data"]["horizontal_flips"] is False
+    assert written["metrics"]["test"]["n_positive"] == 5 and written["data"]["horizontal_flips"] is False
     assert written["data"]["excluded"] == []
     with zipfile.ZipFile(out) as archive:      # saved for inference: no optimizer state
         weights = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import platform
 import random
@@ -27,6 +28,8 @@ from cxrscreen.normalise import PreprocessSpec
 
 from . import data as D
 from .backbones import BACKBONES, build_classifier, set_trainable
+
+log = logging.getLogger("training")
 
 
 @dataclass
@@ -248,7 +251,7 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
         excluded += [{"split": "test", **item} for item in left_out]
         test_scores, test_labels = score_examples(saved, test, spec, batch_size, workers)
         test_point = operating_point(test_scores, test_labels, threshold)
-        test_counts = _counts(test)
+        test_counts = {**_counts(test), **_identical_to_training(test, [*train, *val])}
     _plot_roc(out.parent / f"{out.stem}.roc.png", val_scores, val_labels, test_scores, test_labels, threshold)
     _plot_curves(out.parent / f"{out.stem}.training_curves.png", curves)
 
@@ -373,6 +376,19 @@ def _counts(examples) -> dict:
     counts = {"NORMAL": labels.count(0), "PNEUMONIA": labels.count(1), "patients": len({e.patient for e in examples})}
     found = D.patients_from(examples)
     return {**counts, "patients_from": found} if found else counts
+
+
+def _identical_to_training(test, seen) -> dict:
+    """``{"identical_to_training": n}``: test images whose decoded picture is a training or validation image's
+    (the test figures count them, as if unseen), warned of; {} when the training images carry no digest."""
+    trained = {e.pixels for e in seen if e.pixels}
+    if not trained:
+        return {}
+    shared = [e for e in test if e.pixels in trained]
+    if shared:
+        log.warning("%d test images are identical to training or validation images (e.g. %s): the test figures "
+                    "count them as unseen", len(shared), shared[0].path)
+    return {"identical_to_training": len(shared)}
 
 
 def _last_conv_layer(model) -> str:
