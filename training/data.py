@@ -161,9 +161,9 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     alone = patients_from(examples).get("file", 0)
     if alone:
         log.warning("%d of %d files name no patient (no CSV patient column, --patient-pattern match, DICOM Patient "
-                    "ID or Kermany file name): each is its own patient in the validation split, so a patient's "
-                    "other images may be on the other side; give --patient-pattern or a CSV patient column",
-                    alone, len(examples))
+                    "ID or Kermany file name): each is its own patient, and the validation split (or a bootstrap "
+                    "by patient) takes a patient's other images as another's; give --patient-pattern or a CSV "
+                    "patient column", alone, len(examples))
     return examples
 
 
@@ -246,7 +246,7 @@ def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int
 
 def _patients_sharing_images(examples: list[Example]) -> dict[str, str]:
     """{patient: the first (sorted) patient of those it shares an identical image with, directly or through
-    others}, for the patients that share one."""
+    others}, for the patients that share one and are not that first one."""
     parent: dict[str, str] = {}
 
     def root(patient: str) -> str:
@@ -262,7 +262,7 @@ def _patients_sharing_images(examples: list[Example]) -> dict[str, str]:
         a, b = root(other), root(ex.patient)
         if a != b:
             parent[max(a, b)] = min(a, b)
-    return {patient: root(patient) for patient in parent} | {root(p): root(p) for p in parent}
+    return {patient: root(patient) for patient in parent}      # a root is itself: absent, as the others
 
 
 def write_split(path: Path, **splits: list[Example]) -> None:
