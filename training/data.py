@@ -103,8 +103,7 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
     if source.is_file() and source.suffix.lower() == ".csv":
         candidates = [Example(path, label, patient.strip()) for path, label, patient in read_labeled_csv(source)]
     else:
-        check_labeled(source)
-        for value, folder in enumerate(class_folders(source)):
+        for value, folder in enumerate(check_labeled(source)):
             for path in discover([folder]):
                 if isinstance(path, FileOutcome):     # a folder it could not list, a hidden or temporary file
                     left_out.append({"path": str(path.path), "reason": path.reason})
@@ -190,16 +189,20 @@ def _warn_of_identical_images(examples: list[Example]) -> None:
                         " and ".join(str(e.path) for e in found[0][:2]))
 
 
-def check_labeled(source: Path | str) -> None:
+def check_labeled(source: Path | str) -> list[Path]:
     """Refuse (SystemExit, naming it) what :func:`list_examples` cannot read: neither a folder holding NORMAL/
     and PNEUMONIA/ nor a CSV of path,label (a CSV's rows are read and checked too). For a test split, checked
-    before training: it is listed after, and a wrong one stopped the run there."""
+    before training: it is listed after, and a wrong one stopped the run there. Returns a folder's class
+    folders (NORMAL first; :func:`cxrscreen.calibrate.class_folders`), [] for a CSV."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
         read_labeled_csv(source)
-    elif (class_folders(source) if source.is_dir() else None) is None:
+        return []
+    folders = class_folders(source) if source.is_dir() else None
+    if folders is None:
         raise SystemExit(f"{source} must hold NORMAL/ and PNEUMONIA/ folders (names in any case), or be a CSV "
                          "of path,label")
+    return folders
 
 
 def patients_from(examples: list[Example]) -> dict[str, int]:

@@ -218,12 +218,12 @@ def test_source(data_dir: Path, test_dir: Path | str | None | bool) -> Path | bo
 
 
 def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val, split_file: Path,
-           test_dir: Path | str | None | bool, target_sensitivity: float, batch_size: int, workers: int,
+           test_dir: Path | bool, target_sensitivity: float, batch_size: int, workers: int,
            curves: dict[str, dict], excluded: list[dict] = (), patient_pattern=None) -> dict:
     """Threshold on validation, score test (if any), save the model and write card and plots.
 
-    Shared by a single fit and an ensemble; ``card`` holds what only the caller knows. ``test_dir``
-    None means ``data_dir/test`` when it exists; False means no test split at all. ``excluded``: the
+    Shared by a single fit and an ensemble; ``card`` holds what only the caller knows. ``test_dir``: the
+    test split as :func:`test_source` gave it before training (checked then), or False for none. ``excluded``: the
     training folder's files that :func:`training.data.list_examples` left out; the card lists them
     with the test folder's. ``patient_pattern`` (compiled) finds the test images' patients as it found the
     training images' (``--patient-pattern``).
@@ -243,7 +243,6 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     threshold = threshold_for_sensitivity(val_scores, val_labels, target_sensitivity)
     val_point = operating_point(val_scores, val_labels, threshold)
     test_point, test_counts, test_scores, test_labels = None, None, None, None
-    test_dir = test_source(data_dir, test_dir)
     if test_dir:
         left_out: list[dict] = []
         test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=patient_pattern,
