@@ -694,3 +694,26 @@ def test_auc_matches_scikit_learn():
     labels = rng.integers(0, 2, 200)
     scores = np.round(rng.random(200) + labels * 0.3, 2)   # rounded: many ties
     assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_a_card_rewrite_that_fails_half_way_keeps_the_card_it_had(tmp_path):
+    """``evaluate --record``, ``rethreshold`` and ``appearance`` rewrote the card in place: a full disk half-way
+    left it cut short and the model unusable. Here the process may write no file over 100 bytes (RLIMIT_FSIZE:
+    what a full disk does to the write); the card it had is kept whole, and no temporary file is left."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "m.keras"
+    card = tmp_path / "m.json"
+    card.write_text('{"threshold": 0.5}')
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+              "from training.train import write_card\n"
+              "try:\n"
+              f"    write_card({str(model)!r}, {{'threshold': 0.6, 'notes': 'x' * 1000}})\n"
+              "except OSError as exc:\n"
+              "    print('refused', exc.errno)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.stdout.strip() == "refused 27", done.stdout + done.stderr       # EFBIG
+    assert card.read_text() == '{"threshold": 0.5}' and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

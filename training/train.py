@@ -274,8 +274,17 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
 
     if len(train) >= 4 * COMPONENTS:     # a smaller training set cannot say what its images look like
         card["appearance"] = write_appearance(out, card, train, val, batch_size=batch_size, workers=workers)
-    card_path(out).write_text(json.dumps(card, indent=2, default=str))
+    write_card(out, card)
     return card
+
+
+def write_card(model_path: Path | str, card: dict) -> None:
+    """Write ``card`` as the card of ``model_path``, whole or not at all: a rewrite (``evaluate --record``,
+    ``rethreshold``, ``appearance``) stopped or failing half-way (Ctrl-C, a full disk) keeps the card it had."""
+    from cxrscreen.report import atomic_write
+
+    with atomic_write(card_path(model_path), "w") as handle:
+        handle.write(json.dumps(card, indent=2, default=str))
 
 
 def pooled_features(model, examples, spec: PreprocessSpec, batch_size: int = 32, workers: int = 2,
@@ -300,6 +309,7 @@ def write_appearance(model_path: Path | str, card: dict, train, val, *, batch_si
     import hashlib
 
     from cxrscreen.appearance import COMPONENTS, AppearanceReference, reference_path
+    from cxrscreen.report import atomic_write
 
     model_path = Path(model_path)
     spec, layer = PreprocessSpec.from_json(card["preprocessing"]), card["gradcam_layer"]
@@ -309,7 +319,8 @@ def write_appearance(model_path: Path | str, card: dict, train, val, *, batch_si
                                         pooled_features(model, val, spec, batch_size, workers, layer), components)
     data = reference.to_bytes()
     path = reference_path(model_path)
-    path.write_bytes(data)
+    with atomic_write(path) as handle:
+        handle.write(data)
     return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "layer": layer,
             "components": components, "limit": reference.limit,
             "fitted_on": f"pooled {layer} features of the {len(train)} training images",
@@ -326,7 +337,7 @@ def record_appearance(model_path: Path | str, batch_size: int = 32, workers: int
     train, val = _split_here(model_path.parent / card["data"]["split_file"], "train", "validation")
     card["appearance"] = write_appearance(model_path, card, train, val, batch_size=batch_size, workers=workers,
                                           components=components)
-    card_path(model_path).write_text(json.dumps(card, indent=2, default=str))
+    write_card(model_path, card)
     return card
 
 
@@ -502,7 +513,7 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
                             "scored": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     _plot_roc(model_path.parent / f"{model_path.stem}.roc.png", val_scores, val_labels, test_scores, test_labels,
               threshold)
-    card_path(model_path).write_text(json.dumps(card, indent=2, default=str))
+    write_card(model_path, card)
     return card
 
 
@@ -564,7 +575,7 @@ def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batc
     card["metrics"]["validation"] = val_point.to_json()
     _plot_roc(model_path.parent / f"{model_path.stem}.roc.png", val_scores, val_labels, test_scores, test_labels,
               threshold)
-    card_path(model_path).write_text(json.dumps(card, indent=2, default=str))
+    write_card(model_path, card)
     return card
 
 
