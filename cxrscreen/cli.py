@@ -2,7 +2,7 @@
 
 Exit codes: 0 every input scored or deliberately skipped; 1 some inputs failed or
 were not screened (a run stopped by SIGTERM or Ctrl-C), or a tool error such as an
-unloadable model; 2 usage errors.
+unloadable model; 2 usage errors; 130 or 143 ``calibrate`` stopped by Ctrl-C or SIGTERM (saying what it had written).
 """
 
 from __future__ import annotations
@@ -121,6 +121,41 @@ def _stop_on_signals(say):
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+@contextmanager
+def ends_on_signal(command: str, outcome):
+    """For a command that has nothing to finish when stopped (``calibrate``, and training's): SIGTERM stops it
+    as Ctrl-C does (a KeyboardInterrupt), and either ends it with ``COMMAND: stopped by SIGTERM; <outcome()>``
+    on stderr and exit code 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM: what a shell says of a
+    process the signal ended), not click's bare "Aborted!" (exit 1) or a silent kill. ``outcome()`` says what
+    was written. The SIGTERM handler before it is put back after; off the main thread, none is set."""
+    import signal
+    import threading
+
+    received: list[int] = []
+
+    def on_term(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        signum = received[0] if received else signal.SIGINT
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+        click.echo(f"{command}: stopped by {name}; {outcome()}", err=True)
+        sys.exit(128 + int(signum))
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def written_since(paths, started: float) -> list[Path]:
+    """Those of ``paths`` that exist and were written at or after ``started`` (a ``time.time()``)."""
+    return [Path(p) for p in paths if os.path.exists(p) and os.stat(p).st_mtime >= started]
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -221,12 +256,25 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, con
               batch_size, selection, as_json):
     """Set the threshold for a target sensitivity on labeled DATA (NORMAL/ and PNEUMONIA/ folders, or a CSV of
     path,label[,patient])."""
+    import time
+
     from .calibrate import run_calibration
 
+    started = time.time()
+
+    def outcome() -> str:
+        from .infer import default_model_path
+
+        model = Path(model_path or default_model_path())
+        written = written_since([out] if out else model.parent.glob(f"{model.stem}.calibration.*.json"), started)
+        return (f"it had written {written[0]}" if written
+                else "no calibration written (it is written whole, once every study is scored)")
+
     try:
-        result = run_calibration(data, target=target_sensitivity, model_path=model_path, out=out, n_boot=n_boot,
-                                 prevalence=prevalence, batch_size=batch_size, conservative=conservative,
-                                 selection=selection, patient_pattern=patient_pattern)
+        with ends_on_signal("cxrscreen calibrate", outcome):
+            result = run_calibration(data, target=target_sensitivity, model_path=model_path, out=out, n_boot=n_boot,
+                                     prevalence=prevalence, batch_size=batch_size, conservative=conservative,
+                                     selection=selection, patient_pattern=patient_pattern)
     except CxrError as exc:
         _fail(exc)
     if as_json:

@@ -477,3 +477,32 @@ def test_a_calibration_that_cannot_be_written_is_an_error_naming_it_not_a_traceb
     result = CliRunner().invoke(main, [*args, "--out", str(blocker / "cal.json")])
     assert result.exit_code == 1 and scored and "Traceback" not in result.output, result.output
     assert result.stderr.startswith(f"cxrscreen: error: {blocker}") and "cannot write the calibration" in result.stderr
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_calibrate_stopped_by_ctrl_c_or_sigterm_says_nothing_was_written(tmp_path, model_copy, monkeypatch, signame):
+    """Ctrl-C ended calibrate with click's bare "Aborted!" (exit 1), SIGTERM without a word. Now either is a line
+    saying what was written, and exit 128 + the signal's number. The signal arrives once every study is scored."""
+    import os
+    import signal
+
+    from cxrscreen import calibrate
+
+    data = make_labeled(tmp_path / "site", 20, 20)
+    real = calibrate.bootstrap_intervals
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, signame))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "bootstrap_intervals", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "cal.json"
+    result = CliRunner().invoke(main, ["calibrate", str(data), "--model", str(model_copy.path), "--bootstrap", "50",
+                                       "--out", str(out)])
+    assert result.exit_code == 128 + getattr(signal, signame), result.output
+    said = "Ctrl-C (SIGINT)" if signame == "SIGINT" else "SIGTERM"
+    assert result.stderr.strip().endswith(f"cxrscreen calibrate: stopped by {said}; no calibration written (it is "
+                                          "written whole, once every study is scored)"), result.stderr
+    assert "Aborted" not in result.output and not out.exists() and not list(tmp_path.glob(".cal.json.*"))
+    assert signal.getsignal(signal.SIGTERM) is before       # put back for whoever called the command

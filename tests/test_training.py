@@ -696,6 +696,47 @@ def test_auc_matches_scikit_learn():
     assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_fit_stopped_by_ctrl_c_or_sigterm_leaves_no_checkpoint_and_says_what_it_wrote(labeled_folder, tmp_path,
+                                                                                         monkeypatch, signame):
+    """Ctrl-C in ``fit`` ended in click's "Aborted!" and left NAME.best.weights.h5 beside the model; SIGTERM (a
+    job scheduler) killed it with that file left. Now both stop it with a line saying what it wrote, exit 128 +
+    the signal's number, and no checkpoint. The signal comes just after the first checkpoint is saved."""
+    import os
+    import signal
+
+    import keras
+    from click.testing import CliRunner
+
+    from training.__main__ import cli
+
+    real = keras.callbacks.ModelCheckpoint.on_epoch_end
+
+    def then_signal(self, epoch, logs=None):
+        real(self, epoch, logs)
+        assert Path(self.filepath).is_file()        # the checkpoint a stop used to leave
+        os.kill(os.getpid(), getattr(signal, signame))
+
+    monkeypatch.setattr(keras.callbacks.ModelCheckpoint, "on_epoch_end", then_signal)
+    out = tmp_path / "models" / "stopped.keras"
+    previous = {}
+    if signame == "SIGTERM":       # a model of that name trained before: left as it was
+        out.parent.mkdir()
+        previous = {out: b"an earlier model", out.with_suffix(".json"): b"{}"}
+        for path, data in previous.items():
+            path.write_bytes(data)
+    result = CliRunner().invoke(cli, ["fit", "--data", str(labeled_folder), "--out", str(out), "--input-size", "64",
+                                      "--batch-size", "8", "--head-epochs", "5", "--finetune-epochs", "1",
+                                      "--val-fraction", "0.3", "--workers", "1", "--no-test"])
+    assert result.exit_code == 128 + getattr(signal, signame), result.output
+    said = "Ctrl-C (SIGINT)" if signame == "SIGINT" else "SIGTERM"
+    assert (f"python -m training fit: stopped by {said}; no model written"
+            + (f"; {out} and its card are as they were" if previous else "")) in result.stderr, result.stderr
+    assert "Aborted" not in result.output
+    assert sorted(p.name for p in out.parent.glob("*")) == sorted(p.name for p in previous)   # no checkpoint
+    assert all(path.read_bytes() == data for path, data in previous.items())
+
+
 def test_a_card_rewrite_that_fails_half_way_keeps_the_card_it_had(tmp_path):
     """``evaluate --record``, ``rethreshold`` and ``appearance`` rewrote the card in place: a full disk half-way
     left it cut short and the model unusable. Here the process may write no file over 100 bytes (RLIMIT_FSIZE:

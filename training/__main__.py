@@ -16,14 +16,44 @@ import click  # noqa: E402
 
 def _keras(command):
     """A command that computes with Keras: the backend is started first, with its start-up noise left out
-    of stderr (:func:`cxrscreen.infer.start_backend`). Below the options, so that ``--help`` starts nothing."""
+    of stderr (:func:`cxrscreen.infer.start_backend`). Below the options, so that ``--help`` starts nothing.
+    Ctrl-C or SIGTERM ends it saying what it had written (:func:`cxrscreen.cli.ends_on_signal`; exit 130 or
+    143), not with click's "Aborted!"."""
     @functools.wraps(command)
     def run(*args, **kwargs):
+        import time
+
+        from cxrscreen.cli import ends_on_signal
         from cxrscreen.infer import start_backend
 
-        start_backend()
-        return command(*args, **kwargs)
+        started = time.time()
+        name = command.__name__.replace("_", "-")
+        with ends_on_signal(f"python -m training {name}", lambda: _written(name, kwargs, started)):
+            start_backend()
+            return command(*args, **kwargs)
     return run
+
+
+def _written(name: str, options: dict, started: float) -> str:
+    """What a training command stopped by a signal had written (the end of its message)."""
+    from cxrscreen.cli import written_since
+    from cxrscreen.infer import card_path
+
+    if name in ("fit", "ensemble"):
+        out = Path(options["out"])
+        card = card_path(out)
+        if written_since([card], started):
+            return f"it had written {out} and its card {card.name}"
+        if out.exists() and not card.exists():
+            return (f"{out} has no card {card.name} (it stopped while the model was written or scored): screening "
+                    "refuses it; run the command again")
+        return "no model written" + (f"; {out} and its card are as they were" if card.exists() else "")
+    if name in ("evaluate", "rethreshold", "appearance"):
+        card = card_path(options["model_path"])
+        if written_since([card], started):
+            return f"it had rewritten {card}"
+        return f"{card} is as it was" if name != "evaluate" or options.get("record") else "nothing written"
+    return "nothing written"       # convert-lite writes its weights file whole, at the end
 
 
 @click.group()

@@ -22,6 +22,7 @@ names start with the variant (``lite0_...``, ``lite2_...``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,7 +208,14 @@ def convert(out: Path | str | None = None, checkpoint: Path | str | None = None,
         raise ValueError(f"assigned {assigned} of {len(state)} checkpoint tensors")
     out = Path(out or v.default_weights)
     out.parent.mkdir(parents=True, exist_ok=True)
-    model.save_weights(out)
+    # written beside it and renamed into place: a conversion stopped half-way leaves no partial weights file
+    # (Keras wants the name to end in .weights.h5)
+    partial = out.with_name(f".{out.name.removesuffix('.weights.h5')}.{os.getpid()}.partial.weights.h5")
+    try:
+        model.save_weights(partial)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     return out
 
 

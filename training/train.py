@@ -165,8 +165,12 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
             keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience,
                                           restore_best_weights=True),
         ]
-        h = model.fit(train_seq, validation_data=val_seq, epochs=epochs, class_weight=weights,
-                      callbacks=callbacks, verbose=2)
+        try:
+            h = model.fit(train_seq, validation_data=val_seq, epochs=epochs, class_weight=weights,
+                          callbacks=callbacks, verbose=2)
+        except BaseException:       # Ctrl-C, SIGTERM (python -m training), an error: no stray checkpoint left
+            checkpoint.unlink(missing_ok=True)
+            raise
         for key, values in h.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
         if checkpoint.exists():
