@@ -7,8 +7,9 @@ Prints ROC AUC, sensitivity, specificity and accuracy at the model card's
 (validation-chosen) threshold, each with a percentile bootstrap interval that
 resamples patients (stratified by class; the patient is in the Kermany file
 names, or a CSV's `patient` column, or what `--patient-pattern REGEX` finds in
-the paths, or a DICOM's Patient ID: a patient's images are alike, and
-resampling them one by one gives intervals too narrow), next to the published
+the paths, or a DICOM's Patient ID; patients that share an identical image are
+one: a patient's images are alike, and resampling them one by one gives
+intervals too narrow), next to the published
 figures of the seed notebooks and of Kermany et al. 2018.
 Needs ../shared (or any folder with NORMAL/ and PNEUMONIA/); skips cleanly without.
 """

@@ -478,6 +478,40 @@ def patient_from_path(pattern, path, root) -> str:
     return next((group for group in match.groups() if group is not None), match.group(0))
 
 
+def joined_by_shared_images(pairs) -> dict[str, str]:
+    """For ``pairs`` of (image digest, patient): ``{patient: the first (least) patient of those it shares an
+    identical image with, directly or through others}``, for each patient that shares one and is not that first
+    one. Training's validation split keeps such patients on one side; calibrate's bootstrap resamples them as
+    one (the same picture sent again under another patient ID is one patient's evidence, not two)."""
+    parent: dict[str, str] = {}
+
+    def root(patient: str) -> str:
+        while parent.get(patient, patient) != patient:
+            patient = parent[patient]
+        return patient
+
+    first_with: dict[str, str] = {}
+    for digest, patient in pairs:
+        if not digest:
+            continue
+        a, b = root(first_with.setdefault(digest, patient)), root(patient)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {patient: root(patient) for patient in parent}      # a root is itself: absent, as the others
+
+
+def identical_images(items) -> dict[str, list[list]]:
+    """Of ``items`` (digest, path, patient, label), the groups of paths whose images are identical and are
+    keyed to different patients (``across_patients``) or labelled both classes (``labelled_both``)."""
+    by_digest: dict[str, list] = {}
+    for digest, *rest in items:
+        if digest:
+            by_digest.setdefault(digest, []).append(rest)
+    same = [group for group in by_digest.values() if len(group) > 1]
+    return {"across_patients": [[str(p) for p, *_ in g] for g in same if len({patient for _, patient, _ in g}) > 1],
+            "labelled_both": [[str(p) for p, *_ in g] for g in same if len({label for *_, label in g}) > 1]}
+
+
 def _patient_key(study, patient_of: dict) -> str:
     named = {patient_of[r.path] for r in study.images if r.path in patient_of}
     if len(named) == 1:
@@ -536,7 +570,7 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
                           + ": permission denied" + ("" if out else "; give --out FILE"),
                           path=folder, step="calibration")
     studies, labels, patients, excluded, digest = _labeled_studies(data, selection, pattern)
-    scores, failed = score_studies(studies, model, batch_size=batch_size, workers=workers)
+    scores, failed, pixels = score_studies(studies, model, batch_size=batch_size, workers=workers)
     excluded = list(excluded) + failed
     uids = [s.study_uid for s in studies if s.study_uid in scores]
     y = np.array([labels[u] for u in uids], dtype=bool)
@@ -546,9 +580,17 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     if counts["NORMAL"] == 0 or counts["PNEUMONIA"] == 0:
         raise UsageError(("no study" if not len(y) else "only one class") + f" scored: {counts}{excluded_note}",
                          step="calibration")
-    groups = [patients[u] for u in uids]
+    keyed_by = dict(sorted(Counter(patients[u].split(":", 1)[0] for u in uids).items()))  # csv, pattern, dicom, study
+    together = joined_by_shared_images((digest, patients[u]) for u in uids for _, digest in pixels[u])
+    groups = [together.get(patients[u], patients[u]) for u in uids]
     people = group_count(y, groups)
-    keyed_by = dict(sorted(Counter(g.split(":", 1)[0] for g in groups).items()))   # csv, pattern, dicom, study
+    identical = identical_images((digest, path, patients[u], labels[u]) for u in uids for path, digest in pixels[u])
+    for what, found in (("are keyed to different patients: the bootstrap resamples those patients as one",
+                         identical["across_patients"]),
+                        ("are labelled both NORMAL and PNEUMONIA: check those labels", identical["labelled_both"])):
+        if found:
+            logging.getLogger(__name__).warning("%d groups of identical images %s, e.g. %s", len(found), what,
+                                                " and ".join(found[0][:2]))
     if pattern and len(uids) > keyed_by.get("csv", 0) + keyed_by.get("pattern", 0):
         logging.getLogger(__name__).warning(
             "--patient-pattern %r found no patient in the files of %d of %d studies: their patient is the DICOM "
@@ -589,6 +631,7 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
         "prevalence": prev, "ppv": ppv, "npv": npv, "bootstrap": n_boot,
         "bootstrap_unit": "patient", "patients": people, "patient_pattern": patient_pattern or None,
         "patients_from": keyed_by,
+        "identical_images": {what: len(found) for what, found in identical.items()},
         "sensitivity_lower_bound_below_target": bool(lower < target),
         "confusion_matrix": point.to_json()["confusion_matrix"],
     }

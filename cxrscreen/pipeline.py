@@ -333,13 +333,15 @@ class Screener:
     last image is scored (or has failed), so a caller can report it and release its pixels.
     Used by ``batch``, ``watch`` and ``calibrate`` alike, so all three score identically.
     When the model has an appearance reference (:mod:`cxrscreen.appearance`), every image's appearance
-    distance comes from the same forward pass as its score, whatever the Grad-CAM mode.
+    distance comes from the same forward pass as its score, whatever the Grad-CAM mode. ``digests``: each
+    :class:`ImageResult` gets a digest of its model input (``pixels``: the same picture, as the model sees it).
     """
 
     def __init__(self, model: LoadedModel, threshold: float = 0.5, *, gradcam: str = "all", batch_size: int = 16,
-                 workers: int = 2, thumbnails: bool = True) -> None:
+                 workers: int = 2, thumbnails: bool = True, digests: bool = False) -> None:
         self.model, self.threshold, self.gradcam = model, threshold, gradcam
         self.batch_size, self.workers, self.thumbnails = batch_size, workers, thumbnails
+        self.digests = digests
         self.appearance = model.appearance
         wanted = gradcam != "none" or self.appearance is not None
         self.cam = (GradCam(model.keras_model, model.card.gradcam_layer or None, batch_size=batch_size)
@@ -386,13 +388,14 @@ class Screener:
                     _, cams = self.cam(inputs[hot])
                     for i, c in zip(hot, cams):
                         heatmaps[i] = c
-            for (image, _, thumb), score, heat, distance in zip(batch, scores, heatmaps, distances):
+            for (image, prepared, thumb), score, heat, distance in zip(batch, scores, heatmaps, distances):
                 results[image.study_uid].images.append(
                     ImageResult(image, float(score), thumb if self.thumbnails else None,
                                 overlay(thumb, heat) if heat is not None else None,
                                 heat_empty=heat is not None and float(heat.max()) == 0.0, appearance=distance,
                                 appearance_caution=self.appearance.caution(distance, image.path.name)
-                                if distance is not None else ""))
+                                if distance is not None else "",
+                                pixels=_input_digest(prepared) if self.digests else ""))
                 one_done(image.study_uid)
             done += len(batch)
             if progress:
@@ -817,14 +820,26 @@ def unscreened_study_rows(files: list[dict], threshold: float, screened: Callabl
 
 
 def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int = 16,
-                  workers: int = 2) -> tuple[dict[str, float], list[FileOutcome]]:
+                  workers: int = 2) -> tuple[dict[str, float], list[FileOutcome], dict[str, list[tuple[Path, str]]]]:
     """Study scores exactly as :func:`run_batch` computes them (same decoding, maximum over images),
-    without reports or Grad-CAM. Returns ``({study_uid: score}, failed files)``."""
+    without reports or Grad-CAM. Returns ``({study_uid: score}, failed files, {study_uid: [(path, digest) of each
+    scored image]})``: the digests tell the same picture in two studies (:func:`_input_digest`)."""
     scores: dict[str, float] = {}
     failed: list[FileOutcome] = []
-    screener = Screener(model, gradcam="none", batch_size=batch_size, workers=workers, thumbnails=False)
+    pixels: dict[str, list[tuple[Path, str]]] = {}
+    screener = Screener(model, gradcam="none", batch_size=batch_size, workers=workers, thumbnails=False,
+                        digests=True)
     for result in screener.screen(studies):
         failed.extend(result.failed)
         if result.score is not None:
             scores[result.study.study_uid] = result.score
-    return scores, failed
+            pixels[result.study.study_uid] = [(r.image.path, r.pixels) for r in result.images]
+    return scores, failed, pixels
+
+
+def _input_digest(prepared: np.ndarray) -> str:
+    """A digest of a model input (shape, type and values): two files giving the same one are the same picture
+    to the model, whatever their names, headers or patients."""
+    digest = hashlib.blake2b(repr((prepared.shape, prepared.dtype.str)).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(prepared).data)
+    return digest.hexdigest()

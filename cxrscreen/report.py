@@ -48,6 +48,7 @@ class ImageResult:
     heat_empty: bool = False          # Grad-CAM found no region that raised the score
     appearance: float | None = None   # appearance distance (cxrscreen.appearance), None when not measured
     appearance_caution: str = ""      # set when the distance is over the model's limit
+    pixels: str = ""                  # digest of the model's input (Screener(digests=True), for calibrate)
 
 
 @dataclass

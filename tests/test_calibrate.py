@@ -506,3 +506,27 @@ def test_calibrate_stopped_by_ctrl_c_or_sigterm_says_nothing_was_written(tmp_pat
                                           "written whole, once every study is scored)"), result.stderr
     assert "Aborted" not in result.output and not out.exists() and not list(tmp_path.glob(".cal.json.*"))
     assert signal.getsignal(signal.SIGTERM) is before       # put back for whoever called the command
+
+
+def test_patients_that_share_an_identical_image_are_resampled_as_one_and_warned_of(tmp_path, model_copy, caplog):
+    """The same picture under two patients (a study sent again under another ID, a copy in another folder) was
+    two patients' evidence to the bootstrap, and a picture labelled both NORMAL and PNEUMONIA went unsaid. Now
+    such patients are one group, the calibration counts them, and both are warned of, naming the files."""
+    data = make_labeled(tmp_path / "site", 22, 22)
+    shutil.copy(data / "NORMAL" / "nested" / "NORMAL_0.png", data / "NORMAL" / "nested" / "again.png")
+    shutil.copy(data / "NORMAL" / "nested" / "NORMAL_1.png", data / "NORMAL" / "nested" / "and-again.png")
+    shutil.copy(data / "PNEUMONIA" / "nested" / "PNEUMONIA_0.png", data / "NORMAL" / "nested" / "mislabelled.png")
+    args = ["calibrate", str(data), "--model", str(model_copy.path), "--bootstrap", "50", "--json",
+            "--out", str(tmp_path / "cal.json")]
+    with caplog.at_level("WARNING", logger="cxrscreen.calibrate"):
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["n"] == {"NORMAL": 25, "PNEUMONIA": 22}       # every study is scored, as before
+    # 47 studies, each its own patient until now; the three copies join their originals' patients. The
+    # mislabelled copy's patient holds both classes: one patient counted in each, drawn whole
+    assert out["patients"] == {"NORMAL": 23, "PNEUMONIA": 22}
+    assert out["identical_images"] == {"across_patients": 3, "labelled_both": 1}
+    assert "3 groups of identical images are keyed to different patients" in caplog.text
+    assert ("1 groups of identical images are labelled both NORMAL and PNEUMONIA: check those labels, e.g. "
+            in caplog.text and "mislabelled.png" in caplog.text and "PNEUMONIA_0.png" in caplog.text)

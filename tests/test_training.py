@@ -247,6 +247,10 @@ def test_patients_that_share_an_identical_image_stay_on_one_side_of_the_split(tm
         assert ("dicom:\\NO05" in validated) == ("dicom:\\PN05" in validated)
         apart += ("dicom:\\NO04" in validated) != ("dicom:\\NO03" in validated)
     assert apart        # patients that share nothing are still split apart
+    # a bootstrap by patient (evaluate's) resamples them as one: 24 + 24 patients named, 46 groups
+    joined = D.joined_patients(examples)
+    assert len(set(joined)) == len({e.patient for e in examples}) - 2 == 46
+    assert joined[[e.path.name for e in examples].index("twice-b.dcm")] == "dicom:\\NO03"
     # examples read back from a split file carry no digest: each patient on its own, as written
     plain = [D.Example(e.path, e.label, e.patient) for e in examples]
     assert len({e.patient for e in D.patient_split(plain, 0.3, seed=1)[1]}) > 0

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrscreen.calibrate import (CLASSES, class_folders, patient_from_path, pattern_finds_nobody, read_labeled_csv,
-                                 relative_name)
+from cxrscreen.calibrate import (CLASSES, class_folders, identical_images, joined_by_shared_images, patient_from_path,
+                                 pattern_finds_nobody, read_labeled_csv, relative_name)
 from cxrscreen.errors import CxrError
 from cxrscreen.ingest import dataset_patient_key, discover, not_screenable, read_dicom, sniff
 from cxrscreen.normalise import (PreprocessSpec, equalize_input, load_model_input, load_unit_image,
@@ -174,19 +174,15 @@ def _pixels_digest(unit: np.ndarray) -> str:
 
 
 def _warn_of_identical_images(examples: list[Example]) -> None:
-    """Warn of identical images that are keyed to different patients (the split keeps them on one side:
-    :func:`patient_split`) or labelled both classes (a contradiction in the labels)."""
-    by_pixels: dict[str, list[Example]] = {}
-    for example in examples:
-        by_pixels.setdefault(example.pixels, []).append(example)
-    same = [group for group in by_pixels.values() if len(group) > 1]
-    for what, found in (("are keyed to different patients (kept on one side of the validation split)",
-                         [g for g in same if len({e.patient for e in g}) > 1]),
-                        ("are labelled both NORMAL and PNEUMONIA (check those labels)",
-                         [g for g in same if len({e.label for e in g}) > 1])):
-        if found:
-            log.warning("%d groups of identical images %s, e.g. %s", len(found), what,
-                        " and ".join(str(e.path) for e in found[0][:2]))
+    """Warn of identical images that are keyed to different patients (taken as one patient: :func:`joined_patients`)
+    or labelled both classes (a contradiction in the labels)."""
+    found = identical_images((e.pixels, e.path, e.patient, e.label) for e in examples)
+    for what, key in (("are keyed to different patients: taken as one patient (kept on one side of a validation "
+                       "split, resampled whole by a bootstrap)", "across_patients"),
+                      ("are labelled both NORMAL and PNEUMONIA (check those labels)", "labelled_both")):
+        if found[key]:
+            log.warning("%d groups of identical images %s, e.g. %s", len(found[key]), what,
+                        " and ".join(found[key][0][:2]))
 
 
 def check_labeled(source: Path | str) -> list[Path]:
@@ -229,10 +225,10 @@ def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int
     """Split by patient (no patient on both sides), stratified by class, seeded. Patients that share an
     identical image (the same picture exported twice, under two patient IDs or names) are kept together, as
     one: otherwise that image would be trained on and validated on."""
-    together = _patients_sharing_images(examples)
+    joined = joined_patients(examples)
     by_patient: dict[str, list[Example]] = {}
-    for ex in examples:
-        by_patient.setdefault(together.get(ex.patient, ex.patient), []).append(ex)
+    for ex, patient in zip(examples, joined):
+        by_patient.setdefault(patient, []).append(ex)
     patients = sorted(by_patient)
     random.Random(seed).shuffle(patients)
     totals = [sum(1 for e in examples if e.label == c) for c in (0, 1)]
@@ -243,30 +239,18 @@ def patient_split(examples: list[Example], val_fraction: float = 0.15, seed: int
         if taken[label] < val_fraction * totals[label]:
             val_patients.add(patient)
             taken[label] += len(by_patient[patient])
-    train = [e for e in examples if together.get(e.patient, e.patient) not in val_patients]
-    val = [e for e in examples if together.get(e.patient, e.patient) in val_patients]
+    train = [e for e, patient in zip(examples, joined) if patient not in val_patients]
+    val = [e for e, patient in zip(examples, joined) if patient in val_patients]
     return train, val
 
 
-def _patients_sharing_images(examples: list[Example]) -> dict[str, str]:
-    """{patient: the first (sorted) patient of those it shares an identical image with, directly or through
-    others}, for the patients that share one and are not that first one."""
-    parent: dict[str, str] = {}
-
-    def root(patient: str) -> str:
-        while parent.get(patient, patient) != patient:
-            patient = parent[patient]
-        return patient
-
-    first_with: dict[str, str] = {}
-    for ex in examples:
-        if not ex.pixels:          # read from a split file: no digest
-            continue
-        other = first_with.setdefault(ex.pixels, ex.patient)
-        a, b = root(other), root(ex.patient)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    return {patient: root(patient) for patient in parent}      # a root is itself: absent, as the others
+def joined_patients(examples: list[Example]) -> list[str]:
+    """Each example's patient; a patient that shares an identical image with others, directly or through
+    others, given the first (sorted) of them (:func:`cxrscreen.calibrate.joined_by_shared_images`; examples
+    read from a split file have no digest). The groups the validation split keeps whole and a bootstrap by
+    patient resamples."""
+    together = joined_by_shared_images((ex.pixels, ex.patient) for ex in examples)
+    return [together.get(e.patient, e.patient) for e in examples]
 
 
 def write_split(path: Path, **splits: list[Example]) -> None:

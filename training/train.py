@@ -586,7 +586,8 @@ def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batc
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32,
              patient_pattern: str | None = None) -> dict:
     """Score a labeled folder with a saved model at its card's threshold; ``patients`` (for a bootstrap)
-    as :func:`training.data.list_examples` finds them, with ``patient_pattern`` (``--patient-pattern``)."""
+    as :func:`training.data.list_examples` finds them, with ``patient_pattern`` (``--patient-pattern``), those
+    that share an identical image joined (as the validation split and ``cxrscreen calibrate`` join them)."""
     from cxrscreen.infer import load_model
 
     loaded = load_model(model_path)
@@ -597,4 +598,4 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32,
     point = operating_point(scores, labels, loaded.card.threshold)
     return {"model": str(model_path), "data": str(data_dir), **point.to_json(), "excluded": excluded,
             "patients_from": D.patients_from(examples), "scores": scores.tolist(), "labels": labels.tolist(),
-            "patients": [e.patient for e in examples]}
+            "patients": D.joined_patients(examples)}
