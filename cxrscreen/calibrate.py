@@ -524,7 +524,8 @@ def _patient_key(study, patient_of: dict) -> str:
 
 def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_boot: int = 2000,
                     prevalence: float | None = None, batch_size: int = 16, workers: int = 2, model=None,
-                    conservative: bool = False, selection=None, patient_pattern: str | None = None) -> dict:
+                    conservative: bool = False, selection=None, patient_pattern: str | None = None,
+                    progress=None) -> dict:
     """Score a labeled set as ``batch`` would, choose the threshold, write the calibration file and plot.
 
     ``selection`` (a :class:`cxrscreen.ingest.Selection`) chooses the images as ``batch``'s options do: a site
@@ -537,6 +538,8 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     or to a CSV's folder): the first of its groups that took part, else the whole match
     (:func:`patient_from_path`). The bootstrap resamples those patients
     (a site's exported JPEGs named by patient, or one folder per patient); see :func:`_labeled_studies`.
+
+    ``progress(done, total)`` is called as the images are scored (as :func:`cxrscreen.pipeline.run_batch` calls it).
 
     Raises :class:`cxrscreen.errors.UsageError` (exit code 2) for every refusal, and
     :class:`cxrscreen.errors.OutputError` (exit code 1) when the calibration cannot be written
@@ -570,7 +573,7 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
                           + ": permission denied" + ("" if out else "; give --out FILE"),
                           path=folder, step="calibration")
     studies, labels, patients, excluded, digest = _labeled_studies(data, selection, pattern)
-    scores, failed, pixels = score_studies(studies, model, batch_size=batch_size, workers=workers)
+    scores, failed, pixels = score_studies(studies, model, batch_size=batch_size, workers=workers, progress=progress)
     excluded = list(excluded) + failed
     uids = [s.study_uid for s in studies if s.study_uid in scores]
     y = np.array([labels[u] for u in uids], dtype=bool)

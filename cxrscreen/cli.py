@@ -121,6 +121,34 @@ def _stop_on_signals(say):
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+class _Progress:
+    """A command's progress through the images it scores, on stderr: a bar on a terminal, else a log line
+    (``scored 300/1200 images``) as each hundred is passed and at the end; nothing when ``quiet``. Called as
+    ``progress(done, total)``; a context manager that closes the bar."""
+
+    def __init__(self, label: str, batch_size: int, quiet: bool = False) -> None:
+        self.label, self.batch_size, self.quiet = label, batch_size, quiet
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if sys.stderr.isatty():
+            if self.bar is None:
+                self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+                self.bar.__enter__()
+            self.bar.update(done - self.bar.pos)
+        elif done == total or done % 100 < self.batch_size:
+            log.info("scored %d/%d images", done, total)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
 @contextmanager
 def ends_on_signal(command: str, outcome):
     """For a command that has nothing to finish when stopped (``calibrate``, and training's): SIGTERM stops it
@@ -181,23 +209,8 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
         options = BatchOptions(out=out, model_path=model_path, threshold=threshold, calibration=calibration,
                                batch_size=batch_size, workers=workers, gradcam=gradcam, force=force,
                                selection=selection, dicom=dicom, report_processes=report_processes)
-        bar = None
-        show_bar = not quiet and not as_json and sys.stderr.isatty()
-
-        def progress(done: int, total: int) -> None:
-            nonlocal bar
-            if show_bar:
-                if bar is None:
-                    bar = click.progressbar(length=total, label="screening", file=sys.stderr)
-                    bar.__enter__()
-                bar.update(done - bar.pos)
-            elif not quiet and not as_json and (done == total or done % 100 < batch_size):
-                log.info("scored %d/%d images", done, total)
-
-        with _stop_on_signals(on_stop) as stop:
+        with _stop_on_signals(on_stop) as stop, _Progress("screening", batch_size, quiet or as_json) as progress:
             summary = run_batch(list(inputs), options, progress=progress, stop=stop)
-        if bar is not None:
-            bar.__exit__(None, None, None)
     except CxrError as exc:
         _fail(exc)
     if as_json:
@@ -271,10 +284,10 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, con
                 else "no calibration written (it is written whole, once every study is scored)")
 
     try:
-        with ends_on_signal("cxrscreen calibrate", outcome):
+        with ends_on_signal("cxrscreen calibrate", outcome), _Progress("scoring", batch_size, as_json) as progress:
             result = run_calibration(data, target=target_sensitivity, model_path=model_path, out=out, n_boot=n_boot,
                                      prevalence=prevalence, batch_size=batch_size, conservative=conservative,
-                                     selection=selection, patient_pattern=patient_pattern)
+                                     selection=selection, patient_pattern=patient_pattern, progress=progress)
     except CxrError as exc:
         _fail(exc)
     if as_json:

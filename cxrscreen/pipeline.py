@@ -819,8 +819,9 @@ def unscreened_study_rows(files: list[dict], threshold: float, screened: Callabl
             for uid, rows in by_study.items()]
 
 
-def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int = 16,
-                  workers: int = 2) -> tuple[dict[str, float], list[FileOutcome], dict[str, list[tuple[Path, str]]]]:
+def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int = 16, workers: int = 2,
+                  progress: Callable[[int, int], None] | None = None
+                  ) -> tuple[dict[str, float], list[FileOutcome], dict[str, list[tuple[Path, str]]]]:
     """Study scores exactly as :func:`run_batch` computes them (same decoding, maximum over images),
     without reports or Grad-CAM. Returns ``({study_uid: score}, failed files, {study_uid: [(path, digest) of each
     scored image]})``: the digests tell the same picture in two studies (:func:`_input_digest`)."""
@@ -829,7 +830,7 @@ def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int =
     pixels: dict[str, list[tuple[Path, str]]] = {}
     screener = Screener(model, gradcam="none", batch_size=batch_size, workers=workers, thumbnails=False,
                         digests=True)
-    for result in screener.screen(studies):
+    for result in screener.screen(studies, progress=progress):
         failed.extend(result.failed)
         if result.score is not None:
             scores[result.study.study_uid] = result.score

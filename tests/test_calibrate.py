@@ -530,3 +530,20 @@ def test_patients_that_share_an_identical_image_are_resampled_as_one_and_warned_
     assert "3 groups of identical images are keyed to different patients" in caplog.text
     assert ("1 groups of identical images are labelled both NORMAL and PNEUMONIA: check those labels, e.g. "
             in caplog.text and "mislabelled.png" in caplog.text and "PNEUMONIA_0.png" in caplog.text)
+
+
+def test_calibrate_says_how_far_its_scoring_has_come(tmp_path, model_copy, caplog):
+    """A site's calibration set of thousands of studies takes minutes on a CPU, and calibrate said nothing until
+    it was done. It now says as batch does (a bar on a terminal; else a line each hundred images and at the end);
+    nothing with --json."""
+    data = make_labeled(tmp_path / "site", 60, 60)
+    args = ["calibrate", str(data), "--model", str(model_copy.path), "--bootstrap", "20", "--out",
+            str(tmp_path / "cal.json")]
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        assert CliRunner().invoke(main, args).exit_code == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scored ")]
+    assert said[0].startswith("scored 1") and said[-1] == "scored 120/120 images", said
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        assert CliRunner().invoke(main, [*args, "--json"]).exit_code == 0
+    assert not [r for r in caplog.records if r.getMessage().startswith("scored ")]
