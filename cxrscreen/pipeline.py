@@ -38,7 +38,7 @@ from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
 from .ingest import (REJECTED_TAG, Selection, group_studies, read_ahead, scan, selection_options_text,
                      withdrawn_title)
-from .normalise import load_unit_image, to_model_input
+from .normalise import load_unit_image, pixels_digest, to_model_input
 from .records import FileOutcome, Radiograph, Status, Study
 from .report import (SUMMARY_FIELDS, ImageResult, StudyResult, atomic_write, report_filename, write_study_report,
                      write_summary, write_worklist)
@@ -395,7 +395,7 @@ class Screener:
                                 heat_empty=heat is not None and float(heat.max()) == 0.0, appearance=distance,
                                 appearance_caution=self.appearance.caution(distance, image.path.name)
                                 if distance is not None else "",
-                                pixels=_input_digest(prepared) if self.digests else ""))
+                                pixels=pixels_digest(prepared) if self.digests else ""))
                 one_done(image.study_uid)
             done += len(batch)
             if progress:
@@ -824,7 +824,8 @@ def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int =
                   ) -> tuple[dict[str, float], list[FileOutcome], dict[str, list[tuple[Path, str]]]]:
     """Study scores exactly as :func:`run_batch` computes them (same decoding, maximum over images),
     without reports or Grad-CAM. Returns ``({study_uid: score}, failed files, {study_uid: [(path, digest) of each
-    scored image]})``: the digests tell the same picture in two studies (:func:`_input_digest`)."""
+    scored image]})``: the digests of their model inputs tell the same picture in two studies
+    (:func:`cxrscreen.normalise.pixels_digest`)."""
     scores: dict[str, float] = {}
     failed: list[FileOutcome] = []
     pixels: dict[str, list[tuple[Path, str]]] = {}
@@ -837,10 +838,3 @@ def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int =
             pixels[result.study.study_uid] = [(r.image.path, r.pixels) for r in result.images]
     return scores, failed, pixels
 
-
-def _input_digest(prepared: np.ndarray) -> str:
-    """A digest of a model input (shape, type and values): two files giving the same one are the same picture
-    to the model, whatever their names, headers or patients."""
-    digest = hashlib.blake2b(repr((prepared.shape, prepared.dtype.str)).encode(), digest_size=16)
-    digest.update(np.ascontiguousarray(prepared).data)
-    return digest.hexdigest()

@@ -22,7 +22,6 @@ be shown in practice.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import random
 import re
@@ -38,7 +37,7 @@ from cxrscreen.calibrate import (CLASSES, class_folders, identical_images, joine
 from cxrscreen.errors import CxrError
 from cxrscreen.ingest import dataset_patient_key, discover, not_screenable, read_dicom, sniff
 from cxrscreen.normalise import (PreprocessSpec, equalize_input, load_model_input, load_unit_image,
-                                 normalise_dataset, resize_to_input)
+                                 normalise_dataset, pixels_digest, resize_to_input)
 from cxrscreen.records import FileKind, FileOutcome
 
 log = logging.getLogger("training")
@@ -52,7 +51,7 @@ class Example:
     label: int            # 1 = PNEUMONIA
     patient: str
     patient_from: str = field(default="", compare=False)    # csv, pattern, dicom, name or file (list_examples)
-    pixels: str = field(default="", compare=False)          # SHA-256 of the decoded image (list_examples)
+    pixels: str = field(default="", compare=False)          # digest of the decoded image (list_examples)
 
 
 def patient_id(path: Path | str) -> str:
@@ -132,7 +131,7 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
             return exc.cause, example
         except Exception as exc:       # a decoder's own error: this file is left out, the run goes on
             return f"{type(exc).__name__}: {exc}", example
-        example = replace(example, pixels=_pixels_digest(unit))
+        example = replace(example, pixels=pixels_digest(unit))
         if example.patient:
             return "", replace(example, patient_from="csv")
         found = patient_pattern and patient_from_path(patient_pattern, example.path, root)
@@ -164,13 +163,6 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
                     "by patient) takes a patient's other images as another's; give --patient-pattern or a CSV "
                     "patient column", alone, len(examples))
     return examples
-
-
-def _pixels_digest(unit: np.ndarray) -> str:
-    """SHA-256 of a decoded image (its shape and values): the same picture under another name, header or file."""
-    digest = hashlib.sha256(repr((unit.shape, unit.dtype.str)).encode())
-    digest.update(np.ascontiguousarray(unit).data)      # the array's own memory: no copy of 20 MB
-    return digest.hexdigest()
 
 
 def _warn_of_identical_images(examples: list[Example]) -> None:
