@@ -762,3 +762,20 @@ def test_a_card_rewrite_that_fails_half_way_keeps_the_card_it_had(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.stdout.strip() == "refused 27", done.stdout + done.stderr       # EFBIG
     assert card.read_text() == '{"threshold": 0.5}' and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_training_says_how_far_it_has_come_while_it_reads_and_scores(labeled_folder, tmp_path, caplog):
+    """fit read (decoded) every image, then scored validation and test, without a word: minutes of silence on a
+    site's set before the first epoch and after the last. Its logger now says each tenth read (at most ten lines)
+    and each stage, and python -m training shows it."""
+    import logging
+
+    from training.train import FitConfig, fit
+
+    with caplog.at_level("INFO", logger="training"):
+        fit(labeled_folder, tmp_path / "m" / "x.keras", FitConfig(input_size=64, batch_size=8, head_epochs=1,
+                                                                 finetune_epochs=0, val_fraction=0.3, workers=1))
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert said[0] == f"read 20/20 images of {labeled_folder / 'train'}"
+    assert "scoring the 8 validation images with the saved model, for the threshold" in said
+    assert f"read 8/8 images of {labeled_folder / 'test'}" in said and "scoring the 8 test images, once" in said

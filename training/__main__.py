@@ -62,6 +62,7 @@ def cli() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)    # its progress: the images read, what is scored
 
 
 def _pattern(ctx, param, value):

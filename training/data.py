@@ -145,8 +145,13 @@ def list_examples(source: Path | str, excluded: list[dict] | None = None, *, wor
             return "", replace(example, patient=named, patient_from="name")
         return "", replace(example, patient=f"file:{relative_name(example.path, root)}", patient_from="file")
 
+    results: list[tuple[str, Example]] = []
+    every = max(100, -(-len(candidates) // 10))     # at most ten lines: a site's set can take many minutes
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cxr-check") as pool:
-        results = list(pool.map(checked, candidates))
+        for result in pool.map(checked, candidates):
+            results.append(result)
+            if len(results) % every == 0 or len(results) == len(candidates):
+                log.info("read %d/%d images of %s", len(results), len(candidates), source)
     left_out += [{"path": str(e.path), "reason": why} for why, e in results if why]
     for item in left_out:
         log.warning("left out %s: %s", item["path"], item["reason"])

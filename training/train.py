@@ -243,6 +243,7 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     # Threshold and metrics come from the saved float32 model as screening loads and runs it: the model in
     # memory computes in float16 after a mixed-precision (GPU) fit, and its scores are not the ones screened.
     saved = load_for_scoring(out)
+    log.info("scoring the %d validation images with the saved model, for the threshold", len(val))
     val_scores, val_labels = score_examples(saved, val, spec, batch_size, workers)
     threshold = threshold_for_sensitivity(val_scores, val_labels, target_sensitivity)
     val_point = operating_point(val_scores, val_labels, threshold)
@@ -252,6 +253,7 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
         test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=patient_pattern,
                                refuse_unmatched=False)     # the model is trained: its test patients are counted
         excluded += [{"split": "test", **item} for item in left_out]
+        log.info("scoring the %d test images, once", len(test))
         test_scores, test_labels = score_examples(saved, test, spec, batch_size, workers)
         test_point = operating_point(test_scores, test_labels, threshold)
         test_counts = {**_counts(test), **_identical_to_training(test, [*train, *val])}
@@ -277,6 +279,8 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     from cxrscreen.appearance import COMPONENTS
 
     if len(train) >= 4 * COMPONENTS:     # a smaller training set cannot say what its images look like
+        log.info("fitting the appearance reference on the %d training and %d validation images", len(train),
+                 len(val))
         card["appearance"] = write_appearance(out, card, train, val, batch_size=batch_size, workers=workers)
     write_card(out, card)
     return card
