@@ -2,8 +2,8 @@
 
 Exit codes: 0 every input scored or deliberately skipped; 1 some inputs failed or
 were not screened (a run stopped by SIGTERM or Ctrl-C), or a tool error such as an
-unloadable model; 2 usage errors; 130 or 143 ``calibrate`` stopped by Ctrl-C or SIGTERM (saying what it had written).
-"""
+unloadable model; 2 usage errors; 130 a second Ctrl-C (batch, watch: stopped at once, saying what is kept), or
+``calibrate`` stopped by Ctrl-C; 143 ``calibrate`` stopped by SIGTERM (saying what it had written)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from . import LOG_FORMAT, __version__
-from .errors import CxrError, UsageError
+from .errors import CxrError, StoppedAtOnce, UsageError
 
 log = logging.getLogger("cxrscreen")
 
@@ -86,6 +86,13 @@ def main() -> None:
     """Screen chest radiographs (DICOM, JPEG, PNG) for likely pneumonia. Decision support, not a diagnosis."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _stopped_at_once(command: str, outcome: str) -> None:
+    """End a command that a second Ctrl-C stopped at once: one line saying what it kept, exit code 130 (128 +
+    SIGINT), not click's bare "Aborted!" (exit 1)."""
+    click.echo(f"{command}: stopped at once by a second Ctrl-C; {outcome}", err=True)
+    sys.exit(130)
 
 
 def _count(n: int, one: str, many: str = "") -> str:
@@ -213,6 +220,16 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
             summary = run_batch(list(inputs), options, progress=progress, stop=stop)
     except CxrError as exc:
         _fail(exc)
+    except StoppedAtOnce as exc:
+        from .pipeline import STATE_FILE
+
+        kept = (f"{_count(exc.kept, 'study', 'studies')} reported are kept in {out / STATE_FILE}: the same "
+                "command goes on from them" if exc.saved else "the run's state could not be saved: the same command "
+                "redoes the studies reported since its last save")
+        _stopped_at_once("cxrscreen batch", f"no summary or worklist written; {kept}")
+    except KeyboardInterrupt:
+        _stopped_at_once("cxrscreen batch", "before screening began (the model loading, the headers read): nothing "
+                         "written")
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2, default=str))
     elif not quiet:
@@ -362,6 +379,9 @@ def watch(inbox, out, archive, quarantine, remove_empty_folders, settle, rescan,
             code = Watcher(options, stop=stop).run()
     except CxrError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _stopped_at_once("cxrscreen watch", "the ledger is consistent: studies under way are pending, and the next "
+                         "start screens them")
     sys.exit(code)
 
 

@@ -81,3 +81,13 @@ class UsageError(CxrError):
 
 class Interrupted(CxrError):
     """A run was asked to stop (SIGTERM, Ctrl-C) before it had anything to keep: nothing was written."""
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A batch stopped at once (a second Ctrl-C) while it screened: no summary or worklist was written, but the
+    state of the studies reported so far was saved (``kept`` of them; ``saved`` False when it could not be), so
+    that the same command goes on from them."""
+
+    def __init__(self, kept: int, saved: bool = True) -> None:
+        super().__init__(kept, saved)
+        self.kept, self.saved = kept, saved

@@ -33,7 +33,7 @@ import numpy as np
 from . import LOG_FORMAT, __version__
 from .encapsulate import (dicom_images, dicom_report_name, rejection_code, rejection_note_name, withdrawn_description,
                           write_encapsulated_pdf, write_rejection_note)
-from .errors import CxrError, InputError, Interrupted, ModelError, OutputError, UsageError
+from .errors import CxrError, InputError, Interrupted, ModelError, OutputError, StoppedAtOnce, UsageError
 from .explain import GradCam, overlay
 from .infer import LoadedModel, load_model
 from .ingest import (REJECTED_TAG, Selection, group_studies, read_ahead, scan, selection_options_text,
@@ -444,8 +444,28 @@ def run_batch(inputs: list[Path], options: BatchOptions, *,
     if any(out.exists() and Path(item).is_dir() and out.samefile(item) for item in inputs):
         raise UsageError(f"--out {out} is the folder to screen: give the reports a folder of their own "
                          "(it may lie inside the one screened)")
+    kept: dict = {}
     with output_lock(out, "cxrscreen batch"):
-        return _run_batch(inputs, options, out, started, progress, model, stop or threading.Event())
+        try:
+            return _run_batch(inputs, options, out, started, progress, model, stop or threading.Event(), kept)
+        except KeyboardInterrupt as exc:
+            if "state" not in kept:         # while the model loaded or the headers were read: nothing to keep
+                raise
+            raise _keep_reported(out, kept) from exc
+
+
+def _keep_reported(out: Path, kept: dict) -> StoppedAtOnce:
+    """A batch stopped at once (a second Ctrl-C): the state of the studies reported so far saved now, as a
+    checkpoint would save it (the last may be 30 seconds old): each whose report is all there, no other."""
+    state = kept["state"]
+    for result, report, _, study_state in kept.get("jobs", ()):
+        if report.future.done() and not report.future.cancelled() and report.future.exception() is None:
+            state[result.study.study_uid] = study_state
+    try:
+        _save_state(out, state)
+    except OSError:
+        return StoppedAtOnce(len(state), saved=False)
+    return StoppedAtOnce(len(state))
 
 
 def _until_stopped(items: Iterator, stop: threading.Event) -> Iterator:
@@ -459,7 +479,9 @@ def _until_stopped(items: Iterator, stop: threading.Event) -> Iterator:
 
 def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: float,
                progress: Callable[[int, int], None] | None, model: LoadedModel | None,
-               stop: threading.Event) -> BatchSummary:
+               stop: threading.Event, kept: dict) -> BatchSummary:
+    """:func:`run_batch` in its output lock. ``kept`` is given the run's state (``state``) and its report jobs
+    (``jobs``) once they exist: what a stop at once keeps (:func:`_keep_reported`)."""
     model = model or load_model(options.model_path)
     threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration,
                                                           options.selection)
@@ -467,7 +489,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     studies, loose = group_studies(_until_stopped(scan(inputs, options.selection), stop))
     earlier = _load_state(out)
     state = {} if options.force else earlier
-    new_state: dict = {}
+    new_state: dict = kept.setdefault("state", {})
     to_score: list[Study] = []
     reused_rows: list[dict] = []
     reused_failures: list[FileOutcome] = []
@@ -507,7 +529,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     reporter = ReportWriter(options.report_processes if options.report_processes is not None
                             else report_processes(len(to_score)),
                             lost_note="a report process stopped; the remaining reports are written by a thread")
-    report_jobs: deque = deque()
+    report_jobs: deque = kept.setdefault("jobs", deque())
     saved = _Checkpoints(out)
 
     def write_report(result: StudyResult, path: Path) -> ReportJob:

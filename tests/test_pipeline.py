@@ -294,6 +294,46 @@ def test_a_stopped_batch_lists_the_rest_as_pending_and_the_same_command_goes_on(
     assert [r["flag"] for r in again.rows] == [r["flag"] for r in clean.rows]
 
 
+def test_a_second_ctrl_c_stops_at_once_and_keeps_every_study_reported(inbox, tmp_path, model, monkeypatch):
+    """A second Ctrl-C stops a batch at once: it ended in click's bare "Aborted!" (exit 1), and kept only the
+    studies of the last saved state (every 30 s: none in a short run), so the same command redid them all. Now
+    the state of every study whose report is all there is saved as it stops, the command says how many are kept
+    (exit 130), and the same command reuses them. The second Ctrl-C comes (as KeyboardInterrupt, in the
+    screening thread) once two reports are written."""
+    import time
+
+    from cxrscreen import cli, pipeline
+
+    real, written = pipeline.write_study_report, []
+
+    def counted(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        written.append(path.name)
+
+    def second_ctrl_c(self, done, total):
+        deadline = time.monotonic() + 60
+        while len(written) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if len(written) >= 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_study_report", counted)
+    monkeypatch.setattr(cli._Progress, "__call__", second_ctrl_c)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(out), "--gradcam", "none", "--batch-size",
+                                       "1", "--model", str(model.path)])
+    assert result.exit_code == 130, result.output
+    state = json.loads((out / STATE_FILE).read_text())
+    assert len(state) >= 2 and all((out / entry["row"]["report"]).is_file() for entry in state.values())
+    assert result.stderr.strip().endswith(
+        f"cxrscreen batch: stopped at once by a second Ctrl-C; no summary or worklist written; {len(state)} studies "
+        f"reported are kept in {out / STATE_FILE}: the same command goes on from them"), result.stderr
+    assert "Aborted" not in result.output and not (out / "summary.json").exists()
+    monkeypatch.setattr(pipeline, "write_study_report", real)
+    again = run_batch([inbox], BatchOptions(out=out, gradcam="none", batch_size=1), model=model)
+    assert again.reused == len(state) and again.pending == 0 and again.exit_code == 0
+
+
 def test_a_stop_while_headers_are_read_writes_nothing(inbox, tmp_path, model):
     import threading
 
