@@ -226,7 +226,9 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
         kept = (f"{_count(exc.kept, 'study', 'studies')} reported are kept in {out / STATE_FILE}: the same "
                 "command goes on from them" if exc.saved else "the run's state could not be saved: the same command "
                 "redoes the studies reported since its last save")
-        _stopped_at_once("cxrscreen batch", f"no summary or worklist written; {kept}")
+        written = ("it stopped while writing the summary and worklist (run the same command again to write them "
+                   "whole)" if exc.summary else "no summary or worklist written")
+        _stopped_at_once("cxrscreen batch", f"{written}; {kept}")
     except KeyboardInterrupt:
         _stopped_at_once("cxrscreen batch", "before screening began (the model loading, the headers read): nothing "
                          "written")

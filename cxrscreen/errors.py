@@ -84,10 +84,10 @@ class Interrupted(CxrError):
 
 
 class StoppedAtOnce(KeyboardInterrupt):
-    """A batch stopped at once (a second Ctrl-C) while it screened: no summary or worklist was written, but the
-    state of the studies reported so far was saved (``kept`` of them; ``saved`` False when it could not be), so
-    that the same command goes on from them."""
+    """A batch stopped at once (a second Ctrl-C) while it screened: no summary or worklist was written (``summary``:
+    stopped while it wrote them, which may be half there), but the state of the studies reported so far was saved
+    (``kept`` of them; ``saved`` False when it could not be), so that the same command goes on from them."""
 
-    def __init__(self, kept: int, saved: bool = True) -> None:
-        super().__init__(kept, saved)
-        self.kept, self.saved = kept, saved
+    def __init__(self, kept: int, saved: bool = True, summary: bool = False) -> None:
+        super().__init__(kept, saved, summary)
+        self.kept, self.saved, self.summary = kept, saved, summary

@@ -464,8 +464,8 @@ def _keep_reported(out: Path, kept: dict) -> StoppedAtOnce:
     try:
         _save_state(out, state)
     except OSError:
-        return StoppedAtOnce(len(state), saved=False)
-    return StoppedAtOnce(len(state))
+        return StoppedAtOnce(len(state), saved=False, summary=kept.get("summary", False))
+    return StoppedAtOnce(len(state), summary=kept.get("summary", False))
 
 
 def _until_stopped(items: Iterator, stop: threading.Event) -> Iterator:
@@ -481,7 +481,8 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
                progress: Callable[[int, int], None] | None, model: LoadedModel | None,
                stop: threading.Event, kept: dict) -> BatchSummary:
     """:func:`run_batch` in its output lock. ``kept`` is given the run's state (``state``) and its report jobs
-    (``jobs``) once they exist: what a stop at once keeps (:func:`_keep_reported`)."""
+    (``jobs``) once they exist, and ``summary`` once it writes the summary: what a stop at once keeps and
+    says (:func:`_keep_reported`)."""
     model = model or load_model(options.model_path)
     threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration,
                                                           options.selection)
@@ -623,6 +624,8 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
                     "appearance_limit": model.appearance.limit if model.appearance else None,
                     "calibration": calibration, "dicom_reports": options.dicom,
                     "selection": options.selection.as_json(), "inputs": [str(p) for p in inputs]}
+    # a stop at once from here keeps this run's whole state, and may leave the summary or worklist half-written
+    kept.update(summary=True, state=new_state, jobs=())
     # the state first: when the summary cannot be written, a re-run reuses the reports and writes it
     with _writing(out / STATE_FILE, "save the run's state"):
         _save_state(out, new_state)

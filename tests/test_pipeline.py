@@ -334,6 +334,24 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_every_study_reported(inbox, tmp
     assert again.reused == len(state) and again.pending == 0 and again.exit_code == 0
 
 
+def test_a_second_ctrl_c_while_the_worklist_is_written_keeps_every_study_and_says_so(inbox, tmp_path, model,
+                                                                                      monkeypatch):
+    from cxrscreen import pipeline
+    from cxrscreen.errors import StoppedAtOnce
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_worklist", stopped)
+    with pytest.raises(StoppedAtOnce) as caught:
+        run_batch([inbox], BatchOptions(out=tmp_path / "out", gradcam="none"), model=model)
+    assert caught.value.summary and caught.value.saved and caught.value.kept == 6      # every scored study
+    assert len(json.loads((tmp_path / "out" / STATE_FILE).read_text())) == 6
+    monkeypatch.undo()
+    again = run_batch([inbox], BatchOptions(out=tmp_path / "out", gradcam="none"), model=model)
+    assert again.reused == 6 and again.exit_code == 0 and (tmp_path / "out" / "worklist.pdf").is_file()
+
+
 def test_a_stop_while_headers_are_read_writes_nothing(inbox, tmp_path, model):
     import threading
 
