@@ -492,8 +492,10 @@ def test_rethreshold_chooses_the_threshold_again_from_the_saved_model(labeled_fo
 
 def test_a_model_file_is_refused_beside_a_card_written_for_another(labeled_folder, tmp_path, monkeypatch):
     """The card names its model file's SHA-256: a file replaced without its card is refused by screening and by
-    the commands that rewrite the card, and a fit to a taken name that stops while it scores leaves no card
-    of the previous model beside the new weights (its threshold would have been used, silently)."""
+    the commands that rewrite the card. A fit to a taken name that stops while it trains or scores leaves the
+    previous model's files as they were (it left the new weights without a card when it stopped while scoring);
+    one stopped while its files are moved into place leaves no card of the previous model beside the new
+    weights (its threshold would have been used, silently)."""
     import shutil
 
     from cxrscreen.errors import ModelError
@@ -525,12 +527,40 @@ def test_a_model_file_is_refused_beside_a_card_written_for_another(labeled_folde
             T.fit(labeled_folder, second, config(3), test_dir=False)
     assert (split.read_text(), card_path(second).read_text(), second.read_bytes()) == before
     load_model(second)
-    monkeypatch.setattr(T, "score_examples", stopped)     # stopped while the new model is scored
-    with pytest.raises(KeyboardInterrupt):
-        T.fit(labeled_folder, second, config(3), test_dir=False)
-    assert second.read_bytes() != before[2] and not card_path(second).exists()
+    with monkeypatch.context() as m:                # stopped while the new model is scored: likewise
+        m.setattr(T, "score_examples", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            T.fit(labeled_folder, second, config(3), test_dir=False)
+    assert (split.read_text(), card_path(second).read_text(), second.read_bytes()) == before
+    assert sorted(p.name for p in second.parent.iterdir() if p.name.startswith(".")) == []    # no staging left
+    load_model(second)
+    moves, real = [], os.replace
+
+    def replace(source, target):
+        if Path(target).parent == second.parent:     # moved into place (not written in the staging folder)
+            moves.append(Path(target).name)
+            if len(moves) == 2:         # the model is in place, its split file not
+                raise KeyboardInterrupt
+        real(source, target)
+    with monkeypatch.context() as m:
+        m.setattr(T.os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            T.fit(labeled_folder, second, config(3), test_dir=False)
+    assert moves == ["second.keras", "second.split.csv"] and second.read_bytes() != before[2]
+    assert not card_path(second).exists() and split.read_text() == before[0]
     with pytest.raises(ModelError, match="never used without its card"):
         load_model(second)
+    # a run killed outright left its folder; a previous model had an appearance reference this one has not
+    stale = second.parent / ".second.999999999.partial"
+    stale.mkdir()
+    (stale / "second.keras").write_bytes(b"half a model")
+    reference = second.parent / "second.appearance.npz"
+    reference.write_bytes(b"the previous model's")
+    T.fit(labeled_folder, second, config(3), test_dir=False)
+    load_model(second)
+    assert not stale.exists() and not reference.exists()
+    assert sorted(p.name for p in second.parent.iterdir() if p.name.startswith("second")) == [
+        "second.json", "second.keras", "second.roc.png", "second.split.csv", "second.training_curves.png"]
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="converted Lite0 weights not in models/")

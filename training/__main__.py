@@ -45,8 +45,8 @@ def _written(name: str, options: dict, started: float) -> str:
         if written_since([card], started):
             return f"it had written {out} and its card {card.name}"
         if out.exists() and not card.exists():
-            return (f"{out} has no card {card.name} (it stopped while the model was written or scored): screening "
-                    "refuses it; run the command again")
+            return (f"{out} has no card {card.name} (it stopped while the finished model's files were moved into "
+                    "place): screening refuses it; run the command again")
         return "no model written" + (f"; {out} and its card are as they were" if card.exists() else "")
     if name in ("evaluate", "rethreshold", "appearance"):
         card = card_path(options["model_path"])

@@ -80,9 +80,6 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
             raise ModelError(f"{member.path}: trained on another train/validation split than split seed "
                              f"{split_seed} of {train_source} (train members with the same --split-seed)",
                              step="ensemble")
-    stem = out.with_suffix("")
-    split_file = Path(f"{stem}.split.csv")     # written by finish(), with the model and its card
-
     model = build_ensemble([m.keras_model for m in loaded])
     backbones = sorted({card["backbone"] for card in cards})
     card = {
@@ -107,6 +104,6 @@ def make_ensemble(member_paths: list[Path | str], data_dir: Path | str, out: Pat
                                                          for c in cards) else None,
     }
     curves = {f"member {i}": (card.get("training") or {}).get("history") or {} for i, card in enumerate(cards)}
-    return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
+    return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val,
                   test_dir=test_dir, target_sensitivity=target_sensitivity, batch_size=batch_size,
                   workers=workers, curves=curves, excluded=excluded, patient_pattern=pattern)

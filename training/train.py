@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,7 +145,6 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
     if not val or not train:
         raise SystemExit("not enough patients to split train/validation")
     stem = out.with_suffix("")
-    split_file = Path(f"{stem}.split.csv")     # written by finish(), with the model and its card
 
     weights = D.class_weights(train)
     train_seq = D.make_sequence(train, spec, batch_size=config.batch_size, train=True, seed=config.seed,
@@ -194,7 +194,7 @@ def _fit(data_dir: Path, out: Path, config: FitConfig, test_dir, population: Pop
                      "class_weights": weights, "history": history},
         "population": population.to_json() if population else None,
     }
-    return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val, split_file=split_file,
+    return finish(model, out, card, spec=spec, data_dir=data_dir, train=train, val=val,
                   test_dir=test_dir, target_sensitivity=config.target_sensitivity, batch_size=config.batch_size,
                   workers=config.workers, curves={"": history}, excluded=excluded, patient_pattern=pattern)
 
@@ -221,7 +221,7 @@ def test_source(data_dir: Path, test_dir: Path | str | None | bool) -> Path | bo
     return Path(test_dir)
 
 
-def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val, split_file: Path,
+def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val,
            test_dir: Path | bool, target_sensitivity: float, batch_size: int, workers: int,
            curves: dict[str, dict], excluded: list[dict] = (), patient_pattern=None) -> dict:
     """Threshold on validation, score test (if any), save the model and write card and plots.
@@ -230,14 +230,68 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     test split as :func:`test_source` gave it before training (checked then), or False for none. ``excluded``: the
     training folder's files that :func:`training.data.list_examples` left out; the card lists them
     with the test folder's. ``patient_pattern`` (compiled) finds the test images' patients as it found the
-    training images' (``--patient-pattern``).
+    training images' (``--patient-pattern``). The model's files (:func:`_companions`) are written whole or not
+    at all.
     """
+    # Everything is written into a folder of its own beside ``out`` and moved into place once the card is
+    # written: a run stopped while it scores (minutes on a CPU) or failing leaves a previous model of this name,
+    # its card, split file, plots and appearance reference as they were (:func:`_move_into_place`).
+    for left in out.parent.glob(f".{out.stem}.*.partial"):      # by a run killed outright (kill -9, power cut)
+        if not _running(left.suffixes[-2].lstrip(".")):
+            shutil.rmtree(left, ignore_errors=True)
+    stage = out.parent / f".{out.stem}.{os.getpid()}.partial"
+    shutil.rmtree(stage, ignore_errors=True)        # left by an earlier process of this id
+    stage.mkdir()
+    try:
+        card = _finish(model, stage / out.name, card, spec=spec, data_dir=data_dir, train=train, val=val,
+                       split_file=stage / _companions(out)[1], test_dir=test_dir,
+                       target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers, curves=curves,
+                       excluded=excluded, patient_pattern=patient_pattern)
+        _move_into_place(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return card
+
+
+def _move_into_place(stage: Path, out: Path) -> None:
+    """Move a finished model's files from ``stage`` to ``out``'s folder, the card last; a previous model's files
+    of the same name that this one has not (an appearance reference) are removed. The previous card goes first:
+    a stop in these few renames leaves a model without a card, which screening refuses, never a card beside
+    another model's files (load_model() also refuses a card whose model_sha256 is not its file's)."""
+    card = card_path(out)
+    card.unlink(missing_ok=True)
+    for name in _companions(out):
+        if (stage / name).exists():
+            os.replace(stage / name, out.parent / name)
+        else:
+            (out.parent / name).unlink(missing_ok=True)
+    os.replace(stage / card.name, card)
+
+
+def _running(pid: str) -> bool:
+    """Whether the process of this id (text) is running (on this machine); True when that cannot be told."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True
+    return True
+
+
+def _companions(out: Path) -> list[str]:
+    """The names of the files :func:`finish` writes beside its card for ``out`` (the model first)."""
+    from cxrscreen.appearance import reference_path
+
+    return [out.name, f"{out.stem}.split.csv", f"{out.stem}.roc.png", f"{out.stem}.training_curves.png",
+            reference_path(out).name]
+
+
+def _finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val, split_file: Path,
+            test_dir: Path | bool, target_sensitivity: float, batch_size: int, workers: int,
+            curves: dict[str, dict], excluded: list[dict], patient_pattern) -> dict:
+    """:func:`finish` in its staging folder (``out`` and ``split_file`` are there)."""
     excluded = [{"split": "train", **item} for item in excluded]
-    # The files of a previous model of this name go first: a run stopped from here on (the scoring below takes
-    # minutes on a CPU) leaves a model without a card, which screening refuses, not the new weights beside the
-    # previous card (and split file) to be screened at another model's threshold. load_model() also refuses a
-    # card whose model_sha256 is not its file's.
-    card_path(out).unlink(missing_ok=True)
     D.write_split(split_file, train=train, validation=val)
     save_for_inference(model, out)
     # Threshold and metrics come from the saved float32 model as screening loads and runs it: the model in
