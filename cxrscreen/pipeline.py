@@ -559,6 +559,11 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
         finally:
             release(result)
 
+    def wait_for_first() -> None:
+        """The oldest report job waited for, then dropped: a stop at once while it waits keeps it in ``kept``."""
+        wait_for(report_jobs[0])
+        report_jobs.popleft()
+
     stream = screener.screen(to_score if not stop.is_set() else [], progress=progress)
     try:
         for result in stream:
@@ -573,13 +578,13 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
                                     for o in result.failed]}
                 report_jobs.append((result, write_report(result, out / row["report"]), row, state))
                 while len(report_jobs) > REPORTS_AHEAD_BATCHES * options.batch_size:
-                    wait_for(report_jobs.popleft())
+                    wait_for_first()
             rows.append(row)
             if stop.is_set():        # SIGTERM or Ctrl-C: this study is reported, the rest are left pending
                 stream.close()
                 break
         while report_jobs:
-            wait_for(report_jobs.popleft())
+            wait_for_first()
     except OutputError as exc:
         # The output cannot be written (disk full, permissions): every later report would fail too, so
         # stop, and keep the state of the studies already reported, so that a re-run goes on from them.

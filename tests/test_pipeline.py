@@ -352,6 +352,27 @@ def test_a_second_ctrl_c_while_the_worklist_is_written_keeps_every_study_and_say
     assert again.reused == 6 and again.exit_code == 0 and (tmp_path / "out" / "worklist.pdf").is_file()
 
 
+def test_a_second_ctrl_c_while_a_report_is_waited_for_keeps_that_study(inbox, tmp_path, model, monkeypatch):
+    """The report job waited for was taken off the queue first: a second Ctrl-C while it waited lost that study's
+    state, though its report was all there (the next run redid it)."""
+    from cxrscreen import pipeline
+    from cxrscreen.errors import StoppedAtOnce
+
+    real, interrupted = pipeline.ReportJob.result, []
+
+    def result(self):
+        real(self)                  # the report is all there
+        interrupted.append(self.make.args[0].name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.ReportJob, "result", result)
+    with pytest.raises(StoppedAtOnce) as caught:
+        run_batch([inbox], BatchOptions(out=tmp_path / "out", gradcam="none", batch_size=1), model=model)
+    state = json.loads((tmp_path / "out" / STATE_FILE).read_text())
+    assert len(interrupted) == 1 and interrupted[0] in {entry["row"]["report"] for entry in state.values()}
+    assert caught.value.kept == len(state)
+
+
 def test_a_stop_while_headers_are_read_writes_nothing(inbox, tmp_path, model):
     import threading
 
