@@ -244,9 +244,8 @@ def finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path
     stage.mkdir()
     try:
         card = _finish(model, stage / out.name, card, spec=spec, data_dir=data_dir, train=train, val=val,
-                       split_file=stage / _companions(out)[1], test_dir=test_dir,
-                       target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers, curves=curves,
-                       excluded=excluded, patient_pattern=patient_pattern)
+                       test_dir=test_dir, target_sensitivity=target_sensitivity, batch_size=batch_size,
+                       workers=workers, curves=curves, excluded=excluded, patient_pattern=patient_pattern)
         _move_into_place(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -287,10 +286,11 @@ def _companions(out: Path) -> list[str]:
             reference_path(out).name]
 
 
-def _finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val, split_file: Path,
+def _finish(model, out: Path, card: dict, *, spec: PreprocessSpec, data_dir: Path, train, val,
             test_dir: Path | bool, target_sensitivity: float, batch_size: int, workers: int,
             curves: dict[str, dict], excluded: list[dict], patient_pattern) -> dict:
-    """:func:`finish` in its staging folder (``out`` and ``split_file`` are there)."""
+    """:func:`finish` in its staging folder (``out`` is there)."""
+    split_file = out.parent / _companions(out)[1]
     excluded = [{"split": "train", **item} for item in excluded]
     D.write_split(split_file, train=train, validation=val)
     save_for_inference(model, out)
