@@ -527,12 +527,65 @@ def _decode_display(path: Path, header: _DisplayHeader, reduced: bool) -> np.nda
     if reduced:
         flag = (cv2.IMREAD_REDUCED_COLOR_4 if max(header.width, header.height) >= 1024 else cv2.IMREAD_COLOR) \
             | cv2.IMREAD_IGNORE_ORIENTATION
-    arr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), flag)
+    data = np.fromfile(path, dtype=np.uint8)
+    arr = None
+    if not reduced and data[:2].tobytes() == b"\xff\xd8":       # a JPEG: checked as it is decoded
+        try:
+            arr = _jpeg_as_opencv_decodes(data)
+        except InputError as exc:
+            raise exc.with_path(path)
+    if arr is None:
+        arr = cv2.imdecode(data, flag)
     if arr is None:
         raise InputError("the image data cannot be decoded (corrupt or truncated)", path=path, step="decode")
     if header.orientation != 1:
         arr = np.ascontiguousarray(_UPRIGHT[header.orientation](arr))
     return arr
+
+
+# libjpeg's recoverable errors that leave a picture damaged: it decodes on past them (the blocks after a bad
+# Huffman code garbled, the part after a premature end grey) and says so only in a warning, which OpenCV writes
+# to stderr naming no file, and Pillow and pylibjpeg drop. The others leave the picture whole (a bad ICC
+# profile, an unknown JFIF revision or Adobe transform code, odd scan parameters).
+_JPEG_DAMAGE = re.compile(r"Corrupt JPEG data: (?!bad ICC marker)|Premature end of JPEG file|"
+                          r"Inconsistent progression sequence")
+
+
+def jpeg_damage(codestream, colorspace: str = "GRAY", **scaling) -> tuple[np.ndarray | None, str | None]:
+    """A JPEG codestream (bytes or uint8 array) decoded by libjpeg-turbo (simplejpeg) in ``colorspace``
+    (``scaling``: its ``min_factor``, ``min_height``, ``min_width``), strictly: ``(pixels, None)``; ``(None,
+    libjpeg's message)`` when it decodes only with a recoverable error that damages the picture
+    (:data:`_JPEG_DAMAGE`: corrupt entropy-coded data, a premature end); ``(None, None)`` when simplejpeg does
+    not decode this kind (CMYK, 12 bits, lossless), cannot decode it at all, or decodes it only with a warning
+    that leaves the picture whole: another decoder decodes it, and says why where it cannot either."""
+    import simplejpeg
+
+    try:
+        return simplejpeg.decode_jpeg(codestream, colorspace=colorspace, strict=True, **scaling), None
+    except ValueError as exc:
+        said = str(exc).strip()
+    return None, (said if _JPEG_DAMAGE.match(said) else None)
+
+
+def _jpeg_as_opencv_decodes(data: np.ndarray) -> np.ndarray | None:
+    """A JPEG file's pixels as ``cv2.IMREAD_UNCHANGED`` gives them (grey, or BGR; both decode with
+    libjpeg-turbo's accurate DCT and smooth upsampling, pixel for pixel the same), decoded strictly: an
+    InputError naming libjpeg's message when the data is damaged (:func:`jpeg_damage`); None for what OpenCV
+    decodes instead (CMYK, 12 bits, a header simplejpeg does not read)."""
+    import simplejpeg
+
+    try:
+        colourspace = simplejpeg.decode_jpeg_header(data)[2]
+    except ValueError:
+        return None
+    target = {"Gray": "GRAY", "YCbCr": "BGR", "RGB": "BGR"}.get(colourspace)
+    if target is None:
+        return None
+    arr, damage = jpeg_damage(data, target)
+    if damage is not None:
+        raise InputError(f"the JPEG data is corrupt (libjpeg: {damage}): decoders go on past it without a word, "
+                         "the picture garbled or grey from there, and it would be screened as image", step="decode")
+    return arr[..., 0] if arr is not None and target == "GRAY" else arr
 
 
 def _check_dimensions(rows: int, columns: int, path: Path, tag: str = "(0028,0010) Rows",
@@ -1298,7 +1351,7 @@ def decode_first_frame(ds) -> np.ndarray:
         arr = _encapsulated_uncompressed_frame(ds, ts_text)
     else:
         if isinstance(ts, str) and ts in JPEG_CODESTREAMS:
-            _check_codestream_ends(ds, ts_text)
+            _check_codestream(ds, ts, ts_text)
         arr = _decoded_by_pydicom(ds, ts_text)
     if arr.shape[:2] != (rows, columns):
         raise InvalidImageError(f"decoded shape {arr.shape} does not match Rows x Columns {rows} x {columns}",
@@ -1312,15 +1365,22 @@ def decode_first_frame(ds) -> np.ndarray:
 # cut short themselves (checked at 40 cuts of seven JPEG 2000 and HTJ2K files); these do not.
 JPEG_CODESTREAMS = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
                               "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+# JPEG baseline and extended (DCT): their 8-bit frames are also decoded strictly, at an eighth of their size
+JPEG_DCT = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
 
 
-def _check_codestream_ends(ds, ts_text: str) -> None:
+def _check_codestream(ds, ts: str, ts_text: str) -> None:
     """Fail a JPEG or JPEG-LS first frame whose codestream stops before its end-of-image marker. The file is
     whole (a file cut short fails when it is read) but the frame is not: a gateway or an encoder cut it, or a
     fragment is missing. libjpeg and CharLS decode such a frame without a word, the rows after the cut grey or
     garbage (a JPEG baseline frame cut at half its bytes came out half grey), and it would be screened.
     The marker is looked for in the frame's last 10 bytes, as pydicom looks for it between frames, so that
-    the padding some encoders put after it passes. Fragments that cannot be read are left to the decoder."""
+    the padding some encoders put after it passes. Fragments that cannot be read are left to the decoder.
+
+    A JPEG baseline or extended frame whose data is damaged inside (bytes changed in transfer or on a disk:
+    libjpeg decodes on past them without a word, garbling the picture) fails likewise, when libjpeg-turbo
+    decodes it (8 bits) only with a recoverable error that damages the picture (:func:`jpeg_damage`, at an
+    eighth of the size: every coefficient is read, a fraction of the decoding's time)."""
     from pydicom.encaps import generate_frames
 
     try:
@@ -1332,6 +1392,12 @@ def _check_codestream_ends(ds, ts_text: str) -> None:
         raise InputError(f"pixel data cannot be decoded ({ts_text}): frame 1 ends without the codestream's "
                          "end-of-image marker (FFD9): it was cut short, and decoders give the part cut off as grey, "
                          "which would be screened as image", step="decode", tag="(7FE0,0010) PixelData")
+    if ts in JPEG_DCT:
+        damage = jpeg_damage(frame, "GRAY", min_factor=8, min_height=1, min_width=1)[1]
+        if damage is not None:
+            raise InputError(f"pixel data cannot be decoded ({ts_text}): frame 1's JPEG data is corrupt (libjpeg: "
+                             f"{damage}): decoders go on past it without a word, the picture garbled or grey from "
+                             "there, and it would be screened as image", step="decode", tag="(7FE0,0010) PixelData")
 
 
 # Encapsulated Uncompressed Explicit VR Little Endian (PS3.5 A.4.11, 2023): native little-endian frames, each in

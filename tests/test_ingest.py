@@ -207,6 +207,79 @@ def test_a_jpeg_frame_cut_short_in_a_whole_file_fails_at_decoding(tmp_path, ches
     assert "frame 1 ends without the codestream's end-of-image marker (FFD9): it was cut short" in info.value.cause
 
 
+def _scan_cut(stream: bytes, keep: float) -> bytes:
+    """A JPEG codestream whose scan data stops after ``keep`` of it and ends with its end-of-image marker, as a
+    decoder meets data damaged inside: it stops early, the rest of the picture grey, without a word."""
+    return stream[:int(len(stream) * keep)] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.97])
+def test_a_jpeg_baseline_frame_damaged_inside_fails_at_decoding(tmp_path, chest_pixels, keep):
+    """The end-of-image marker is there, so the cut check passes it; libjpeg decoded on past the damage
+    without a word (the picture grey from there) and it was screened."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.pixels import pixel_array
+
+    ds = pydicom.dcmread(_jpeg_baseline_file(chest_pixels, tmp_path))
+    ds.PixelData = encapsulate([_scan_cut(next(generate_frames(ds.PixelData, number_of_frames=1)), keep)])
+    ds.save_as(tmp_path / "damaged.dcm")
+    assert pixel_array(str(tmp_path / "damaged.dcm")).shape == chest_pixels.shape     # pydicom alone: decoded
+    with pytest.raises(InputError) as info:
+        load_unit_image(tmp_path / "damaged.dcm")
+    assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
+    assert ("frame 1's JPEG data is corrupt (libjpeg: Corrupt JPEG data: premature end of data segment)"
+            in info.value.cause)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.97, None])
+def test_a_jpeg_file_damaged_inside_or_cut_short_fails_at_decoding(tmp_path, chest_pixels, keep):
+    """A plain JPEG whose data stops early: OpenCV decoded it with the rest grey, writing "Corrupt JPEG data"
+    to stderr and naming no file, and it was screened. ``None``: cut short without its end marker."""
+    import cv2
+
+    whole = cv2.imencode(".jpg", (chest_pixels >> 4).astype(np.uint8))[1].tobytes()
+    damaged = _scan_cut(whole, keep) if keep else whole[:len(whole) * 2 // 3]
+    (tmp_path / "damaged.jpg").write_bytes(damaged)
+    assert cv2.imdecode(np.frombuffer(damaged, np.uint8), cv2.IMREAD_UNCHANGED) is not None or keep is None
+    with pytest.raises(InputError) as info:
+        load_unit_image(tmp_path / "damaged.jpg")
+    said = "Corrupt JPEG data: premature end of data segment" if keep else "Premature end of JPEG file"
+    assert info.value.step == "decode" and f"the JPEG data is corrupt (libjpeg: {said})" in info.value.cause
+    assert info.value.path == tmp_path / "damaged.jpg"
+
+
+def test_jpeg_files_decode_to_opencvs_pixels_and_a_harmless_warning_passes(tmp_path):
+    """Plain JPEGs are decoded by libjpeg-turbo through simplejpeg (strictly) where they were decoded by OpenCV:
+    the same pixels, for grey and colour, every chroma subsampling, progressive, with restart markers, and at
+    an EXIF orientation. A warning that leaves the picture whole (an unknown JFIF revision) is not a refusal."""
+    import cv2
+    from PIL import Image
+
+    from cxrscreen.ingest import read_display_image
+
+    rng = np.random.default_rng(3)
+    grey = cv2.GaussianBlur(rng.integers(0, 256, (301, 257), dtype=np.uint8), (0, 0), 3)
+    colour = np.dstack([grey, grey[::-1], 255 - grey])
+    files = {}
+    for subsampling in (0, 1, 2):
+        Image.fromarray(colour).save(tmp_path / f"s{subsampling}.jpg", quality=90, subsampling=subsampling)
+        files[f"s{subsampling}"] = tmp_path / f"s{subsampling}.jpg"
+    Image.fromarray(grey).save(tmp_path / "grey_progressive.jpg", progressive=True)
+    Image.fromarray(colour).save(tmp_path / "colour_progressive.jpg", progressive=True)
+    cv2.imwrite(str(tmp_path / "restarts.jpg"), grey, [cv2.IMWRITE_JPEG_RST_INTERVAL, 4])
+    files.update(grey_progressive=tmp_path / "grey_progressive.jpg", restarts=tmp_path / "restarts.jpg",
+                 colour_progressive=tmp_path / "colour_progressive.jpg")
+    jfif = bytearray((tmp_path / "restarts.jpg").read_bytes())
+    jfif[jfif.find(b"JFIF\0") + 5] = 9                         # JFIF 9.01: libjpeg warns, the picture is whole
+    (tmp_path / "jfif9.jpg").write_bytes(bytes(jfif))
+    files["jfif9"] = tmp_path / "jfif9.jpg"
+    for name, path in files.items():
+        expected = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        got = read_display_image(path)
+        assert got.shape == expected.shape and np.array_equal(got, expected), name
+
+
 def test_a_jpeg_frame_that_lost_its_last_fragment_fails_at_decoding(tmp_path, chest_pixels):
     import pydicom
     from pydicom.encaps import generate_frames, itemize_fragment
