@@ -6,8 +6,8 @@ picture comes out damaged, and how often cxrscreen refuses it rather than screen
 Sources: the bundled JPEG samples (a plain JPEG, a JPEG baseline DICOM), every JPEG baseline or extended
 8-bit DICOM pydicom ships, and the 24 full-resolution JPEGs of ../shared/data/fullres when it is there. Each
 gets ``--copies`` copies with 8 bytes replaced at a seeded place inside its (first frame's) scan data. Each copy
-is decoded twice in the same run: by the plain decoders alone (the baseline) (OpenCV for a JPEG file, pydicom's for a DICOM:
-what cxrscreen used before it decoded strictly), to see whether the picture changed, and by cxrscreen
+is decoded twice in the same run: by the plain decoders alone, the baseline (OpenCV for a JPEG file, pydicom's
+for a DICOM: what cxrscreen used before it decoded strictly), to see whether the picture changed, and by cxrscreen
 (:func:`cxrscreen.normalise.load_unit_image`), to see whether it is refused. Prints a table per kind of file:
 
 - picture changed, refused: the damage is caught;
