@@ -530,10 +530,7 @@ def _decode_display(path: Path, header: _DisplayHeader, reduced: bool) -> np.nda
     data = np.fromfile(path, dtype=np.uint8)
     arr = None
     if not reduced and data[:2].tobytes() == b"\xff\xd8":       # a JPEG: checked as it is decoded
-        try:
-            arr = _jpeg_as_opencv_decodes(data)
-        except InputError as exc:
-            raise exc.with_path(path)
+        arr = _jpeg_as_opencv_decodes(data, path)
     if arr is None:
         arr = cv2.imdecode(data, flag)
     if arr is None:
@@ -567,7 +564,13 @@ def jpeg_damage(codestream, colorspace: str = "GRAY", **scaling) -> tuple[np.nda
     return None, (said if _JPEG_DAMAGE.match(said) else None)
 
 
-def _jpeg_as_opencv_decodes(data: np.ndarray) -> np.ndarray | None:
+def _corrupt_jpeg(whose: str, damage: str) -> str:
+    """What a failure for JPEG data damaged inside says (``whose``: "the", "frame 1's")."""
+    return (f"{whose} JPEG data is corrupt (libjpeg: {damage}): decoders go on past it without a word, the picture "
+            "garbled or grey from there, and it would be screened as image")
+
+
+def _jpeg_as_opencv_decodes(data: np.ndarray, path: Path) -> np.ndarray | None:
     """A JPEG file's pixels as ``cv2.IMREAD_UNCHANGED`` gives them (grey, or BGR; both decode with
     libjpeg-turbo's accurate DCT and smooth upsampling, pixel for pixel the same), decoded strictly: an
     InputError naming libjpeg's message when the data is damaged (:func:`jpeg_damage`); None for what OpenCV
@@ -583,8 +586,7 @@ def _jpeg_as_opencv_decodes(data: np.ndarray) -> np.ndarray | None:
         return None
     arr, damage = jpeg_damage(data, target)
     if damage is not None:
-        raise InputError(f"the JPEG data is corrupt (libjpeg: {damage}): decoders go on past it without a word, "
-                         "the picture garbled or grey from there, and it would be screened as image", step="decode")
+        raise InputError(_corrupt_jpeg("the", damage), path=path, step="decode")
     return arr[..., 0] if arr is not None and target == "GRAY" else arr
 
 
@@ -1395,9 +1397,9 @@ def _check_codestream(ds, ts: str, ts_text: str) -> None:
     if ts in JPEG_DCT:
         damage = jpeg_damage(frame, "GRAY", min_factor=8, min_height=1, min_width=1)[1]
         if damage is not None:
-            raise InputError(f"pixel data cannot be decoded ({ts_text}): frame 1's JPEG data is corrupt (libjpeg: "
-                             f"{damage}): decoders go on past it without a word, the picture garbled or grey from "
-                             "there, and it would be screened as image", step="decode", tag="(7FE0,0010) PixelData")
+            said = _corrupt_jpeg("frame 1's", damage)
+            raise InputError(f"pixel data cannot be decoded ({ts_text}): {said}", step="decode",
+                             tag="(7FE0,0010) PixelData")
 
 
 # Encapsulated Uncompressed Explicit VR Little Endian (PS3.5 A.4.11, 2023): native little-endian frames, each in

@@ -463,9 +463,10 @@ def _keep_reported(out: Path, kept: dict) -> StoppedAtOnce:
             state[result.study.study_uid] = study_state
     try:
         _save_state(out, state)
+        saved = True
     except OSError:
-        return StoppedAtOnce(len(state), saved=False, summary=kept.get("summary", False))
-    return StoppedAtOnce(len(state), summary=kept.get("summary", False))
+        saved = False
+    return StoppedAtOnce(len(state), saved=saved, summary=kept.get("summary", False))
 
 
 def _until_stopped(items: Iterator, stop: threading.Event) -> Iterator:
@@ -867,4 +868,3 @@ def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int =
             scores[result.study.study_uid] = result.score
             pixels[result.study.study_uid] = [(r.image.path, r.pixels) for r in result.images]
     return scores, failed, pixels
-
