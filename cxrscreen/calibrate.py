@@ -539,7 +539,8 @@ def run_calibration(data, *, target: float = 0.95, model_path=None, out=None, n_
     (:func:`patient_from_path`). The bootstrap resamples those patients
     (a site's exported JPEGs named by patient, or one folder per patient); see :func:`_labeled_studies`.
 
-    ``progress(done, total)`` is called as the images are scored (as :func:`cxrscreen.pipeline.run_batch` calls it).
+    ``progress(done, total, failed)`` is called as the images are scored or fail (as
+    :func:`cxrscreen.pipeline.run_batch` calls it).
 
     Raises :class:`cxrscreen.errors.UsageError` (exit code 2) for every refusal, and
     :class:`cxrscreen.errors.OutputError` (exit code 1) when the calibration cannot be written

@@ -130,14 +130,16 @@ def _stop_on_signals(say):
 
 class _Progress:
     """A command's progress through the images it scores, on stderr: a bar on a terminal, else a log line
-    (``scored 300/1200 images``) as each hundred is passed and at the end; nothing when ``quiet``. Called as
-    ``progress(done, total)``; a context manager that closes the bar."""
+    (``scored 300/1200 images``; ``300/1200 images: 298 scored, 2 failed`` once any failed) as each hundred is
+    passed and at the end; nothing when ``quiet``. Called as ``progress(done, total, failed)``, ``done`` counting
+    the failed images too; a context manager that closes the bar."""
 
     def __init__(self, label: str, batch_size: int, quiet: bool = False) -> None:
         self.label, self.batch_size, self.quiet = label, batch_size, quiet
         self.bar = None
+        self.logged = 0     # the images done at the last line logged
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, failed: int = 0) -> None:
         if self.quiet:
             return
         if sys.stderr.isatty():
@@ -145,8 +147,12 @@ class _Progress:
                 self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
                 self.bar.__enter__()
             self.bar.update(done - self.bar.pos)
-        elif done == total or done % 100 < self.batch_size:
-            log.info("scored %d/%d images", done, total)
+        elif done == total or done // 100 > self.logged // 100:
+            self.logged = done
+            if failed:
+                log.info("%d/%d images: %d scored, %d failed", done, total, done - failed, failed)
+            else:
+                log.info("scored %d/%d images", done, total)
 
     def __enter__(self) -> "_Progress":
         return self

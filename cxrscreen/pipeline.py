@@ -352,7 +352,7 @@ class Screener:
                              step="load-model")
 
     def screen(self, studies: list[Study], *,
-               progress: Callable[[int, int], None] | None = None) -> Iterator[StudyResult]:
+               progress: Callable[[int, int, int], None] | None = None) -> Iterator[StudyResult]:
         population = self.model.card.population
         results = {study.study_uid: StudyResult(study, warning=population.age_warning(study.first.age_years)
                                                 if population and study.first else "")
@@ -360,7 +360,7 @@ class Screener:
         remaining = {uid: len(r.study.images) for uid, r in results.items()}
         images = [image for study in studies for image in study.images]
         finished: deque[StudyResult] = deque(r for uid, r in results.items() if remaining[uid] == 0)
-        done = 0
+        done = failed = 0     # images scored or failed; of them failed
 
         def one_done(uid: str) -> None:
             remaining[uid] -= 1
@@ -399,7 +399,7 @@ class Screener:
                 one_done(image.study_uid)
             done += len(batch)
             if progress:
-                progress(done, len(images))
+                progress(done, len(images), failed)
             batch.clear()
 
         batch: list = []
@@ -410,7 +410,10 @@ class Screener:
             if isinstance(prepared, CxrError):
                 results[image.study_uid].failed.append(FileOutcome.from_error(prepared, **image.identifiers()))
                 done += 1
+                failed += 1
                 one_done(image.study_uid)
+                if progress:
+                    progress(done, len(images), failed)
             else:
                 batch.append((image, prepared[0], prepared[1]))
                 if len(batch) >= self.batch_size:
@@ -423,9 +426,10 @@ class Screener:
 
 
 def run_batch(inputs: list[Path], options: BatchOptions, *,
-              progress: Callable[[int, int], None] | None = None, model: LoadedModel | None = None,
+              progress: Callable[[int, int, int], None] | None = None, model: LoadedModel | None = None,
               stop: threading.Event | None = None) -> BatchSummary:
     """Screen every input; write reports, summary.csv/json and worklist.pdf into ``options.out``.
+    ``progress(done, total, failed)`` is called as images are scored or fail (``done`` counts both).
 
     ``options.out`` is held for the whole run (:func:`output_lock`): a second batch, or a watch daemon,
     writing into it at the same time is refused.
@@ -479,7 +483,7 @@ def _until_stopped(items: Iterator, stop: threading.Event) -> Iterator:
 
 
 def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: float,
-               progress: Callable[[int, int], None] | None, model: LoadedModel | None,
+               progress: Callable[[int, int, int], None] | None, model: LoadedModel | None,
                stop: threading.Event, kept: dict) -> BatchSummary:
     """:func:`run_batch` in its output lock. ``kept`` is given the run's state (``state``) and its report jobs
     (``jobs``) once they exist, and ``summary`` once it writes the summary: what a stop at once keeps and
@@ -851,7 +855,7 @@ def unscreened_study_rows(files: list[dict], threshold: float, screened: Callabl
 
 
 def score_studies(studies: list[Study], model: LoadedModel, *, batch_size: int = 16, workers: int = 2,
-                  progress: Callable[[int, int], None] | None = None
+                  progress: Callable[[int, int, int], None] | None = None
                   ) -> tuple[dict[str, float], list[FileOutcome], dict[str, list[tuple[Path, str]]]]:
     """Study scores exactly as :func:`run_batch` computes them (same decoding, maximum over images),
     without reports or Grad-CAM. Returns ``({study_uid: score}, failed files, {study_uid: [(path, digest) of each

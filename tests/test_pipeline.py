@@ -1176,3 +1176,23 @@ def test_a_sites_own_names_are_screened_and_said_so_on_the_worklist(tmp_path, wr
            "chest." in pdf_text(tmp_path / "b" / "worklist.pdf")
     empty = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(tmp_path / "c"), "--chest-body-part", " "])
     assert empty.exit_code == 2 and "--chest-body-part needs a name" in empty.output
+
+
+def test_the_progress_lines_count_failed_images_as_failed(tmp_path, caplog):
+    """A run of 4 images, 2 of them damaged PNGs, said `scored 4/4 images`: the failed ones counted as scored."""
+    import cv2
+
+    from conftest import phantom
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    picture = cv2.imencode(".png", (phantom(200, 180) >> 4).astype(np.uint8))[1].tobytes()
+    (inbox / "whole0.png").write_bytes(picture)
+    (inbox / "whole1.png").write_bytes(cv2.imencode(".png", (phantom(210, 180) >> 4).astype(np.uint8))[1].tobytes())
+    (inbox / "cut.png").write_bytes(picture[:len(picture) // 2])
+    (inbox / "changed.png").write_bytes(picture[:60] + bytes([picture[60] ^ 1]) + picture[61:])
+    with caplog.at_level("INFO", logger="cxrscreen"):
+        result = CliRunner().invoke(main, ["batch", str(inbox), "--out", str(tmp_path / "out"), "--gradcam", "none"])
+    assert result.exit_code == 1, result.output
+    said = [r.getMessage() for r in caplog.records if "images" in r.getMessage() and "/4" in r.getMessage()]
+    assert said and said[-1] == "4/4 images: 2 scored, 2 failed" and "scored 4/4 images" not in said, said
