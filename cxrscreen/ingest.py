@@ -28,6 +28,7 @@ import os
 import re
 import stat as stat_module
 import warnings
+import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -502,7 +503,9 @@ def _display_header(path: Path, handle: BinaryIO | None = None) -> _DisplayHeade
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"absurd image size: {exc}", path=path, step="validate") from None
     except Exception as exc:
-        raise InputError(f"cannot read the image header: {exc}", path=path, step="read") from None
+        damage = _png_file_damage(path)
+        raise InputError(f"the PNG data is damaged: {damage}" if damage else f"cannot read the image header: {exc}",
+                         path=path, step="read") from None
     _check_dimensions(height, width, path, tag="")
     return _DisplayHeader(width, height, mode, orientation)
 
@@ -531,6 +534,8 @@ def _decode_display(path: Path, header: _DisplayHeader, reduced: bool) -> np.nda
     arr = None
     if not reduced and data[:2].tobytes() == b"\xff\xd8":       # a JPEG: checked as it is decoded
         arr = _jpeg_as_opencv_decodes(data, path)
+    if data[:8].tobytes() == _PNG_MAGIC and (damage := png_damage(data.tobytes())) is not None:
+        raise InputError(f"the PNG data is damaged: {damage}", path=path, step="decode")
     if arr is None:
         arr = cv2.imdecode(data, flag)
     if arr is None:
@@ -538,6 +543,40 @@ def _decode_display(path: Path, header: _DisplayHeader, reduced: bool) -> np.nda
     if header.orientation != 1:
         arr = np.ascontiguousarray(_UPRIGHT[header.orientation](arr))
     return arr
+
+
+def _png_file_damage(path: Path) -> str | None:
+    """:func:`png_damage` of a file whose header did not read, when it is a PNG and can be read."""
+    try:
+        with open(path, "rb") as handle:
+            return png_damage(_PNG_MAGIC + handle.read()) if handle.read(8) == _PNG_MAGIC else None
+    except OSError:
+        return None
+
+
+def png_damage(data: bytes) -> str | None:
+    """What is wrong with a PNG file's chunks (``data``, from its signature on), or None: one that ends before
+    its IEND chunk, or a chunk whose CRC does not match its data, as after bytes changed in a transfer or on a
+    disk. libpng refuses both (but writes why to stderr naming no file, and OpenCV says only that it cannot
+    decode), and so did Pillow reading the header where the chunk comes before the image data ("cannot
+    identify image file"); a text or other ancillary chunk after it libpng only warned of, and the file was
+    screened: its own checksums say it was changed, and it is refused as the rest."""
+    at = len(_PNG_MAGIC)
+    while True:
+        if at + 12 > len(data):
+            return f"the file ends at byte {len(data):,} before its IEND chunk (truncated)"
+        length = int.from_bytes(data[at:at + 4], "big")
+        kind = data[at + 4:at + 8]
+        name = kind.decode("latin-1")
+        if length > 0x7FFFFFFF or at + 12 + length > len(data):
+            return f"its {name!r} chunk at byte {at:,} runs past the end of the file at byte {len(data):,} (truncated)"
+        stored = int.from_bytes(data[at + 8 + length:at + 12 + length], "big")
+        if zlib.crc32(data[at + 4:at + 8 + length]) != stored:
+            return (f"its {name!r} chunk at byte {at:,} fails its CRC check (its bytes were changed, in a transfer "
+                    "or on a disk)")
+        if kind == b"IEND":
+            return None
+        at += 12 + length
 
 
 # libjpeg's recoverable errors that leave a picture damaged: it decodes on past them (the blocks after a bad

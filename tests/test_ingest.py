@@ -249,6 +249,84 @@ def test_a_jpeg_file_damaged_inside_or_cut_short_fails_at_decoding(tmp_path, che
     assert info.value.path == tmp_path / "damaged.jpg"
 
 
+@pytest.mark.parametrize("damage", ["changed", "cut", "no_iend", "header", "text_before", "text_after"])
+def test_a_png_changed_inside_or_cut_short_fails_naming_why(tmp_path, chest_pixels, capfd, damage):
+    """libpng refused these too, but wrote why to stderr naming no file ("libpng error: IDAT: CRC error"), and
+    the failure said only "cannot be decoded (corrupt or truncated)", or, for a chunk before the image data,
+    "cannot identify image file"; a text chunk after it with a bad CRC was screened, libpng warning on stderr.
+    The chunk and what is wrong are said now, with the file, and nothing unnamed reaches stderr."""
+    import zlib
+
+    import cv2
+
+    whole = cv2.imencode(".png", chest_pixels)[1].tobytes()                 # 16-bit grey
+    idat = whole.find(b"IDAT") - 4
+    idat_end = idat + 12 + int.from_bytes(whole[idat:idat + 4], "big")
+    text = (12).to_bytes(4, "big") + b"tEXtNote\0changed" + (zlib.crc32(b"tEXtNote\0chanGed")).to_bytes(4, "big")
+    if damage in ("header", "text_before", "text_after"):
+        broken = {"header": whole[:20] + b"\x01" + whole[21:],                # IHDR's height changed
+                  "text_before": whole[:idat] + text + whole[idat:],
+                  "text_after": whole[:idat_end] + text + whole[idat_end:]}[damage]
+        at, kind = {"header": (8, "IHDR"), "text_before": (idat, "tEXt"), "text_after": (idat_end, "tEXt")}[damage]
+        said = f"its '{kind}' chunk at byte {at:,} fails its CRC check"
+    elif damage == "changed":
+        broken = bytearray(whole)
+        broken[idat + 100] ^= 0x5A
+        said = f"its 'IDAT' chunk at byte {idat:,} fails its CRC check"
+    elif damage == "cut":
+        broken = whole[:idat + 100]
+        said = f"its 'IDAT' chunk at byte {idat:,} runs past the end of the file at byte {idat + 100:,} (truncated)"
+    else:
+        broken = whole[:-12]                                                # whole but for its IEND chunk
+        said = f"the file ends at byte {len(whole) - 12:,} before its IEND chunk (truncated)"
+    (tmp_path / "damaged.png").write_bytes(bytes(broken))
+    capfd.readouterr()
+    with pytest.raises(InputError) as info:
+        load_unit_image(tmp_path / "damaged.png")
+    assert info.value.step in ("read", "decode") and info.value.path == tmp_path / "damaged.png"
+    assert info.value.cause.startswith("the PNG data is damaged: " + said), info.value.cause
+    assert "libpng" not in capfd.readouterr().err
+
+
+def test_pngs_whole_decode_as_before_whatever_their_ancillary_chunks(tmp_path):
+    """Grey, 16-bit, colour with alpha, palette, the image data in two IDAT chunks, a text chunk, and bytes
+    after IEND: all pass the chunk check and decode to OpenCV's pixels, as before it."""
+    import zlib
+
+    import cv2
+    from PIL import Image, PngImagePlugin
+
+    from cxrscreen.ingest import png_damage, read_display_image
+
+    rng = np.random.default_rng(5)
+    grey = cv2.GaussianBlur(rng.integers(0, 256, (211, 190), dtype=np.uint8), (0, 0), 2)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "exported from a viewer")
+    made = {"grey.png": Image.fromarray(grey), "rgba.png": Image.fromarray(np.dstack([grey, grey, 255 - grey, grey])),
+            "palette.png": Image.fromarray(grey).convert("P")}
+    for name, picture in made.items():
+        picture.save(tmp_path / name, pnginfo=info)
+    cv2.imwrite(str(tmp_path / "deep.png"), grey.astype(np.uint16) * 257)
+    whole = (tmp_path / "grey.png").read_bytes()
+    idat = whole.find(b"IDAT") - 4
+    length = int.from_bytes(whole[idat:idat + 4], "big")
+    data = whole[idat + 8:idat + 8 + length]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    split = whole[:idat] + chunk(b"IDAT", data[:50]) + chunk(b"IDAT", data[50:]) + whole[idat + 12 + length:]
+    (tmp_path / "split.png").write_bytes(split)
+    (tmp_path / "trailer.png").write_bytes(whole + b"\0" * 7)
+    for name in (*made, "deep.png", "split.png", "trailer.png"):
+        path = tmp_path / name
+        assert png_damage(path.read_bytes()) is None, name
+        expected = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        got = read_display_image(path)
+        assert got.shape == expected.shape and np.array_equal(got, expected), name
+    assert np.array_equal(read_display_image(tmp_path / "split.png"), grey)
+
+
 def test_jpeg_files_decode_to_opencvs_pixels_and_a_harmless_warning_passes(tmp_path):
     """Plain JPEGs are decoded by libjpeg-turbo through simplejpeg (strictly) where they were decoded by OpenCV:
     the same pixels, for grey and colour, every chroma subsampling, progressive, with restart markers, and at
