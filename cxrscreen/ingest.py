@@ -600,7 +600,25 @@ def jpeg_damage(codestream, colorspace: str = "GRAY", **scaling) -> tuple[np.nda
         return simplejpeg.decode_jpeg(codestream, colorspace=colorspace, strict=True, **scaling), None
     except ValueError as exc:
         said = str(exc).strip()
+    if _padded_before_the_end(codestream, said):
+        return simplejpeg.decode_jpeg(codestream, colorspace=colorspace, strict=False, **scaling), None
     return None, (said if _JPEG_DAMAGE.match(said) else None)
+
+
+_EXTRANEOUS_BEFORE_END = re.compile(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9$")
+
+
+def _padded_before_the_end(codestream, said: str) -> bool:
+    """Whether libjpeg's only complaint, ``N extraneous bytes before marker 0xd9``, is of N zero bytes just
+    before the end-of-image marker: padding (to an even length, say) that some encoders put there, after
+    the whole picture. Data damaged inside leaves the decoder short of or past the end of its scan, and the
+    bytes it then skips are coded data, not zeros."""
+    found = _EXTRANEOUS_BEFORE_END.match(said)
+    if found is None:
+        return False
+    data = bytes(codestream)
+    end, count = data.rfind(b"\xff\xd9"), int(found.group(1))
+    return 0 < count < end and not any(data[end - count:end]) and data[end - count - 1] != 0xFF  # not a stuffed FF
 
 
 def _corrupt_jpeg(whose: str, damage: str) -> str:

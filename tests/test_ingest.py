@@ -327,6 +327,35 @@ def test_pngs_whole_decode_as_before_whatever_their_ancillary_chunks(tmp_path):
     assert np.array_equal(read_display_image(tmp_path / "split.png"), grey)
 
 
+def test_padding_before_the_end_of_image_marker_is_not_taken_for_damage(tmp_path, chest_pixels):
+    """Some encoders pad a codestream with zeros before its end-of-image marker: beyond the few bytes its bit
+    buffer reads ahead, libjpeg-turbo warns of `N extraneous bytes before marker 0xd9`, and the strict decoding
+    refused the whole picture. Zero padding passes now, in a JPEG file and a DICOM frame (0xFF fill libjpeg
+    skips without a word); the same warning over other bytes, coded data left unread, still refuses."""
+    import cv2
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from cxrscreen.ingest import read_display_image
+
+    grey = (chest_pixels >> 4).astype(np.uint8)
+    whole = cv2.imencode(".jpg", grey)[1].tobytes()
+    ds = pydicom.dcmread(_jpeg_baseline_file(chest_pixels, tmp_path))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    expected = decode(tmp_path / "jb.dcm")
+    for pad in (b"\0", b"\xff", b"\0" * 7, b"\0" * 20):                 # 7 and 20: libjpeg warns
+        (tmp_path / "padded.jpg").write_bytes(whole[:-2] + pad + b"\xff\xd9")
+        assert np.array_equal(read_display_image(tmp_path / "padded.jpg"), cv2.imdecode(np.frombuffer(
+            whole, np.uint8), cv2.IMREAD_UNCHANGED)), pad
+        ds.PixelData = encapsulate([frame.rstrip(b"\0")[:-2] + pad + b"\xff\xd9"])
+        ds.save_as(tmp_path / "padded.dcm")
+        assert np.array_equal(decode(tmp_path / "padded.dcm"), expected), pad
+        assert load_unit_image(tmp_path / "padded.dcm").size
+    (tmp_path / "unread.jpg").write_bytes(whole[:-2] + b"\x5a" * 7 + b"\xff\xd9")
+    with pytest.raises(InputError, match="extraneous bytes before marker 0xd9"):
+        read_display_image(tmp_path / "unread.jpg")
+
+
 def test_jpeg_files_decode_to_opencvs_pixels_and_a_harmless_warning_passes(tmp_path):
     """Plain JPEGs are decoded by libjpeg-turbo through simplejpeg (strictly) where they were decoded by OpenCV:
     the same pixels, for grey and colour, every chroma subsampling, progressive, with restart markers, and at
