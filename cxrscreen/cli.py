@@ -134,8 +134,8 @@ class _Progress:
     passed and at the end; nothing when ``quiet``. Called as ``progress(done, total, failed)``, ``done`` counting
     the failed images too; a context manager that closes the bar."""
 
-    def __init__(self, label: str, batch_size: int, quiet: bool = False) -> None:
-        self.label, self.batch_size, self.quiet = label, batch_size, quiet
+    def __init__(self, label: str, quiet: bool = False) -> None:
+        self.label, self.quiet = label, quiet
         self.bar = None
         self.logged = 0     # the images done at the last line logged
 
@@ -222,7 +222,7 @@ def batch(inputs, out, model_path, threshold, calibration, batch_size, workers, 
         options = BatchOptions(out=out, model_path=model_path, threshold=threshold, calibration=calibration,
                                batch_size=batch_size, workers=workers, gradcam=gradcam, force=force,
                                selection=selection, dicom=dicom, report_processes=report_processes)
-        with _stop_on_signals(on_stop) as stop, _Progress("screening", batch_size, quiet or as_json) as progress:
+        with _stop_on_signals(on_stop) as stop, _Progress("screening", quiet or as_json) as progress:
             summary = run_batch(list(inputs), options, progress=progress, stop=stop)
     except CxrError as exc:
         _fail(exc)
@@ -309,7 +309,7 @@ def calibrate(data, target_sensitivity, model_path, out, n_boot, prevalence, con
                 else "no calibration written (it is written whole, once every study is scored)")
 
     try:
-        with ends_on_signal("cxrscreen calibrate", outcome), _Progress("scoring", batch_size, as_json) as progress:
+        with ends_on_signal("cxrscreen calibrate", outcome), _Progress("scoring", as_json) as progress:
             result = run_calibration(data, target=target_sensitivity, model_path=model_path, out=out, n_boot=n_boot,
                                      prevalence=prevalence, batch_size=batch_size, conservative=conservative,
                                      selection=selection, patient_pattern=patient_pattern, progress=progress)

@@ -310,7 +310,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_every_study_reported(inbox, tmp
         real(path, *args, **kwargs)
         written.append(path.name)
 
-    def second_ctrl_c(self, done, total):
+    def second_ctrl_c(self, done, total, failed=0):
         deadline = time.monotonic() + 60
         while len(written) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
