@@ -230,8 +230,16 @@ class _Reporting:
     base: str
     report: str                      # "" when nothing of the study was scored: no report
     outcomes: dict[int, tuple]
-    failed_files: int
+    failed: list[FileOutcome]        # its files that failed in this screening (those that failed at intake not)
     writing: ReportJob | None = None  # None: no report to wait for
+
+
+def _log_file(status: str, path, step: str, tag: str, reason: str, uid: str = "") -> None:
+    """The ``event=file`` line of a file skipped or failed, as it is taken or (failed at decoding) as its study is
+    screened (``uid``, its study's, where known): a failure is a WARNING, the rest INFO."""
+    log.log(logging.WARNING if status == "failed" else logging.INFO,
+            kv(event="file", status=status, path=path, uid=uid or None, step=step or None, tag=tag or None,
+               reason=reason))
 
 
 def move_file(src: Path, dest: Path) -> None:
@@ -825,8 +833,7 @@ class Watcher:
         self.candidates.pop(path, None)
         self._summary_due = True
         if fields["status"] != "pending":
-            log.info(kv(event="file", status=fields["status"], path=path, step=fields["step"] or None,
-                        tag=fields["tag"] or None, reason=fields["reason"]))
+            _log_file(fields["status"], path, fields["step"], fields["tag"], fields["reason"], fields["study_uid"])
         if fields["status"] == "failed":
             self.failed_files += 1
         self._relocate(self.ledger.file_at(path))     # a pending image waits for its study's report
@@ -1001,16 +1008,17 @@ class Watcher:
         row = work.row
         result.failed.extend(work.prior_failed)
         outcomes: dict[int, tuple] = {}
-        failed_files = 0
+        failed: list[FileOutcome] = []
         for item in result.images:
             outcomes[work.files[str(item.image.path)].id] = ("scored", "", "", "")
         for outcome in [*result.failed, *result.study.skipped, *extra_skipped]:
             f = work.files.get(str(outcome.path))
             if f is not None and f.status in ("pending", "scored"):
                 outcomes[f.id] = (outcome.status.value, outcome.step, outcome.tag, outcome.reason)
-                failed_files += outcome.status is Status.FAILED
+                if outcome.status is Status.FAILED:
+                    failed.append(outcome)
         version = row.version + 1
-        job = _Reporting(result, work, version, row.report_base, "", outcomes, failed_files)
+        job = _Reporting(result, work, version, row.report_base, "", outcomes, failed)
         if result.images:
             job.base = job.base or report_filename(result.study)
             job.report = report_name(job.base, version)
@@ -1042,7 +1050,7 @@ class Watcher:
                 self._report_failed(result, exc)
                 return
             self.reports_written += 1
-        self.failed_files += job.failed_files
+        self.failed_files += len(job.failed)
         score, flag = result.score, ("yes" if result.score >= self.threshold else "no") if job.report else ""
         first = result.study.first
         identity = first.identifiers() if first else {}
@@ -1064,6 +1072,8 @@ class Watcher:
                                                         if tag == REJECTED_TAG])
         self._held.pop(uid, None)
         release(result)
+        for outcome in job.failed:
+            _log_file("failed", outcome.path, outcome.step, outcome.tag, outcome.reason, uid)
         log.info(kv(event="study", uid=uid, version=job.version if job.report else None,
                     status="reported" if job.report else "failed" if result.failed else "withdrawn", score=score,
                     flag=flag or None,

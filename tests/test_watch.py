@@ -1379,3 +1379,27 @@ def test_report_processes_write_what_the_thread_writes_and_a_dead_one_loses_noth
         assert Watcher(options, model=model).run() == 0
     assert "event=report_processes_lost" in caplog.text
     assert done_studies(out) == 3 and len(reports(out)) == 3
+
+
+def test_a_file_that_fails_at_decoding_is_named_in_the_log_with_its_reason(dirs, model, caplog):
+    """The daemon's journal said only `event=study ... status=failed failed=1` of a file that failed when its
+    study was screened: not which file, nor why (a file that fails as it is taken had its own line). It now has
+    a WARNING `event=file status=failed` line naming the file, its study, step and reason, before the study's."""
+    import cv2
+    import numpy as np
+
+    from conftest import phantom
+
+    inbox, out = dirs
+    picture = cv2.imencode(".png", (phantom(200, 180) >> 4).astype(np.uint8))[1].tobytes()
+    (inbox / "changed.png").write_bytes(picture[:60] + bytes([picture[60] ^ 1]) + picture[61:])
+    caplog.set_level("INFO", logger="cxrscreen.watch")
+    code = Watcher(WatchOptions(inbox, out, settle=0.2, rescan=0.5, gradcam="none", once=True), model=model).run()
+    assert code == 1
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("event=")]
+    failed = [i for i, (level, text) in enumerate(lines) if text.startswith("event=file status=failed")]
+    assert len(failed) == 1, lines
+    level, text = lines[failed[0]]
+    assert level == "WARNING" and f"path={inbox / 'changed.png'} uid=file-" in text and "step=decode" in text
+    assert "reason=\"the PNG data is damaged: its 'IDAT' chunk at byte 33 fails its CRC check" in text, text
+    assert lines[failed[0] + 1][1].startswith("event=study ") and "status=failed" in lines[failed[0] + 1][1]
