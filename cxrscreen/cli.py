@@ -425,7 +425,12 @@ def status(out, state, max_wait, as_json):
                      "(no image could be read)")
         click.echo("last report: " + (dt.datetime.fromtimestamp(last).strftime("%Y-%m-%d %H:%M:%S") if last
                                       else "none yet"))
-        click.echo(f"files failed in the last 24 h: {result['failed_files_24h']}")
+        failed, recent = result["failed_files_24h"], result["failed_recently"]
+        which = "" if not recent else " (newest first)" if len(recent) == failed else f" (the newest {len(recent)})"
+        click.echo(f"files failed in the last 24 h: {failed}{which}")
+        for file in recent:
+            where = " ".join(x for x in (file["step"], file["tag"]) if x)
+            click.echo(f"  {file['path']}{f' [{where}]' if where else ''}: {file['reason']}")
         click.echo("OK" if result["healthy"] else "ATTENTION: " + "; ".join(result["problems"]))
     sys.exit(0 if result["healthy"] else 1)
 

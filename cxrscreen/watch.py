@@ -132,13 +132,17 @@ class WatchOptions:
         return Path(self.state) if self.state else Path(self.out) / STATE_FILE
 
 
+RECENT_FAILURES = 5     # the failed files `cxrscreen status` names
+
+
 def health(out: Path | str, state: Path | str | None = None, *, max_wait: float = 1800.0,
            now: float | None = None) -> dict:
     """What a monitoring check needs to know about a watch daemon, read from its ledger without
     disturbing it (SQLite read-only; the daemon's lock is only tested): whether a daemon holds the
     ledger, the studies by status (``done`` also split into ``reported`` and ``not_screened``), how long
     the oldest pending study has waited since its last file, when the last report was written, and the
-    files failed in the last 24 hours. ``healthy`` is false,
+    files failed in the last 24 hours (``failed_recently``: the newest :data:`RECENT_FAILURES` of them, each
+    with its path as it came into the inbox, step, tag and reason). ``healthy`` is false,
     with the reasons in ``problems``, when no daemon runs or a study has waited over ``max_wait``
     seconds (a study is due ``--settle`` seconds after its last file)."""
     state_file = Path(state) if state else Path(out) / STATE_FILE
@@ -165,6 +169,9 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
             last_report = db.execute("SELECT MAX(created) FROM reports").fetchone()[0]
             failed_day = db.execute("SELECT COUNT(*) FROM files WHERE status = 'failed' AND taken_at >= ?",
                                     (now - 86400,)).fetchone()[0]
+            recent = [dict(zip(("path", "step", "tag", "reason"), row)) for row in db.execute(
+                "SELECT inbox_path, step, tag, reason FROM files WHERE status = 'failed' AND taken_at >= ? "
+                "ORDER BY taken_at DESC, id DESC LIMIT ?", (now - 86400, RECENT_FAILURES))]
             unlistable = db.execute("SELECT value FROM meta WHERE key = ?", (UNLISTABLE_KEY,)).fetchone()
             unlistable = json.loads(unlistable[0]) if unlistable else []
         finally:
@@ -184,7 +191,7 @@ def health(out: Path | str, state: Path | str | None = None, *, max_wait: float 
             "studies": {"done": studies.get("reported", 0) + studies.get("not_screened", 0),
                         **{k: studies.get(k, 0) for k in ("reported", "not_screened", "pending", "failed")}},
             "oldest_pending_wait_s": round(waited, 1) if waited is not None else None,
-            "last_report_at": last_report, "failed_files_24h": failed_day,
+            "last_report_at": last_report, "failed_files_24h": failed_day, "failed_recently": recent,
             "unlistable_folders": unlistable if running else [],
             "healthy": not problems, "problems": problems}
 

@@ -884,6 +884,35 @@ def test_status_checks_a_daemon_from_its_ledger_for_monitoring(dirs, model):
     assert unreadable.exit_code == 1 and "[status]: cannot read the ledger: " in unreadable.output
 
 
+def test_status_names_the_files_failed_lately_with_their_reasons(dirs):
+    """`cxrscreen status` said only how many files failed in the last 24 hours: which, and why, took the log or
+    the summary. It names the newest five (newest first), each with its step, tag and reason; older ones not."""
+    from cxrscreen.ledger import Ledger
+
+    inbox, out = dirs
+    out.mkdir()
+    now = time.time()
+    ledger = Ledger(out / STATE_FILE)
+    try:
+        for i in range(7):
+            ledger.take_file(path=str(inbox / f"f{i}.dcm"), size=1, mtime_ns=1, sha256=f"{i}" * 64, study_uid="",
+                             status="failed", step="read", tag="(0028,0010) Rows" if i % 2 else "",
+                             reason=f"reason {i}", now=now - 3600 * (7 - i))
+        ledger.take_file(path=str(inbox / "old.dcm"), size=1, mtime_ns=1, sha256="a" * 64, study_uid="",
+                         status="failed", step="read", reason="a day and more ago", now=now - 90000)
+    finally:
+        ledger.close()
+    state = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).stdout)
+    assert state["failed_files_24h"] == 7
+    assert [f["path"] for f in state["failed_recently"]] == [str(inbox / f"f{i}.dcm") for i in (6, 5, 4, 3, 2)]
+    assert state["failed_recently"][0] == {"path": str(inbox / "f6.dcm"), "step": "read", "tag": "",
+                                           "reason": "reason 6"}
+    text = CliRunner().invoke(main, ["status", str(out)]).output
+    assert "files failed in the last 24 h: 7 (the newest 5)\n" f"  {inbox / 'f6.dcm'} [read]: reason 6\n" \
+           f"  {inbox / 'f5.dcm'} [read (0028,0010) Rows]: reason 5\n" in text, text
+    assert "f1.dcm" not in text and "old.dcm" not in text
+
+
 def test_an_adult_study_is_reported_with_a_caution_that_the_ledger_keeps(dirs, model):
     inbox, out = dirs
     write_study(inbox / "child", "child", images=1)
