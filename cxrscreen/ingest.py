@@ -596,6 +596,8 @@ def jpeg_damage(codestream, colorspace: str = "GRAY", **scaling) -> tuple[np.nda
     that leaves the picture whole: another decoder decodes it, and says why where it cannot either."""
     import simplejpeg
 
+    if scaling and (_frame_header(codestream) or (None,))[0] not in _SCALABLE_FRAMES:
+        scaling = {}        # simplejpeg sizes its buffer scaled, libjpeg decodes a lossless frame whole: a crash
     try:
         return simplejpeg.decode_jpeg(codestream, colorspace=colorspace, strict=True, **scaling), None
     except ValueError as exc:
@@ -603,6 +605,38 @@ def jpeg_damage(codestream, colorspace: str = "GRAY", **scaling) -> tuple[np.nda
     if _padded_before_the_end(codestream, said):
         return simplejpeg.decode_jpeg(codestream, colorspace=colorspace, strict=False, **scaling), None
     return None, (said if _JPEG_DAMAGE.match(said) else None)
+
+
+# Start-of-frame markers of DCT frames (baseline, extended, progressive; Huffman or arithmetic coded), which
+# libjpeg decodes scaled; the lossless ones (C3, C7, CB, CF) and hierarchical ones it decodes at full size.
+_SCALABLE_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})
+
+
+def _frame_header(codestream) -> tuple[int, int, int, int] | None:
+    """A JPEG codestream's first start-of-frame segment as ``(marker, precision, lines, samples per line)``, the
+    marker its second byte (0xC0-0xCF but DHT C4, JPG C8 and DAC CC), read from the marker segments after SOI;
+    None when there is none before the scan or the segments cannot be followed."""
+    data = bytes(codestream[:65536 * 4]) if not isinstance(codestream, bytes) else codestream
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:              # fill byte before a marker
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if at + 9 > len(data):
+                return None
+            return (marker, data[at + 4], int.from_bytes(data[at + 5:at + 7], "big"),
+                    int.from_bytes(data[at + 7:at + 9], "big"))
+        if marker in (0xD9, 0xDA):      # the end, or a scan, before any frame
+            return None
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:    # markers without a length
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return None
 
 
 _EXTRANEOUS_BEFORE_END = re.compile(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9$")
@@ -1439,7 +1473,9 @@ def _check_codestream(ds, ts: str, ts_text: str) -> None:
     A JPEG baseline or extended frame whose data is damaged inside (bytes changed in transfer or on a disk:
     libjpeg decodes on past them without a word, garbling the picture) fails likewise, when libjpeg-turbo
     decodes it (8 bits) only with a recoverable error that damages the picture (:func:`jpeg_damage`, at an
-    eighth of the size: every coefficient is read, a fraction of the decoding's time)."""
+    eighth of the size: every coefficient is read, a fraction of the decoding's time; a lossless frame under
+    that label at full size). A JPEG frame whose start-of-frame size is not Rows x Columns fails before any
+    decoder allocates that size."""
     from pydicom.encaps import generate_frames
 
     try:
@@ -1447,6 +1483,12 @@ def _check_codestream(ds, ts: str, ts_text: str) -> None:
             frame = next(generate_frames(ds.PixelData, number_of_frames=_frames(ds)))
     except Exception:
         return
+    header = _frame_header(frame)
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if header is not None and header[2] and (header[2], header[3]) != (rows, columns):
+        raise InvalidImageError(f"pixel data cannot be decoded ({ts_text}): frame 1's JPEG codestream is "
+                                f"{header[2]} x {header[3]} (its start-of-frame header), not Rows x Columns "
+                                f"{rows} x {columns}", step="decode", tag="(0028,0010) Rows")
     if b"\xff\xd9" not in frame[-10:]:
         raise InputError(f"pixel data cannot be decoded ({ts_text}): frame 1 ends without the codestream's "
                          "end-of-image marker (FFD9): it was cut short, and decoders give the part cut off as grey, "

@@ -356,6 +356,48 @@ def test_padding_before_the_end_of_image_marker_is_not_taken_for_damage(tmp_path
         read_display_image(tmp_path / "unread.jpg")
 
 
+def test_a_lossless_frame_labelled_jpeg_baseline_is_checked_without_crashing_the_process(tmp_path):
+    """A DICOM whose transfer syntax says JPEG baseline but whose frame is lossless JPEG (process 14): the strict
+    check decoded it at an eighth of its size, and simplejpeg, sizing its buffer scaled while libjpeg decodes a
+    lossless frame whole, wrote past it: a segmentation fault that killed the whole batch. Run in a child process
+    so that a regression fails this test rather than the suite. A lossless frame is checked at full size now."""
+    import subprocess
+    import sys
+
+    import pydicom
+
+    ds = pydicom.dcmread(reference_file("JPGLosslessP14SV1_1s_1f_8b.dcm"))
+    expected = decode(reference_file("JPGLosslessP14SV1_1s_1f_8b.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"
+    ds.save_as(tmp_path / "labelled_baseline.dcm")
+    child = subprocess.run([sys.executable, "-c", "import sys, numpy as np; from cxrscreen.ingest import "
+                            "read_dicom, decode_first_frame; np.save(sys.argv[1], decode_first_frame(read_dicom("
+                            "sys.argv[2])))", str(tmp_path / "pixels.npy"), str(tmp_path / "labelled_baseline.dcm")],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    assert np.array_equal(np.load(tmp_path / "pixels.npy"), expected)
+
+
+def test_a_jpeg_frame_whose_size_is_not_the_headers_fails_before_it_is_decoded(tmp_path, chest_pixels):
+    """Rows x Columns and the codestream's own start-of-frame size disagree: decoders allocate what the
+    codestream says (up to 65,535 x 65,535), and the shape check came only after the decoding. The frame now
+    fails before, naming both sizes."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(_jpeg_baseline_file(chest_pixels, tmp_path))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sof = frame.find(b"\xff\xc0")
+    frame[sof + 5:sof + 9] = (60000).to_bytes(2, "big") + (61000).to_bytes(2, "big")
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.save_as(tmp_path / "huge.dcm")
+    with pytest.raises(InvalidImageError) as info:
+        load_unit_image(tmp_path / "huge.dcm")
+    assert info.value.step == "decode" and info.value.tag == "(0028,0010) Rows"
+    assert (f"frame 1's JPEG codestream is 60000 x 61000 (its start-of-frame header), not Rows x Columns "
+            f"{chest_pixels.shape[0]} x {chest_pixels.shape[1]}") in info.value.cause
+
+
 def test_jpeg_files_decode_to_opencvs_pixels_and_a_harmless_warning_passes(tmp_path):
     """Plain JPEGs are decoded by libjpeg-turbo through simplejpeg (strictly) where they were decoded by OpenCV:
     the same pixels, for grey and colour, every chroma subsampling, progressive, with restart markers, and at
