@@ -378,6 +378,54 @@ def test_a_lossless_frame_labelled_jpeg_baseline_is_checked_without_crashing_the
     assert np.array_equal(np.load(tmp_path / "pixels.npy"), expected)
 
 
+_RELABELLED = """
+import sys, warnings
+from pathlib import Path
+
+import pydicom
+
+from cxrscreen.errors import CxrError
+from cxrscreen.normalise import load_unit_image
+
+warnings.simplefilter("ignore")
+out = Path(sys.argv[1])
+for source in sys.argv[3:]:
+    for syntax in sys.argv[2].split(","):
+        print(Path(source).name, syntax, flush=True)      # the last line names the case that crashed, if one did
+        ds = pydicom.dcmread(source)
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.save_as(out, enforce_file_format=False)
+        try:
+            load_unit_image(out)
+        except CxrError:
+            pass
+print("END", flush=True)
+"""
+
+
+def test_no_codestream_under_any_compressed_transfer_syntax_crashes_the_process(tmp_path):
+    """A transfer syntax that misnames its codestream (a gateway relabelled it; lossless JPEG called baseline
+    crashed the process, above): every kind of codestream the samples and pydicom's files hold, under every
+    compressed transfer syntax cxrscreen reads, is decoded or refused, in one child process that must live."""
+    import subprocess
+    import sys
+
+    syntaxes = ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+                "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.98",
+                "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.203"]
+    samples = ROOT / "samples"
+    sources = [samples / "study5_cr_jpeg_baseline" / "IM0001.dcm", samples / "study1_cr_mono1_j2k" / "IM0001.dcm",
+               samples / "study2_dx_rescale_rle" / "IM0001.dcm", reference_file("JPGLosslessP14SV1_1s_1f_8b.dcm"),
+               reference_file("JPEG-LL.dcm"), reference_file("MR_small_jpeg_ls_lossless.dcm"),
+               reference_file("JPGExtended.dcm")]
+    child = subprocess.run([sys.executable, "-c", _RELABELLED, str(tmp_path / "relabelled.dcm"), ",".join(syntaxes),
+                            *map(str, sources)], capture_output=True, text=True, timeout=600)
+    said = child.stdout.strip().splitlines()
+    assert child.returncode == 0 and said[-1] == "END", (child.returncode, said[-1:], child.stderr[-2000:])
+    assert len(said) == len(syntaxes) * len(sources) + 1
+
+
 def test_a_jpeg_frame_whose_size_is_not_the_headers_fails_before_it_is_decoded(tmp_path, chest_pixels):
     """Rows x Columns and the codestream's own start-of-frame size disagree: decoders allocate what the
     codestream says (up to 65,535 x 65,535), and the shape check came only after the decoding. The frame now
