@@ -613,9 +613,10 @@ _SCALABLE_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})
 
 
 def _frame_header(codestream) -> tuple[int, int, int, int] | None:
-    """A JPEG codestream's first start-of-frame segment as ``(marker, precision, lines, samples per line)``, the
-    marker its second byte (0xC0-0xCF but DHT C4, JPG C8 and DAC CC), read from the marker segments after SOI;
-    None when there is none before the scan or the segments cannot be followed."""
+    """A JPEG or JPEG-LS codestream's first start-of-frame segment as ``(marker, precision, lines, samples per
+    line)``, the marker its second byte (0xC0-0xCF but DHT C4, JPG C8 and DAC CC; JPEG-LS's SOF55, F7), read
+    from the marker segments after SOI; None when there is none before the scan or the segments cannot be
+    followed."""
     data = bytes(codestream[:65536 * 4]) if not isinstance(codestream, bytes) else codestream
     at = 2
     while at + 4 <= len(data):
@@ -625,7 +626,7 @@ def _frame_header(codestream) -> tuple[int, int, int, int] | None:
         if marker == 0xFF:              # fill byte before a marker
             at += 1
             continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
             if at + 9 > len(data):
                 return None
             return (marker, data[at + 4], int.from_bytes(data[at + 5:at + 7], "big"),
@@ -1474,8 +1475,8 @@ def _check_codestream(ds, ts: str, ts_text: str) -> None:
     libjpeg decodes on past them without a word, garbling the picture) fails likewise, when libjpeg-turbo
     decodes it (8 bits) only with a recoverable error that damages the picture (:func:`jpeg_damage`, at an
     eighth of the size: every coefficient is read, a fraction of the decoding's time; a lossless frame under
-    that label at full size). A JPEG frame whose start-of-frame size is not Rows x Columns fails before any
-    decoder allocates that size."""
+    that label at full size). A JPEG or JPEG-LS frame whose start-of-frame size is not Rows x Columns (0 lines
+    included) fails before any decoder allocates that size."""
     from pydicom.encaps import generate_frames
 
     try:
@@ -1485,7 +1486,8 @@ def _check_codestream(ds, ts: str, ts_text: str) -> None:
         return
     header = _frame_header(frame)
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if header is not None and header[2] and (header[2], header[3]) != (rows, columns):
+    if header is not None and (header[2], header[3]) != (rows, columns):    # 0 lines too (a DNL marker's to give):
+        # decoders allocated for up to 65,535 lines a side, and the OOM killer ended the batch
         raise InvalidImageError(f"pixel data cannot be decoded ({ts_text}): frame 1's JPEG codestream is "
                                 f"{header[2]} x {header[3]} (its start-of-frame header), not Rows x Columns "
                                 f"{rows} x {columns}", step="decode", tag="(0028,0010) Rows")

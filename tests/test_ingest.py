@@ -426,23 +426,28 @@ def test_no_codestream_under_any_compressed_transfer_syntax_crashes_the_process(
     assert len(said) == len(syntaxes) * len(sources) + 1
 
 
-def test_a_jpeg_frame_whose_size_is_not_the_headers_fails_before_it_is_decoded(tmp_path, chest_pixels):
+@pytest.mark.parametrize("kind", ["baseline", "jpeg-ls"])
+@pytest.mark.parametrize("lines", [60000, 0])
+def test_a_jpeg_frame_whose_size_is_not_the_headers_fails_before_it_is_decoded(tmp_path, chest_pixels, kind, lines):
     """Rows x Columns and the codestream's own start-of-frame size disagree: decoders allocate what the
-    codestream says (up to 65,535 x 65,535), and the shape check came only after the decoding. The frame now
-    fails before, naming both sizes."""
+    codestream says, and the shape check came only after the decoding. 0 lines (which a DNL marker would give)
+    made pylibjpeg and CharLS allocate until the OOM killer ended the whole batch (found by changing bytes of
+    the codestreams' headers). The frame now fails before anything decodes it, naming both sizes."""
     import pydicom
     from pydicom.encaps import encapsulate, generate_frames
 
-    ds = pydicom.dcmread(_jpeg_baseline_file(chest_pixels, tmp_path))
+    source = _jpeg_baseline_file(chest_pixels, tmp_path) if kind == "baseline" else _jpeg_ls_file(chest_pixels,
+                                                                                                  tmp_path)
+    ds = pydicom.dcmread(source)
     frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
-    sof = frame.find(b"\xff\xc0")
-    frame[sof + 5:sof + 9] = (60000).to_bytes(2, "big") + (61000).to_bytes(2, "big")
+    sof = frame.find(b"\xff\xc0" if kind == "baseline" else b"\xff\xf7")
+    frame[sof + 5:sof + 9] = lines.to_bytes(2, "big") + (61000).to_bytes(2, "big")
     ds.PixelData = encapsulate([bytes(frame)])
-    ds.save_as(tmp_path / "huge.dcm")
+    ds.save_as(tmp_path / "resized.dcm")
     with pytest.raises(InvalidImageError) as info:
-        load_unit_image(tmp_path / "huge.dcm")
+        load_unit_image(tmp_path / "resized.dcm")
     assert info.value.step == "decode" and info.value.tag == "(0028,0010) Rows"
-    assert (f"frame 1's JPEG codestream is 60000 x 61000 (its start-of-frame header), not Rows x Columns "
+    assert (f"frame 1's JPEG codestream is {lines} x 61000 (its start-of-frame header), not Rows x Columns "
             f"{chest_pixels.shape[0]} x {chest_pixels.shape[1]}") in info.value.cause
 
 
