@@ -617,7 +617,7 @@ def _frame_header(codestream) -> tuple[int, int, int, int] | None:
     line)``, the marker its second byte (0xC0-0xCF but DHT C4, JPG C8 and DAC CC; JPEG-LS's SOF55, F7), read
     from the marker segments after SOI; None when there is none before the scan or the segments cannot be
     followed."""
-    data = bytes(codestream[:65536 * 4]) if not isinstance(codestream, bytes) else codestream
+    data = bytes(codestream)
     at = 2
     while at + 4 <= len(data):
         if data[at] != 0xFF:
@@ -1445,7 +1445,7 @@ def decode_first_frame(ds) -> np.ndarray:
         arr = _encapsulated_uncompressed_frame(ds, ts_text)
     else:
         if isinstance(ts, str) and ts in JPEG_CODESTREAMS:
-            _check_codestream(ds, ts, ts_text)
+            _check_codestream(ds, ts, ts_text, rows, columns)
         arr = _decoded_by_pydicom(ds, ts_text)
     if arr.shape[:2] != (rows, columns):
         raise InvalidImageError(f"decoded shape {arr.shape} does not match Rows x Columns {rows} x {columns}",
@@ -1463,7 +1463,7 @@ JPEG_CODESTREAMS = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"
 JPEG_DCT = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
 
 
-def _check_codestream(ds, ts: str, ts_text: str) -> None:
+def _check_codestream(ds, ts: str, ts_text: str, rows: int, columns: int) -> None:
     """Fail a JPEG or JPEG-LS first frame whose codestream stops before its end-of-image marker. The file is
     whole (a file cut short fails when it is read) but the frame is not: a gateway or an encoder cut it, or a
     fragment is missing. libjpeg and CharLS decode such a frame without a word, the rows after the cut grey or
@@ -1475,8 +1475,9 @@ def _check_codestream(ds, ts: str, ts_text: str) -> None:
     libjpeg decodes on past them without a word, garbling the picture) fails likewise, when libjpeg-turbo
     decodes it (8 bits) only with a recoverable error that damages the picture (:func:`jpeg_damage`, at an
     eighth of the size: every coefficient is read, a fraction of the decoding's time; a lossless frame under
-    that label at full size). A JPEG or JPEG-LS frame whose start-of-frame size is not Rows x Columns (0 lines
-    included) fails before any decoder allocates that size."""
+    that label at full size). A JPEG or JPEG-LS frame whose start-of-frame size is not ``rows`` x ``columns``
+    (the header's, as :func:`decode_first_frame` read them; 0 lines included) fails before any decoder
+    allocates that size."""
     from pydicom.encaps import generate_frames
 
     try:
@@ -1485,7 +1486,6 @@ def _check_codestream(ds, ts: str, ts_text: str) -> None:
     except Exception:
         return
     header = _frame_header(frame)
-    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if header is not None and (header[2], header[3]) != (rows, columns):    # 0 lines too (a DNL marker's to give):
         # decoders allocated for up to 65,535 lines a side, and the OOM killer ended the batch
         raise InvalidImageError(f"pixel data cannot be decoded ({ts_text}): frame 1's JPEG codestream is "
