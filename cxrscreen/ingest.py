@@ -1444,7 +1444,7 @@ def decode_first_frame(ds) -> np.ndarray:
     if ts == ENCAPSULATED_UNCOMPRESSED:
         arr = _encapsulated_uncompressed_frame(ds, ts_text)
     else:
-        if isinstance(ts, str) and ts in JPEG_CODESTREAMS:
+        if isinstance(ts, str) and ts in JPEG_CODESTREAMS | J2K_CODESTREAMS:
             _check_codestream(ds, ts, ts_text, rows, columns)
         arr = _decoded_by_pydicom(ds, ts_text)
     if arr.shape[:2] != (rows, columns):
@@ -1461,6 +1461,10 @@ JPEG_CODESTREAMS = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"
                               "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
 # JPEG baseline and extended (DCT): their 8-bit frames are also decoded strictly, at an eighth of their size
 JPEG_DCT = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+# JPEG 2000 (Part 1 and Part 2 multi-component) and HTJ2K: their size (SIZ) is checked before decoding
+J2K_CODESTREAMS = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
+                             "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                             "1.2.840.10008.1.2.4.203"})
 
 
 def _check_codestream(ds, ts: str, ts_text: str, rows: int, columns: int) -> None:
@@ -1477,13 +1481,22 @@ def _check_codestream(ds, ts: str, ts_text: str, rows: int, columns: int) -> Non
     eighth of the size: every coefficient is read, a fraction of the decoding's time; a lossless frame under
     that label at full size). A JPEG or JPEG-LS frame whose start-of-frame size is not ``rows`` x ``columns``
     (the header's, as :func:`decode_first_frame` read them; 0 lines included) fails before any decoder
-    allocates that size."""
+    allocates that size; so does a JPEG 2000 or HTJ2K frame whose image size (its SIZ segment) is not: openjpeg
+    allocated the codestream's size whole before the shape check could refuse it (5 GB and 13 s for 30000 x
+    30000, failing with numpy's "could not broadcast" message), and 65,535 a side is 17 GB."""
     from pydicom.encaps import generate_frames
 
     try:
         with caught():              # pydicom warns of fragments it cannot place in frames: the decoder names it
             frame = next(generate_frames(ds.PixelData, number_of_frames=_frames(ds)))
     except Exception:
+        return
+    if ts in J2K_CODESTREAMS:
+        size = _j2k_size(frame)
+        if size is not None and size != (rows, columns):
+            raise InvalidImageError(f"pixel data cannot be decoded ({ts_text}): frame 1's JPEG 2000 codestream is "
+                                    f"{size[0]} x {size[1]} (its SIZ segment), not Rows x Columns {rows} x {columns}",
+                                    step="decode", tag="(0028,0010) Rows")
         return
     header = _frame_header(frame)
     if header is not None and (header[2], header[3]) != (rows, columns):    # 0 lines too (a DNL marker's to give):
@@ -1501,6 +1514,37 @@ def _check_codestream(ds, ts: str, ts_text: str, rows: int, columns: int) -> Non
             said = _corrupt_jpeg("frame 1's", damage)
             raise InputError(f"pixel data cannot be decoded ({ts_text}): {said}", step="decode",
                              tag="(7FE0,0010) PixelData")
+
+
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def _j2k_size(codestream) -> tuple[int, int] | None:
+    """A JPEG 2000 or HTJ2K codestream's image size as ``(rows, columns)``: its SIZ segment's Ysiz - YOsiz and
+    Xsiz - XOsiz (ISO/IEC 15444-1 A.5.1), SIZ being the segment that must follow the start of the codestream
+    (FF4F FF51). A codestream in a JP2 file (which DICOM does not allow, but some encoders write) is found in
+    its contiguous-codestream box. None when there is no SIZ where it must be."""
+    data = bytes(codestream)
+    at = 0
+    if data.startswith(_JP2_SIGNATURE):
+        at = 12
+        while at + 8 <= len(data):
+            length, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8]
+            head = 8
+            if length == 1 and at + 16 <= len(data):        # its length in 8 bytes after the type
+                length, head = int.from_bytes(data[at + 8:at + 16], "big"), 16
+            if kind == b"jp2c":
+                at += head
+                break
+            if length < head:                               # 0: the last box, to the end of the file
+                return None
+            at += length
+        else:
+            return None
+    if data[at:at + 4] != b"\xff\x4f\xff\x51" or at + 26 > len(data):
+        return None
+    width, height, left, top = (int.from_bytes(data[at + i:at + i + 4], "big") for i in (8, 12, 16, 20))
+    return height - top, width - left
 
 
 # Encapsulated Uncompressed Explicit VR Little Endian (PS3.5 A.4.11, 2023): native little-endian frames, each in

@@ -451,6 +451,41 @@ def test_a_jpeg_frame_whose_size_is_not_the_headers_fails_before_it_is_decoded(t
             f"{chest_pixels.shape[0]} x {chest_pixels.shape[1]}") in info.value.cause
 
 
+@pytest.mark.parametrize("kind", ["jpeg-2000", "htj2k", "jp2"])
+def test_a_jpeg_2000_frame_whose_size_is_not_the_headers_fails_before_it_is_decoded(tmp_path, kind):
+    """As for JPEG: openjpeg allocated a JPEG 2000 codestream's own size (its SIZ segment) whole, and only the
+    shape check after it refused the frame, with numpy's "could not broadcast input array" (30000 x 30000: 5 GB
+    and 13 s to fail; 65,535 a side is 17 GB). The frame now fails before it is decoded, naming both sizes; in a
+    JP2 file (DICOM allows only the bare codestream, some encoders write the file) its codestream is found."""
+    import io
+
+    import pydicom
+    from PIL import Image
+    from pydicom.encaps import encapsulate, generate_frames
+
+    source = ROOT / ("tests/data/htj2k_lossless.dcm" if kind == "htj2k" else "samples/study1_cr_mono1_j2k/IM0001.dcm")
+    ds = pydicom.dcmread(source)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    if kind == "jp2":
+        written = io.BytesIO()
+        Image.fromarray(decode(source)).save(written, "JPEG2000", no_jp2=False)
+        frame = bytearray(written.getvalue())
+        assert frame.startswith(ingest._JP2_SIGNATURE)
+        ds.PixelData = encapsulate([bytes(frame) + b"\0" * (len(frame) % 2)])
+        ds.save_as(tmp_path / "jp2.dcm")
+        assert np.array_equal(decode(tmp_path / "jp2.dcm"), decode(source))   # whole, it decodes as before
+    assert ingest._j2k_size(frame) == (ds.Rows, ds.Columns)
+    siz = frame.find(b"\xff\x4f\xff\x51")
+    frame[siz + 8:siz + 16] = (61000).to_bytes(4, "big") + (30000).to_bytes(4, "big")
+    ds.PixelData = encapsulate([bytes(frame) + b"\0" * (len(frame) % 2)])
+    ds.save_as(tmp_path / "resized.dcm")
+    with pytest.raises(InvalidImageError) as info:
+        load_unit_image(tmp_path / "resized.dcm")
+    assert info.value.step == "decode" and info.value.tag == "(0028,0010) Rows"
+    assert (f"frame 1's JPEG 2000 codestream is 30000 x 61000 (its SIZ segment), not Rows x Columns "
+            f"{ds.Rows} x {ds.Columns}") in info.value.cause
+
+
 def test_jpeg_files_decode_to_opencvs_pixels_and_a_harmless_warning_passes(tmp_path):
     """Plain JPEGs are decoded by libjpeg-turbo through simplejpeg (strictly) where they were decoded by OpenCV:
     the same pixels, for grey and colour, every chroma subsampling, progressive, with restart markers, and at
