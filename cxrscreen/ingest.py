@@ -1483,7 +1483,8 @@ def _check_codestream(ds, ts: str, ts_text: str, rows: int, columns: int) -> Non
     (the header's, as :func:`decode_first_frame` read them; 0 lines included) fails before any decoder
     allocates that size; so does a JPEG 2000 or HTJ2K frame whose image size (its SIZ segment) is not: openjpeg
     allocated the codestream's size whole before the shape check could refuse it (5 GB and 13 s for 30000 x
-    30000, failing with numpy's "could not broadcast" message), and 65,535 a side is 17 GB."""
+    30000, failing with numpy's "could not broadcast" message), and 65,535 a side is 17 GB; and an image offset
+    changed in SIZ made openjpeg decode a garbled picture of the right size without a word."""
     from pydicom.encaps import generate_frames
 
     try:
@@ -1492,11 +1493,13 @@ def _check_codestream(ds, ts: str, ts_text: str, rows: int, columns: int) -> Non
     except Exception:
         return
     if ts in J2K_CODESTREAMS:
-        size = _j2k_size(frame)
-        if size is not None and size != (rows, columns):
+        grid = _j2k_grid(frame)
+        if grid is not None and (grid[0] - grid[2], grid[1] - grid[3]) != (rows, columns):
+            height, width, top, left = grid
+            offset = f": {height} x {width} less an image offset of {top} x {left}" if top or left else ""
             raise InvalidImageError(f"pixel data cannot be decoded ({ts_text}): frame 1's JPEG 2000 codestream is "
-                                    f"{size[0]} x {size[1]} (its SIZ segment), not Rows x Columns {rows} x {columns}",
-                                    step="decode", tag="(0028,0010) Rows")
+                                    f"{height - top} x {width - left} (its SIZ segment{offset}), not Rows x Columns "
+                                    f"{rows} x {columns}", step="decode", tag="(0028,0010) Rows")
         return
     header = _frame_header(frame)
     if header is not None and (header[2], header[3]) != (rows, columns):    # 0 lines too (a DNL marker's to give):
@@ -1519,11 +1522,12 @@ def _check_codestream(ds, ts: str, ts_text: str, rows: int, columns: int) -> Non
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 
-def _j2k_size(codestream) -> tuple[int, int] | None:
-    """A JPEG 2000 or HTJ2K codestream's image size as ``(rows, columns)``: its SIZ segment's Ysiz - YOsiz and
-    Xsiz - XOsiz (ISO/IEC 15444-1 A.5.1), SIZ being the segment that must follow the start of the codestream
-    (FF4F FF51). A codestream in a JP2 file (which DICOM does not allow, but some encoders write) is found in
-    its contiguous-codestream box. None when there is no SIZ where it must be."""
+def _j2k_grid(codestream) -> tuple[int, int, int, int] | None:
+    """A JPEG 2000 or HTJ2K codestream's reference grid and image offset from its SIZ segment (ISO/IEC 15444-1
+    A.5.1) as ``(Ysiz, Xsiz, YOsiz, XOsiz)``: the image is ``Ysiz - YOsiz`` rows by ``Xsiz - XOsiz`` columns.
+    SIZ must follow the start of the codestream (FF4F FF51); a codestream in a JP2 file (which DICOM does not
+    allow, but some encoders write) is found in its contiguous-codestream box. None when there is no SIZ where
+    it must be."""
     data = bytes(codestream)
     at = 0
     if data.startswith(_JP2_SIGNATURE):
@@ -1541,10 +1545,10 @@ def _j2k_size(codestream) -> tuple[int, int] | None:
             at += length
         else:
             return None
-    if data[at:at + 4] != b"\xff\x4f\xff\x51" or at + 26 > len(data):
+    if data[at:at + 4] != b"\xff\x4f\xff\x51" or at + 24 > len(data):
         return None
     width, height, left, top = (int.from_bytes(data[at + i:at + i + 4], "big") for i in (8, 12, 16, 20))
-    return height - top, width - left
+    return height, width, top, left
 
 
 # Encapsulated Uncompressed Explicit VR Little Endian (PS3.5 A.4.11, 2023): native little-endian frames, each in

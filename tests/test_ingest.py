@@ -474,8 +474,9 @@ def test_a_jpeg_2000_frame_whose_size_is_not_the_headers_fails_before_it_is_deco
         ds.PixelData = encapsulate([bytes(frame) + b"\0" * (len(frame) % 2)])
         ds.save_as(tmp_path / "jp2.dcm")
         assert np.array_equal(decode(tmp_path / "jp2.dcm"), decode(source))   # whole, it decodes as before
-    assert ingest._j2k_size(frame) == (ds.Rows, ds.Columns)
+    assert ingest._j2k_grid(frame) == (ds.Rows, ds.Columns, 0, 0)
     siz = frame.find(b"\xff\x4f\xff\x51")
+    whole = bytes(frame)
     frame[siz + 8:siz + 16] = (61000).to_bytes(4, "big") + (30000).to_bytes(4, "big")
     ds.PixelData = encapsulate([bytes(frame) + b"\0" * (len(frame) % 2)])
     ds.save_as(tmp_path / "resized.dcm")
@@ -484,6 +485,17 @@ def test_a_jpeg_2000_frame_whose_size_is_not_the_headers_fails_before_it_is_deco
     assert info.value.step == "decode" and info.value.tag == "(0028,0010) Rows"
     assert (f"frame 1's JPEG 2000 codestream is 30000 x 61000 (its SIZ segment), not Rows x Columns "
             f"{ds.Rows} x {ds.Columns}") in info.value.cause
+    if kind == "jpeg-2000":
+        # one byte of the image offset changed (found by benchmarks/fuzz_codestreams.py): openjpeg decoded a
+        # picture of the right size, 99% of its pixels wrong, and it was screened
+        frame = bytearray(whole)
+        frame[siz + 19] = 208     # XOsiz, 4 bytes at 16
+        ds.PixelData = encapsulate([bytes(frame) + b"\0" * (len(frame) % 2)])
+        ds.save_as(tmp_path / "offset.dcm")
+        with pytest.raises(InvalidImageError) as info:
+            load_unit_image(tmp_path / "offset.dcm")
+        assert (f"frame 1's JPEG 2000 codestream is {ds.Rows} x {ds.Columns - 208} (its SIZ segment: {ds.Rows} x "
+                f"{ds.Columns} less an image offset of 0 x 208), not Rows x Columns") in info.value.cause
 
 
 def test_jpeg_files_decode_to_opencvs_pixels_and_a_harmless_warning_passes(tmp_path):
