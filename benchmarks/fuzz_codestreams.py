@@ -14,11 +14,12 @@ errors (which would stop a batch). The parent watches the child's resident memor
 storm is reported as one instead of taking the machine; a child that ends is started again after the copy
 that ended it.
 
-Prints, per source, how many copies decoded and how many were refused, then every copy that ended the child,
-outgrew the memory bound or raised an uncaught exception, with its seed (``--first-seed N --copies 1`` reads
-that one copy again); exits 1 when there is one. Not a timing: a robustness check of the decoders cxrscreen
-installs, beside ``damaged_files.py`` (whole files damaged anywhere) and ``changed_jpeg.py`` (JPEG scan data
-changed). Needs pydicom-data (the test extra) for five of its sources; no ../shared.
+Prints, per source, how many copies decoded (to its pixels, or to a changed picture) and how many were
+refused, then every copy that ended the child, outgrew the memory bound or raised an uncaught exception, with
+its seed (``--first-seed N --copies 1`` reads that one copy again); exits 1 when there is one. Not a timing: a
+robustness check of the decoders cxrscreen installs, beside ``damaged_files.py`` (whole files damaged
+anywhere) and ``changed_jpeg.py`` (JPEG scan data changed). Needs pydicom-data (the test extra) for five of its
+sources; no ../shared.
 """
 
 from __future__ import annotations
@@ -63,14 +64,17 @@ from pydicom.encaps import encapsulate, generate_frames
 from cxrscreen.errors import CxrError
 from cxrscreen.normalise import load_unit_image
 
+import numpy as np
+
 out, first, count, reach = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 loaded = []
 for source in sys.argv[5:]:
     ds = pydicom.dcmread(source)
-    loaded.append((ds, next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))))
+    loaded.append((ds, next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))),
+                   load_unit_image(source)))
 for seed in range(first, first + count):
     rng = random.Random(seed)
-    ds, frame = loaded[seed % len(loaded)]
+    ds, frame, whole = loaded[seed % len(loaded)]
     changed = bytearray(frame)
     for _ in range(rng.randint(1, 3)):
         at = rng.randrange(0, min(len(changed), reach))
@@ -79,8 +83,9 @@ for seed in range(first, first + count):
     ds.save_as(out, enforce_file_format=False)
     print("START", seed, flush=True)
     try:
-        load_unit_image(out)
-        outcome = "decoded"
+        pixels = load_unit_image(out)
+        outcome = "decoded, " + ("the same" if pixels.shape == whole.shape and np.array_equal(pixels, whole)
+                                 else "changed")
     except CxrError:
         outcome = "refused"
     except Exception as exc:
