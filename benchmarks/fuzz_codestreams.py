@@ -67,17 +67,29 @@ from cxrscreen.normalise import load_unit_image
 import numpy as np
 
 out, first, count, reach = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+
+def headers(frame):     # where coded data starts: after JPEG's (or JPEG-LS's) first start-of-scan segment,
+    # after JPEG 2000's first start-of-data marker, after RLE's 64-byte header
+    if frame[:2] == b"\xff\x4f":
+        return frame.find(b"\xff\x93") + 2
+    if frame[:2] == b"\xff\xd8":
+        at = frame.find(b"\xff\xda")
+        return at + 2 + int.from_bytes(frame[at + 2:at + 4], "big")
+    return 64
+
+
 loaded = []
 for source in sys.argv[5:]:
     ds = pydicom.dcmread(source)
-    loaded.append((ds, next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))),
-                   load_unit_image(source)))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    loaded.append((ds, frame, load_unit_image(source), headers(frame) if reach == 0 else min(len(frame), reach)))
 for seed in range(first, first + count):
     rng = random.Random(seed)
-    ds, frame, whole = loaded[seed % len(loaded)]
+    ds, frame, whole, reach = loaded[seed % len(loaded)]
     changed = bytearray(frame)
     for _ in range(rng.randint(1, 3)):
-        at = rng.randrange(0, min(len(changed), reach))
+        at = rng.randrange(0, reach)
         changed[at] = rng.choice([0, 0xFF, rng.randrange(256), changed[at] ^ (1 << rng.randrange(8))])
     ds.PixelData = encapsulate([bytes(changed) + b"\0" * (len(changed) % 2)])
     ds.save_as(out, enforce_file_format=False)
@@ -139,7 +151,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=3000, help="changed copies, spread over the sources in turn")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--bytes", type=int, default=400, help="change bytes among each frame's first N")
+    parser.add_argument("--bytes", type=int, default=400,
+                        help="change bytes among each frame's first N; 0: among its headers only (before coded data)")
     parser.add_argument("--rss-mb", type=int, default=2000, help="end a child whose resident memory grows past this")
     args = parser.parse_args()
 
@@ -186,7 +199,7 @@ def main() -> int:
 
     outcomes = sorted({outcome for counts in table.values() for outcome in counts})
     print(f"{args.copies:,} changed copies (seeds {args.first_seed}..{last - 1}, 1-3 of each frame's first "
-          f"{args.bytes} bytes changed) in {time.perf_counter() - started:.0f} s")
+          f"{args.bytes or 'header'} bytes changed) in {time.perf_counter() - started:.0f} s")
     print("| source | " + " | ".join(outcomes) + " |")
     print("|---|" + "---|" * len(outcomes))
     for kind in kinds:

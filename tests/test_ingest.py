@@ -1204,6 +1204,41 @@ def test_a_decoder_that_panics_on_corrupt_pixel_data_fails_the_file(tmp_path):
     assert "RLE Lossless" in info.value.cause and str(path) in str(info.value)
 
 
+def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passes(tmp_path):
+    """pylibjpeg-rle refuses an RLE header whose unused offsets are not 0 (it counts segments by them) and a
+    segment that decodes past Rows x Columns; pydicom's own decoder, tried next, decoded such a frame, cut the
+    segments to size and only warned. With the second segment's offset moved as well (found by
+    benchmarks/fuzz_codestreams.py) the first segment runs on into the second and the second starts mid-run:
+    a garbled picture, screened. It fails now; a segment one byte over (an encoder's padding, pydicom issue
+    1438) still decodes to its picture."""
+    import struct
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    source = ROOT / "samples" / "study2_dx_rescale_rle" / "IM0001.dcm"
+    ds = pydicom.dcmread(source)
+    whole = decode(source)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    count, first, second = struct.unpack("<3I", frame[:12])
+    assert (count, first) == (2, 64)
+    frame[8:16] = struct.pack("<2I", second + 16, 195)
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.save_as(tmp_path / "moved.dcm")
+    with pytest.raises(InputError) as info:
+        load_unit_image(tmp_path / "moved.dcm")
+    assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
+    assert "an RLE segment decodes to " in info.value.cause
+    assert f"bytes, not the {ds.Rows * ds.Columns:,} of Rows x Columns" in info.value.cause
+
+    # one literal byte more at the end of the last segment: one byte of padding, let through as before
+    ds = pydicom.dcmread(source)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame + b"\x00\x00"])
+    ds.save_as(tmp_path / "padded.dcm")
+    assert np.array_equal(decode(tmp_path / "padded.dcm"), whole)
+
+
 def test_header_warnings_are_logged_once_naming_the_file(caplog, recwarn):
     """pydicom warns of an invalid value as it converts it, and logs the same text, neither naming the file."""
     path = reference_file("badVR.dcm")
