@@ -1613,8 +1613,39 @@ def _refuse_overlong_rle(seen: list[warnings.WarningMessage], ts_text: str) -> N
                              tag="(7FE0,0010) PixelData")
 
 
+# What libjpeg (pylibjpeg-libjpeg) says of JPEG coded data that does not fit the frame's Huffman tables
+_OUT_OF_SYNC = "AC coefficient decoding out of sync"
+
+
+def _decoded_by_libjpeg(ds, ts_text: str) -> np.ndarray | None:
+    """A JPEG baseline or extended first frame as pylibjpeg's libjpeg alone decodes it (the decoder pydicom tries
+    first); None where it cannot (not installed, or failing for a reason another decoder may not have), for
+    pydicom's decoders in turn. Where libjpeg finds the coded data out of step with the Huffman tables the
+    frame fails: libjpeg-turbo, which pydicom tries next (in Pillow) and which the strict check before uses,
+    decodes such data on without a word. In ``benchmarks/fuzz_codestreams.py`` a Huffman table changed so gave
+    pictures with 94-99% of their pixels wrong, and Pillow's decoding of them was screened."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        with caught():
+            return pixel_array(ds, index=0, decoding_plugin="pylibjpeg")
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        said = str(exc)
+    if _OUT_OF_SYNC in said:
+        said = _corrupt_jpeg("frame 1's", _OUT_OF_SYNC)
+        raise InputError(f"pixel data cannot be decoded ({ts_text}): {said}", step="decode",
+                         tag="(7FE0,0010) PixelData")
+    return None
+
+
 def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
     """The first frame as pydicom's decoders give it, each failure an error naming the syntax."""
+    if str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) in JPEG_DCT:
+        arr = _decoded_by_libjpeg(ds, ts_text)
+        if arr is not None:
+            return arr
     try:
         with caught() as seen:                # a decoder's warnings are dropped, but for one (below)
             if _frames(ds) > 1:

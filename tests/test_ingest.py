@@ -1239,6 +1239,29 @@ def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passe
     assert np.array_equal(decode(tmp_path / "padded.dcm"), whole)
 
 
+def test_jpeg_data_out_of_step_with_its_huffman_tables_fails_though_another_decoder_decodes_it(tmp_path):
+    """One byte of the JPEG baseline sample's AC Huffman table changed (found by benchmarks/fuzz_codestreams.py):
+    libjpeg-turbo decodes the coded data on with the wrong table without a word (the strict check passes it),
+    pylibjpeg's libjpeg refuses it ("AC coefficient decoding out of sync"), and pydicom then tried Pillow, whose
+    picture, nearly every pixel wrong, was screened. pylibjpeg's refusal stands now."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    source = ROOT / "samples" / "study5_cr_jpeg_baseline" / "IM0001.dcm"
+    ds = pydicom.dcmread(source)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    ac_table = frame.find(b"\xff\xc4", frame.find(b"\xff\xc4") + 2)       # the second DHT segment: AC codes
+    assert frame[ac_table + 53] == 0x24
+    frame[ac_table + 53] = 0x34                                             # one of its symbols
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.save_as(tmp_path / "table.dcm")
+    with pytest.raises(InputError) as info:
+        load_unit_image(tmp_path / "table.dcm")
+    assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
+    assert "frame 1's JPEG data is corrupt (libjpeg: AC coefficient decoding out of sync)" in info.value.cause
+    assert np.array_equal(decode(source), pydicom.dcmread(source).pixel_array)     # whole, as pydicom decodes it
+
+
 def test_header_warnings_are_logged_once_naming_the_file(caplog, recwarn):
     """pydicom warns of an invalid value as it converts it, and logs the same text, neither naming the file."""
     path = reference_file("badVR.dcm")
