@@ -220,6 +220,28 @@ def test_a_burst_is_screened_round_after_round_without_the_idle_poll_between(dir
     assert "round,wait" not in ",".join(steps), steps
 
 
+def test_watchdog_walking_a_watched_folder_again_warns_of_nothing(dirs, model, recwarn):
+    """watchdog re-walks a folder it watches (a folder created while its parent is walked, an event queue
+    overflow) and warned "Callback with id ... already exists for watch ... It will be Overwritten" for each
+    folder, a RuntimeWarning naming no file that the 300-file burst test met now and then and a daemon wrote to
+    its journal. The watches are the same after it; the warning is not shown."""
+    inbox, out = dirs
+    (inbox / "study1" / "series1").mkdir(parents=True)
+    watcher = Watcher(WatchOptions(inbox, out, settle=0.0, rescan=3600.0, gradcam="none", once=True), model=model)
+    observer = watcher._start_observer()
+    try:
+        emitter = next(iter(observer.emitters))
+        group = emitter._inotify                        # watchdog's InotifyWatchGroup for the inbox
+        watched = dict(group._active_callbacks_by_path)
+        assert len(watched) == 3
+        group._add_all_callbacks(os.fsencode(inbox))    # what it does on a queue overflow
+        assert group._active_callbacks_by_path == watched
+    finally:
+        observer.stop()
+        observer.join()
+    assert not [w for w in recwarn.list if "already exists for watch" in str(w.message)]
+
+
 def test_an_amended_study_gets_a_second_version_and_keeps_the_first(dirs, model, tmp_path):
     inbox, out = dirs
     archive = tmp_path / "archive"
