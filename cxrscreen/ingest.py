@@ -1654,7 +1654,6 @@ def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
                 arr = pixel_array(ds, index=0)
             else:
                 arr = ds.pixel_array
-        _refuse_overlong_rle(seen, ts_text)
     except NotImplementedError as exc:
         raise UnsupportedTransferSyntax(f"no installed decoder handles {ts_text}: {exc}",
                                         step="decode", tag="(0002,0010) TransferSyntaxUID") from None
@@ -1676,4 +1675,5 @@ def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
         # pyo3's PanicException is a BaseException, which `except Exception` let through to stop the whole batch)
         raise InputError(f"pixel data cannot be decoded ({ts_text}): {type(exc).__name__}: {exc}",
                          step="decode", tag="(7FE0,0010) PixelData") from None
+    _refuse_overlong_rle(seen, ts_text)
     return arr

@@ -1228,7 +1228,8 @@ def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passe
     with pytest.raises(InputError) as info:
         load_unit_image(tmp_path / "moved.dcm")
     assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
-    assert "an RLE segment decodes to " in info.value.cause
+    assert info.value.cause.startswith("pixel data cannot be decoded (RLE Lossless (1.2.840.10008.1.2.5)): an RLE "
+                                       "segment decodes to ")
     assert f"bytes, not the {ds.Rows * ds.Columns:,} of Rows x Columns" in info.value.cause
 
     # one literal byte more at the end of the last segment: one byte of padding, let through as before
@@ -1258,7 +1259,9 @@ def test_jpeg_data_out_of_step_with_its_huffman_tables_fails_though_another_deco
     with pytest.raises(InputError) as info:
         load_unit_image(tmp_path / "table.dcm")
     assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
-    assert "frame 1's JPEG data is corrupt (libjpeg: AC coefficient decoding out of sync)" in info.value.cause
+    assert info.value.cause.startswith("pixel data cannot be decoded (JPEG Baseline (Process 1) "
+                                       "(1.2.840.10008.1.2.4.50)): frame 1's JPEG data is corrupt (libjpeg: AC "
+                                       "coefficient decoding out of sync)")
     assert np.array_equal(decode(source), pydicom.dcmread(source).pixel_array)     # whole, as pydicom decodes it
 
 
