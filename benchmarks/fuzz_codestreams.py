@@ -198,8 +198,9 @@ def main() -> int:
                                  f"{(Path(folder) / 'child.err').read_text()[-2000:]}")
 
     outcomes = sorted({outcome for counts in table.values() for outcome in counts})
-    print(f"{args.copies:,} changed copies (seeds {args.first_seed}..{last - 1}, 1-3 of each frame's first "
-          f"{args.bytes or 'header'} bytes changed) in {time.perf_counter() - started:.0f} s")
+    where = f"first {args.bytes} bytes" if args.bytes else "header bytes"
+    print(f"{args.copies:,} changed copies (seeds {args.first_seed}..{last - 1}, 1-3 of each frame's {where} "
+          f"changed) in {time.perf_counter() - started:.0f} s")
     print("| source | " + " | ".join(outcomes) + " |")
     print("|---|" + "---|" * len(outcomes))
     for kind in kinds:
