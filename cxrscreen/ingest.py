@@ -1640,9 +1640,34 @@ def _decoded_by_libjpeg(ds, ts_text: str) -> np.ndarray | None:
     return None
 
 
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+def _rle_after_a_panic(ds, ts_text: str, panic: BaseException) -> tuple[np.ndarray, list[warnings.WarningMessage]]:
+    """An RLE first frame that pylibjpeg-rle panicked on, as pydicom's own decoder decodes it, with the warnings
+    it gave. pylibjpeg-rle 2.2 panics (index out of bounds) where a 16-bit segment's last run goes past the
+    frame: damaged data, or the byte of padding some encoders add, which pydicom's decoder takes. pyo3's
+    PanicException is a BaseException, which pydicom's loop over its decoders does not catch: its own decoder
+    was never tried, and such a frame failed whole. Its decoding is checked as any (:func:`_refuse_overlong_rle`)."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        with caught() as seen:
+            return pixel_array(ds, index=0, decoding_plugin="pydicom"), seen
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        said = re.sub(r"\s*\n\s*", " ", str(exc).strip()).replace(
+            "Unable to decode as exceptions were raised by all available plugins: ", "")
+        raise InputError(f"pixel data cannot be decoded ({ts_text}): every installed decoder failed: pylibjpeg: "
+                         f"{type(panic).__name__}: {panic}; {said}", step="decode",
+                         tag="(7FE0,0010) PixelData") from None
+
+
 def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
     """The first frame as pydicom's decoders give it, each failure an error naming the syntax."""
-    if str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) in JPEG_DCT:
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if ts in JPEG_DCT:
         arr = _decoded_by_libjpeg(ds, ts_text)
         if arr is not None:
             return arr
@@ -1673,7 +1698,9 @@ def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
         raise
     except BaseException as exc:    # also a decoder written in Rust that panics on corrupt data (pylibjpeg-rle:
         # pyo3's PanicException is a BaseException, which `except Exception` let through to stop the whole batch)
-        raise InputError(f"pixel data cannot be decoded ({ts_text}): {type(exc).__name__}: {exc}",
-                         step="decode", tag="(7FE0,0010) PixelData") from None
+        if ts != RLE_LOSSLESS or type(exc).__name__ != "PanicException":
+            raise InputError(f"pixel data cannot be decoded ({ts_text}): {type(exc).__name__}: {exc}",
+                             step="decode", tag="(7FE0,0010) PixelData") from None
+        arr, seen = _rle_after_a_panic(ds, ts_text, exc)
     _refuse_overlong_rle(seen, ts_text)
     return arr

@@ -1240,6 +1240,33 @@ def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passe
     assert np.array_equal(decode(tmp_path / "padded.dcm"), whole)
 
 
+@pytest.mark.parametrize("segment", [0, 1])
+def test_a_16_bit_rle_segment_one_byte_over_decodes_though_pylibjpeg_rle_panics(tmp_path, segment):
+    """A 16-bit RLE segment whose last run is one byte longer than the frame needs (the padding some encoders
+    add; pydicom's decoder cuts it off with a warning): pylibjpeg-rle 2.2 panics on it (index out of bounds),
+    pyo3's PanicException is a BaseException that pydicom's loop over its decoders lets through, so pydicom's
+    own decoder was never tried and the whole image failed. It decodes to its picture now."""
+    import struct
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    source = ROOT / "samples" / "study2_dx_rescale_rle" / "IM0001.dcm"
+    ds = pydicom.dcmread(source)
+    assert ds.BitsAllocated == 16
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    offsets = list(struct.unpack("<3I", frame[:12])[1:]) + [len(frame)]
+    at, last = offsets[segment], None
+    while at < offsets[segment + 1]:            # PackBits runs: a header byte, then 1 byte or header + 1 bytes
+        last = at
+        at += frame[at] + 2 if frame[at] < 128 else 2 if frame[at] > 128 else 1
+    assert frame[last] > 129                    # a replicate run of 257 - header bytes
+    frame[last] -= 1                            # one byte more
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.save_as(tmp_path / "over.dcm")
+    assert np.array_equal(decode(tmp_path / "over.dcm"), decode(source))
+
+
 def test_jpeg_data_out_of_step_with_its_huffman_tables_fails_though_another_decoder_decodes_it(tmp_path):
     """One byte of the JPEG baseline sample's AC Huffman table changed (found by benchmarks/fuzz_codestreams.py):
     libjpeg-turbo decodes the coded data on with the wrong table without a word (the strict check passes it),
