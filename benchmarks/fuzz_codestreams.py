@@ -1,7 +1,9 @@
 """Changed codestream headers: the first frame of eleven compressed DICOM files (JPEG baseline grey and colour,
 12-bit extended, 8- and 16-bit lossless, JPEG-LS lossless and near-lossless, JPEG 2000 lossless and lossy, HTJ2K,
-RLE), with 1 to 3 of its first bytes changed (seeded), each copy written whole as a DICOM file and read as
-``batch`` reads it (:func:`cxrscreen.normalise.load_unit_image`) in a child process that must live.
+RLE), the JPEG sample file and a 16-bit PNG made from the JPEG 2000 sample, with 1 to 3 of its first bytes
+changed (seeded; with ``--bytes 0`` only its header bytes, before the coded data), each copy written whole (a
+DICOM file around the frame) and read as ``batch`` reads it (:func:`cxrscreen.normalise.load_unit_image`) in a
+child process that must live.
 
     python benchmarks/fuzz_codestreams.py [--copies 3000] [--first-seed 0] [--bytes 400] [--rss-mb 2000]
 
@@ -50,6 +52,8 @@ SOURCES = [
     ("JPEG 2000 lossy", "US1_J2KI.dcm"),
     ("HTJ2K lossless", "tests/data/htj2k_lossless.dcm"),
     ("RLE", "samples/study2_dx_rescale_rle/IM0001.dcm"),
+    ("JPEG file", "samples/study6_plain_jpeg/chest_export.jpg"),
+    ("PNG file, 16-bit", "made: the JPEG 2000 sample's pixels"),
 ]
 
 # The child: reads the sources' first frames once, then for each seed changes 1 to 3 of a frame's first bytes,
@@ -70,32 +74,42 @@ out, first, count, reach = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(
 
 
 def headers(frame):     # where coded data starts: after JPEG's (or JPEG-LS's) first start-of-scan segment,
-    # after JPEG 2000's first start-of-data marker, after RLE's 64-byte header
+    # after JPEG 2000's first start-of-data marker, in a PNG's first IDAT chunk, after RLE's 64-byte header
     if frame[:2] == b"\xff\x4f":
         return frame.find(b"\xff\x93") + 2
     if frame[:2] == b"\xff\xd8":
         at = frame.find(b"\xff\xda")
         return at + 2 + int.from_bytes(frame[at + 2:at + 4], "big")
+    if frame[:8] == b"\x89PNG\r\n\x1a\n":
+        return frame.find(b"IDAT") + 4
     return 64
 
 
 loaded = []
 for source in sys.argv[5:]:
-    ds = pydicom.dcmread(source)
-    frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
-    loaded.append((ds, frame, load_unit_image(source), headers(frame) if reach == 0 else min(len(frame), reach)))
+    if source.endswith((".jpg", ".png")):       # a picture file: its own bytes are changed, written as a file
+        ds, frame, written = None, open(source, "rb").read(), out + source[-4:]
+    else:                                       # a DICOM: its first frame's, written back into the data set
+        ds, written = pydicom.dcmread(source), out
+        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    span = headers(frame) if reach == 0 else min(len(frame), reach)
+    loaded.append((ds, frame, load_unit_image(source), span, written))
 for seed in range(first, first + count):
     rng = random.Random(seed)
-    ds, frame, whole, reach = loaded[seed % len(loaded)]
+    ds, frame, whole, span, written = loaded[seed % len(loaded)]
     changed = bytearray(frame)
     for _ in range(rng.randint(1, 3)):
-        at = rng.randrange(0, reach)
+        at = rng.randrange(0, span)
         changed[at] = rng.choice([0, 0xFF, rng.randrange(256), changed[at] ^ (1 << rng.randrange(8))])
-    ds.PixelData = encapsulate([bytes(changed) + b"\0" * (len(changed) % 2)])
-    ds.save_as(out, enforce_file_format=False)
+    if ds is None:
+        with open(written, "wb") as file:
+            file.write(changed)
+    else:
+        ds.PixelData = encapsulate([bytes(changed) + b"\0" * (len(changed) % 2)])
+        ds.save_as(written, enforce_file_format=False)
     print("START", seed, flush=True)
     try:
-        pixels = load_unit_image(out)
+        pixels = load_unit_image(written)
         outcome = "decoded, " + ("the same" if pixels.shape == whole.shape and np.array_equal(pixels, whole)
                                  else "changed")
     except CxrError:
@@ -106,7 +120,15 @@ for seed in range(first, first + count):
 """
 
 
-def resolve(where: str) -> Path | None:
+def resolve(where: str, folder: Path) -> Path | None:
+    if where.startswith("made:"):               # a 16-bit PNG of the JPEG 2000 sample, written here
+        import cv2
+
+        from cxrscreen.ingest import decode_first_frame, read_dicom
+
+        made = folder / "made.png"
+        cv2.imwrite(str(made), decode_first_frame(read_dicom(ROOT / "samples/study1_cr_mono1_j2k/IM0001.dcm")))
+        return made
     if "/" in where:
         return ROOT / where
     from pydicom.data import get_testdata_file
@@ -156,18 +178,18 @@ def main() -> int:
     parser.add_argument("--rss-mb", type=int, default=2000, help="end a child whose resident memory grows past this")
     args = parser.parse_args()
 
-    kinds, paths = [], []
-    for kind, where in SOURCES:
-        path = resolve(where)
-        if path is None or not path.is_file():
-            print(f"left out: {kind} ({where} not found; pydicom-data is the test extra)")
-            continue
-        kinds.append(kind)
-        paths.append(path)
-    table: dict[str, Counter] = {kind: Counter() for kind in kinds}
-    problems: list[str] = []
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
+        kinds, paths = [], []
+        for kind, where in SOURCES:
+            path = resolve(where, Path(folder))
+            if path is None or not path.is_file():
+                print(f"left out: {kind} ({where} not found; pydicom-data is the test extra)")
+                continue
+            kinds.append(kind)
+            paths.append(path)
+        table: dict[str, Counter] = {kind: Counter() for kind in kinds}
+        problems: list[str] = []
+        started = time.perf_counter()
         seed, last = args.first_seed, args.first_seed + args.copies
         while seed < last:
             lines, ended = run_child(Path(folder), seed, last - seed, args, paths)
