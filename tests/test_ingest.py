@@ -180,6 +180,32 @@ def _frame_cut(path: Path, keep: float, out: Path) -> Path:
     return out
 
 
+def _first_frame(path: Path):
+    """``path``'s data set and its first frame's codestream, to change."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(path)
+    return ds, bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+
+
+def _with_frame(ds, frame: bytes, path: Path) -> Path:
+    """``ds`` written to ``path`` with ``frame`` (padded to an even length) as its one frame."""
+    from pydicom.encaps import encapsulate
+
+    ds.PixelData = encapsulate([bytes(frame) + b"\0" * (len(frame) % 2)])
+    ds.save_as(path)
+    return path
+
+
+def _fails_at_decoding(path: Path) -> InputError:
+    """The error reading ``path``'s pixels fails with, at decoding."""
+    with pytest.raises(InputError) as info:
+        load_unit_image(path)
+    assert info.value.step == "decode"
+    return info.value
+
+
 def _jpeg_ls_file(pixels, tmp_path) -> Path:
     return save(make_dicom(pixels, seed="ls", transfer_syntax="1.2.840.10008.1.2.4.80"), tmp_path / "ls.dcm")
 
@@ -433,22 +459,15 @@ def test_a_jpeg_frame_whose_size_is_not_the_headers_fails_before_it_is_decoded(t
     codestream says, and the shape check came only after the decoding. 0 lines (which a DNL marker would give)
     made pylibjpeg and CharLS allocate until the OOM killer ended the whole batch (found by changing bytes of
     the codestreams' headers). The frame now fails before anything decodes it, naming both sizes."""
-    import pydicom
-    from pydicom.encaps import encapsulate, generate_frames
-
     source = _jpeg_baseline_file(chest_pixels, tmp_path) if kind == "baseline" else _jpeg_ls_file(chest_pixels,
                                                                                                   tmp_path)
-    ds = pydicom.dcmread(source)
-    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    ds, frame = _first_frame(source)
     sof = frame.find(b"\xff\xc0" if kind == "baseline" else b"\xff\xf7")
     frame[sof + 5:sof + 9] = lines.to_bytes(2, "big") + (61000).to_bytes(2, "big")
-    ds.PixelData = encapsulate([bytes(frame)])
-    ds.save_as(tmp_path / "resized.dcm")
-    with pytest.raises(InvalidImageError) as info:
-        load_unit_image(tmp_path / "resized.dcm")
-    assert info.value.step == "decode" and info.value.tag == "(0028,0010) Rows"
+    failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "resized.dcm"))
+    assert isinstance(failed, InvalidImageError) and failed.tag == "(0028,0010) Rows"
     assert (f"frame 1's JPEG codestream is {lines} x 61000 (its start-of-frame header), not Rows x Columns "
-            f"{chest_pixels.shape[0]} x {chest_pixels.shape[1]}") in info.value.cause
+            f"{chest_pixels.shape[0]} x {chest_pixels.shape[1]}") in failed.cause
 
 
 @pytest.mark.parametrize("kind", ["jpeg-2000", "htj2k", "jp2"])
@@ -459,43 +478,32 @@ def test_a_jpeg_2000_frame_whose_size_is_not_the_headers_fails_before_it_is_deco
     JP2 file (DICOM allows only the bare codestream, some encoders write the file) its codestream is found."""
     import io
 
-    import pydicom
     from PIL import Image
-    from pydicom.encaps import encapsulate, generate_frames
 
     source = ROOT / ("tests/data/htj2k_lossless.dcm" if kind == "htj2k" else "samples/study1_cr_mono1_j2k/IM0001.dcm")
-    ds = pydicom.dcmread(source)
-    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    ds, frame = _first_frame(source)
     if kind == "jp2":
         written = io.BytesIO()
         Image.fromarray(decode(source)).save(written, "JPEG2000", no_jp2=False)
         frame = bytearray(written.getvalue())
         assert frame.startswith(ingest._JP2_SIGNATURE)
-        ds.PixelData = encapsulate([bytes(frame) + b"\0" * (len(frame) % 2)])
-        ds.save_as(tmp_path / "jp2.dcm")
-        assert np.array_equal(decode(tmp_path / "jp2.dcm"), decode(source))   # whole, it decodes as before
+        assert np.array_equal(decode(_with_frame(ds, frame, tmp_path / "jp2.dcm")), decode(source))  # whole: as before
     assert ingest._j2k_grid(frame) == (ds.Rows, ds.Columns, 0, 0)
     siz = frame.find(b"\xff\x4f\xff\x51")
     whole = bytes(frame)
     frame[siz + 8:siz + 16] = (61000).to_bytes(4, "big") + (30000).to_bytes(4, "big")
-    ds.PixelData = encapsulate([bytes(frame) + b"\0" * (len(frame) % 2)])
-    ds.save_as(tmp_path / "resized.dcm")
-    with pytest.raises(InvalidImageError) as info:
-        load_unit_image(tmp_path / "resized.dcm")
-    assert info.value.step == "decode" and info.value.tag == "(0028,0010) Rows"
+    failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "resized.dcm"))
+    assert isinstance(failed, InvalidImageError) and failed.tag == "(0028,0010) Rows"
     assert (f"frame 1's JPEG 2000 codestream is 30000 x 61000 (its SIZ segment), not Rows x Columns "
-            f"{ds.Rows} x {ds.Columns}") in info.value.cause
+            f"{ds.Rows} x {ds.Columns}") in failed.cause
     if kind == "jpeg-2000":
         # one byte of the image offset changed (found by benchmarks/fuzz_codestreams.py): openjpeg decoded a
         # picture of the right size, 99% of its pixels wrong, and it was screened
         frame = bytearray(whole)
         frame[siz + 19] = 208     # XOsiz, 4 bytes at 16
-        ds.PixelData = encapsulate([bytes(frame) + b"\0" * (len(frame) % 2)])
-        ds.save_as(tmp_path / "offset.dcm")
-        with pytest.raises(InvalidImageError) as info:
-            load_unit_image(tmp_path / "offset.dcm")
+        failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "offset.dcm"))
         assert (f"frame 1's JPEG 2000 codestream is {ds.Rows} x {ds.Columns - 208} (its SIZ segment: {ds.Rows} x "
-                f"{ds.Columns} less an image offset of 0 x 208), not Rows x Columns") in info.value.cause
+                f"{ds.Columns} less an image offset of 0 x 208), not Rows x Columns") in failed.cause
 
 
 def test_jpeg_files_decode_to_opencvs_pixels_and_a_harmless_warning_passes(tmp_path):
@@ -1213,31 +1221,20 @@ def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passe
     1438) still decodes to its picture."""
     import struct
 
-    import pydicom
-    from pydicom.encaps import encapsulate, generate_frames
-
     source = ROOT / "samples" / "study2_dx_rescale_rle" / "IM0001.dcm"
-    ds = pydicom.dcmread(source)
-    whole = decode(source)
-    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    ds, frame = _first_frame(source)
     count, first, second = struct.unpack("<3I", frame[:12])
     assert (count, first) == (2, 64)
     frame[8:16] = struct.pack("<2I", second + 16, 195)
-    ds.PixelData = encapsulate([bytes(frame)])
-    ds.save_as(tmp_path / "moved.dcm")
-    with pytest.raises(InputError) as info:
-        load_unit_image(tmp_path / "moved.dcm")
-    assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
-    assert info.value.cause.startswith("pixel data cannot be decoded (RLE Lossless (1.2.840.10008.1.2.5)): an RLE "
-                                       "segment decodes to ")
-    assert f"bytes, not the {ds.Rows * ds.Columns:,} of Rows x Columns" in info.value.cause
+    failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "moved.dcm"))
+    assert failed.tag == "(7FE0,0010) PixelData"
+    assert failed.cause.startswith("pixel data cannot be decoded (RLE Lossless (1.2.840.10008.1.2.5)): an RLE "
+                                   "segment decodes to ")
+    assert f"bytes, not the {ds.Rows * ds.Columns:,} of Rows x Columns" in failed.cause
 
     # one literal byte more at the end of the last segment: one byte of padding, let through as before
-    ds = pydicom.dcmread(source)
-    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    ds.PixelData = encapsulate([frame + b"\x00\x00"])
-    ds.save_as(tmp_path / "padded.dcm")
-    assert np.array_equal(decode(tmp_path / "padded.dcm"), whole)
+    ds, frame = _first_frame(source)
+    assert np.array_equal(decode(_with_frame(ds, frame + b"\x00\x00", tmp_path / "padded.dcm")), decode(source))
 
 
 @pytest.mark.parametrize("segment", [0, 1])
@@ -1248,13 +1245,9 @@ def test_a_16_bit_rle_segment_one_byte_over_decodes_though_pylibjpeg_rle_panics(
     own decoder was never tried and the whole image failed. It decodes to its picture now."""
     import struct
 
-    import pydicom
-    from pydicom.encaps import encapsulate, generate_frames
-
     source = ROOT / "samples" / "study2_dx_rescale_rle" / "IM0001.dcm"
-    ds = pydicom.dcmread(source)
+    ds, frame = _first_frame(source)
     assert ds.BitsAllocated == 16
-    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
     offsets = list(struct.unpack("<3I", frame[:12])[1:]) + [len(frame)]
     at, last = offsets[segment], None
     while at < offsets[segment + 1]:            # PackBits runs: a header byte, then 1 byte or header + 1 bytes
@@ -1262,9 +1255,7 @@ def test_a_16_bit_rle_segment_one_byte_over_decodes_though_pylibjpeg_rle_panics(
         at += frame[at] + 2 if frame[at] < 128 else 2 if frame[at] > 128 else 1
     assert frame[last] > 129                    # a replicate run of 257 - header bytes
     frame[last] -= 1                            # one byte more
-    ds.PixelData = encapsulate([bytes(frame)])
-    ds.save_as(tmp_path / "over.dcm")
-    assert np.array_equal(decode(tmp_path / "over.dcm"), decode(source))
+    assert np.array_equal(decode(_with_frame(ds, frame, tmp_path / "over.dcm")), decode(source))
 
 
 def test_jpeg_data_out_of_step_with_its_huffman_tables_fails_though_another_decoder_decodes_it(tmp_path):
@@ -1272,24 +1263,16 @@ def test_jpeg_data_out_of_step_with_its_huffman_tables_fails_though_another_deco
     libjpeg-turbo decodes the coded data on with the wrong table without a word (the strict check passes it),
     pylibjpeg's libjpeg refuses it ("AC coefficient decoding out of sync"), and pydicom then tried Pillow, whose
     picture, nearly every pixel wrong, was screened. pylibjpeg's refusal stands now."""
-    import pydicom
-    from pydicom.encaps import encapsulate, generate_frames
-
     source = ROOT / "samples" / "study5_cr_jpeg_baseline" / "IM0001.dcm"
-    ds = pydicom.dcmread(source)
-    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    ds, frame = _first_frame(source)
     ac_table = frame.find(b"\xff\xc4", frame.find(b"\xff\xc4") + 2)       # the second DHT segment: AC codes
     assert frame[ac_table + 53] == 0x24
     frame[ac_table + 53] = 0x34                                             # one of its symbols
-    ds.PixelData = encapsulate([bytes(frame)])
-    ds.save_as(tmp_path / "table.dcm")
-    with pytest.raises(InputError) as info:
-        load_unit_image(tmp_path / "table.dcm")
-    assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
-    assert info.value.cause.startswith("pixel data cannot be decoded (JPEG Baseline (Process 1) "
-                                       "(1.2.840.10008.1.2.4.50)): frame 1's JPEG data is corrupt (libjpeg: AC "
-                                       "coefficient decoding out of sync)")
-    assert np.array_equal(decode(source), pydicom.dcmread(source).pixel_array)     # whole, as pydicom decodes it
+    failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "table.dcm"))
+    assert failed.tag == "(7FE0,0010) PixelData"
+    assert failed.cause.startswith("pixel data cannot be decoded (JPEG Baseline (Process 1) (1.2.840.10008.1.2.4.50)): "
+                                   "frame 1's JPEG data is corrupt (libjpeg: AC coefficient decoding out of sync)")
+    assert np.array_equal(decode(source), _first_frame(source)[0].pixel_array)    # whole: as pydicom decodes it
 
 
 def test_header_warnings_are_logged_once_naming_the_file(caplog, recwarn):
