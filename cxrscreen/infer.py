@@ -194,9 +194,29 @@ class LoadedModel:
     path: Path
     card: ModelCard
     sha256: str
-    keras_model: object
+    keras_model: object = None  # None until :meth:`load_keras` (``load_model(..., keras=False)``)
     compute: str = ""          # the Keras backend and its device, see compute_device()
     appearance: AppearanceReference | None = None    # when the card names one
+
+    def load_keras(self) -> LoadedModel:
+        """The Keras model loaded (its backend started: 4-5 s on a CPU server, most of a run that finds
+        every study reported already) and checked against the card, once; returns ``self``."""
+        if self.keras_model is not None:
+            return self
+        self.compute = start_backend()
+        import keras
+
+        try:
+            model = keras.saving.load_model(self.path, compile=False)
+        except Exception as exc:
+            raise ModelError(f"{self.path}: cannot load the Keras model: {exc}", step="load-model") from None
+        shape = tuple(model.input_shape[1:])
+        expected = (*self.card.preprocessing.input_size, 1)
+        if shape != expected:
+            raise ModelError(f"{self.path}: model input {shape} does not match its card {expected}",
+                             step="load-model")
+        self.keras_model = model
+        return self
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -232,8 +252,10 @@ def pad_batch(batch: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     return np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
 
 
-def load_model(path: Path | str | None = None) -> LoadedModel:
-    """Load a ``.keras`` model and its card, checking that they fit together."""
+def load_model(path: Path | str | None = None, *, keras: bool = True) -> LoadedModel:
+    """Load a ``.keras`` model and its card, checking that they fit together (the file's SHA-256 against the
+    card's). ``keras=False``: the card, the file's digest and the appearance reference only, the Keras model
+    left to :meth:`LoadedModel.load_keras` (a batch that finds nothing to score never starts the backend)."""
     path = Path(path) if path else default_model_path()
     if not path.is_file():
         raise ModelError(f"model {path} not found (train one with `python -m training fit`, or pass --model)",
@@ -241,17 +263,6 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     card = ModelCard.load(card_path(path))
     sha256 = sha256_file(path)
     check_card_is_for(card.raw, path, sha256)
-    compute = start_backend()
-    import keras
-
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as exc:
-        raise ModelError(f"{path}: cannot load the Keras model: {exc}", step="load-model") from None
-    shape = tuple(model.input_shape[1:])
-    expected = (*card.preprocessing.input_size, 1)
-    if shape != expected:
-        raise ModelError(f"{path}: model input {shape} does not match its card {expected}", step="load-model")
     appearance = None
     if card.appearance:
         section = card.appearance
@@ -259,8 +270,8 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
             raise ModelError(f"{card_path(path)}: the appearance section must name its file and the Grad-CAM "
                              f"layer {card.gradcam_layer!r} its features come from", step="load-model")
         appearance = AppearanceReference.load(path.parent / section["file"], section.get("sha256", ""))
-    return LoadedModel(path=path, card=card, sha256=sha256, keras_model=model, compute=compute,
-                       appearance=appearance)
+    loaded = LoadedModel(path=path, card=card, sha256=sha256, appearance=appearance)
+    return loaded.load_keras() if keras else loaded
 
 
 def start_backend() -> str:

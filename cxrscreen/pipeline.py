@@ -488,7 +488,9 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     """:func:`run_batch` in its output lock. ``kept`` is given the run's state (``state``) and its report jobs
     (``jobs``) once they exist, and ``summary`` once it writes the summary: what a stop at once keeps and
     says (:func:`_keep_reported`)."""
-    model = model or load_model(options.model_path)
+    # the card and the file's digest now (a model that does not fit its card fails before anything is read);
+    # the Keras model once there is a study to score: a re-run that finds every study reported starts no backend
+    model = model or load_model(options.model_path, keras=False)
     threshold, operating, calibration = resolve_threshold(model, options.threshold, options.calibration,
                                                           options.selection)
 
@@ -524,8 +526,13 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
             continue
         to_score.append(study)
 
-    screener = Screener(model, threshold, gradcam=options.gradcam, batch_size=options.batch_size,
-                        workers=options.workers)
+    if to_score and not stop.is_set():
+        model.load_keras()
+        screener = Screener(model, threshold, gradcam=options.gradcam, batch_size=options.batch_size,
+                            workers=options.workers)
+        stream = screener.screen(to_score if not stop.is_set() else [], progress=progress)   # stopped meanwhile
+    else:
+        stream = (result for result in ())
     rows: list[dict] = []
     results: list[StudyResult] = []
 
@@ -569,7 +576,6 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
         wait_for(report_jobs[0])
         report_jobs.popleft()
 
-    stream = screener.screen(to_score if not stop.is_set() else [], progress=progress)
     try:
         for result in stream:
             results.append(result)
@@ -630,7 +636,8 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     summary.failed_reports = sum(r["step"] == "report" for r in rows)
     summary.seconds = time.time() - started
     summary.meta = {"tool_version": __version__, "model": str(model.path), "model_sha256": model.sha256,
-                    "compute": model.compute, "threshold": threshold, "operating_point": operating,
+                    "compute": model.compute or "none: no study to score", "threshold": threshold,
+                    "operating_point": operating,
                     "appearance_limit": model.appearance.limit if model.appearance else None,
                     "calibration": calibration, "dicom_reports": options.dicom,
                     "selection": options.selection.as_json(), "inputs": [str(p) for p in inputs]}
