@@ -636,7 +636,7 @@ def _run_batch(inputs: list[Path], options: BatchOptions, out: Path, started: fl
     summary.failed_reports = sum(r["step"] == "report" for r in rows)
     summary.seconds = time.time() - started
     summary.meta = {"tool_version": __version__, "model": str(model.path), "model_sha256": model.sha256,
-                    "compute": model.compute or "none: no study to score", "threshold": threshold,
+                    "compute": model.compute or "not started: no study scored", "threshold": threshold,
                     "operating_point": operating,
                     "appearance_limit": model.appearance.limit if model.appearance else None,
                     "calibration": calibration, "dicom_reports": options.dicom,

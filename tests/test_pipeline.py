@@ -175,7 +175,7 @@ def test_a_rerun_with_nothing_to_score_starts_no_backend_and_one_with_something_
     assert lazy.keras_model is None and lazy.sha256 == model.sha256 and lazy.appearance is not None
     again = run_batch([inbox], options, model=lazy)
     assert again.reused == 6 and again.exit_code == 0
-    assert lazy.keras_model is None and again.meta["compute"] == "none: no study to score"
+    assert lazy.keras_model is None and again.meta["compute"] == "not started: no study scored"
     image = inbox / "study5_cr_jpeg_baseline" / "IM0001.dcm"
     os.utime(image, (image.stat().st_atime, image.stat().st_mtime + 10))       # as a file written again
     third = run_batch([inbox], options, model=lazy)
