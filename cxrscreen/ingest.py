@@ -1657,11 +1657,20 @@ def _rle_after_a_panic(ds, ts_text: str, panic: BaseException) -> tuple[np.ndarr
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:
-        said = re.sub(r"\s*\n\s*", " ", str(exc).strip()).replace(
-            "Unable to decode as exceptions were raised by all available plugins: ", "")
+        said = _decoders_said(exc).replace(_ALL_FAILED, "").strip()
         raise InputError(f"pixel data cannot be decoded ({ts_text}): every installed decoder failed: pylibjpeg: "
                          f"{type(panic).__name__}: {panic}; {said}", step="decode",
                          tag="(7FE0,0010) PixelData") from None
+
+
+# pydicom's error when each decoder of a syntax failed, each decoder's error on a line of its own after it
+_ALL_FAILED = "Unable to decode as exceptions were raised by all available plugins:"
+
+
+def _decoders_said(exc: BaseException) -> str:
+    """pydicom's error naming each decoder's failure on a line of its own, in one line (for the summary and
+    the log): ``"...: pylibjpeg: ...; pydicom: ..."``."""
+    return re.sub(r"\s*\n\s*", "; ", str(exc).strip()).replace(":; ", ": ")
 
 
 def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
@@ -1683,15 +1692,13 @@ def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
         raise UnsupportedTransferSyntax(f"no installed decoder handles {ts_text}: {exc}",
                                         step="decode", tag="(0002,0010) TransferSyntaxUID") from None
     except RuntimeError as exc:
-        # pydicom puts each decoder's error on a line of its own: one line, for the summary and the log
-        msg = re.sub(r"\s*\n\s*", "; ", str(exc).strip()).replace(":; ", ": ")
+        msg = _decoders_said(exc)
         if "missing dependencies" in msg:
             raise UnsupportedTransferSyntax(f"no installed decoder handles {ts_text}: {msg}",
                                             step="decode", tag="(0002,0010) TransferSyntaxUID") from None
         # The decoders for the syntax are installed and each one failed: the data is corrupt or does not
         # conform (pydicom's "exceptions were raised by all available plugins"), which installing nothing mends.
-        msg = msg.replace("Unable to decode as exceptions were raised by all available plugins:",
-                          "every installed decoder failed:")
+        msg = msg.replace(_ALL_FAILED, "every installed decoder failed:")
         raise InputError(f"pixel data cannot be decoded ({ts_text}): {msg}", step="decode",
                          tag="(7FE0,0010) PixelData") from None
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
