@@ -311,6 +311,11 @@ def _unparsed(record) -> bool:
     return isinstance(record, FileOutcome) and (record.status is Status.FAILED or record.step == "discover")
 
 
+def _not_noise_at_stop(record: logging.LogRecord) -> bool:
+    """watchdog's inotify thread logs that a callback was "called when the thread is inactive" as it stops."""
+    return "called when the thread is inactive" not in record.getMessage()
+
+
 class Watcher:
     """The daemon. :meth:`run` returns when ``stop`` is set (SIGTERM/SIGINT), or in ``once`` mode when
     everything in the inbox is handled. The model is loaded once."""
@@ -615,8 +620,7 @@ class Watcher:
                     if path:
                         watcher._mark(os.fsdecode(path))
 
-        logging.getLogger("watchdog.observers.inotify").addFilter(
-            lambda record: "called when the thread is inactive" not in record.getMessage())   # noise at stop
+        logging.getLogger("watchdog.observers.inotify").addFilter(_not_noise_at_stop)   # added once however often
         # watchdog walks a folder it watches again (one created while its parent is walked, after an event queue
         # overflow) and warns that it replaces each folder's callback with itself: a RuntimeWarning naming no
         # file in the daemon's journal, seen in a burst of 300 files in 30 folders; the watches are as before

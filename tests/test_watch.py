@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -240,6 +241,11 @@ def test_watchdog_walking_a_watched_folder_again_warns_of_nothing(dirs, model, r
         observer.stop()
         observer.join()
     assert not [w for w in recwarn.list if "already exists for watch" in str(w.message)]
+    # a second start (a daemon's observer restarted, a test's next Watcher) adds no second logging filter
+    observer = watcher._start_observer()
+    observer.stop()
+    observer.join()
+    assert len(logging.getLogger("watchdog.observers.inotify").filters) == 1
 
 
 def test_an_amended_study_gets_a_second_version_and_keeps_the_first(dirs, model, tmp_path):
