@@ -1648,9 +1648,13 @@ def _rle_after_a_panic(ds, ts_text: str, panic: BaseException) -> tuple[np.ndarr
     it gave. pylibjpeg-rle 2.2 panics (index out of bounds) where a 16-bit segment's last run goes past the
     frame: damaged data, or the byte of padding some encoders add, which pydicom's decoder takes. pyo3's
     PanicException is a BaseException, which pydicom's loop over its decoders does not catch: its own decoder
-    was never tried, and such a frame failed whole. Its decoding is checked as any (:func:`_refuse_overlong_rle`)."""
+    was never tried, and such a frame failed whole. Its decoding is checked as any (:func:`_refuse_overlong_rle`).
+    Rust writes the panic to stderr itself (3 lines naming no file, more with RUST_BACKTRACE): a line of the log
+    names the file they are of."""
     from pydicom.pixels import pixel_array
 
+    log.warning("%s: pylibjpeg-rle panicked on frame 1 (%s; the lines on stderr saying so are of this file): "
+                "decoding it with pydicom's RLE decoder", getattr(ds, "filename", "") or "(a data set)", panic)
     try:
         with caught() as seen:
             return pixel_array(ds, index=0, decoding_plugin="pydicom"), seen

@@ -1238,11 +1238,12 @@ def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passe
 
 
 @pytest.mark.parametrize("segment", [0, 1])
-def test_a_16_bit_rle_segment_one_byte_over_decodes_though_pylibjpeg_rle_panics(tmp_path, segment):
+def test_a_16_bit_rle_segment_one_byte_over_decodes_though_pylibjpeg_rle_panics(tmp_path, segment, caplog):
     """A 16-bit RLE segment whose last run is one byte longer than the frame needs (the padding some encoders
     add; pydicom's decoder cuts it off with a warning): pylibjpeg-rle 2.2 panics on it (index out of bounds),
     pyo3's PanicException is a BaseException that pydicom's loop over its decoders lets through, so pydicom's
-    own decoder was never tried and the whole image failed. It decodes to its picture now."""
+    own decoder was never tried and the whole image failed. It decodes to its picture now, and the log names the
+    file that the panic's lines on stderr (Rust's, naming none) are of."""
     import struct
 
     source = ROOT / "samples" / "study2_dx_rescale_rle" / "IM0001.dcm"
@@ -1255,7 +1256,12 @@ def test_a_16_bit_rle_segment_one_byte_over_decodes_though_pylibjpeg_rle_panics(
         at += frame[at] + 2 if frame[at] < 128 else 2 if frame[at] > 128 else 1
     assert frame[last] > 129                    # a replicate run of 257 - header bytes
     frame[last] -= 1                            # one byte more
-    assert np.array_equal(decode(_with_frame(ds, frame, tmp_path / "over.dcm")), decode(source))
+    over = _with_frame(ds, frame, tmp_path / "over.dcm")
+    with caplog.at_level(logging.WARNING, logger="cxrscreen.ingest"):
+        assert np.array_equal(decode(over), decode(source))
+    [said] = [r.getMessage() for r in caplog.records if "panicked" in r.getMessage()]
+    assert said.startswith(f"{over}: pylibjpeg-rle panicked on frame 1 (index out of bounds: ")
+    assert said.endswith("; the lines on stderr saying so are of this file): decoding it with pydicom's RLE decoder")
 
 
 def test_jpeg_data_out_of_step_with_its_huffman_tables_fails_though_another_decoder_decodes_it(tmp_path):
