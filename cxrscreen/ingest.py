@@ -1179,22 +1179,52 @@ def read_presentation(path: Path, ds) -> tuple[Presentation | None, str]:
     for series in ds.get("ReferencedSeriesSequence", None) or ():
         for item in series.get("ReferencedImageSequence", None) or ():
             uid = _text(item, "ReferencedSOPInstanceUID")
-            frames = item.get("ReferencedFrameNumber", None)
-            if frames not in (None, ""):
-                numbers = [frames] if isinstance(frames, (int, str)) else list(frames)
-                if 1 not in {int(str(n).strip() or 0) for n in numbers}:
+            frames = _values(item.get("ReferencedFrameNumber", None))
+            if frames:
+                numbers = {_whole_number(n) for n in frames}
+                if None in numbers:
+                    return None, (f"its (0008,1160) ReferencedFrameNumber {_shown(frames)} is not whole frame "
+                                  "numbers")
+                if 1 not in numbers:
                     continue
             if uid:
                 images.add(uid)
-    rotation, flip = ds.get("ImageRotation", None), _text(ds, "ImageHorizontalFlip").upper()
-    if rotation not in (None, "") and int(rotation) not in (0, 90, 180, 270):
-        return None, f"its (0070,0042) ImageRotation {rotation} is not 0, 90, 180 or 270"
-    if flip not in ("", "Y", "N"):
-        return None, f"its (0070,0041) ImageHorizontalFlip {flip!r} is not Y or N"
+    rotations, flips = _values(ds.get("ImageRotation", None)), _values(ds.get("ImageHorizontalFlip", None))
+    rotation = _whole_number(rotations[0]) if len(rotations) == 1 else None
+    if rotations and rotation not in (0, 90, 180, 270):
+        return None, f"its (0070,0042) ImageRotation {_shown(rotations)} is not 0, 90, 180 or 270"
+    flip = str(flips[0]).strip().upper() if len(flips) == 1 else None
+    if flips and flip not in ("Y", "N"):
+        return None, f"its (0070,0041) ImageHorizontalFlip {_shown(flips, quoted=True)} is not Y or N"
     created = (_stamp(_text(ds, "PresentationCreationDate"), _text(ds, "PresentationCreationTime"))
                or _stamp(_text(ds, "InstanceCreationDate"), _text(ds, "InstanceCreationTime")))
     return Presentation(sop_uid=_text(ds, "SOPInstanceUID"), name=path.name, created=created,
-                        rotation=int(rotation or 0), flip=flip == "Y", images=frozenset(images)), ""
+                        rotation=rotation or 0, flip=flip == "Y", images=frozenset(images)), ""
+
+
+def _values(value) -> list:
+    """An attribute's values as a list: none for an absent or empty one, several for a multi-valued one (which
+    a damaged header can make of a one-valued attribute: 4 bytes of a US read as two)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        return [value]
+    return list(value)
+
+
+def _whole_number(value) -> int | None:
+    """An IS or US value as an int; None when it is not a whole number (``1.5``, ``abc``, raw bytes)."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _shown(values: list, quoted: bool = False) -> str:
+    """Values as a header shows them: one as itself, several joined by backslashes."""
+    text = "\\".join(str(v).strip() for v in values)
+    return f"'{text}'" if quoted else text
 
 
 def presentation_outcome(path: Path, ds, record: Radiograph) -> FileOutcome:

@@ -1110,6 +1110,46 @@ def test_each_image_carries_the_newest_presentation_state_of_its_study_that_turn
     assert "(0070,0042) ImageRotation 45 is not 0, 90, 180 or 270, so it is not applied" in files["ps_wrong.dcm"].reason
 
 
+@pytest.mark.parametrize("damaged, said", [
+    ("rotation", "its (0070,0042) ImageRotation 90\\0 is not 0, 90, 180 or 270"),
+    ("flip", "its (0070,0041) ImageHorizontalFlip 'Y\\N' is not Y or N"),
+    ("frame", "its (0008,1160) ReferencedFrameNumber 1.5 is not whole frame numbers"),
+])
+def test_a_presentation_state_with_a_damaged_value_is_not_applied_and_says_which(tmp_path, chest_pixels,
+                                                                                  damaged, said):
+    """A one-valued attribute read as two (4 bytes of a US: 90 and 0; Y backslash N) or a frame number that is not
+    a whole number failed the presentation state's file with a TypeError naming no attribute ("int() argument
+    must be ... not 'list'", "'ISfloat' object is not iterable"). It is skipped now as one whose values are not
+    the standard's: not applied, its attribute and value named; an older one of the image's still applies."""
+    import warnings
+
+    from pydicom.dataelem import DataElement
+
+    from cxrscreen.testing import make_presentation_state
+
+    image = pydicom_read(save(make_dicom(chest_pixels, seed="a", study_seed="S"), tmp_path / "a.dcm"))
+    save(make_presentation_state([image], seed="old", rotation=180, created="20261101120000"), tmp_path / "ps_old.dcm")
+    ps = make_presentation_state([image], seed="new", rotation=90, created="20261102120000",
+                                 frames={image.SOPInstanceUID: 1} if damaged == "frame" else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # pydicom warns of the invalid IS as it is set
+        if damaged == "rotation":
+            ps[0x00700042] = DataElement(0x00700042, "US", [90, 0])
+        elif damaged == "flip":
+            ps[0x00700041] = DataElement(0x00700041, "CS", ["Y", "N"])
+        else:
+            item = ps.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+            item[0x00081160] = DataElement(0x00081160, "IS", "1.5")
+        save(ps, tmp_path / "ps_new.dcm")
+    [study], loose = group_studies(scan([tmp_path]))
+    assert loose == []
+    [new] = [o for o in study.skipped if o.path.name == "ps_new.dcm"]
+    assert new.status is Status.SKIPPED and new.presentation is None
+    assert f"not an image: {said}, so it is not applied" in new.reason
+    [shown] = study.images
+    assert shown.presentation.name == "ps_old.dcm" and shown.presentation.rotation == 180
+
+
 def test_images_a_rejection_note_of_their_study_names_are_listed_as_skipped_not_screened(tmp_path, chest_pixels):
     """An IHE IOCM rejection note (a Key Object Selection titled with a reason for removal: a retake's bad
     exposure, an image made on another patient's worklist entry) withdraws images that a PACS export may still
