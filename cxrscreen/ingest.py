@@ -39,7 +39,7 @@ import numpy as np
 
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax, UsageError
 from .normalise import (COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale,
-                        patient_orientation, presentation_words)
+                        element_values, patient_orientation, presentation_words)
 from .records import FileKind, FileOutcome, Presentation, Radiograph, Rejection, Status, Study, patient_key
 from .threadwarnings import caught, listed
 
@@ -1179,7 +1179,7 @@ def read_presentation(path: Path, ds) -> tuple[Presentation | None, str]:
     for series in ds.get("ReferencedSeriesSequence", None) or ():
         for item in series.get("ReferencedImageSequence", None) or ():
             uid = _text(item, "ReferencedSOPInstanceUID")
-            frames = _values(item.get("ReferencedFrameNumber", None))
+            frames = element_values(item.get("ReferencedFrameNumber", None))
             if frames:
                 numbers = {_whole_number(n) for n in frames}
                 if None in numbers:
@@ -1189,7 +1189,8 @@ def read_presentation(path: Path, ds) -> tuple[Presentation | None, str]:
                     continue
             if uid:
                 images.add(uid)
-    rotations, flips = _values(ds.get("ImageRotation", None)), _values(ds.get("ImageHorizontalFlip", None))
+    rotations = element_values(ds.get("ImageRotation", None))
+    flips = element_values(ds.get("ImageHorizontalFlip", None))
     rotation = _whole_number(rotations[0]) if len(rotations) == 1 else None
     if rotations and rotation not in (0, 90, 180, 270):
         return None, f"its (0070,0042) ImageRotation {_shown(rotations)} is not 0, 90, 180 or 270"
@@ -1200,16 +1201,6 @@ def read_presentation(path: Path, ds) -> tuple[Presentation | None, str]:
                or _stamp(_text(ds, "InstanceCreationDate"), _text(ds, "InstanceCreationTime")))
     return Presentation(sop_uid=_text(ds, "SOPInstanceUID"), name=path.name, created=created,
                         rotation=rotation or 0, flip=flip == "Y", images=frozenset(images)), ""
-
-
-def _values(value) -> list:
-    """An attribute's values as a list: none for an absent or empty one, several for a multi-valued one (which
-    a damaged header can make of a one-valued attribute: 4 bytes of a US read as two)."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-        return [value]
-    return list(value)
 
 
 def _whole_number(value) -> int | None:

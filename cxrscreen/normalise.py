@@ -198,10 +198,16 @@ def _multi(value) -> bool:
     return not isinstance(value, (str, bytes)) and hasattr(value, "__len__")
 
 
+def element_values(value) -> list:
+    """A pydicom element value as a list: none for an absent or empty one, several for a multi-valued one (which
+    a damaged header can make of a one-valued attribute: 4 bytes of a US read as two)."""
+    return list(value) if _multi(value) else ([] if value is None or value == "" else [value])
+
+
 def _numbers(ds, keyword: str, tag: str, at_least: int) -> list[float]:
     """The finite numbers of an attribute with at least ``at_least`` values, else an error naming it."""
     value = ds.get(keyword, None)
-    values = list(value) if _multi(value) else ([] if value in (None, "") else [value])
+    values = element_values(value)
     numbers = [_number(v, f"{tag} {keyword}") for v in values]
     if len(numbers) < at_least:
         raise InvalidImageError(f"{'missing' if not numbers else f'unusable value {value!r}'} for the display "
