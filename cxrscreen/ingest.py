@@ -691,6 +691,33 @@ def _check_dimensions(rows: int, columns: int, path: Path, tag: str = "(0028,001
             f"pixels a side, at most {MAX_PIXELS:,} pixels)", path=path, step="validate", tag=tag)
 
 
+# The Image Pixel module's numbers (PS3.3 C.7.6.3) and the frame count: one whole number each. A damaged header can
+# make two of one (4 bytes of a US read as two values), which the code after met as a list ("int() argument must
+# be ... not 'list'", "'<' not supported between ..."), naming no attribute.
+PIXEL_DESCRIPTION = (("Rows", "(0028,0010)"), ("Columns", "(0028,0011)"), ("SamplesPerPixel", "(0028,0002)"),
+                     ("BitsAllocated", "(0028,0100)"), ("BitsStored", "(0028,0101)"), ("HighBit", "(0028,0102)"),
+                     ("PixelRepresentation", "(0028,0103)"), ("PlanarConfiguration", "(0028,0006)"),
+                     ("NumberOfFrames", "(0028,0008)"))
+
+
+def check_pixel_description(ds, path: Path | None = None, keywords: Iterable[str] | None = None) -> None:
+    """Fail a data set one of whose :data:`PIXEL_DESCRIPTION` attributes (or of those of them named in
+    ``keywords``) holds more than one value, or one that is not a whole number, naming it (absent ones are left to
+    the checks that need them). The header read checks Rows and Columns only, which it reads: a file it skips
+    (not a radiograph) is not failed for the others; decoding checks them all."""
+    for keyword, tag in PIXEL_DESCRIPTION:
+        if keywords is not None and keyword not in keywords:
+            continue
+        values = element_values(ds.get(keyword, None))
+        if len(values) > 1:
+            said = f"holds {len(values)} values ({_shown(values)}), where the standard allows one"
+        elif values and _whole_number(values[0]) is None:
+            said = f"value {_shown(values, quoted=True)} is not a whole number"
+        else:
+            continue
+        raise InvalidImageError(f"{said}: the header is damaged", path=path, step="validate", tag=f"{tag} {keyword}")
+
+
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 
 
@@ -1000,6 +1027,7 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         raise _Skip("DICOMDIR (media storage directory index), not an image", "(0004,1220) DirectoryRecordSequence")
     study_uid = _text(ds, "StudyInstanceUID") or f"nostudy-{_file_uid(path)}"
     ts = transfer_syntax(ds)
+    check_pixel_description(ds, path, ("Rows", "Columns"))
     return Radiograph(
         path=path, kind=FileKind.DICOM, study_uid=study_uid,
         sop_uid=_text(ds, "SOPInstanceUID"), series_uid=_text(ds, "SeriesInstanceUID"),

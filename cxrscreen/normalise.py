@@ -679,9 +679,10 @@ def normalise_dataset(ds, presentation: Presentation | None = None) -> np.ndarra
     """Decode the first frame of a pydicom Dataset and normalise it (see module doc), as ``presentation`` (the
     newest presentation state that references it, if any) shows it."""
     from .errors import CxrError
-    from .ingest import decode_first_frame, tag_named_in
+    from .ingest import check_pixel_description, decode_first_frame, tag_named_in
 
     try:
+        check_pixel_description(ds)
         params = PixelParams.from_dataset(ds)
     except CxrError:
         raise

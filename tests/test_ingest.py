@@ -1332,6 +1332,52 @@ def test_header_warnings_are_logged_once_naming_the_file(caplog, recwarn):
     assert not [w for w in recwarn if "Invalid value" in str(w.message)]
 
 
+@pytest.mark.parametrize("keyword, value, said, at_read", [
+    ("Rows", [256, 0], "holds 2 values (256\\0), where the standard allows one", True),
+    ("Columns", [256, 0], "holds 2 values (256\\0), where the standard allows one", True),
+    ("BitsStored", [12, 0], "holds 2 values (12\\0), where the standard allows one", False),
+    ("PixelRepresentation", [0, 0], "holds 2 values (0\\0), where the standard allows one", False),
+    ("BitsAllocated", [16, 0], "holds 2 values (16\\0), where the standard allows one", False),
+    ("NumberOfFrames", ["1", "2"], "holds 2 values (1\\2), where the standard allows one", False),
+    ("NumberOfFrames", "1.5", "value '1.5' is not a whole number", False),
+])
+def test_an_image_pixel_attribute_with_two_values_fails_naming_it(tmp_path, chest_pixels, keyword, value, said,
+                                                                   at_read):
+    """A one-valued attribute of the Image Pixel module read as two (4 bytes of a US: a damaged length or VR) failed
+    its file with Python's words naming no attribute ("cannot read the header: TypeError: int() argument must be
+    ... not 'list'", "'<=' not supported between instances of 'MultiValue' and 'int'"). The file fails at
+    validation naming it: Rows and Columns when the header is read, the others when the image is decoded, so a
+    file that is skipped anyway (not a radiograph) is skipped as before."""
+    import warnings
+
+    from pydicom.dataelem import DataElement
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    ds = make_dicom(chest_pixels, seed="damaged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # pydicom warns of an invalid IS as it is set
+        ds[tag] = DataElement(tag, dictionary_VR(tag), value)
+        path = save(ds, tmp_path / "damaged.dcm")
+    label = f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {keyword}"
+    outcome = read_record(path)
+    if at_read:
+        assert outcome.status is Status.FAILED and (outcome.step, outcome.tag) == ("validate", label)
+        assert outcome.reason == f"{said}: the header is damaged"
+    else:
+        assert isinstance(outcome, Radiograph)
+        with pytest.raises(InvalidImageError) as info, warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # and as it reads it again (batch catches these per thread)
+            load_unit_image(path)
+        assert (info.value.step, info.value.tag, info.value.cause) == ("validate", label,
+                                                                      f"{said}: the header is damaged")
+    ds.Modality = "RTDOSE"                          # not a radiograph: skipped for that, whatever the rest says
+    if not at_read:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert read_record(save(ds, tmp_path / "other.dcm")).status is Status.SKIPPED
+
+
 def test_a_transfer_syntax_a_damaged_byte_split_in_two_fails_its_file_at_decoding(tmp_path, chest_pixels):
     # a backslash where a digit was makes the UID two values: AttributeError ('MultiValue' has no 'name') came
     # out of decode_first_frame (found damaging an encapsulated uncompressed file)
