@@ -293,13 +293,15 @@ class PixelParams:
         padding = _padding_number(ds.get("PixelPaddingValue", None), signed, _TAG_PADDING)
         limit = _padding_number(ds.get("PixelPaddingRangeLimit", None), signed, "(0028,0121) PixelPaddingRangeLimit")
         rescale = "PixelValueTransformationSequence"
+        slope = _first_number(_frame_value(ds, rescale, "RescaleSlope"), _TAG_SLOPE)
+        intercept = _first_number(_frame_value(ds, rescale, "RescaleIntercept"), "(0028,1052) RescaleIntercept")
         return cls(
             photometric=photometric,
             bits_stored=bits_stored,
             signed=signed,
-            rescale_slope=float(_first_number(_frame_value(ds, rescale, "RescaleSlope"), _TAG_SLOPE) or 1.0),
-            rescale_intercept=float(_first_number(_frame_value(ds, rescale, "RescaleIntercept"),
-                                                  "(0028,1052) RescaleIntercept") or 0.0),
+            # absent: the identity; a slope of 0 is refused (__post_init__), not taken for 1 as `or 1.0` did
+            rescale_slope=1.0 if slope is None else float(slope),
+            rescale_intercept=0.0 if intercept is None else float(intercept),
             modality_lut=modality_lut,
             voi_lut=voi_lut,
             window_center=center,

@@ -374,6 +374,25 @@ def test_an_unusable_shutter_is_an_error_naming_the_tag(attributes, tag):
     assert tag in str(info.value)
 
 
+@pytest.mark.parametrize("where", ["top level", "functional group"])
+def test_a_rescale_slope_of_zero_is_an_error_naming_the_tag(where):
+    """Rescale Slope 0 makes every pixel the intercept. It was read as 1 (``slope or 1.0``) with the intercept
+    kept, a picture neither the standard nor DCMTK (which drops the whole rescale, with a warning) shows, and
+    scored; the check meant to refuse it never saw the 0."""
+    if where == "top level":
+        ds = Dataset()
+        ds.PhotometricInterpretation, ds.RescaleSlope, ds.RescaleIntercept = "MONOCHROME2", "0", "-1024"
+    else:
+        ds = _enhanced({"PixelValueTransformationSequence": {"RescaleSlope": "0", "RescaleIntercept": "-1024"}})
+    with pytest.raises(InvalidImageError) as info:
+        PixelParams.from_dataset(ds)
+    assert info.value.tag == "(0028,1053) RescaleSlope" and info.value.cause == "rescale slope 0.0 is not usable"
+    ds = Dataset()
+    ds.PhotometricInterpretation, ds.RescaleIntercept = "MONOCHROME2", "-1024"     # no slope: 1, as before
+    params = PixelParams.from_dataset(ds)
+    assert (params.rescale_slope, params.rescale_intercept) == (1.0, -1024.0)
+
+
 def test_signed_padding_value_is_read_from_a_written_file(write_dicom):
     values = _padded_plate(0).astype(np.int16)
     values[:, :40] = -2000
