@@ -85,6 +85,7 @@ _TAG_WIDTH = "(0028,1051) WindowWidth"
 _TAG_VOI_FUNCTION = "(0028,1056) VOILUTFunction"
 _TAG_LUT_DESCRIPTOR = "(0028,3002) LUTDescriptor"
 _TAG_SLOPE = "(0028,1053) RescaleSlope"
+_TAG_PRESENTATION_SHAPE = "(2050,0020) PresentationLUTShape"
 _TAG_PADDING = "(0028,0120) PixelPaddingValue"
 _TAG_SHUTTER = "(0018,1600) ShutterShape"
 
@@ -288,7 +289,12 @@ class PixelParams:
         if (center is None) != (width is None):
             center = width = None  # half a window is no window (PS3.3 C.11.2: both are type 1C)
         function = str(_frame_value(ds, voi_frame, "VOILUTFunction") or "LINEAR").strip().upper()
-        shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+        shapes = [str(v).strip().upper() for v in element_values(ds.get("PresentationLUTShape", None))]
+        shape = shapes[0] if len(shapes) == 1 else "\\".join(shapes)
+        if shape not in ("", "IDENTITY", "INVERSE"):    # it decides whether the picture is shown inverted: a damaged
+            # value (INVERSE\IDENTITY, INVERS) was taken for IDENTITY, an INVERSE image scored as its negative
+            raise InvalidImageError(f"unsupported value '{shape}' (an image's is IDENTITY or INVERSE)",
+                                    step="normalise", tag=_TAG_PRESENTATION_SHAPE)
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         padding = _padding_number(ds.get("PixelPaddingValue", None), signed, _TAG_PADDING)
         limit = _padding_number(ds.get("PixelPaddingRangeLimit", None), signed, "(0028,0121) PixelPaddingRangeLimit")

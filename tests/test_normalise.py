@@ -393,6 +393,22 @@ def test_a_rescale_slope_of_zero_is_an_error_naming_the_tag(where):
     assert (params.rescale_slope, params.rescale_intercept) == (1.0, -1024.0)
 
 
+@pytest.mark.parametrize("value, said", [("INVERS", "'INVERS'"), (["INVERSE", "IDENTITY"], "'INVERSE\\IDENTITY'"),
+                                         ("LIN OD", "'LIN OD'")])
+def test_a_presentation_lut_shape_that_is_neither_identity_nor_inverse_is_an_error_naming_the_tag(value, said):
+    """Presentation LUT Shape decides whether an image is shown inverted. A value that is neither of the two an
+    image may give (a damaged byte, two values, a presentation state's LIN OD) was taken for IDENTITY: an INVERSE
+    image so damaged was scored as its negative."""
+    ds = Dataset()
+    ds.PhotometricInterpretation, ds.PresentationLUTShape = "MONOCHROME2", value
+    with pytest.raises(InvalidImageError) as info:
+        PixelParams.from_dataset(ds)
+    assert info.value.tag == "(2050,0020) PresentationLUTShape"
+    assert info.value.cause == f"unsupported value {said} (an image's is IDENTITY or INVERSE)"
+    ds.PresentationLUTShape = "INVERSE "                                    # as before: padding passes
+    assert PixelParams.from_dataset(ds).presentation_shape == "INVERSE"
+
+
 def test_signed_padding_value_is_read_from_a_written_file(write_dicom):
     values = _padded_plate(0).astype(np.int16)
     values[:, :40] = -2000
