@@ -792,6 +792,13 @@ def _text(ds, keyword: str) -> str:
     return str(value).strip()
 
 
+def _all_text(ds, keyword: str) -> str:
+    """A one-valued attribute that selection decides by, every value shown: a damaged header that makes two
+    values of it (``PA\\LL``) gives both, which no rule takes for a chest or a frontal view, and the skip
+    names them, where the first alone was taken before."""
+    return "\\".join(str(v).strip() for v in element_values(ds.get(keyword, None))).strip()
+
+
 def dataset_patient_key(ds) -> str:
     """The patient of a read data set, as :attr:`cxrscreen.records.Radiograph.patient_key` names them."""
     return patient_key(_text(ds, "IssuerOfPatientID"), _text(ds, "PatientID"))
@@ -884,7 +891,7 @@ class SelectionRule:
 SELECTION_RULES: tuple[SelectionRule, ...] = (
     SelectionRule("modality", "(0008,0060) Modality",
                   lambda v: v.upper() not in RADIOGRAPH_MODALITIES,
-                  "modality {value!r} is not a projection radiograph (scored: CR, DX, RG, OT)"),
+                  "modality '{value}' is not a projection radiograph (scored: CR, DX, RG, OT)"),
     SelectionRule("presentation_intent", "(0008,0068) PresentationIntentType",
                   lambda v: v == "FOR PROCESSING",
                   "raw detector image (FOR PROCESSING), not processed for display; the FOR PRESENTATION "
@@ -894,11 +901,11 @@ SELECTION_RULES: tuple[SelectionRule, ...] = (
                   "secondary capture of a {label} (ConversionType {value}), not a radiograph"),
     SelectionRule("body_part", "(0018,0015) BodyPartExamined",
                   lambda v: v.upper() not in CHEST_BODY_PARTS,
-                  "body part {value!r} is not chest (--chest-body-part adds a site's own name for the chest)",
+                  "body part '{value}' is not chest (--chest-body-part adds a site's own name for the chest)",
                   override="any_body_part", widen="chest_body_parts"),
     SelectionRule("view_position", "(0018,5101) ViewPosition",
                   lambda v: v.upper() not in FRONTAL_VIEWS,
-                  "view {value!r} is not frontal (PA/AP; --frontal-view adds a site's own name for one)",
+                  "view '{value}' is not frontal (PA/AP; --frontal-view adds a site's own name for one)",
                   override="include_lateral", widen="frontal_views"),
 )
 
@@ -999,7 +1006,7 @@ def _body_part(ds) -> str:
     sequence is required and BodyPartExamined optional, and a knee coded only there was screened as a chest.
     A chest code or meaning gives a name of :data:`CHEST_BODY_PARTS`; another region its meaning in capitals
     (its code value when it has none), which selection skips as not chest; '' when neither says anything."""
-    part = _text(ds, "BodyPartExamined").upper()
+    part = _all_text(ds, "BodyPartExamined").upper()
     code = None if part else _first_code(ds, "AnatomicRegionSequence")
     if code is None:
         return part
@@ -1013,7 +1020,7 @@ def _body_part(ds) -> str:
 
 def _view_position(ds) -> str:
     """ViewPosition; else the View Code Sequence's view; else 'LATERAL' when the protocol or series text says so."""
-    view = _text(ds, "ViewPosition").upper() or _coded_view(ds)
+    view = _all_text(ds, "ViewPosition").upper() or _coded_view(ds)
     if view:
         return view
     words = " ".join(_text(ds, k) for k in ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription"))
@@ -1039,7 +1046,7 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         accession=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
         study_time=_text(ds, "StudyTime"), study_id=_text(ds, "StudyID"),
         referring_physician=_text(ds, "ReferringPhysicianName"), study_description=_text(ds, "StudyDescription"),
-        modality=_text(ds, "Modality").upper(),
+        modality=_all_text(ds, "Modality").upper(),
         body_part=_body_part(ds), view_position=_view_position(ds),
         laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         patient_orientation=patient_orientation(ds),

@@ -1378,6 +1378,22 @@ def test_an_image_pixel_attribute_with_two_values_fails_naming_it(tmp_path, ches
             assert read_record(save(ds, tmp_path / "other.dcm")).status is Status.SKIPPED
 
 
+@pytest.mark.parametrize("keyword, value, said", [
+    ("ViewPosition", ["PA", "LL"], "view 'PA\\LL' is not frontal"),
+    ("BodyPartExamined", ["CHEST", "HAND"], "body part 'CHEST\\HAND' is not chest"),
+    ("Modality", ["DX", "CT"], "modality 'DX\\CT' is not a projection radiograph"),
+])
+def test_a_selecting_attribute_with_two_values_is_skipped_naming_both(tmp_path, chest_pixels, keyword, value, said):
+    """ViewPosition, BodyPartExamined and Modality have one value each; a damaged header that makes two of one was
+    selected by the first alone (PA\\LL screened as a PA, CHEST\\HAND as a chest). Both are shown now, which no
+    rule takes for a frontal chest radiograph: the file is skipped, its reason naming them."""
+    ds = make_dicom(chest_pixels, seed="two")
+    setattr(ds, keyword, value)
+    outcome = read_record(save(ds, tmp_path / "two.dcm"))
+    assert isinstance(outcome, FileOutcome) and outcome.status is Status.SKIPPED and outcome.step == "select"
+    assert outcome.reason.startswith(said)
+
+
 def test_a_transfer_syntax_a_damaged_byte_split_in_two_fails_its_file_at_decoding(tmp_path, chest_pixels):
     # a backslash where a digit was makes the UID two values: AttributeError ('MultiValue' has no 'name') came
     # out of decode_first_frame (found damaging an encapsulated uncompressed file)
