@@ -262,14 +262,14 @@ class PixelParams:
     @classmethod
     def from_dataset(cls, ds) -> "PixelParams":
         """Read and check the relevant attributes of a pydicom Dataset."""
-        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+        photometric = "\\".join(str(v).strip().upper() for v in element_values(ds.get("PhotometricInterpretation")))
         if not photometric:
             raise InvalidImageError("missing; cannot tell how to display the pixels",
                                     step="normalise", tag=_TAG_PHOTOMETRIC)
         known = ("MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422",
                  "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
         if photometric not in known:
-            raise InvalidImageError(f"unsupported value {photometric!r}", step="normalise", tag=_TAG_PHOTOMETRIC)
+            raise InvalidImageError(f"unsupported value '{photometric}'", step="normalise", tag=_TAG_PHOTOMETRIC)
         bits_stored = int(ds.get("BitsStored", None) or ds.get("BitsAllocated", None) or 8)
 
         modality_lut = None

@@ -409,6 +409,14 @@ def test_a_presentation_lut_shape_that_is_neither_identity_nor_inverse_is_an_err
     assert PixelParams.from_dataset(ds).presentation_shape == "INVERSE"
 
 
+def test_a_photometric_interpretation_of_two_values_is_quoted_as_written():
+    ds = Dataset()
+    ds.PhotometricInterpretation = ["MONOCHROME2", "RGB"]       # was quoted as Python's list in quotes
+    with pytest.raises(InvalidImageError) as info:
+        PixelParams.from_dataset(ds)
+    assert info.value.cause == "unsupported value 'MONOCHROME2\\RGB'"
+
+
 def test_signed_padding_value_is_read_from_a_written_file(write_dicom):
     values = _padded_plate(0).astype(np.int16)
     values[:, :40] = -2000
