@@ -796,7 +796,7 @@ def _all_text(ds, keyword: str) -> str:
     """A one-valued attribute that selection decides by, every value shown: a damaged header that makes two
     values of it (``PA\\LL``) gives both, which no rule takes for a chest or a frontal view, and the skip
     names them, where the first alone was taken before."""
-    return "\\".join(str(v).strip() for v in element_values(ds.get(keyword, None))).strip()
+    return _shown(element_values(ds.get(keyword, None))).strip()
 
 
 def dataset_patient_key(ds) -> str:

@@ -289,8 +289,7 @@ class PixelParams:
         if (center is None) != (width is None):
             center = width = None  # half a window is no window (PS3.3 C.11.2: both are type 1C)
         function = str(_frame_value(ds, voi_frame, "VOILUTFunction") or "LINEAR").strip().upper()
-        shapes = [str(v).strip().upper() for v in element_values(ds.get("PresentationLUTShape", None))]
-        shape = shapes[0] if len(shapes) == 1 else "\\".join(shapes)
+        shape = "\\".join(str(v).strip().upper() for v in element_values(ds.get("PresentationLUTShape", None)))
         if shape not in ("", "IDENTITY", "INVERSE"):    # it decides whether the picture is shown inverted: a damaged
             # value (INVERSE\IDENTITY, INVERS) was taken for IDENTITY, an INVERSE image scored as its negative
             raise InvalidImageError(f"unsupported value '{shape}' (an image's is IDENTITY or INVERSE)",
