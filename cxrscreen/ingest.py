@@ -39,7 +39,7 @@ import numpy as np
 
 from .errors import CxrError, InputError, InvalidImageError, UnsupportedTransferSyntax, UsageError
 from .normalise import (COLOUR_PICTURE_FRACTION, PixelParams, colour_fraction, colour_frame, colour_full_scale,
-                        element_values, patient_orientation, presentation_words)
+                        element_values, joined_values, patient_orientation, presentation_words)
 from .records import FileKind, FileOutcome, Presentation, Radiograph, Rejection, Status, Study, patient_key
 from .threadwarnings import caught, listed
 
@@ -710,9 +710,9 @@ def check_pixel_description(ds, path: Path | None = None, keywords: Iterable[str
             continue
         values = element_values(ds.get(keyword, None))
         if len(values) > 1:
-            said = f"holds {len(values)} values ({_shown(values)}), where the standard allows one"
+            said = f"holds {len(values)} values ({joined_values(values)}), where the standard allows one"
         elif values and _whole_number(values[0]) is None:
-            said = f"value {_shown(values, quoted=True)} is not a whole number"
+            said = f"value '{joined_values(values)}' is not a whole number"
         else:
             continue
         raise InvalidImageError(f"{said}: the header is damaged", path=path, step="validate", tag=f"{tag} {keyword}")
@@ -782,21 +782,18 @@ def _character_set(ds) -> str:
 
 
 def _text(ds, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    if value is None:
-        return ""
+    value = ds.get(keyword, None)
     if keyword in ("PatientName", "ReferringPhysicianName"):     # PN: every component group, as written
-        return str(value).strip()
-    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
-        value = value[0] if len(value) else ""
-    return str(value).strip()
+        return "" if value is None else str(value).strip()
+    values = element_values(value)
+    return str(values[0]).strip() if values else ""
 
 
 def _all_text(ds, keyword: str) -> str:
     """A one-valued attribute that selection decides by, every value shown: a damaged header that makes two
     values of it (``PA\\LL``) gives both, which no rule takes for a chest or a frontal view, and the skip
     names them, where the first alone was taken before."""
-    return _shown(element_values(ds.get(keyword, None))).strip()
+    return joined_values(ds.get(keyword, None))
 
 
 def dataset_patient_key(ds) -> str:
@@ -1218,8 +1215,8 @@ def read_presentation(path: Path, ds) -> tuple[Presentation | None, str]:
             if frames:
                 numbers = {_whole_number(n) for n in frames}
                 if None in numbers:
-                    return None, (f"its (0008,1160) ReferencedFrameNumber {_shown(frames)} is not whole frame "
-                                  "numbers")
+                    return None, (f"its (0008,1160) ReferencedFrameNumber {joined_values(frames)} is not whole "
+                                  "frame numbers")
                 if 1 not in numbers:
                     continue
             if uid:
@@ -1228,10 +1225,10 @@ def read_presentation(path: Path, ds) -> tuple[Presentation | None, str]:
     flips = element_values(ds.get("ImageHorizontalFlip", None))
     rotation = _whole_number(rotations[0]) if len(rotations) == 1 else None
     if rotations and rotation not in (0, 90, 180, 270):
-        return None, f"its (0070,0042) ImageRotation {_shown(rotations)} is not 0, 90, 180 or 270"
+        return None, f"its (0070,0042) ImageRotation {joined_values(rotations)} is not 0, 90, 180 or 270"
     flip = str(flips[0]).strip().upper() if len(flips) == 1 else None
     if flips and flip not in ("Y", "N"):
-        return None, f"its (0070,0041) ImageHorizontalFlip {_shown(flips, quoted=True)} is not Y or N"
+        return None, f"its (0070,0041) ImageHorizontalFlip '{joined_values(flips)}' is not Y or N"
     created = (_stamp(_text(ds, "PresentationCreationDate"), _text(ds, "PresentationCreationTime"))
                or _stamp(_text(ds, "InstanceCreationDate"), _text(ds, "InstanceCreationTime")))
     return Presentation(sop_uid=_text(ds, "SOPInstanceUID"), name=path.name, created=created,
@@ -1247,10 +1244,6 @@ def _whole_number(value) -> int | None:
     return int(number) if number.is_integer() else None
 
 
-def _shown(values: list, quoted: bool = False) -> str:
-    """Values as a header shows them: one as itself, several joined by backslashes."""
-    text = "\\".join(str(v).strip() for v in values)
-    return f"'{text}'" if quoted else text
 
 
 def presentation_outcome(path: Path, ds, record: Radiograph) -> FileOutcome:

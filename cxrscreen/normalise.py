@@ -205,6 +205,12 @@ def element_values(value) -> list:
     return list(value) if _multi(value) else ([] if value is None or value == "" else [value])
 
 
+def joined_values(value) -> str:
+    """A pydicom element value as a header shows it: its values, each stripped, joined by backslashes ('' for none).
+    A one-valued attribute that a damaged header made two (``PA\\LL``) is so seen whole, not by its first value."""
+    return "\\".join(str(v).strip() for v in element_values(value))
+
+
 def _numbers(ds, keyword: str, tag: str, at_least: int) -> list[float]:
     """The finite numbers of an attribute with at least ``at_least`` values, else an error naming it."""
     value = ds.get(keyword, None)
@@ -262,7 +268,7 @@ class PixelParams:
     @classmethod
     def from_dataset(cls, ds) -> "PixelParams":
         """Read and check the relevant attributes of a pydicom Dataset."""
-        photometric = "\\".join(str(v).strip().upper() for v in element_values(ds.get("PhotometricInterpretation")))
+        photometric = joined_values(ds.get("PhotometricInterpretation", None)).upper()
         if not photometric:
             raise InvalidImageError("missing; cannot tell how to display the pixels",
                                     step="normalise", tag=_TAG_PHOTOMETRIC)
@@ -289,7 +295,7 @@ class PixelParams:
         if (center is None) != (width is None):
             center = width = None  # half a window is no window (PS3.3 C.11.2: both are type 1C)
         function = str(_frame_value(ds, voi_frame, "VOILUTFunction") or "LINEAR").strip().upper()
-        shape = "\\".join(str(v).strip().upper() for v in element_values(ds.get("PresentationLUTShape", None)))
+        shape = joined_values(ds.get("PresentationLUTShape", None)).upper()
         if shape not in ("", "IDENTITY", "INVERSE"):    # it decides whether the picture is shown inverted: a damaged
             # value (INVERSE\IDENTITY, INVERS) was taken for IDENTITY, an INVERSE image scored as its negative
             raise InvalidImageError(f"unsupported value '{shape}' (an image's is IDENTITY or INVERSE)",
