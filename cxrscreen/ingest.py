@@ -1645,13 +1645,12 @@ _RLE_PADDING = re.compile(r"The decoded RLE segment contains non-conformant padd
 
 
 def _refuse_overlong_rle(seen: list[warnings.WarningMessage], ts_text: str) -> None:
-    """Fail an RLE frame one of whose segments decoded to more than a byte past Rows x Columns. pylibjpeg-rle
-    refuses any such segment, and pydicom's own decoder, tried next, decodes it, cuts it to size and only warns
-    ("non-conformant padding", for encoders that pad a segment by a byte). A segment read from the wrong
+    """Fail an RLE frame one of whose segments decoded to more than a byte past Rows x Columns, where pydicom's own
+    decoder decoded it: pylibjpeg-rle, which cxrscreen's plugin needs (:mod:`cxrscreen.rle`, which refuses such
+    a segment itself), is not installed. pydicom's decoder cuts such a segment to size and only warns
+    ("non-conformant padding", for encoders that pad a segment by a byte), and a segment read from the wrong
     place (an offset in the RLE header changed) or with a run's length changed decodes so, the picture
-    garbled: of 2,000 copies of the RLE sample with bytes of its 64-byte header changed, the 49 that pydicom
-    decoded to a changed picture were each more than 8 bytes over, and none it decoded to the sample's picture
-    was over at all."""
+    garbled."""
     for warning in seen:
         found = _RLE_PADDING.search(str(warning.message))
         if found and int(found.group(1)) - int(found.group(2)) > 1:
@@ -1692,30 +1691,6 @@ def _decoded_by_libjpeg(ds, ts_text: str) -> np.ndarray | None:
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
 
-def _rle_after_a_panic(ds, ts_text: str, panic: BaseException) -> tuple[np.ndarray, list[warnings.WarningMessage]]:
-    """An RLE first frame that pylibjpeg-rle panicked on, as pydicom's own decoder decodes it, with the warnings
-    it gave. pylibjpeg-rle 2.2 panics (index out of bounds) where a 16-bit segment's last run goes past the
-    frame: damaged data, or the byte of padding some encoders add, which pydicom's decoder takes. pyo3's
-    PanicException is a BaseException, which pydicom's loop over its decoders does not catch: its own decoder
-    was never tried, and such a frame failed whole. Its decoding is checked as any (:func:`_refuse_overlong_rle`).
-    Rust writes the panic to stderr itself (3 lines naming no file, more with RUST_BACKTRACE): a line of the log
-    names the file they are of."""
-    from pydicom.pixels import pixel_array
-
-    log.warning("%s: pylibjpeg-rle panicked on frame 1 (%s; the lines on stderr saying so are of this file): "
-                "decoding it with pydicom's RLE decoder", getattr(ds, "filename", "") or "(a data set)", panic)
-    try:
-        with caught() as seen:
-            return pixel_array(ds, index=0, decoding_plugin="pydicom"), seen
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):
-        raise
-    except BaseException as exc:
-        said = _decoders_said(exc).replace(_ALL_FAILED, "").strip()
-        raise InputError(f"pixel data cannot be decoded ({ts_text}): every installed decoder failed: pylibjpeg: "
-                         f"{type(panic).__name__}: {panic}; {said}", step="decode",
-                         tag="(7FE0,0010) PixelData") from None
-
-
 # pydicom's error when each decoder of a syntax failed, each decoder's error on a line of its own after it
 _ALL_FAILED = "Unable to decode as exceptions were raised by all available plugins:"
 
@@ -1733,12 +1708,18 @@ def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
         arr = _decoded_by_libjpeg(ds, ts_text)
         if arr is not None:
             return arr
+    # RLE by cxrscreen's plugin (pylibjpeg-rle a segment at a time: its frame decoder panics on a segment running
+    # past a 16-bit frame), which names what is wrong; where pylibjpeg-rle is not installed, by pydicom's own
+    # decoder, checked by _refuse_overlong_rle
+    from . import rle
+
+    plugin = rle.plugin() if ts == RLE_LOSSLESS else None
     try:
         with caught() as seen:                # a decoder's warnings are dropped, but for one (below)
-            if _frames(ds) > 1:
+            if plugin is not None or _frames(ds) > 1:
                 from pydicom.pixels import pixel_array
 
-                arr = pixel_array(ds, index=0)
+                arr = pixel_array(ds, index=0, decoding_plugin=plugin or "")
             else:
                 arr = ds.pixel_array
     except NotImplementedError as exc:
@@ -1751,16 +1732,16 @@ def _decoded_by_pydicom(ds, ts_text: str) -> np.ndarray:
                                             step="decode", tag="(0002,0010) TransferSyntaxUID") from None
         # The decoders for the syntax are installed and each one failed: the data is corrupt or does not
         # conform (pydicom's "exceptions were raised by all available plugins"), which installing nothing mends.
+        if plugin is not None:                # the one decoder tried: its words alone
+            msg = msg.replace(_ALL_FAILED, "").strip().removeprefix(f"{plugin}: ")
         msg = msg.replace(_ALL_FAILED, "every installed decoder failed:")
         raise InputError(f"pixel data cannot be decoded ({ts_text}): {msg}", step="decode",
                          tag="(7FE0,0010) PixelData") from None
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except BaseException as exc:    # also a decoder written in Rust that panics on corrupt data (pylibjpeg-rle:
-        # pyo3's PanicException is a BaseException, which `except Exception` let through to stop the whole batch)
-        if ts != RLE_LOSSLESS or type(exc).__name__ != "PanicException":
-            raise InputError(f"pixel data cannot be decoded ({ts_text}): {type(exc).__name__}: {exc}",
-                             step="decode", tag="(7FE0,0010) PixelData") from None
-        arr, seen = _rle_after_a_panic(ds, ts_text, exc)
+    except BaseException as exc:    # also a decoder written in Rust that panics on corrupt data (pylibjpeg-rle's
+        # frame decoder did: pyo3's PanicException is a BaseException, which `except Exception` let through)
+        raise InputError(f"pixel data cannot be decoded ({ts_text}): {type(exc).__name__}: {exc}",
+                         step="decode", tag="(7FE0,0010) PixelData") from None
     _refuse_overlong_rle(seen, ts_text)
     return arr

@@ -156,15 +156,41 @@ def test_pixel_data_no_installed_decoder_accepts_is_a_failure_naming_the_syntax_
 
 
 def test_a_syntax_whose_decoders_are_not_installed_is_unsupported(monkeypatch):
+    """pylibjpeg-rle (cxrscreen's plugin and pydicom's) not installed, and pydicom's own decoder left out."""
     from pydicom.pixels.decoders import RLELosslessDecoder
 
+    monkeypatch.setitem(sys.modules, "rle", None)           # `import rle` fails, as where it is not installed
     monkeypatch.setattr(RLELosslessDecoder, "_available", {})
     monkeypatch.setattr(RLELosslessDecoder, "_unavailable", {"pylibjpeg": ("pylibjpeg", "pylibjpeg-rle")})
     with pytest.raises(UnsupportedTransferSyntax) as info:
         decode(reference_file("MR_small_RLE.dcm"))
     assert info.value.cause == ("no installed decoder handles RLE Lossless (1.2.840.10008.1.2.5): Unable to decompress "
                                 "'RLE Lossless' pixel data because all plugins are missing dependencies: pylibjpeg - "
-                                "requires pylibjpeg and pylibjpeg-rle")
+                                "requires pylibjpeg and pylibjpeg-rle; cxrscreen - requires pylibjpeg-rle")
+
+
+def test_rle_without_pylibjpeg_rle_is_decoded_by_pydicoms_decoder_and_checked(monkeypatch, tmp_path):
+    """Where pylibjpeg-rle is not installed, cxrscreen's plugin is not either, pydicom's own decoder decodes RLE,
+    and a segment more than a byte past the frame, which it cuts to size with only a warning, still fails."""
+    from pydicom.pixels.decoders import RLELosslessDecoder
+
+    source = ROOT / "samples" / "study2_dx_rescale_rle" / "IM0001.dcm"
+    expected = decode(source)
+    monkeypatch.setitem(sys.modules, "rle", None)
+    monkeypatch.setattr(RLELosslessDecoder, "_available", {"pydicom": RLELosslessDecoder._available["pydicom"]})
+    monkeypatch.setattr(RLELosslessDecoder, "_unavailable", {})
+    assert np.array_equal(decode(source), expected)
+    assert RLELosslessDecoder.available_plugins == ("pydicom",)
+    ds, frame = _first_frame(source)
+    at = 64
+    while frame[at] == 128 or frame[at] < 128:              # to the first replicate run
+        at += frame[at] + 2 if frame[at] < 128 else 1
+    assert frame[at] > 129
+    frame[at] = 129                                        # 128 bytes in place of 257 - frame[at]
+    failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "longer.dcm"))
+    assert failed.cause.startswith("pixel data cannot be decoded (RLE Lossless (1.2.840.10008.1.2.5)): an RLE "
+                                   "segment decodes to ")
+    assert "(pydicom would cut it to size)" in failed.cause
 
 
 def _frame_cut(path: Path, keep: float, out: Path) -> Path:
@@ -1234,9 +1260,10 @@ def test_a_header_value_pydicom_cannot_convert_fails_the_file_naming_the_tag(tmp
     assert len(items) == 1 and items[0].reason == out.reason
 
 
-def test_a_decoder_that_panics_on_corrupt_pixel_data_fails_the_file(tmp_path):
-    """pylibjpeg-rle is written in Rust and panics on some corrupt RLE segments (one byte is enough); pyo3's
-    PanicException is a BaseException, which `except Exception` let through: the whole batch stopped."""
+def test_a_decoder_that_panics_on_corrupt_pixel_data_fails_the_file(tmp_path, capfd):
+    """pylibjpeg-rle's frame decoder is written in Rust and panics on some corrupt RLE segments (one byte is
+    enough); pyo3's PanicException is a BaseException, which `except Exception` let through: the whole batch
+    stopped. cxrscreen's RLE plugin decodes the segments one at a time, without a panic, and names what is wrong."""
     import pydicom
     from pydicom.encaps import encapsulate, generate_fragmented_frames
 
@@ -1246,10 +1273,13 @@ def test_a_decoder_that_panics_on_corrupt_pixel_data_fails_the_file(tmp_path):
     ds.PixelData = encapsulate([bytes(frame)])
     path = tmp_path / "panic.dcm"
     ds.save_as(path)
+    capfd.readouterr()
     with pytest.raises(InputError) as info:
         load_unit_image(path)
     assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
     assert "RLE Lossless" in info.value.cause and str(path) in str(info.value)
+    assert "an RLE segment decodes to 4,225 bytes, not the 4,096 of Rows x Columns" in info.value.cause
+    assert "panicked" not in capfd.readouterr().err
 
 
 def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passes(tmp_path):
@@ -1268,9 +1298,21 @@ def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passe
     frame[8:16] = struct.pack("<2I", second + 16, 195)
     failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "moved.dcm"))
     assert failed.tag == "(7FE0,0010) PixelData"
+    assert failed.cause == ("pixel data cannot be decoded (RLE Lossless (1.2.840.10008.1.2.5)): RLE segment 1 ends "
+                            "in the middle of a run: its data was cut or changed")
+
+    # the first segment's runs changed so that it decodes past the frame (into the second's place)
+    ds, frame = _first_frame(source)
+    at = 64
+    while frame[at] == 128 or frame[at] < 128:              # to its first replicate run
+        at += frame[at] + 2 if frame[at] < 128 else 1
+    assert frame[at] > 129
+    frame[at] = 129                                        # 128 bytes in place of 257 - frame[at]
+    failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "longer.dcm"))
     assert failed.cause.startswith("pixel data cannot be decoded (RLE Lossless (1.2.840.10008.1.2.5)): an RLE "
                                    "segment decodes to ")
-    assert f"bytes, not the {ds.Rows * ds.Columns:,} of Rows x Columns" in failed.cause
+    assert failed.cause.endswith(f"bytes, not the {ds.Rows * ds.Columns:,} of Rows x Columns: its header or its "
+                                 "runs were changed, and the picture would be garbled")
 
     # one literal byte more at the end of the last segment: one byte of padding, let through as before
     ds, frame = _first_frame(source)
@@ -1278,12 +1320,12 @@ def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passe
 
 
 @pytest.mark.parametrize("segment", [0, 1])
-def test_a_16_bit_rle_segment_one_byte_over_decodes_though_pylibjpeg_rle_panics(tmp_path, segment, caplog):
+def test_a_16_bit_rle_segment_one_byte_over_decodes_and_nothing_panics(tmp_path, segment, capfd):
     """A 16-bit RLE segment whose last run is one byte longer than the frame needs (the padding some encoders
-    add; pydicom's decoder cuts it off with a warning): pylibjpeg-rle 2.2 panics on it (index out of bounds),
-    pyo3's PanicException is a BaseException that pydicom's loop over its decoders lets through, so pydicom's
-    own decoder was never tried and the whole image failed. It decodes to its picture now, and the log names the
-    file that the panic's lines on stderr (Rust's, naming none) are of."""
+    add): pylibjpeg-rle 2.2's frame decoder panics on it (index out of bounds), Rust writing its lines to stderr
+    naming no file, and pyo3's PanicException, a BaseException, went through pydicom's loop over its decoders:
+    the whole image failed, then (b825478) pydicom's slower decoder was tried after the panic. cxrscreen's plugin
+    (cxrscreen.rle) decodes the segments one at a time: the picture, and nothing on stderr."""
     import struct
 
     source = ROOT / "samples" / "study2_dx_rescale_rle" / "IM0001.dcm"
@@ -1297,11 +1339,45 @@ def test_a_16_bit_rle_segment_one_byte_over_decodes_though_pylibjpeg_rle_panics(
     assert frame[last] > 129                    # a replicate run of 257 - header bytes
     frame[last] -= 1                            # one byte more
     over = _with_frame(ds, frame, tmp_path / "over.dcm")
-    with caplog.at_level(logging.WARNING, logger="cxrscreen.ingest"):
-        assert np.array_equal(decode(over), decode(source))
-    [said] = [r.getMessage() for r in caplog.records if "panicked" in r.getMessage()]
-    assert said.startswith(f"{over}: pylibjpeg-rle panicked on frame 1 (index out of bounds: ")
-    assert said.endswith("; the lines on stderr saying so are of this file): decoding it with pydicom's RLE decoder")
+    capfd.readouterr()
+    assert np.array_equal(decode(over), decode(source))
+    assert "panicked" not in capfd.readouterr().err
+
+
+def test_rle_frames_decode_as_pydicoms_decoders_decode_them(tmp_path):
+    """cxrscreen's RLE plugin lays the segments out as pydicom's decoders do: each RLE file of pydicom's test
+    data (8, 16 and 32 bits; one sample and three, RGB and as YBR_FULL; one frame and several) and the sample give
+    the same first frame as pylibjpeg-rle and pydicom's own decoder, and a header whose segment count is damaged
+    (which pydicom's decoder trusts) or with a non-zero offset left in an unused place (which pylibjpeg-rle
+    counts) still decodes."""
+    import struct
+
+    from pydicom.pixels import pixel_array
+
+    names = ["MR_small_RLE.dcm", "emri_small_RLE.dcm", "OBXXXX1A_rle.dcm", "OBXXXX1A_rle_2frame.dcm", "SC_rgb_rle.dcm",
+             "SC_rgb_rle_2frame.dcm", "SC_rgb_rle_16bit.dcm", "SC_rgb_rle_16bit_2frame.dcm", "SC_rgb_rle_32bit.dcm",
+             "SC_rgb_rle_32bit_2frame.dcm", "rtdose_rle.dcm", "rtdose_rle_1frame.dcm"]
+    sets = [ingest.read_dicom(reference_file(name)) for name in names]
+    sets.append(ingest.read_dicom(ROOT / "samples" / "study2_dx_rescale_rle" / "IM0001.dcm"))
+    ybr = ingest.read_dicom(reference_file("SC_rgb_rle.dcm"))
+    ybr.PhotometricInterpretation = "YBR_FULL"
+    sets.append(ybr)
+    for ds in sets:
+        assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.5"
+        expected = pixel_array(ds, index=0, decoding_plugin="pydicom")
+        assert np.array_equal(pixel_array(ds, index=0, decoding_plugin="pylibjpeg"), expected), ds.filename
+        assert np.array_equal(ingest.decode_first_frame(ds), expected), ds.filename
+
+    source = ROOT / "samples" / "study2_dx_rescale_rle" / "IM0001.dcm"
+    ds, frame = _first_frame(source)
+    expected = decode(source)
+    damaged_count = bytearray(frame)
+    damaged_count[0:4] = struct.pack("<I", 7)
+    assert np.array_equal(decode(_with_frame(ds, damaged_count, tmp_path / "count.dcm")), expected)
+    ds, frame = _first_frame(source)
+    left_over = bytearray(frame)
+    left_over[12:16] = struct.pack("<I", 99)
+    assert np.array_equal(decode(_with_frame(ds, left_over, tmp_path / "unused.dcm")), expected)
 
 
 def test_jpeg_data_out_of_step_with_its_huffman_tables_fails_though_another_decoder_decodes_it(tmp_path):
