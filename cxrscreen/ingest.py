@@ -790,9 +790,11 @@ def _text(ds, keyword: str) -> str:
 
 
 def _all_text(ds, keyword: str) -> str:
-    """A one-valued attribute that selection decides by, every value shown: a damaged header that makes two
-    values of it (``PA\\LL``) gives both, which no rule takes for a chest or a frontal view, and the skip
-    names them, where the first alone was taken before."""
+    """A one-valued attribute that selection decides by or a report shows, every value shown: a damaged header
+    that makes two values of it (``PA\\LL``) gives both, which no rule takes for a chest or a frontal view, and
+    the skip names them, where the first alone was taken before; a Patient Age of two (``045Y\\003Y``) is no
+    age the population caution reads (the dates decide) and the report shows it as written, as it does a sex or
+    a laterality of two."""
     return joined_values(ds.get(keyword, None))
 
 
@@ -1038,14 +1040,14 @@ def _dicom_record(path: Path, ds, stat: os.stat_result) -> Radiograph:
         sop_class=_text(ds, "SOPClassUID"), character_set=_character_set(ds),
         patient_id=_text(ds, "PatientID"), issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
         patient_name=_text(ds, "PatientName"),
-        patient_birth_date=_text(ds, "PatientBirthDate"), patient_sex=_text(ds, "PatientSex"),
-        patient_age=_text(ds, "PatientAge"),
+        patient_birth_date=_text(ds, "PatientBirthDate"), patient_sex=_all_text(ds, "PatientSex"),
+        patient_age=_all_text(ds, "PatientAge"),
         accession=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
         study_time=_text(ds, "StudyTime"), study_id=_text(ds, "StudyID"),
         referring_physician=_text(ds, "ReferringPhysicianName"), study_description=_text(ds, "StudyDescription"),
         modality=_all_text(ds, "Modality").upper(),
         body_part=_body_part(ds), view_position=_view_position(ds),
-        laterality=_text(ds, "ImageLaterality") or _text(ds, "Laterality"),
+        laterality=_all_text(ds, "ImageLaterality") or _all_text(ds, "Laterality"),
         patient_orientation=patient_orientation(ds),
         presentation_intent=_text(ds, "PresentationIntentType").upper()
         or ("FOR PROCESSING" if _text(ds, "SOPClassUID") in FOR_PROCESSING_SOP_CLASSES else ""),

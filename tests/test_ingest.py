@@ -1470,6 +1470,28 @@ def test_a_selecting_attribute_with_two_values_is_skipped_naming_both(tmp_path, 
     assert outcome.reason.startswith(said)
 
 
+def test_a_shown_attribute_with_two_values_is_shown_whole_and_an_age_of_two_is_no_age(tmp_path, chest_pixels):
+    """Patient Age, Patient Sex and Image Laterality have one value each; a damaged header that makes two of one
+    was read by its first alone: 045Y\\003Y as an adult (the population caution then decided by a value the
+    header does not hold alone), M\\F as male, L\\R as left in the report. Each is kept as written now: an age of
+    two values is no age (the dates decide, and the report shows it as written)."""
+    from cxrscreen.report import display_age
+
+    ds = make_dicom(chest_pixels, seed="shown", PatientAge=["045Y", "003Y"], PatientSex=["M", "F"],
+                    ImageLaterality=["L", "R"], PatientBirthDate="")
+    record = read_record(save(ds, tmp_path / "shown.dcm"))
+    assert isinstance(record, Radiograph)
+    assert (record.patient_age, record.patient_sex, record.laterality) == ("045Y\\003Y", "M\\F", "L\\R")
+    assert record.age_years is None
+    assert display_age(record.patient_age, record.patient_birth_date, record.study_date) == "045Y\\003Y"
+    ds = make_dicom(chest_pixels, seed="dated", PatientAge=["045Y", "003Y"], PatientBirthDate="20200101",
+                    StudyDate="20261101")
+    assert read_record(save(ds, tmp_path / "dated.dcm")).age_years == pytest.approx(6.83, abs=0.01)
+    ds = make_dicom(chest_pixels, seed="one", PatientAge="045Y", Laterality="R")
+    record = read_record(save(ds, tmp_path / "one.dcm"))
+    assert (record.patient_age, record.age_years, record.laterality) == ("045Y", 45.0, "R")
+
+
 def test_a_transfer_syntax_a_damaged_byte_split_in_two_fails_its_file_at_decoding(tmp_path, chest_pixels):
     # a backslash where a digit was makes the UID two values: AttributeError ('MultiValue' has no 'name') came
     # out of decode_first_frame (found damaging an encapsulated uncompressed file)
