@@ -181,13 +181,7 @@ def test_rle_without_pylibjpeg_rle_is_decoded_by_pydicoms_decoder_and_checked(mo
     monkeypatch.setattr(RLELosslessDecoder, "_unavailable", {})
     assert np.array_equal(decode(source), expected)
     assert RLELosslessDecoder.available_plugins == ("pydicom",)
-    ds, frame = _first_frame(source)
-    at = 64
-    while frame[at] == 128 or frame[at] < 128:              # to the first replicate run
-        at += frame[at] + 2 if frame[at] < 128 else 1
-    assert frame[at] > 129
-    frame[at] = 129                                        # 128 bytes in place of 257 - frame[at]
-    failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "longer.dcm"))
+    failed = _fails_at_decoding(_with_a_longer_first_run(source, tmp_path / "longer.dcm"))
     assert failed.cause.startswith("pixel data cannot be decoded (RLE Lossless (1.2.840.10008.1.2.5)): an RLE "
                                    "segment decodes to ")
     assert "(pydicom would cut it to size)" in failed.cause
@@ -204,6 +198,18 @@ def _frame_cut(path: Path, keep: float, out: Path) -> Path:
     ds.PixelData = encapsulate([stream[:int(len(stream) * keep)]])
     ds.save_as(out)
     return out
+
+
+def _with_a_longer_first_run(source: Path, out: Path) -> Path:
+    """``source`` (RLE) written to ``out`` with the first replicate run of its first segment made 128 bytes, more
+    than it was: the segment then decodes past the frame, its later runs a place off (a run's length changed)."""
+    ds, frame = _first_frame(source)
+    at = 64
+    while frame[at] <= 128:                                 # a literal run (or a no-op): to the first replicate run
+        at += frame[at] + 2 if frame[at] < 128 else 1
+    assert frame[at] > 129
+    frame[at] = 129                                         # 257 - 129 = 128 bytes
+    return _with_frame(ds, frame, out)
 
 
 def _first_frame(path: Path):
@@ -1302,13 +1308,8 @@ def test_an_rle_segment_read_from_the_wrong_place_fails_and_a_padding_byte_passe
                             "in the middle of a run: its data was cut or changed")
 
     # the first segment's runs changed so that it decodes past the frame (into the second's place)
-    ds, frame = _first_frame(source)
-    at = 64
-    while frame[at] == 128 or frame[at] < 128:              # to its first replicate run
-        at += frame[at] + 2 if frame[at] < 128 else 1
-    assert frame[at] > 129
-    frame[at] = 129                                        # 128 bytes in place of 257 - frame[at]
-    failed = _fails_at_decoding(_with_frame(ds, frame, tmp_path / "longer.dcm"))
+    ds = ingest.read_dicom(source)
+    failed = _fails_at_decoding(_with_a_longer_first_run(source, tmp_path / "longer.dcm"))
     assert failed.cause.startswith("pixel data cannot be decoded (RLE Lossless (1.2.840.10008.1.2.5)): an RLE "
                                    "segment decodes to ")
     assert failed.cause.endswith(f"bytes, not the {ds.Rows * ds.Columns:,} of Rows x Columns: its header or its "
