@@ -1270,21 +1270,14 @@ def test_a_decoder_that_panics_on_corrupt_pixel_data_fails_the_file(tmp_path, ca
     """pylibjpeg-rle's frame decoder is written in Rust and panics on some corrupt RLE segments (one byte is
     enough); pyo3's PanicException is a BaseException, which `except Exception` let through: the whole batch
     stopped. cxrscreen's RLE plugin decodes the segments one at a time, without a panic, and names what is wrong."""
-    import pydicom
-    from pydicom.encaps import encapsulate, generate_fragmented_frames
-
-    ds = pydicom.dcmread(reference_file("MR_small_RLE.dcm"))
-    frame = bytearray(b"".join(next(generate_fragmented_frames(ds.PixelData))))
+    ds, frame = _first_frame(reference_file("MR_small_RLE.dcm"))
     frame[2793] = 124           # in the second segment: the decoder then writes past the end of its buffer
-    ds.PixelData = encapsulate([bytes(frame)])
-    path = tmp_path / "panic.dcm"
-    ds.save_as(path)
+    path = _with_frame(ds, frame, tmp_path / "panic.dcm")
     capfd.readouterr()
-    with pytest.raises(InputError) as info:
-        load_unit_image(path)
-    assert info.value.step == "decode" and info.value.tag == "(7FE0,0010) PixelData"
-    assert "RLE Lossless" in info.value.cause and str(path) in str(info.value)
-    assert "an RLE segment decodes to 4,225 bytes, not the 4,096 of Rows x Columns" in info.value.cause
+    failed = _fails_at_decoding(path)
+    assert failed.step == "decode" and failed.tag == "(7FE0,0010) PixelData"
+    assert "RLE Lossless" in failed.cause and str(path) in str(failed)
+    assert "an RLE segment decodes to 4,225 bytes, not the 4,096 of Rows x Columns" in failed.cause
     assert "panicked" not in capfd.readouterr().err
 
 
