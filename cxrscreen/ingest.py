@@ -1246,8 +1246,6 @@ def _whole_number(value) -> int | None:
     return int(number) if number.is_integer() else None
 
 
-
-
 def presentation_outcome(path: Path, ds, record: Radiograph) -> FileOutcome:
     """A presentation state file: skipped (not an image), carrying what it does to its images."""
     presentation, wrong = read_presentation(path, ds)
