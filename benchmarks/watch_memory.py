@@ -1,6 +1,6 @@
 """Resident memory of a long-running `cxrscreen watch` daemon: does it grow with the studies it has screened?
 
-    python benchmarks/watch_memory.py [--waves 8] [--per-wave 40] [--gradcam all] [--archive]
+    python benchmarks/watch_memory.py [--waves 12] [--per-wave 40] [--gradcam all] [--archive]
 
 Starts the real daemon (``cxrscreen watch INBOX --out OUT --settle 1``) in a child process, then drops
 WAVES waves of PER-WAVE new studies into its inbox, each a bundled DICOM sample (CR/DX at full resolution)
@@ -9,12 +9,12 @@ study so far (:func:`cxrscreen.watch.health`), lets the daemon idle for two poll
 size (VmRSS), and the peak while the wave was screened (sampled every 20 ms). Needs nothing from ../shared.
 
 The baseline is the daemon itself after the first wave (model loaded, every code path warm): a daemon that
-kept something per study would grow from there with every wave. Prints RSS per wave, the last wave's
-against the first (the ratio) and the growth per 100 studies fitted over the second half of the waves (the
-allocator's and the backend's high-water marks still rise over the first hundred or so studies, whose
-images differ in size). The worklist and
-summary list every study of the last seven days (`--worklist-days`), so they, and their rows in memory, do
-grow with a burst like this one: that part of the growth is bounded by the window, not a leak.
+kept something per study would grow from there with every wave. Prints RSS, open files and threads per
+wave, the last wave's RSS against the first's (the ratio) and the growth per 100 studies fitted over the
+second half of the waves (the allocator's and the backend's high-water marks still rise over the first
+hundred or so studies, whose images differ in size). The worklist and summary list every study of the
+last seven days (`--worklist-days`), so they, and their rows in memory, do grow with a burst like this
+one: that part of the growth is bounded by the window, not a leak.
 """
 
 from __future__ import annotations
@@ -34,6 +34,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from batch_memory import rss_kib  # noqa: E402
+
+
+def open_files_and_threads(pid: int) -> tuple[int, int]:
+    """The daemon's open file descriptors and threads: a daemon that leaked either would end at a limit."""
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return -1, -1
+    return fds, threads
 
 
 def dicom_samples() -> list:
@@ -99,7 +109,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--waves", type=int, default=8)
+    parser.add_argument("--waves", type=int, default=12)
     parser.add_argument("--per-wave", type=int, default=40)
     parser.add_argument("--gradcam", default="all", choices=["all", "flagged", "none"])
     parser.add_argument("--archive", action="store_true", help="run the daemon with --archive (inputs moved out)")
@@ -130,10 +140,10 @@ def main() -> int:
                 write_wave(staging, inbox, wave, args.per_wave, samples)
                 peak = wait_reported(daemon, out, (wave + 1) * args.per_wave, args.timeout)
                 time.sleep(1.0)     # two polls idle: reports written, round over
-                rss = rss_kib(daemon.pid)
-                rows.append((wave + 1, (wave + 1) * args.per_wave, rss, peak, time.time() - t0))
+                rss, (fds, threads) = rss_kib(daemon.pid), open_files_and_threads(daemon.pid)
+                rows.append((wave + 1, (wave + 1) * args.per_wave, rss, peak, time.time() - t0, fds, threads))
                 print(f"wave {wave + 1}: {rows[-1][1]} studies reported, RSS {rss / 1024:.0f} MiB idle, "
-                      f"{peak / 1024:.0f} MiB peak, {rows[-1][4]:.0f} s")
+                      f"{peak / 1024:.0f} MiB peak, {fds} open files, {threads} threads, {rows[-1][4]:.0f} s")
             elapsed = time.time() - started
         finally:
             daemon.send_signal(signal.SIGTERM)
@@ -150,6 +160,7 @@ def main() -> int:
           f"{last[2] / first[2]:.2f}x; peak {last[3] / 1024:.0f} / {first[3] / 1024:.0f} MiB = "
           f"{last[3] / first[3]:.2f}x; idle RSS fitted over waves {half[0][0]}-{last[0]}: {per_100:+.1f} MiB per 100 "
           "studies")
+    print(f"open files {first[5]} -> {last[5]}, threads {first[6]} -> {last[6]}")
     shutil.rmtree(tmp)
     return 0
 
