@@ -335,9 +335,12 @@ class Ledger:
         return [FileRow(*row) for row in cursor.fetchall()]
 
     def known_locations(self) -> dict[str, tuple[int, int]]:
-        """{location: (size, mtime_ns)} of every file the ledger has taken and that still exists somewhere."""
+        """{path: (size, mtime_ns)} of every file the ledger has taken that is still where it arrived, in the
+        inbox: what tells a rescan that a file there is taken already. Not those moved to the archive or the
+        quarantine, which a rescan never sees: a ledger of years holds hundreds of thousands of them (200,000
+        kept 49 MiB for the daemon's life and took 0.5 s to read at each start)."""
         return {loc: (size, mtime) for loc, size, mtime in
-                self.db.execute("SELECT location, size, mtime_ns FROM files WHERE location IS NOT NULL")}
+                self.db.execute("SELECT location, size, mtime_ns FROM files WHERE location = inbox_path")}
 
     def file_at(self, location: str) -> FileRow | None:
         rows = self._files("location = ?", (location,))

@@ -1148,6 +1148,25 @@ def test_restart_with_archive_moves_handled_files_and_finishes_an_interrupted_mo
     assert len(reports(out)) == 1
 
 
+def test_a_start_keeps_in_memory_only_the_files_still_in_the_inbox(dirs, model, tmp_path):
+    """What tells a rescan that a file is taken already: it held every file the ledger ever moved to the archive
+    or the quarantine too (200,000 of a ledger of years: 49 MiB for the daemon's life), which no rescan sees."""
+    inbox, out = dirs
+    archive, quarantine = tmp_path / "archive", tmp_path / "quarantine"
+    options = dict(settle=0.2, rescan=0.5, gradcam="none", once=True)
+    write_study(inbox / "a", "archived")
+    (inbox / "a" / "broken.dcm").write_bytes(dicom_bytes(tmp_path, "broken")[:-3000])
+    assert Watcher(WatchOptions(inbox, out, archive=archive, quarantine=quarantine, **options), model=model).run() == 1
+    kept = write_study(inbox / "b", "kept")[0]
+    assert Watcher(WatchOptions(inbox, out, **options), model=model).run() == 0     # no --archive: left in place
+    watcher = Watcher(WatchOptions(inbox, out, **options), model=model)
+    assert watcher.run() == 0
+    assert watcher.known == {str(kept): (kept.stat().st_size, kept.stat().st_mtime_ns)}
+    assert len(reports(out)) == 2 and ledger_rows(out, "SELECT COUNT(*) FROM files") == [(3,)]
+    assert sorted(p.name for p in (archive / "a").iterdir()) == ["archived_000.dcm"]
+    assert sorted(p.name for p in (quarantine / "a").iterdir()) == ["broken.dcm", "broken.dcm.reason.txt"]
+
+
 def test_a_link_in_the_inbox_to_the_archive_or_quarantine_is_not_walked(dirs, model, tmp_path, caplog):
     """Through such a link each run took the files it had archived as new ones (identical copies, skipped) and
     moved them into the archive again, one folder deeper each time; a quarantined file was failed again, and
