@@ -181,8 +181,9 @@ def test_a_rerun_with_nothing_to_score_starts_no_backend_and_one_with_something_
     third = run_batch([inbox], options, model=lazy)
     assert third.reused == 5 and lazy.keras_model is not None and third.meta["compute"] == model.compute
     redone = next(r for r in third.rows if r.get("patient_id") == "CXR-0005")
+    # scored alone now, in a batch of six before: the CPU kernels round differently by batch (as in the Ctrl-C test)
     assert not redone.get("reused") and float(redone["score"]) == pytest.approx(
-        float(next(r for r in again.rows if r.get("patient_id") == "CXR-0005")["score"]))
+        float(next(r for r in again.rows if r.get("patient_id") == "CXR-0005")["score"]), abs=1e-5)
 
 
 def test_a_full_disk_stops_the_batch_with_its_cause_and_a_rerun_goes_on_from_what_was_reported(
