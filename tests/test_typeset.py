@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -172,3 +174,54 @@ def test_files_skipped_alike_outside_any_study_are_one_row_of_the_worklist(tmp_p
     write_worklist(tmp_path / "worklist.pdf", rows, {"model": "m", "threshold": 0.7})
     text = pdf_text(tmp_path / "worklist.pdf")
     assert "Not screened: 45 files" in text and "40 files: ._IM0000.dcm" in text and "._IM0039" not in text
+
+
+def test_a_table_cell_is_its_text_where_that_fits_one_line_else_a_paragraph():
+    """The worklist's cells: a paragraph parses, wraps and draws its text at several times the cost of the text
+    itself, which is what a short name or ID in the standard fonts is drawn as."""
+    from reportlab.lib.styles import getSampleStyleSheet
+    from reportlab.platypus import Flowable
+
+    from cxrscreen.typeset import cell
+
+    style = getSampleStyleSheet()["BodyText"].clone("cell", fontSize=7, leading=8)
+    assert cell("P00001385", style, 50) == "P00001385" and cell("Müller, Jürgen", style, 80) == "Müller, Jürgen"
+    assert cell("a\x00b\nc", style, 50) == "abc" and cell("", style, 50) == ""
+    for text in ("x" * 60, "山田 太郎", "שרה כהן", " padded "):     # too wide, CJK, Hebrew, edges of white space
+        assert isinstance(cell(text, style, 50), Flowable)
+    assert isinstance(cell("P" * 40, style, 400), str) and isinstance(cell("P" * 40, style, 100), Flowable)
+
+
+def test_a_long_worklist_fills_its_pages_with_every_study_once_in_rank_order(tmp_path):
+    """Tables of 50 studies, a page break after each, kept reportlab from measuring thousands of rows at every
+    page's end, but 50 rows did not fit a page: every other page was half empty (2,000 studies and their skipped
+    laterals: 207 pages, 134 now). Each page now holds the rows that fit it, under the table's header."""
+    from pypdf import PdfReader
+
+    from cxrscreen.pipeline import file_rows, rank_rows, study_row
+    from cxrscreen.records import FileOutcome, Status
+    from cxrscreen.report import write_worklist
+
+    n = 200
+    studies = rank_rows([study_row(f"1.2.826.0.1.3680043.8.498.{i}", 0.7, status="scored", score=i / n,
+                                   flag="yes" if i >= 180 else "no", patient_id=f"PID{i:04d}", accession=f"A{i}",
+                                   patient_name="Doe^Jane" if i != 7 else "Yamada^Tarou=山田^太郎",
+                                   warning="patient aged 45 years: outside the model's training population (1-5 years)"
+                                   if i % 50 == 0 else "", report=f"CXR_{i:04d}.pdf") for i in range(n)])
+    skipped = file_rows([FileOutcome(tmp_path / f"s{i}" / "IM0002.dcm", Status.SKIPPED, "view 'LL' is not frontal",
+                                     step="select", tag="(0018,5101) ViewPosition", study_uid=f"1.2.826.{i}")
+                         for i in range(60)])
+    write_worklist(tmp_path / "worklist.pdf", studies + skipped, {"model": "m", "threshold": 0.7})
+    pages = [page.extract_text() for page in PdfReader(tmp_path / "worklist.pdf").pages]
+    per_page = [re.findall(r"PID\d{4}", text) for text in pages]
+    assert [pid for page in per_page for pid in page] == [r["patient_id"] for r in studies]     # each once, by rank
+    assert [r["patient_id"] for r in studies[:3]] == ["PID0199", "PID0198", "PID0197"]
+    counts = [len(pids) for pids in per_page if pids]
+    assert all("Patient ID" in text for text, pids in zip(pages, per_page) if pids)             # the header on each
+    # the full pages between the first (under the title) and the last hold as many rows as fit: the same number,
+    # one fewer where a caution takes two lines; no page is half empty
+    assert len(counts) >= 5 and max(counts[1:-1]) - min(counts[1:-1]) <= 1 and min(counts[1:-1]) >= 28
+    links = [a.get_object()["/A"]["/F"] for page in PdfReader(tmp_path / "worklist.pdf").pages
+             for a in page.get("/Annots", [])]
+    assert links == [r["report"] for r in studies]
+    assert " ".join(pages).count("IM0002.dcm") == 60 and "Not screened: 60 files" in " ".join(" ".join(pages).split())
