@@ -39,6 +39,8 @@ DISCLAIMER = ("Decision support only, not a diagnosis. This screening score was 
               "context. A study that is not flagged can still contain pneumonia or other findings.")
 FLAG_TEXT = {True: "Likely pneumonia - review first", False: "No pneumonia flagged"}
 CAUTION_SEPARATOR = " | "
+LINK_COLOUR = "#1a4f9c"
+ALERT_COLOUR = "#b00020"     # a flagged study's flag and score, a failed file, a run stopped before its end
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 
@@ -254,7 +256,7 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
                                ("VALIGN", (0, 0), (-1, -1), "TOP")]))
     story += [table, Spacer(1, 4 * mm)]
     verdict = FLAG_TEXT[flagged] if score is not None else "Not scored - see failures below"
-    colour = "#b00020" if flagged else "#1b5e20"
+    colour = ALERT_COLOUR if flagged else "#1b5e20"
     story.append(Paragraph(f'<font color="{colour}" size="16"><b>{_p(verdict)}</b></font>', styles["BodyText"]))
     story.append(Spacer(1, 3 * mm))
     sens = operating_point.get("sensitivity")
@@ -367,9 +369,6 @@ def _no_report(row: dict) -> str:
     return row["status"]
 
 
-LINK_COLOUR = "#1a4f9c"
-
-
 def _report_link(report: str, style, width: float):
     """The report's file name as a link that opens it (a PDF GoToR action to the file beside the worklist:
     Acrobat, browsers' viewers, Evince and Okular follow it). Report names are ASCII by construction. One
@@ -469,13 +468,17 @@ class _PagedTable(Flowable):
     at a page's end: a worklist of 2,000 studies (and their 2,000 skipped lateral views) took 4.9 s, rewritten
     every 30 s by a busy ``watch``, and tables of 50 rows with a page break after each (what the worklist did
     to keep that down) left about half a page empty every other page. Here the rows are measured once,
-    MEASURE_ROWS at a time. ``common`` is the style of every row and ``row_styles`` that of a row (by its
-    index in ``data``), as TableStyle commands whose row coordinates are 0."""
+    MEASURE_ROWS at a time. The rows listed in ``red`` (indices into ``data``) have the columns
+    ``red_columns`` (first, last) in red: a flagged study's flag and score, a failed file's status."""
 
-    def __init__(self, data: list[list], widths: list[float], common: list[tuple],
-                 row_styles: dict[int, list[tuple]], *, _heights: list[float] | None = None, _start: int = 1) -> None:
+    # 7-point text on 8-point lines, the header on grey, every cell's text at its top
+    STYLE = (("FONTSIZE", (0, 0), (-1, -1), 7), ("LEADING", (0, 0), (-1, -1), 8),
+             ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey), ("VALIGN", (0, 0), (-1, -1), "TOP"))
+
+    def __init__(self, data: list[list], widths: list[float], red: set[int], red_columns: tuple[int, int], *,
+                 _heights: list[float] | None = None, _start: int = 1) -> None:
         super().__init__()
-        self.data, self.widths, self.common, self.row_styles = data, widths, common, row_styles
+        self.data, self.widths, self.red, self.red_columns = data, widths, red, red_columns
         self.width, self.start = sum(widths), _start
         self.heights = _heights if _heights is not None else self._measure()
 
@@ -483,10 +486,9 @@ class _PagedTable(Flowable):
         """A table of the header and ``rows`` (indices into ``data``), given their heights once measured."""
         from reportlab.platypus import Table, TableStyle
 
-        style = list(self.common)
-        for at, index in enumerate(rows, start=1):
-            style += [(cmd, (c0, at), (c1, at), *rest) for cmd, (c0, _), (c1, _), *rest in
-                      self.row_styles.get(index, ())]
+        first, last = self.red_columns
+        style = [*self.STYLE, *(("TEXTCOLOR", (first, at), (last, at), colors.HexColor(ALERT_COLOUR))
+                                for at, index in enumerate(rows, start=1) if index in self.red)]
         table = Table([self.data[0], *(self.data[i] for i in rows)], colWidths=self.widths, repeatRows=1,
                       rowHeights=[self.heights[0], *(self.heights[i] for i in rows)] if measured else None)
         table.setStyle(TableStyle(style))
@@ -511,7 +513,7 @@ class _PagedTable(Flowable):
             end += 1
         if end == self.start and self.start < len(self.data):
             return []       # not one row fits: the frame goes on to the next page
-        rest = [_PagedTable(self.data, self.widths, self.common, self.row_styles, _heights=self.heights,
+        rest = [_PagedTable(self.data, self.widths, self.red, self.red_columns, _heights=self.heights,
                             _start=end)] if end < len(self.data) else []
         return [self._table(list(range(self.start, end))), *rest]
 
@@ -546,7 +548,7 @@ def write_worklist(path: Path, rows: list[dict], meta: dict) -> None:
         story[-1:-1] = [Paragraph(_p(f"This run was stopped before it finished: {meta['pending_studies']} studies were "
                                      "not screened (listed as pending). Run the same command again to screen "
                                      "them; the studies reported are reused."),
-                                  styles["BodyText"].clone("stopped", textColor=colors.HexColor("#b00020")))]
+                                  styles["BodyText"].clone("stopped", textColor=colors.HexColor(ALERT_COLOUR)))]
     header = ["#", "Flag", "Score", "Patient ID", "Patient", "Accession", "Study date", "Study UID", "Report", "Caution"]
     small = styles["BodyText"].clone("cell", fontSize=7, leading=8)
     widths = [w * mm for w in (7, 12, 10, 22, 32, 24, 15, 38, 78, 35)]
@@ -560,11 +562,8 @@ def write_worklist(path: Path, rows: list[dict], meta: dict) -> None:
                         cell(brief_caution(r.get("warning", ""), r.get("appearance_caution", ""),
                                            r.get("unscored_frames", 0)), small, inner[9])]
                        for r in studies]
-    common = [("FONTSIZE", (0, 0), (-1, -1), 7), ("LEADING", (0, 0), (-1, -1), 8),
-              ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey), ("VALIGN", (0, 0), (-1, -1), "TOP")]
-    red = [("TEXTCOLOR", (1, 0), (2, 0), colors.HexColor("#b00020"))]
-    story.append(_PagedTable(data, widths, common, {i: red for i, r in enumerate(studies, start=1)
-                                                    if r["flag"] == "yes"}))
+    story.append(_PagedTable(data, widths, {i for i, r in enumerate(studies, start=1) if r["flag"] == "yes"},
+                             red_columns=(1, 2)))
     if others:
         story += [Spacer(1, 4 * mm), Paragraph(f"Not screened: {len(others)} files (failed first)", styles["Heading3"])]
         others = group_skipped(others)
@@ -575,11 +574,8 @@ def write_worklist(path: Path, rows: list[dict], meta: dict) -> None:
              cell(" ".join(x for x in (r["step"], r["tag"]) if x), small, inner[3]),
              paragraph(r["reason"], small, base="L")]
             for r in others]
-        common = [("FONTSIZE", (0, 0), (-1, -1), 7), ("LEADING", (0, 0), (-1, -1), 8),
-                  ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey), ("VALIGN", (0, 0), (-1, -1), "TOP")]
-        red = [("TEXTCOLOR", (0, 0), (0, 0), colors.HexColor("#b00020"))]
-        story.append(_PagedTable(data, widths, common, {i: red for i, r in enumerate(others, start=1)
-                                                        if r["status"] == "failed"}))
+        story.append(_PagedTable(data, widths, {i for i, r in enumerate(others, start=1) if r["status"] == "failed"},
+                                 red_columns=(0, 0)))
     story += [Spacer(1, 4 * mm), Paragraph(f"<b>{_p(DISCLAIMER)}</b>", styles["BodyText"])]
     with atomic_write(path) as handle:
         SimpleDocTemplate(handle, pagesize=landscape(A4), leftMargin=12 * mm, rightMargin=12 * mm,     # 273 mm wide
