@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__
 from .normalise import presentation_words, shown_orientation, upright_turns
 from .records import FileOutcome, Presentation, Radiograph, Study, age_in_years, parse_patient_age
-from .typeset import cell, markup, paragraph, person_name, undecodable_as_hex
+from .typeset import cell, markup, one_line, paragraph, person_name, undecodable_as_hex
 
 # Images go into the PDFs as binary streams, not ASCII85 text: 20% smaller reports, and without
 # reportlab's C accelerators (rl_accel) the encoding alone took a third of the time a report takes.
@@ -376,10 +376,10 @@ def _report_link(report: str, style, width: float):
     most frequent cell: a paragraph parses its markup, wraps and draws it at about three times the cost."""
     from reportlab.platypus import Paragraph
 
-    name = Path(report).name
-    if name.isascii() and name.isprintable() and stringWidth(name, style.fontName, style.fontSize) <= width:
-        return _OneLineLink(name, style)
-    name = escape(name, {'"': "&quot;"})
+    line = one_line(Path(report).name, style, width)
+    if line is not None:
+        return _OneLineLink(line, style)
+    name = escape(Path(report).name, {'"': "&quot;"})
     return Paragraph(f'<a href="pdf:{name}" color="{LINK_COLOUR}">{name}</a>', style)
 
 
