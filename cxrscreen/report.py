@@ -29,6 +29,7 @@ from .typeset import cell, markup, one_line, paragraph, person_name, undecodable
 # reportlab's C accelerators (rl_accel) the encoding alone took a third of the time a report takes.
 import reportlab.rl_config
 from reportlab.lib import colors
+from reportlab.lib.utils import ImageReader
 from reportlab.pdfbase.pdfmetrics import stringWidth
 from reportlab.platypus import Flowable
 
@@ -156,6 +157,37 @@ def _jpeg(arr: np.ndarray) -> io.BytesIO:
     return buffer
 
 
+class _JpegReader(ImageReader):
+    """reportlab's reader of a JPEG of :func:`_jpeg`, named by its bytes. ``Canvas.drawImage`` names every image
+    by its pixels (``getRGBData``, a decode and a copy of the picture) only to draw the same image once per
+    PDF, 10% of a report's time; a JPEG is then embedded from its bytes (``jpeg_fh``), not from those pixels.
+    The same bytes are the same picture, so they name it as well."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        super().__init__(_jpeg(arr))
+        if self.jpeg_fh() is None:      # reportlab would embed it from getRGBData: it must stay pixels
+            raise ValueError("not read as a JPEG")
+
+    def getRGBData(self):       # noqa: N802 (reportlab's name)
+        self._dataA = None
+        return self.fp.getvalue()
+
+
+class _Picture(Flowable):
+    """A picture in a report, ``width`` x ``height`` points, centred: reportlab's ``Image`` flowable, without its
+    decoding of the JPEG (:class:`_JpegReader`)."""
+
+    def __init__(self, arr: np.ndarray, width: float, height: float) -> None:
+        super().__init__()
+        self.reader, self.width, self.height, self.hAlign = _JpegReader(arr), width, height, "CENTER"
+
+    def wrap(self, available_width, available_height):
+        return self.width, self.height
+
+    def draw(self):
+        self.canv.drawImage(self.reader, 0, 0, self.width, self.height)
+
+
 _AGE_UNITS = {"D": "day", "W": "week", "M": "month", "Y": "year"}
 
 
@@ -225,7 +257,7 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.styles import getSampleStyleSheet
     from reportlab.lib.units import mm
-    from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+    from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
     styles = getSampleStyleSheet()
     study, first = result.study, result.study.first
@@ -235,10 +267,10 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
     if amendment:
         story += [Paragraph(f'<font color="#8a4b00"><b>{_p(amendment, bold=True)}</b></font>', styles["BodyText"]),
                   Spacer(1, 3 * mm)]
-    cell = styles["BodyText"].clone("ident", fontSize=9, leading=11)
+    ident_style = styles["BodyText"].clone("ident", fontSize=9, leading=11)
 
-    def value(text):
-        return paragraph(text or "-", cell)
+    def value(text, width=60 * mm - 12):      # a value's column, less reportlab's padding of 6 points a side
+        return cell(text or "-", ident_style, width)
 
     ident = [
         ["Patient ID", value(first.patient_id), "Patient name", value(person_name(first.patient_name))],
@@ -248,10 +280,11 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
         ["Accession", value(first.accession), "Study date",
          value(" ".join(x for x in (display_date(first.study_date), display_time(first.study_time)) if x))],
         ["Study", value(first.study_description), "Modality", value(first.modality or first.kind.value.upper())],
-        ["Study UID", value(study.study_uid), "", ""],
+        ["Study UID", value(study.study_uid, 148 * mm - 12), "", ""],
     ]
     table = Table(ident, colWidths=[28 * mm, 60 * mm, 28 * mm, 60 * mm])
     table.setStyle(TableStyle([("SPAN", (1, 4), (3, 4)), ("FONTSIZE", (0, 0), (-1, -1), 9),
+                               ("LEADING", (0, 0), (-1, -1), 11),
                                ("TEXTCOLOR", (0, 0), (0, -1), colors.grey), ("TEXTCOLOR", (2, 0), (2, -1), colors.grey),
                                ("VALIGN", (0, 0), (-1, -1), "TOP")]))
     story += [table, Spacer(1, 4 * mm)]
@@ -288,8 +321,8 @@ def write_study_report(path: Path, result: StudyResult, *, threshold: float, ope
             story.append(Paragraph(_p(note), styles["BodyText"]))
         width = 85 * mm
         h = width * item.thumbnail.shape[0] / item.thumbnail.shape[1]
-        cells = [Image(_jpeg(item.thumbnail), width=width, height=h)]
-        cells.append(Image(_jpeg(item.overlay), width=width, height=h) if item.overlay is not None
+        cells = [_Picture(item.thumbnail, width, h)]
+        cells.append(_Picture(item.overlay, width, h) if item.overlay is not None
                      else Paragraph("Grad-CAM not computed for this image", styles["BodyText"]))
         story.append(Table([cells], colWidths=[88 * mm, 88 * mm]))
         caption = ("Left: the image as normalised for the model. Right: Grad-CAM, the regions that raised the "

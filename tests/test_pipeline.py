@@ -1114,6 +1114,48 @@ def test_report_filename_is_unique_per_study():
     assert report_filename(study("1.2.3")) != report_filename(study("1.2.4"))
 
 
+def _pdf_pictures(path) -> list[tuple]:
+    """(stream bytes, filter, width, height) of every image XObject of a PDF, each object once."""
+    from pypdf import PdfReader
+
+    pictures = {}
+    for page in PdfReader(path).pages:
+        for ref in page["/Resources"].get("/XObject", {}).values():
+            xobj = ref.get_object()
+            if xobj["/Subtype"] == "/Image":
+                filters = xobj["/Filter"]
+                filters = tuple(filters) if isinstance(filters, list) else (filters,)
+                pictures[ref.idnum] = (xobj.get_data(), filters, xobj["/Width"], xobj["/Height"])
+    return sorted(pictures.values())
+
+
+def test_a_reports_pictures_are_embedded_as_the_jpegs_made_of_them_each_once(tmp_path):
+    """The pictures are drawn without reportlab's Image flowable, which decodes every JPEG to name it: the PDF holds
+    what that flowable would embed, each JPEG as made (DCTDecode, not decoded and compressed again), a picture
+    shown twice once."""
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Image, SimpleDocTemplate
+
+    from cxrscreen.records import FileKind, Radiograph, Study
+    from cxrscreen.report import ImageResult, StudyResult, _jpeg, _Picture, write_study_report
+
+    rng = np.random.default_rng(0)
+    thumb = rng.random((96, 80)).astype(np.float32)
+    overlay = (rng.random((96, 80, 3)) * 255).astype(np.uint8)
+    images = tuple(Radiograph(Path(f"IM{i}.dcm"), FileKind.DICOM, "1.2.3", patient_id="P") for i in range(2))
+    result = StudyResult(Study("1.2.3", images), [ImageResult(images[0], 0.8, thumb, overlay),
+                                                  ImageResult(images[1], 0.4, thumb, overlay)])
+    write_study_report(tmp_path / "r.pdf", result, threshold=0.5, operating_point={}, model_name="m",
+                       model_sha256="0" * 64)
+    made = sorted((_jpeg(a).getvalue(), ("/DCTDecode",), 80, 96) for a in (thumb, overlay))
+    assert _pdf_pictures(tmp_path / "r.pdf") == made
+
+    for name, flowable in (("reportlab.pdf", lambda a: Image(_jpeg(a), width=40 * mm, height=48 * mm)),
+                           ("ours.pdf", lambda a: _Picture(a, 40 * mm, 48 * mm))):
+        SimpleDocTemplate(str(tmp_path / name)).build([flowable(a) for a in (thumb, overlay, thumb)])
+    assert _pdf_pictures(tmp_path / "ours.pdf") == _pdf_pictures(tmp_path / "reportlab.pdf") == made
+
+
 def test_a_failed_image_of_a_reused_study_stays_in_the_summary(tmp_path, model):
     pixels = (np.random.default_rng(2).random((128, 128)) * 4000).astype(np.uint16)
     box = tmp_path / "in"
