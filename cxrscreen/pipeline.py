@@ -344,7 +344,7 @@ class Screener:
         self.digests = digests
         self.appearance = model.appearance
         wanted = gradcam != "none" or self.appearance is not None
-        self.cam = (GradCam(model.keras_model, model.card.gradcam_layer or None, batch_size=batch_size)
+        self.cam = (GradCam(model.screening_model, model.card.gradcam_layer or None, batch_size=batch_size)
                     if wanted else None)
         if self.appearance is not None and self.cam.method != "forward":
             raise ModelError(f"{model.path}: the card names an appearance reference, but the model's head is not "

@@ -375,7 +375,7 @@ def write_appearance(model_path: Path | str, card: dict, train, val, *, batch_si
 
     model_path = Path(model_path)
     spec, layer = PreprocessSpec.from_json(card["preprocessing"]), card["gradcam_layer"]
-    model = load_for_scoring(model_path)
+    model = load_for_scoring(model_path, layer)
     components = components or COMPONENTS
     reference = AppearanceReference.fit(pooled_features(model, train, spec, batch_size, workers, layer),
                                         pooled_features(model, val, spec, batch_size, workers, layer), components)
@@ -418,15 +418,17 @@ def save_for_inference(model, out: Path) -> None:
     fresh.save(out)
 
 
-def load_for_scoring(path: Path | str):
-    """A saved model as screening runs it: float32 layers, and full float32 precision on a GPU
-    (:func:`cxrscreen.infer.full_precision`; TF32 moves scores by up to a few thousandths)."""
+def load_for_scoring(path: Path | str, gradcam_layer: str = ""):
+    """A saved model as screening runs it: float32 layers, full float32 precision on a GPU
+    (:func:`cxrscreen.infer.full_precision`; TF32 moves scores by up to a few thousandths), and its batch
+    normalisations folded into its convolutions (:func:`cxrscreen.infer.for_screening`, ``gradcam_layer`` kept:
+    scores a few millionths from the model's as saved, enough to move a threshold that is one image's score)."""
     import keras
 
-    from cxrscreen.infer import full_precision
+    from cxrscreen.infer import for_screening, full_precision
 
     full_precision()
-    return keras.saving.load_model(path, compile=False)
+    return for_screening(keras.saving.load_model(path, compile=False), gradcam_layer)
 
 
 def float32_config(config):
@@ -562,11 +564,11 @@ def record_test(model_path: Path | str, test_dir: Path | str, batch_size: int = 
         raise SystemExit(f"{card_path(model_path)} already has test metrics: the test split is scored once")
     loaded = load_model(model_path)
     spec, threshold = loaded.card.preprocessing, loaded.card.threshold
-    val_scores, val_labels = _validation_scores(loaded.keras_model, model_path, card, spec, batch_size, workers)
+    val_scores, val_labels = _validation_scores(loaded.screening_model, model_path, card, spec, batch_size, workers)
     left_out: list[dict] = []
     test = D.list_examples(test_dir, left_out, workers=workers, patient_pattern=card_patient_pattern(card),
                            refuse_unmatched=False)
-    test_scores, test_labels = score_examples(loaded.keras_model, test, spec, batch_size, workers)
+    test_scores, test_labels = score_examples(loaded.screening_model, test, spec, batch_size, workers)
     point = operating_point(test_scores, test_labels, threshold)
     card["metrics"]["test"] = point.to_json()
     card["data"]["excluded"] = [*(item for item in card["data"].get("excluded") or [] if item["split"] != "test"),
@@ -611,7 +613,7 @@ def rethreshold(model_path: Path | str, test_dir: Path | str | None = None, batc
     if (card.get("metrics") or {}).get("test") and test_dir is None:
         raise SystemExit(f"{card_path(model_path)} has test metrics measured at the old threshold: give the test "
                          "folder (--test) to measure them again at the new one")
-    model = load_for_scoring(model_path)
+    model = load_for_scoring(model_path, card.get("gradcam_layer", ""))
     spec = PreprocessSpec.from_json(card["preprocessing"])
     # looser than record_test's check: the old card's figures may come from float16 scores
     val_scores, val_labels = _validation_scores(model, model_path, card, spec, batch_size, workers, tolerance=1e-3)
@@ -652,7 +654,7 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 32,
     excluded: list[dict] = []
     pattern = compile_patient_pattern(patient_pattern, step="evaluate")
     examples = D.list_examples(data_dir, excluded, patient_pattern=pattern)
-    scores, labels = score_examples(loaded.keras_model, examples, loaded.card.preprocessing, batch_size)
+    scores, labels = score_examples(loaded.screening_model, examples, loaded.card.preprocessing, batch_size)
     point = operating_point(scores, labels, loaded.card.threshold)
     return {"model": str(model_path), "data": str(data_dir), **point.to_json(), "excluded": excluded,
             "patients_from": D.patients_from(examples), "scores": scores.tolist(), "labels": labels.tolist(),
